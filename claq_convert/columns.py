@@ -1,0 +1,106 @@
+"""Column-level decisions of CLAQ for one weight W[out, in]: Outlier Order, bit widths, outlier budget.
+
+Column j is W[:, j]. Everything here is computed from the original weight, before GPTQ touches it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+# One reserved outlier costs its fp16 value and its u16 row index in the file (rows < 65536).
+BITS_PER_OUTLIER = 32
+
+
+def outlier_counts(W: np.ndarray, S: float) -> np.ndarray:
+    """N_j = #{i : |W_ij| >= S * mean|W|}, the mean over the whole matrix."""
+    A = np.abs(W)
+    return (A >= S * A.mean()).sum(axis=0).astype(np.int64)
+
+
+def outlier_order(W: np.ndarray, S: float) -> np.ndarray:
+    """Column indices, most outlier-heavy first.
+
+    Ties (with S = 13 most columns have N_j = 0) are broken by the column's largest |W_ij|, larger
+    first, then by the lower column index, so the ranking is reproducible and still meaningful.
+    """
+    counts = outlier_counts(W, S)
+    peak = np.abs(W).max(axis=0)
+    return np.lexsort((np.arange(W.shape[1]), -peak, -counts))
+
+
+def split_bits(target: float, low: Optional[int] = None, high: Optional[int] = None) -> tuple[int, int, float]:
+    """(low, high, fraction of columns at high) for a fractional bit target.
+
+    Without an explicit pair, the paper's rule: T < 3 mixes 2 and 4 bits (top (T-2)/2 of columns at 4),
+    T >= 3 mixes 3 and 4 (top T-3 at 4). An integer target gives one width.
+    """
+    if low is None or high is None:
+        if float(target).is_integer():
+            return int(target), int(target), 0.0
+        if not 2.0 < target < 4.0:
+            raise ValueError(f"fractional bit target {target} must lie in (2, 4); or give --ap-bits LOW,HIGH")
+        low, high = (2, 4) if target < 3 else (3, 4)
+    if not (1 <= low <= high <= 8):
+        raise ValueError(f"bit widths {low},{high} must satisfy 1 <= low <= high <= 8")
+    if not low <= target <= high:
+        raise ValueError(f"bit target {target} must lie between {low} and {high}")
+    fraction = 0.0 if high == low else (target - low) / (high - low)
+    return low, high, fraction
+
+
+def column_bits(order: np.ndarray, target: float, low: Optional[int] = None, high: Optional[int] = None) -> np.ndarray:
+    """Per-column bit widths: the top-ranked round(fraction * in) columns get `high`, the rest `low`."""
+    low, high, fraction = split_bits(target, low, high)
+    bits = np.full(order.shape[0], low, np.int64)
+    bits[order[: int(round(fraction * order.shape[0]))]] = high
+    return bits
+
+
+def column_reserve(order: np.ndarray, rows: int, extra_bits: float, top_fraction: float = 0.1,
+                   top_share: float = 0.5) -> np.ndarray:
+    """Outliers kept in fp16 per column, spending `extra_bits` per weight by Outlier Order.
+
+    The budget is floor(extra_bits * rows * in / BITS_PER_OUTLIER) outliers. The top-ranked
+    `top_fraction` of columns share `top_share` of it, the other columns the rest; within each tier
+    the count is even, the remainder going to the higher-ranked columns. No column keeps more than
+    half its rows.
+    """
+    cols = order.shape[0]
+    reserve = np.zeros(cols, np.int64)
+    total = int(math.floor(extra_bits * rows * cols / BITS_PER_OUTLIER))
+    if total <= 0:
+        return reserve
+    n_top = min(cols, max(1, int(round(top_fraction * cols))))
+    tiers = [(order[:n_top], int(round(top_share * total)))]
+    tiers.append((order[n_top:], total - tiers[0][1]))
+    cap = rows // 2
+    for members, budget in tiers:
+        if members.shape[0] == 0:
+            continue
+        each, extra = divmod(budget, members.shape[0])
+        counts = np.full(members.shape[0], each, np.int64)
+        counts[:extra] += 1
+        reserve[members] = np.minimum(counts, cap)
+    return reserve
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What the quantizer does with each column (indexed by original column)."""
+    bits: np.ndarray        # int64 [in]
+    reserve: np.ndarray     # int64 [in], outliers kept in fp16
+    order: np.ndarray       # Outlier Order ranking, most outlier-heavy first
+    counts: np.ndarray      # N_j
+
+
+def plan_columns(W: np.ndarray, target: float, extra_bits: float = 0.0, S: float = 13.0,
+                 ap_bits: Optional[tuple[int, int]] = None, top_fraction: float = 0.1,
+                 top_share: float = 0.5) -> ColumnPlan:
+    order = outlier_order(W, S)
+    low, high = ap_bits if ap_bits else (None, None)
+    return ColumnPlan(bits=column_bits(order, target, low, high),
+                      reserve=column_reserve(order, W.shape[0], extra_bits, top_fraction, top_share),
+                      order=order, counts=outlier_counts(W, S))

@@ -1,0 +1,133 @@
+"""GPTQ (Frantar et al. 2022) with a pluggable column quantizer, returning codes rather than floats.
+
+The structure follows the reference `gptq.py`: dead columns, act-order, dampening, the upper Cholesky
+factor of H^-1, 128-column blocks with lazy batch updates. The inner loop over a block's columns
+runs in one Numba kernel (`kernels.gptq_block`) on the CPU; the Hessian, the Cholesky and the lazy
+updates stay on the weight's device (CUDA when present).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import kernels
+
+MAX_CODEBOOK = 16  # 2**4 entries: the widest codebook this version writes
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear weight W[out, in]: what the file stores, plus diagnostics."""
+    shape: tuple[int, int]
+    method: str                       # "codebook" or "uniform"
+    bits: np.ndarray                  # uint8 [in]
+    codes: np.ndarray                 # uint8 [out, in]
+    column_codebooks: np.ndarray      # float16 [in, 16]; column j uses its first 2**bits[j] entries
+    outlier_counts: np.ndarray        # int64 [in]
+    outlier_rows: np.ndarray          # int64, sorted within each column, columns in order
+    outlier_values: np.ndarray        # float16, aligned with outlier_rows
+    scale: Optional[np.ndarray] = None   # float32 [out] (uniform only)
+    zero: Optional[np.ndarray] = None    # float32 [out] (uniform only)
+    loss: float = 0.0
+    relative_error: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [out, in] from the stored data alone (the same rule the file decoders follow)."""
+        if self.method == "uniform":
+            return (self.scale[:, None] * (self.codes.astype(np.float32) - self.zero[:, None])).astype(np.float32)
+        cols = np.arange(self.shape[1])
+        W = self.column_codebooks.astype(np.float32)[cols[None, :], self.codes]
+        out_cols = np.repeat(cols, self.outlier_counts)
+        W[self.outlier_rows, out_cols] = self.outlier_values.astype(np.float32)
+        return W
+
+
+class GPTQ:
+    """Quantize W[out, in] against the Hessian H = 2/n X X^T of its inputs (None: no compensation)."""
+
+    def __init__(self, W: torch.Tensor, H: Optional[torch.Tensor], blocksize: int = 128,
+                 percdamp: float = 0.01, actorder: bool = True):
+        self.W = W.detach().float().clone()
+        self.H = None if H is None else H.detach().float().clone()
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        self.actorder = actorder
+
+    def _inverse_factor(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, upper Cholesky of H^-1) after dead-column handling, act-order and dampening."""
+        cols = W.shape[1]
+        if self.H is None:
+            return torch.arange(cols, device=W.device), torch.eye(cols, device=W.device)
+        H = self.H
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        perm = (torch.argsort(torch.diag(H), descending=True, stable=True) if self.actorder
+                else torch.arange(cols, device=W.device))
+        H = H[perm][:, perm]
+        H += self.percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        return perm, Hinv
+
+    def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
+                 fit_all: bool = False, max_iter: int = 100) -> QuantizedWeight:
+        """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels."""
+        W = self.W.clone()
+        rows, cols = W.shape
+        reserve = np.zeros(cols, np.int64) if reserve is None else reserve
+        scale = zero = np.zeros(1)
+        if uniform:
+            scale, zero = uniform_grid(W, int(bits[0]))
+        perm, Hinv = self._inverse_factor(W)
+        W = W[:, perm]
+        p = perm.cpu().numpy()
+        bits_p, reserve_p = np.ascontiguousarray(bits[p], np.int64), np.ascontiguousarray(reserve[p], np.int64)
+
+        codes = np.zeros((cols, rows), np.uint8)
+        reserved = np.zeros((cols, rows), np.uint8)
+        codebooks = np.zeros((cols, MAX_CODEBOOK), np.float32)
+        Q = np.zeros((cols, rows), np.float32)
+        loss = 0.0
+        mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_CODEBOOK
+        for i1 in range(0, cols, self.blocksize):
+            i2 = min(i1 + self.blocksize, cols)
+            W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
+            Hinv1 = np.ascontiguousarray(Hinv[i1:i2, i1:i2].cpu().numpy())
+            Err1 = np.zeros((i2 - i1, rows), np.float32)
+            loss += kernels.gptq_block(W1, Hinv1, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
+                                       scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
+                                       Q[i1:i2], Err1)
+            if self.H is not None and i2 < cols:
+                W[:, i2:] -= torch.from_numpy(Err1).to(W.device).T @ Hinv[i1:i2, i2:]
+
+        inv = np.argsort(p)
+        codes, reserved, codebooks, Q = codes[inv], reserved[inv], codebooks[inv], Q[inv]
+        col_idx, row_idx = np.nonzero(reserved)  # column-major order: columns ascending, rows sorted
+        result = QuantizedWeight(
+            shape=(rows, cols), method="uniform" if uniform else "codebook",
+            bits=bits.astype(np.uint8), codes=np.ascontiguousarray(codes.T),
+            column_codebooks=codebooks.astype(np.float16),
+            outlier_counts=np.bincount(col_idx, minlength=cols).astype(np.int64),
+            outlier_rows=row_idx.astype(np.int64), outlier_values=Q[col_idx, row_idx].astype(np.float16),
+            scale=scale.astype(np.float32) if uniform else None, zero=zero.astype(np.float32) if uniform else None,
+            loss=loss)
+        original = self.W.cpu().numpy()
+        result.relative_error = float(np.linalg.norm(result.dequantize() - original) / max(np.linalg.norm(original), 1e-30))
+        return result
+
+
+def uniform_grid(W: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row asymmetric min-max grid (the reference GPTQ quantizer, perchannel, no groups)."""
+    maxq = (1 << bits) - 1
+    xmin = torch.clamp(W.min(dim=1).values, max=0)
+    xmax = torch.clamp(W.max(dim=1).values, min=0)
+    same = (xmin == 0) & (xmax == 0)
+    xmin[same], xmax[same] = -1, 1
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale)
+    return scale.double().cpu().numpy(), zero.double().cpu().numpy()

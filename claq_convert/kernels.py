@@ -1,0 +1,174 @@
+"""Numba kernels: 1-D K-Means on sorted prefix sums and the GPTQ inner block loop with codebooks.
+
+All Numba code of the project sits here; `kernels_numpy.py` is its line-for-line NumPy twin, used by the
+tests to check these kernels exactly. The kernels are unchecked: callers (`quantize.py`) validate shapes
+and dtypes. Arithmetic is float64 inside; prefix sums are float64 because float32 loses the small
+differences Lloyd's update needs.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook (CLAQ, kmeans)
+MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
+
+
+@njit(cache=True)
+def round_half_even(x):
+    return np.round(x)  # numpy rounds half to even
+
+
+@njit(cache=True)
+def round_fp16(x):
+    """x rounded to the nearest IEEE binary16 value (ties to even), returned as float64.
+
+    Matches numpy's float64 -> float16 conversion for finite values; values past the fp16 range
+    become +-inf, as there.
+    """
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    ax = abs(x)
+    if ax < 6.103515625e-05:  # below 2**-14: subnormal spacing 2**-24
+        return round_half_even(x * 16777216.0) / 16777216.0
+    m, e = math.frexp(x)  # x = m * 2**e, 0.5 <= |m| < 1; fp16 keeps 11 significant bits
+    r = math.ldexp(round_half_even(m * 2048.0), e - 11)
+    if abs(r) > 65504.0:
+        return math.copysign(math.inf, x)
+    return r
+
+
+@njit(cache=True)
+def kmeans_sorted(xs, prefix, k, max_iter):
+    """Lloyd's 1-D K-Means on ascending `xs` with prefix[i] = sum(xs[:i]) (float64, len n + 1).
+
+    Deterministic quantile initialisation; each iteration finds the cluster boundaries (midpoints
+    between neighbouring centroids) by binary search and the means from the prefix sums, so an
+    iteration costs O(k log n). Stops when no boundary moves. Returns k ascending centroids
+    (duplicates when n < k or clusters coincide).
+    """
+    n = xs.shape[0]
+    centroids = np.empty(k, np.float64)
+    if n == 0:
+        centroids[:] = 0.0
+        return centroids
+    for c in range(k):
+        centroids[c] = xs[min(n - 1, ((2 * c + 1) * n) // (2 * k))]
+    bounds = np.zeros(k + 1, np.int64)
+    new_bounds = np.zeros(k + 1, np.int64)
+    bounds[k] = n
+    new_bounds[k] = n
+    for _ in range(max_iter):
+        for c in range(1, k):
+            mid = 0.5 * (centroids[c - 1] + centroids[c])
+            new_bounds[c] = np.searchsorted(xs, mid, side="right")
+        changed = False
+        for c in range(k + 1):
+            if new_bounds[c] != bounds[c]:
+                changed = True
+            bounds[c] = new_bounds[c]
+        for c in range(k):
+            lo, hi = bounds[c], bounds[c + 1]
+            if hi > lo:
+                centroids[c] = (prefix[hi] - prefix[lo]) / (hi - lo)
+        if not changed:
+            break
+    return centroids
+
+
+@njit(cache=True)
+def nearest_code(x, codebook):
+    """Index of the nearest entry of an ascending codebook (the lower index on a tie)."""
+    k = codebook.shape[0]
+    lo, hi = 0, k - 1
+    while lo < hi:  # first c with x <= midpoint(c, c+1)
+        mid = (lo + hi) // 2
+        if x <= 0.5 * (codebook[mid] + codebook[mid + 1]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@njit(cache=True)
+def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out):
+    """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
+
+    Writes the fp16-rounded ascending codebook into codebook_out[:2**bits], each entry's code, a 0/1
+    reserved mask and the decoded value q (reserved entries keep fp16(w)). The reserved entries are
+    the two tails of the sorted column, so the K-Means fits the contiguous middle (or everything
+    when `fit_all`).
+    """
+    n = w.shape[0]
+    k = 1 << bits
+    order = np.argsort(w, kind="mergesort")
+    xs = w[order].astype(np.float64)
+    lo, hi = 0, n
+    for _ in range(min(n_reserve, n)):
+        if abs(xs[lo]) > abs(xs[hi - 1]):
+            lo += 1
+        else:
+            hi -= 1
+    a, b = (0, n) if fit_all else (lo, hi)
+    prefix = np.zeros(b - a + 1, np.float64)
+    for i in range(a, b):
+        prefix[i - a + 1] = prefix[i - a] + xs[i]
+    centroids = kmeans_sorted(xs[a:b], prefix, k, max_iter)
+    cb = np.empty(k, np.float64)
+    for c in range(k):
+        cb[c] = round_fp16(centroids[c])
+    cb.sort()  # rounding keeps the order; sorting makes it a guarantee
+    for c in range(k):
+        codebook_out[c] = cb[c]
+    for r in range(n):
+        code = nearest_code(w[r], cb)
+        codes_out[r] = code
+        q_out[r] = cb[code]
+        reserved_out[r] = 0
+    for s in range(n):
+        if s < lo or s >= hi:
+            r = order[s]
+            reserved_out[r] = 1
+            q_out[r] = round_fp16(w[r])
+
+
+@njit(cache=True)
+def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
+               codebooks, codes, reserved, Q1, Err1):
+    """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
+
+    W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
+    place with each column's error, as in GPTQ. Hinv1 [cnt, cnt] is the block of the upper Cholesky
+    factor of H^-1. Mode MODE_CODEBOOK fits per-column codebooks; MODE_UNIFORM rounds to the per-row
+    grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 16], codes/reserved/Q1/Err1
+    [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2.
+    """
+    cnt, rows = W1.shape
+    loss = 0.0
+    for i in range(cnt):
+        w = W1[i].astype(np.float64)
+        d = Hinv1[i, i]
+        q = np.empty(rows, np.float64)
+        if mode == MODE_CODEBOOK:
+            quantize_column_codebook(w, bits[i], n_reserve[i], fit_all, max_iter,
+                                     codebooks[i], codes[i], reserved[i], q)
+        else:
+            maxq = (1 << bits[i]) - 1
+            for r in range(rows):
+                level = min(max(round_half_even(w[r] / scale[r]) + zero[r], 0.0), float(maxq))
+                codes[i, r] = np.uint8(level)
+                q[r] = scale[r] * (level - zero[r])
+                reserved[i, r] = 0
+        for r in range(rows):
+            Q1[i, r] = q[r]
+            e = (w[r] - q[r]) / d
+            Err1[i, r] = e
+            loss += (w[r] - q[r]) ** 2 / d ** 2 / 2.0
+        for j in range(i + 1, cnt):
+            h = Hinv1[i, j]
+            if h != 0.0:
+                for r in range(rows):
+                    W1[j, r] -= Err1[i, r] * h
+    return loss

@@ -1,0 +1,90 @@
+"""NumPy twin of `kernels.py`: the same algorithms, plainly written, for the tests to compare against.
+
+Slow (a Python loop per column and per iteration); never used on the conversion path.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import MODE_CODEBOOK
+
+
+def round_fp16(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
+
+
+def kmeans_sorted(xs: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    n = xs.shape[0]
+    if n == 0:
+        return np.zeros(k)
+    prefix = np.concatenate([[0.0], np.cumsum(xs, dtype=np.float64)])
+    centroids = xs[np.minimum(n - 1, ((2 * np.arange(k) + 1) * n) // (2 * k))].astype(np.float64)
+    bounds = np.zeros(k + 1, np.int64)
+    bounds[k] = n
+    for _ in range(max_iter):
+        new = bounds.copy()
+        new[1:k] = np.searchsorted(xs, 0.5 * (centroids[:-1] + centroids[1:]), side="right")
+        changed = not np.array_equal(new, bounds)
+        bounds = new
+        sizes = bounds[1:] - bounds[:-1]
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        nonempty = sizes > 0
+        centroids[nonempty] = sums[nonempty] / sizes[nonempty]
+        if not changed:
+            break
+    return centroids
+
+
+def nearest_code(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    mids = 0.5 * (codebook[:-1] + codebook[1:])
+    return np.searchsorted(mids, x, side="left")
+
+
+def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter):
+    """Returns (codebook, codes, reserved, q) like the Numba kernel."""
+    n = w.shape[0]
+    order = np.argsort(w, kind="stable")
+    xs = w[order].astype(np.float64)
+    lo, hi = 0, n
+    for _ in range(min(n_reserve, n)):
+        if abs(xs[lo]) > abs(xs[hi - 1]):
+            lo += 1
+        else:
+            hi -= 1
+    a, b = (0, n) if fit_all else (lo, hi)
+    codebook = np.sort(round_fp16(kmeans_sorted(xs[a:b], 1 << bits, max_iter)))
+    codes = nearest_code(w, codebook)
+    q = codebook[codes]
+    reserved = np.zeros(n, np.uint8)
+    tails = order[np.r_[0:lo, hi:n]]
+    reserved[tails] = 1
+    q[tails] = round_fp16(w[tails])
+    return codebook, codes.astype(np.uint8), reserved, q
+
+
+def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
+               codebooks, codes, reserved, Q1, Err1):
+    cnt, rows = W1.shape
+    loss = 0.0
+    for i in range(cnt):
+        w = W1[i].astype(np.float64)
+        d = float(Hinv1[i, i])
+        if mode == MODE_CODEBOOK:
+            cb, codes[i], reserved[i], q = quantize_column_codebook(w, int(bits[i]), int(n_reserve[i]),
+                                                                  fit_all, max_iter)
+            codebooks[i, : cb.shape[0]] = cb
+        else:
+            maxq = float((1 << int(bits[i])) - 1)
+            level = np.clip(np.round(w / scale) + zero, 0.0, maxq)
+            codes[i] = level.astype(np.uint8)
+            q = scale * (level - zero)
+            reserved[i] = 0
+        Q1[i] = q
+        Err1[i] = (w - q) / d
+        loss += float(np.sum((w - q) ** 2 / d ** 2 / 2.0))
+        for j in range(i + 1, cnt):
+            h = Hinv1[i, j]
+            if h != 0.0:
+                W1[j] -= Err1[i] * h
+    return loss

@@ -1,0 +1,182 @@
+"""Sequential, layer-by-layer quantization of a causal LM (GPTQ's calibration scheme).
+
+The calibration batch runs through the model one decoder layer at a time; each layer's inputs are the
+outputs of the already-quantized layers before it. Inside a layer the linears are quantized in
+true-sequential groups, the inputs of each group recomputed after the previous group is quantized.
+Only the layer being quantized is materialised (RAM about one layer); weights stream from safetensors.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .columns import plan_columns
+from .gptq import GPTQ, QuantizedWeight
+from .progress import Progress, no_progress
+from .source import ModelSource
+
+METHODS = ("claq", "kmeans", "gptq", "rtn")
+# Llama-style groups: inputs of a group depend only on the groups before it.
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+@dataclass
+class QuantConfig:
+    method: str = "claq"
+    bits: float = 4.0                 # target; fractional means adaptive precision (claq only)
+    ap_bits: Optional[tuple[int, int]] = None   # explicit (low, high) for adaptive precision
+    outlier_bits: float = 0.0         # outlier-reservation budget, extra bits per weight
+    outlier_threshold: float = 13.0   # S of Outlier Order
+    or_top_fraction: float = 0.1
+    or_top_share: float = 0.5
+    fit_outliers: bool = False        # K-Means on the whole column, reserved outliers included
+    blocksize: int = 128
+    percdamp: float = 0.01
+    actorder: bool = True
+    kmeans_iters: int = 100
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method != "claq" and (not float(self.bits).is_integer() or self.outlier_bits):
+            raise ValueError("fractional bits and outlier reservation are CLAQ features; use --method claq")
+        if self.method in ("gptq", "rtn") and not 2 <= self.bits <= 8:
+            raise ValueError("uniform methods take 2..8 bits")
+        if self.method in ("claq", "kmeans") and not 1 <= self.bits <= 4:
+            raise ValueError("codebook methods take 1..4 bits (codebooks of at most 16 entries)")
+        if self.outlier_bits < 0:
+            raise ValueError("--outlier-bits must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig) -> QuantizedWeight:
+    """One linear weight under the configured method (H None for the calibration-free methods)."""
+    Wn = W.detach().float().cpu().numpy()
+    uniform = qc.method in ("gptq", "rtn")
+    use_h = qc.method in ("claq", "gptq")
+    if qc.method == "claq":
+        plan = plan_columns(Wn, qc.bits, qc.outlier_bits, qc.outlier_threshold, qc.ap_bits,
+                            qc.or_top_fraction, qc.or_top_share)
+        bits, reserve = plan.bits, plan.reserve
+    else:
+        bits, reserve = np.full(Wn.shape[1], int(qc.bits), np.int64), None
+    gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
+    return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for layer 0 to record its inputs, then stops the forward pass."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.records = []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.records.append((hidden_states, kwargs))
+        raise _StopForward
+
+
+def _set_tensor(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner, _, leaf = dotted.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _materialise(module: torch.nn.Module, prefix: str, source: ModelSource, device) -> None:
+    for name, _ in list(module.named_parameters()):
+        _set_tensor(module, name, source.tensor(prefix + name).float().to(device))
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConfig, device="cpu",
+                   batch_size: int = 8, progress: Progress = no_progress,
+                   log: Callable[[str], None] = lambda s: None) -> Iterator[tuple[str, QuantizedWeight]]:
+    """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    qc.validate()
+    config = source.config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    base = model.model
+    _materialise(base.embed_tokens, "model.embed_tokens.", source, device)
+    if hasattr(base, "rotary_emb"):
+        with torch.device(device):  # rebuilt: its buffers are computed, not stored
+            base.rotary_emb = type(base.rotary_emb)(config=config)
+    layers = base.layers
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    for batch in calibration.split(batch_size):
+        try:
+            model(batch.to(device), use_cache=False)
+        except _StopForward:
+            pass
+    layers[0] = catcher.layer
+    states = [h for h, _ in catcher.records]
+    kwargs = [kw for _, kw in catcher.records]
+    base.embed_tokens.to("meta")
+
+    needs_h = qc.method in ("claq", "gptq")
+    for index in progress(range(len(layers)), "quantize layers", len(layers)):
+        start = time.perf_counter()
+        layer = layers[index]
+        prefix = f"model.layers.{index}."
+        _materialise(layer, prefix, source, device)
+        errors = []
+        for group in SEQUENTIAL_GROUPS:
+            linears = {name: layer.get_submodule(name) for name in group}
+            hessians = _group_hessians(layer, linears, states, kwargs) if needs_h else {}
+            for name, linear in linears.items():
+                result = quantize_weight(linear.weight, hessians.get(name), qc)
+                linear.weight.data = torch.from_numpy(result.dequantize()).to(device)
+                errors.append(result.relative_error)
+                yield prefix + name + ".weight", result
+            hessians.clear()
+        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        layer.to("meta")
+        log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
+
+
+def _group_hessians(layer, linears: dict, states, kwargs) -> dict[str, torch.Tensor]:
+    """H = 2/n sum x x^T (float32) for each linear of the group, over all calibration tokens."""
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in linears.items()}
+    count = [0]
+    last = list(linears)[-1]
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            sums[name].addmm_(x.T, x)
+            if name == last:
+                count[0] += x.shape[0]
+                raise _StopForward  # the rest of the layer is not needed for this group
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for h, kw in zip(states, kwargs):
+            try:
+                layer(h, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s * (2.0 / count[0]) for name, s in sums.items()}
