@@ -10,8 +10,16 @@ from typing import Optional
 
 import numpy as np
 
-# One reserved outlier costs its fp16 value and its u16 row index in the file (rows < 65536).
-BITS_PER_OUTLIER = 32
+from . import spec
+
+
+MAX_RESERVE = 255  # outliers per column, so the per-column counts fit in one byte
+
+
+def outlier_cost_bits(rows: int, cols: int) -> tuple[int, int]:
+    """(bits per reserved outlier, fixed bits of the weight's per-column outlier counts), as stored."""
+    per_outlier = 8 * (spec.DTYPES[spec.outlier_row_dtype(rows)].itemsize + spec.DTYPES["F16"].itemsize)
+    return per_outlier, 8 * spec.DTYPES[spec.outlier_count_dtype(MAX_RESERVE)].itemsize * cols
 
 
 def outlier_counts(W: np.ndarray, S: float) -> np.ndarray:
@@ -63,20 +71,22 @@ def column_reserve(order: np.ndarray, rows: int, extra_bits: float, top_fraction
                    top_share: float = 0.5) -> np.ndarray:
     """Outliers kept in fp16 per column, spending `extra_bits` per weight by Outlier Order.
 
-    The budget is floor(extra_bits * rows * in / BITS_PER_OUTLIER) outliers. The top-ranked
+    The budget pays first for the per-column counts, then for outliers at their stored cost (fp16 value and
+    row index), so the extra bits are what the file really spends. The top-ranked
     `top_fraction` of columns share `top_share` of it, the other columns the rest; within each tier
     the count is even, the remainder going to the higher-ranked columns. No column keeps more than
-    half its rows.
+    half its rows, nor more than MAX_RESERVE.
     """
     cols = order.shape[0]
     reserve = np.zeros(cols, np.int64)
-    total = int(math.floor(extra_bits * rows * cols / BITS_PER_OUTLIER))
+    per_outlier, table = outlier_cost_bits(rows, cols)
+    total = int(math.floor((extra_bits * rows * cols - table) / per_outlier))
     if total <= 0:
         return reserve
     n_top = min(cols, max(1, int(round(top_fraction * cols))))
     tiers = [(order[:n_top], int(round(top_share * total)))]
     tiers.append((order[n_top:], total - tiers[0][1]))
-    cap = rows // 2
+    cap = min(rows // 2, MAX_RESERVE)
     for members, budget in tiers:
         if members.shape[0] == 0:
             continue

@@ -7,6 +7,7 @@ updates stay on the weight's device (CUDA when present).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -75,8 +76,10 @@ class GPTQ:
         return perm, Hinv
 
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
-                 fit_all: bool = False, max_iter: int = 100) -> QuantizedWeight:
+                 fit_all: bool = False, max_iter: int = 0) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels."""
+        start = time.perf_counter()
+        kernel_seconds = 0.0
         W = self.W.clone()
         rows, cols = W.shape
         reserve = np.zeros(cols, np.int64) if reserve is None else reserve
@@ -99,9 +102,11 @@ class GPTQ:
             W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
             Hinv1 = np.ascontiguousarray(Hinv[i1:i2, i1:i2].cpu().numpy())
             Err1 = np.zeros((i2 - i1, rows), np.float32)
+            tick = time.perf_counter()
             loss += kernels.gptq_block(W1, Hinv1, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
                                        scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
                                        Q[i1:i2], Err1)
+            kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
                 W[:, i2:] -= torch.from_numpy(Err1).to(W.device).T @ Hinv[i1:i2, i2:]
 
@@ -118,6 +123,7 @@ class GPTQ:
             loss=loss)
         original = self.W.cpu().numpy()
         result.relative_error = float(np.linalg.norm(result.dequantize() - original) / max(np.linalg.norm(original), 1e-30))
+        result.info = {"seconds": time.perf_counter() - start, "kernel_seconds": kernel_seconds}
         return result
 
 

@@ -79,6 +79,72 @@ def kmeans_sorted(xs, prefix, k, max_iter):
 
 
 @njit(cache=True)
+def segment_cost(prefix, prefix_sq, i, j):
+    """Sum of squared deviations from their mean of sorted entries i..j-1."""
+    n = j - i
+    if n <= 0:
+        return 0.0
+    s = prefix[j] - prefix[i]
+    return max(prefix_sq[j] - prefix_sq[i] - s * s / n, 0.0)
+
+
+@njit(cache=True)
+def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
+    """Exact 1-D K-Means: the k contiguous segments of ascending `xs` with least total SSE.
+
+    Dynamic programming D[m][j] = min_i D[m-1][i] + cost(i, j) over the first j entries with m+1
+    clusters; the optimal split point is monotone in j, so each row is solved by divide and conquer
+    in O(n log n) (explicit stack, ties to the smaller split). prefix/prefix_sq are float64 prefix
+    sums of xs and xs**2 (length n + 1). Returns k ascending centroids (the segment means; when
+    n < k the last entry repeats).
+    """
+    n = xs.shape[0]
+    centroids = np.empty(k, np.float64)
+    if n == 0:
+        centroids[:] = 0.0
+        return centroids
+    if n <= k:
+        for c in range(k):
+            centroids[c] = xs[min(c, n - 1)]
+        return centroids
+    prev = np.empty(n + 1, np.float64)
+    cur = np.empty(n + 1, np.float64)
+    split = np.zeros((k, n + 1), np.int64)
+    for j in range(n + 1):
+        prev[j] = segment_cost(prefix, prefix_sq, 0, j)
+    stack = np.empty((64, 4), np.int64)
+    for m in range(1, k):
+        top = 0
+        stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = m + 1, n, m, n - 1
+        while top >= 0:
+            jlo, jhi, ilo, ihi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
+            top -= 1
+            if jlo > jhi:
+                continue
+            mid = (jlo + jhi) // 2
+            best, best_i = np.inf, ilo
+            for i in range(max(ilo, m), min(ihi, mid - 1) + 1):
+                v = prev[i] + segment_cost(prefix, prefix_sq, i, mid)
+                if v < best:
+                    best, best_i = v, i
+            cur[mid] = best
+            split[m, mid] = best_i
+            top += 1
+            stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = jlo, mid - 1, ilo, best_i
+            top += 1
+            stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = mid + 1, jhi, best_i, ihi
+        for j in range(m + 1, n + 1):
+            prev[j] = cur[j]
+    j = n
+    for m in range(k - 1, 0, -1):
+        i = split[m, j]
+        centroids[m] = (prefix[j] - prefix[i]) / (j - i)
+        j = i
+    centroids[0] = prefix[j] / j
+    return centroids
+
+
+@njit(cache=True)
 def nearest_code(x, codebook):
     """Index of the nearest entry of an ascending codebook (the lower index on a tie)."""
     k = codebook.shape[0]
@@ -96,6 +162,7 @@ def nearest_code(x, codebook):
 def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
 
+    The codebook is the exact K-Means optimum when max_iter == 0, else Lloyd's (at most max_iter).
     Writes the fp16-rounded ascending codebook into codebook_out[:2**bits], each entry's code, a 0/1
     reserved mask and the decoded value q (reserved entries keep fp16(w)). The reserved entries are
     the two tails of the sorted column, so the K-Means fits the contiguous middle (or everything
@@ -113,9 +180,14 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out
             hi -= 1
     a, b = (0, n) if fit_all else (lo, hi)
     prefix = np.zeros(b - a + 1, np.float64)
+    prefix_sq = np.zeros(b - a + 1, np.float64)
     for i in range(a, b):
         prefix[i - a + 1] = prefix[i - a] + xs[i]
-    centroids = kmeans_sorted(xs[a:b], prefix, k, max_iter)
+        prefix_sq[i - a + 1] = prefix_sq[i - a] + xs[i] * xs[i]
+    if max_iter > 0:
+        centroids = kmeans_sorted(xs[a:b], prefix, k, max_iter)
+    else:
+        centroids = kmeans_optimal_sorted(xs[a:b], prefix, prefix_sq, k)
     cb = np.empty(k, np.float64)
     for c in range(k):
         cb[c] = round_fp16(centroids[c])

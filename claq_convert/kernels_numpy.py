@@ -36,6 +36,40 @@ def kmeans_sorted(xs: np.ndarray, k: int, max_iter: int) -> np.ndarray:
     return centroids
 
 
+def kmeans_optimal_sorted(xs: np.ndarray, k: int) -> np.ndarray:
+    """The exact optimum by the plain O(k n^2) dynamic programme (no divide and conquer)."""
+    n = xs.shape[0]
+    if n == 0:
+        return np.zeros(k)
+    if n <= k:
+        return xs[np.minimum(np.arange(k), n - 1)].astype(np.float64)
+    P = np.concatenate([[0.0], np.cumsum(xs, dtype=np.float64)])
+    S = np.concatenate([[0.0], np.cumsum(xs.astype(np.float64) ** 2)])
+
+    def cost(i, j):  # i: array of starts, j: one end
+        s = P[j] - P[i]
+        return np.maximum(S[j] - S[i] - s * s / (j - i), 0.0)
+
+    D = np.array([cost(np.array([0]), j)[0] if j else 0.0 for j in range(n + 1)])
+    split = np.zeros((k, n + 1), np.int64)
+    for m in range(1, k):
+        new = D.copy()
+        for j in range(m + 1, n + 1):
+            i = np.arange(m, j)
+            v = D[i] + cost(i, j)
+            split[m, j] = i[np.argmin(v)]  # first minimum: ties to the smaller split
+            new[j] = v.min()
+        D = new
+    centroids = np.empty(k)
+    j = n
+    for m in range(k - 1, 0, -1):
+        i = split[m, j]
+        centroids[m] = (P[j] - P[i]) / (j - i)
+        j = i
+    centroids[0] = P[j] / j
+    return centroids
+
+
 def nearest_code(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     mids = 0.5 * (codebook[:-1] + codebook[1:])
     return np.searchsorted(mids, x, side="left")
@@ -53,7 +87,8 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter):
         else:
             hi -= 1
     a, b = (0, n) if fit_all else (lo, hi)
-    codebook = np.sort(round_fp16(kmeans_sorted(xs[a:b], 1 << bits, max_iter)))
+    fit = kmeans_sorted(xs[a:b], 1 << bits, max_iter) if max_iter > 0 else kmeans_optimal_sorted(xs[a:b], 1 << bits)
+    codebook = np.sort(round_fp16(fit))
     codes = nearest_code(w, codebook)
     q = codebook[codes]
     reserved = np.zeros(n, np.uint8)

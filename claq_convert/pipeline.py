@@ -38,7 +38,7 @@ class QuantConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     actorder: bool = True
-    kmeans_iters: int = 100
+    kmeans_iters: int = 0             # 0: exact 1-D K-Means optimum (DP); > 0: Lloyd, at most this many
 
     def validate(self) -> None:
         if self.method not in METHODS:

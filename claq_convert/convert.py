@@ -1,0 +1,115 @@
+"""One conversion run: calibration, layer-by-layer quantization, byte accounting, optional evaluation."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import __version__, spec
+from .gptq import QuantizedWeight
+from .pipeline import QuantConfig, quantize_model
+from .progress import Progress, no_progress
+from .source import ModelSource
+
+
+@dataclass
+class ConvertOptions:
+    model_dir: Path
+    out: Optional[Path]
+    quant: QuantConfig
+    calib: Optional[Path] = None
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    evaluate: bool = False
+
+
+def stored_bytes(result: QuantizedWeight) -> int:
+    """Honest storage of one quantized weight in bytes, padding included.
+
+    Codebook methods: the .claq sections. Uniform baselines (not written by this version): the packed
+    codes plus an fp16 scale and an fp16 zero point per row, each padded like a section.
+    """
+    rows, cols = result.shape
+    if result.method == "uniform":
+        b = int(result.bits[0])
+        return spec.align(4 * spec.code_words(rows * cols, b)) + 2 * spec.align(2 * rows)
+    return spec.claq_stored_bytes(rows, result.bits, int(result.outlier_counts.sum()), int(result.outlier_counts.max()))
+
+
+def tensor_record(result: QuantizedWeight) -> dict:
+    rows, cols = result.shape
+    nbytes = stored_bytes(result)
+    return {"shape": [rows, cols], "bits_histogram": {str(b): int(n) for b, n in zip(*np.unique(result.bits, return_counts=True))},
+            "nominal_bits": float(result.bits.mean()), "outliers": int(result.outlier_counts.sum()),
+            "stored_bytes": nbytes, "bpw": nbytes * 8 / (rows * cols), "relative_error": result.relative_error,
+            "seconds": result.info.get("seconds", 0.0), "kernel_seconds": result.info.get("kernel_seconds", 0.0)}
+
+
+def summarize(tensors: dict[str, dict]) -> dict:
+    params = sum(t["shape"][0] * t["shape"][1] for t in tensors.values())
+    nbytes = sum(t["stored_bytes"] for t in tensors.values())
+    nominal = sum(t["nominal_bits"] * t["shape"][0] * t["shape"][1] for t in tensors.values())
+    return {"params": params, "stored_bytes": nbytes, "honest_bpw": nbytes * 8 / params,
+            "nominal_bits": nominal / params, "outliers": sum(t["outliers"] for t in tensors.values()),
+            "mean_relative_error": float(np.mean([t["relative_error"] for t in tensors.values()])),
+            "kernel_seconds": sum(t["kernel_seconds"] for t in tensors.values())}
+
+
+def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
+                   log: Callable[[str], None] = lambda s: None) -> dict:
+    from transformers import AutoTokenizer
+
+    from .data import calibration_windows, default_text
+
+    qc = options.quant
+    qc.validate()
+    source = ModelSource(options.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
+    calib_path = Path(options.calib) if options.calib else default_text("valid")
+    start = time.perf_counter()
+    calibration = calibration_windows(tokenizer, calib_path, options.nsamples, options.seqlen, options.seed)
+    record = {"tool": f"claq-convert {__version__}", "model": str(options.model_dir), "quant": qc.to_dict(),
+              "calibration": {"text": str(calib_path), "nsamples": options.nsamples, "seqlen": options.seqlen,
+                              "seed": options.seed},
+              "device": str(options.device)}
+    results: dict[str, QuantizedWeight] = {}
+    tensors = {}
+    for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log):
+        tensors[name] = tensor_record(result)
+        if options.evaluate or options.out is not None:
+            results[name] = result
+    convert_seconds = time.perf_counter() - start
+    if options.out is not None:
+        raise NotImplementedError("writing .claq files lands with the file format (issue 4); use --dry-run")
+    record.update(tensors=tensors, summary=summarize(tensors), seconds={"convert": convert_seconds})
+    if options.evaluate:
+        record.update(evaluate_before_after(options, results, progress))
+    return record
+
+
+def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedWeight], progress: Progress) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from .evaluate import perplexity
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device).eval()
+    before = perplexity(model, tokenizer, progress=progress)
+    apply_dequantized(model, results)
+    after = perplexity(model, tokenizer, progress=progress)
+    return {"ppl_before": before.to_dict(), "ppl_after": after.to_dict()}
+
+
+@torch.no_grad()
+def apply_dequantized(model, results: dict[str, QuantizedWeight]) -> None:
+    """Replace each quantized weight of an fp32 model by its dequantized values (in place)."""
+    params = dict(model.named_parameters())
+    for name, result in results.items():
+        params[name].copy_(torch.from_numpy(result.dequantize()))

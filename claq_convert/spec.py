@@ -1,0 +1,116 @@
+"""The .claq format v1: every constant and layout rule, in one place (see formats/claq-v1.md).
+
+The writer, the NumPy reference decoder, the Torch decoder, claq-inspect, the spec tests and the
+conformance vectors all take their constants from here. NumPy and stdlib only: importable without torch.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+MAGIC = b"CLAQ"
+VERSION = 1
+PREAMBLE = struct.Struct("<4sIQ")          # magic, version (u32), header length (u64)
+ALIGNMENT = 64                             # header end and every section start
+MAX_HEADER_BYTES = 64 * 1024 * 1024        # a header is metadata, never bulk data
+WORD_BITS = 32                             # code streams are u32 little-endian words
+ALLOWED_BITS = (1, 2, 3, 4)                # per-column widths this version writes and reads
+MAX_CODEBOOK = 1 << max(ALLOWED_BITS)
+
+# dtype name in the header -> (numpy dtype, item size). One table serves writer and readers.
+DTYPES = {
+    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),  # BF16 kept as raw u16
+    "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"), "U8": np.dtype("u1"), "U16": np.dtype("<u2"), "U32": np.dtype("<u4"),
+}
+
+KIND_RAW = "raw"      # a tensor stored as is
+KIND_CLAQ = "claq"    # a quantized weight W[out, in] made of the sections below
+
+# Sections of a quantized weight: name -> dtype. codes_<b> exist for each width b in use;
+# the outlier sections exist only when the weight has outliers.
+CLAQ_SECTIONS = {
+    "bit_widths": "U8",        # [in]: bits of column j
+    "codebooks": "F16",        # [sum_j 2**bits_j]: column j's ascending codebook, columns in order
+    "outlier_counts": "U8",    # [in]: outliers of column j (U16 when one exceeds 255); offsets are their cumsum
+    "outlier_rows": "U16",     # [n_outliers]: ascending within a column (U32 when out > 65536)
+    "outlier_values": "F16",   # [n_outliers]: replaces the decoded value at (row, j)
+}
+CODES_PREFIX = "codes_"        # codes_<b>: U32 words, the packed codes of the columns of width b
+
+
+def align(n: int, to: int = ALIGNMENT) -> int:
+    return (n + to - 1) // to * to
+
+
+def code_words(n_codes: int, bits: int) -> int:
+    """u32 words holding n_codes codes of `bits` bits, packed back to back."""
+    return (n_codes * bits + WORD_BITS - 1) // WORD_BITS
+
+
+def columns_of_width(bit_widths: np.ndarray, bits: int) -> np.ndarray:
+    """Columns stored in stream codes_<bits>, in stream order (ascending column index)."""
+    return np.flatnonzero(bit_widths == bits)
+
+
+def codebook_offsets(bit_widths: np.ndarray) -> np.ndarray:
+    """offsets[j] = first codebook entry of column j; offsets[in] = total entries."""
+    sizes = np.left_shift(1, bit_widths.astype(np.int64))
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative codes < 2**bits into u32 words, LSB first, back to back.
+
+    Code i occupies bits [i*bits, (i+1)*bits) of the stream, where stream bit t is bit (t % 32) of
+    word t // 32. A 3-bit code may straddle two words. Unused high bits of the last word are zero.
+    Example (bits=3, codes 5, 1, 7): stream 101 | 001<<3 | 111<<6 = 0b111_001_101 = 0x1CD.
+    """
+    codes = np.asarray(codes, np.uint64).ravel()
+    if codes.size and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"a code does not fit in {bits} bits")
+    n_words = code_words(codes.size, bits)
+    words = np.zeros(n_words + 1, np.uint64)  # one spare word for codes spilling past the end
+    start = np.arange(codes.size, dtype=np.uint64) * np.uint64(bits)
+    word, shift = start >> np.uint64(5), start & np.uint64(31)
+    np.add.at(words, word, (codes << shift) & np.uint64(0xFFFFFFFF))
+    spill = (shift + np.uint64(bits)) > np.uint64(32)
+    np.add.at(words, word[spill] + np.uint64(1), codes[spill] >> (np.uint64(32) - shift[spill]))
+    return words[:n_words].astype("<u4")
+
+
+def unpack_codes(words: np.ndarray, bits: int, n_codes: int) -> np.ndarray:
+    """Inverse of pack_codes: uint8 codes. Vectorised: each code reads its word and the next."""
+    w = np.concatenate([np.asarray(words, np.uint64), [np.uint64(0)]])
+    start = np.arange(n_codes, dtype=np.uint64) * np.uint64(bits)
+    word, shift = start >> np.uint64(5), start & np.uint64(31)
+    pair = w[word] | (w[word + np.uint64(1)] << np.uint64(32))
+    return ((pair >> shift) & np.uint64((1 << bits) - 1)).astype(np.uint8)
+
+
+def outlier_row_dtype(rows: int) -> str:
+    return "U16" if rows <= 65536 else "U32"
+
+
+def outlier_count_dtype(max_count: int) -> str:
+    return "U8" if max_count <= 255 else "U16"
+
+
+def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0) -> dict[str, int]:
+    """Byte length of every section of a quantized weight (before alignment padding)."""
+    lengths = {"bit_widths": bit_widths.size, "codebooks": 2 * int(codebook_offsets(bit_widths)[-1])}
+    for b in ALLOWED_BITS:
+        n_cols = int(np.count_nonzero(bit_widths == b))
+        if n_cols:
+            lengths[f"{CODES_PREFIX}{b}"] = 4 * code_words(n_cols * rows, b)
+    if n_outliers:
+        lengths["outlier_counts"] = DTYPES[outlier_count_dtype(max_count)].itemsize * bit_widths.size
+        lengths["outlier_rows"] = DTYPES[outlier_row_dtype(rows)].itemsize * n_outliers
+        lengths["outlier_values"] = 2 * n_outliers
+    return lengths
+
+
+def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0) -> int:
+    """Bytes the weight occupies in the file: its sections with their alignment padding."""
+    return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count).values())

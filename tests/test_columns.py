@@ -1,0 +1,69 @@
+"""Outlier Order, adaptive-precision bit split and outlier budget."""
+import numpy as np
+import pytest
+
+from claq_convert import columns
+
+
+def matrix_with_outlier_columns():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((200, 50)) * 0.01
+    W[:5, 7] = 1.0    # column 7: five outliers
+    W[:2, 3] = 1.0    # column 3: two
+    W[0, 40] = 0.5    # column 40: one
+    return W
+
+
+def test_outlier_counts_use_the_whole_matrix_mean():
+    W = matrix_with_outlier_columns()
+    counts = columns.outlier_counts(W, 13.0)
+    thr = 13 * np.abs(W).mean()
+    assert np.array_equal(counts, (np.abs(W) >= thr).sum(0))
+    assert counts[7] == 5 and counts[3] == 2 and counts[40] == 1
+
+
+def test_outlier_order_ranks_counts_then_peak_then_index():
+    W = matrix_with_outlier_columns()
+    order = columns.outlier_order(W, 13.0)
+    assert list(order[:3]) == [7, 3, 40]
+    peak = np.abs(W).max(0)
+    rest = order[3:]
+    assert np.all(np.diff(peak[rest]) <= 0)  # ties at zero count fall back to the peak magnitude
+    assert np.array_equal(order, columns.outlier_order(W.copy(), 13.0))
+
+
+@pytest.mark.parametrize("target,low,high,fraction", [
+    (2.1, 2, 4, 0.05), (2.2, 2, 4, 0.10), (3.1, 3, 4, 0.10), (3.5, 3, 4, 0.5), (3, 3, 3, 0.0), (4, 4, 4, 0.0)])
+def test_split_bits_follows_the_papers_rule(target, low, high, fraction):
+    got = columns.split_bits(target)
+    assert got[:2] == (low, high) and got[2] == pytest.approx(fraction)
+
+
+def test_split_bits_rejects_targets_outside_the_rule_and_accepts_an_explicit_pair():
+    with pytest.raises(ValueError):
+        columns.split_bits(4.5)
+    assert columns.split_bits(2.5, 2, 3) == (2, 3, 0.5)
+    with pytest.raises(ValueError):
+        columns.split_bits(1.5, 2, 3)
+
+
+def test_column_bits_gives_high_width_to_the_top_of_the_order():
+    W = matrix_with_outlier_columns()
+    order = columns.outlier_order(W, 13.0)
+    bits = columns.column_bits(order, 2.2)        # 10% of 50 columns -> 5 at 4 bits
+    assert sorted(np.flatnonzero(bits == 4)) == sorted(order[:5])
+    assert np.all(bits[order[5:]] == 2)
+    assert bits.mean() == pytest.approx(2.2)
+
+
+def test_column_reserve_spends_at_most_the_budget_and_favours_top_columns():
+    rows, cols = 576, 576
+    order = np.random.default_rng(1).permutation(cols)
+    reserve = columns.column_reserve(order, rows, 0.07)
+    per_outlier, table = columns.outlier_cost_bits(rows, cols)
+    spent = reserve.sum() * per_outlier + table
+    assert spent <= 0.07 * rows * cols
+    assert spent > 0.07 * rows * cols - per_outlier  # and leaves less than one outlier unspent
+    top = order[: round(0.1 * cols)]
+    assert reserve[top].min() > reserve[order[len(top):]].max()
+    assert columns.column_reserve(order, rows, 0.0).sum() == 0

@@ -1,0 +1,135 @@
+"""The Numba kernels against their NumPy twin (exact), and K-Means quality against k-means++ Lloyd."""
+import numpy as np
+import pytest
+
+from claq_convert import kernels, kernels_numpy
+
+
+def heavy_tailed_column(rng, n):
+    return (rng.standard_t(3, n) * 0.02).astype(np.float32)
+
+
+def test_round_fp16_matches_numpy_including_edges():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(20000) * rng.choice([1e-7, 1e-4, 1.0, 1e3, 1e5], 20000)
+    x = np.concatenate([x, [0.0, -0.0, 65504.0, 65519.99, 65520.0, -1e9, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26]])
+    ours = np.array([kernels.round_fp16(v) for v in x])
+    assert np.array_equal(ours, kernels_numpy.round_fp16(x))
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 16])
+def test_kmeans_numba_equals_numpy_twin(k):
+    rng = np.random.default_rng(k)
+    for n in (1, 3, k, 100, 1536):
+        xs = np.sort(heavy_tailed_column(rng, n).astype(np.float64))
+        prefix = np.concatenate([[0.0], np.cumsum(xs)])
+        ours = kernels.kmeans_sorted(xs, prefix, k, 100)
+        assert np.array_equal(ours, kernels_numpy.kmeans_sorted(xs, k, 100))
+        assert np.all(np.diff(ours) >= 0)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 16])
+def test_optimal_kmeans_numba_equals_the_plain_dynamic_programme(k):
+    rng = np.random.default_rng(50 + k)
+    for n in (1, k, k + 1, 57, 300):
+        xs = np.sort(heavy_tailed_column(rng, n).astype(np.float64))
+        prefix = np.concatenate([[0.0], np.cumsum(xs)])
+        prefix_sq = np.concatenate([[0.0], np.cumsum(xs * xs)])
+        ours = kernels.kmeans_optimal_sorted(xs, prefix, prefix_sq, k)
+        twin = kernels_numpy.kmeans_optimal_sorted(xs, k)
+        assert np.allclose(ours, twin, rtol=0, atol=1e-12)
+        assert sse(xs, ours) <= sse(xs, kernels.kmeans_sorted(xs, prefix, k, 100)) * (1 + 1e-12)
+
+
+def sse(x, centroids):
+    return float(np.sum(np.min((x[:, None] - centroids[None, :]) ** 2, axis=1)))
+
+
+def kmeanspp_lloyd(x, k, seed, iters=300):
+    """Textbook k-means++ seeding + Lloyd, the baseline our deterministic kernel must match."""
+    rng = np.random.default_rng(seed)
+    centroids = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        d2 = np.min((x[:, None] - np.array(centroids)[None, :]) ** 2, axis=1)
+        centroids.append(x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else x[0])
+    c = np.array(centroids)
+    for _ in range(iters):
+        assign = np.argmin((x[:, None] - c[None, :]) ** 2, axis=1)
+        new = np.array([x[assign == j].mean() if np.any(assign == j) else c[j] for j in range(k)])
+        if np.array_equal(new, c):
+            break
+        c = new
+    return c
+
+
+@pytest.mark.parametrize("k", [4, 8, 16])
+def test_optimal_kmeans_sse_no_worse_than_best_of_kmeanspp(k):
+    rng = np.random.default_rng(100 + k)
+    for _ in range(10):
+        x = heavy_tailed_column(rng, 576).astype(np.float64)
+        xs = np.sort(x)
+        prefix = np.concatenate([[0.0], np.cumsum(xs)])
+        ours = sse(x, kernels.kmeans_optimal_sorted(xs, prefix, np.concatenate([[0.0], np.cumsum(xs * xs)]), k))
+        best = min(sse(x, kmeanspp_lloyd(x, k, seed)) for seed in range(5))
+        assert ours <= best * (1 + 1e-9)
+
+
+def test_nearest_code_picks_the_closest_entry_and_the_lower_on_ties():
+    codebook = np.array([-1.0, 0.0, 0.5, 2.0])
+    for x, want in [(-5, 0), (-0.5, 0), (-0.49, 1), (0.25, 1), (0.26, 2), (1.25, 2), (1.3, 3), (9, 3)]:
+        assert kernels.nearest_code(float(x), codebook) == want
+    xs = np.linspace(-3, 3, 601)
+    assert np.array_equal([kernels.nearest_code(v, codebook) for v in xs], kernels_numpy.nearest_code(xs, codebook))
+
+
+def block_inputs(rng, rows=96, cnt=40):
+    W1 = (rng.standard_t(4, (cnt, rows)) * 0.05).astype(np.float32)
+    A = rng.standard_normal((cnt, cnt))
+    Hinv = np.linalg.cholesky(np.linalg.inv(A @ A.T + cnt * np.eye(cnt))).T.astype(np.float32)
+    bits = rng.choice([1, 2, 3, 4], cnt).astype(np.int64)
+    reserve = rng.integers(0, 6, cnt).astype(np.int64)
+    return W1, Hinv, bits, reserve
+
+
+def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0):
+    cnt, rows = W1.shape
+    W = W1.copy()
+    out = dict(codebooks=np.zeros((cnt, 16), np.float32), codes=np.zeros((cnt, rows), np.uint8),
+               reserved=np.zeros((cnt, rows), np.uint8), Q=np.zeros((cnt, rows), np.float32),
+               Err=np.zeros((cnt, rows), np.float32))
+    scale, zero = np.full(rows, 0.03), np.full(rows, 7.0)
+    loss = module.gptq_block(W, Hinv, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
+                             out["codes"], out["reserved"], out["Q"], out["Err"])
+    return loss, W, out
+
+
+@pytest.mark.parametrize("mode,max_iter", [(kernels.MODE_CODEBOOK, 0), (kernels.MODE_CODEBOOK, 100),
+                                           (kernels.MODE_UNIFORM, 0)])
+@pytest.mark.parametrize("fit_all", [False, True])
+def test_gptq_block_numba_equals_numpy_twin(mode, max_iter, fit_all):
+    W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(7))
+    if mode == kernels.MODE_UNIFORM:
+        bits[:] = 4
+    loss_a, W_a, a = run_block(kernels, W1, Hinv, bits, reserve, mode, fit_all, max_iter)
+    loss_b, W_b, b = run_block(kernels_numpy, W1, Hinv, bits, reserve, mode, fit_all, max_iter)
+    assert np.array_equal(W_a, W_b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)  # summation order differs
+
+
+def test_gptq_block_reserves_the_largest_magnitudes_exactly():
+    W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(3))
+    Hinv = np.eye(W1.shape[0], dtype=np.float32)  # no propagation: columns stay as given
+    _, _, out = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_CODEBOOK)
+    for i in range(W1.shape[0]):
+        kept = np.flatnonzero(out["reserved"][i])
+        assert kept.size == reserve[i]
+        top = np.argsort(-np.abs(W1[i]), kind="stable")[: reserve[i]]
+        assert set(kept) == set(top)
+        assert np.array_equal(out["Q"][i, kept], W1[i, kept].astype(np.float16).astype(np.float32))
+        k = 1 << bits[i]
+        cb = out["codebooks"][i, :k]
+        assert np.all(np.diff(cb) >= 0) and np.all(cb == cb.astype(np.float16))
+        rest = np.setdiff1d(np.arange(W1.shape[1]), kept)
+        assert np.array_equal(out["Q"][i, rest], cb[out["codes"][i, rest]])
