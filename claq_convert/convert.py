@@ -62,7 +62,8 @@ def summarize(tensors: dict[str, dict]) -> dict:
 
 
 def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
-                   log: Callable[[str], None] = lambda s: None) -> dict:
+                   log: Callable[[str], None] = lambda s: None, ppl_before: Optional[dict] = None) -> dict:
+    """Quantize, account and (options.evaluate) evaluate; `ppl_before` reuses a known baseline."""
     from transformers import AutoTokenizer
 
     from .data import calibration_windows, default_text
@@ -89,22 +90,22 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         raise NotImplementedError("writing .claq files lands with the file format (issue 4); use --dry-run")
     record.update(tensors=tensors, summary=summarize(tensors), seconds={"convert": convert_seconds})
     if options.evaluate:
-        record.update(evaluate_before_after(options, results, progress))
+        record.update(evaluate_before_after(options, results, progress, ppl_before))
     return record
 
 
-def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedWeight], progress: Progress) -> dict:
-    from transformers import AutoModelForCausalLM
+def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedWeight], progress: Progress,
+                          ppl_before: Optional[dict] = None) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluate import perplexity
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device).eval()
-    before = perplexity(model, tokenizer, progress=progress)
+    before = ppl_before or perplexity(model, tokenizer, progress=progress).to_dict()
     apply_dequantized(model, results)
-    after = perplexity(model, tokenizer, progress=progress)
-    return {"ppl_before": before.to_dict(), "ppl_after": after.to_dict()}
+    after = perplexity(model, tokenizer, progress=progress).to_dict()
+    return {"ppl_before": before, "ppl_after": after}
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ class QuantConfig:
     or_top_fraction: float = 0.1
     or_top_share: float = 0.5
     fit_outliers: bool = False        # K-Means on the whole column, reserved outliers included
+    ranking: str = "outlier"          # column ranking for AP and OR; "random" is an ablation
     blocksize: int = 128
     percdamp: float = 0.01
     actorder: bool = True
@@ -51,6 +52,8 @@ class QuantConfig:
             raise ValueError("codebook methods take 1..4 bits (codebooks of at most 16 entries)")
         if self.outlier_bits < 0:
             raise ValueError("--outlier-bits must be >= 0")
+        if self.ranking not in ("outlier", "random"):
+            raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +66,7 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig)
     use_h = qc.method in ("claq", "gptq")
     if qc.method == "claq":
         plan = plan_columns(Wn, qc.bits, qc.outlier_bits, qc.outlier_threshold, qc.ap_bits,
-                            qc.or_top_fraction, qc.or_top_share)
+                            qc.or_top_fraction, qc.or_top_share, qc.ranking)
         bits, reserve = plan.bits, plan.reserve
     else:
         bits, reserve = np.full(Wn.shape[1], int(qc.bits), np.int64), None

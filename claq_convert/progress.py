@@ -13,8 +13,10 @@ def no_progress(iterable: Iterable[T], label: str = "", length: Optional[int] = 
 
 def click_progress(iterable: Iterable[T], label: str = "", length: Optional[int] = None) -> Iterable[T]:
     """A click progress bar on stderr; used by the CLIs."""
+    import sys
+
     import click
 
-    with click.progressbar(iterable, label=label, length=length, file=click.get_text_stream("stderr"),
+    with click.progressbar(iterable, label=label, length=length, file=sys.stderr,
                            show_pos=True, show_eta=True) as bar:
         yield from bar

@@ -1,0 +1,47 @@
+"""The command-line tools through click's CliRunner: exit codes, one-line errors, JSON records."""
+import json
+
+from click.testing import CliRunner
+
+from claq_convert.cli import convert_cmd, eval_cmd
+
+
+def test_convert_dry_run_with_eval_writes_a_record(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run.json"
+    result = CliRunner().invoke(convert_cmd, [str(tiny_model_dir), "--dry-run", "--bits", "2.2", "--outlier-bits",
+                                              "0.3", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                                              "--eval", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["quant"]["bits"] == 2.2 and record["calibration"]["nsamples"] == 4
+    assert len(record["tensors"]) == 14
+    s = record["summary"]
+    assert s["stored_bytes"] == sum(t["stored_bytes"] for t in record["tensors"].values())
+    assert s["honest_bpw"] > s["nominal_bits"]  # codebooks, bit maps and outliers cost bits
+    assert s["outliers"] > 0
+    assert record["ppl_after"]["ppl"] > 1 and record["ppl_before"]["tokens"] == record["ppl_after"]["tokens"]
+    assert "honest" in result.output and "ppl before" in result.output
+
+
+def test_convert_errors_are_one_line(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(convert_cmd, [str(tiny_model_dir), "--dry-run", "--method", "gptq", "--bits", "2.5"])
+    assert r.exit_code == 1 and "CLAQ features" in r.output and "Traceback" not in r.output
+    r = runner.invoke(convert_cmd, [str(tiny_model_dir), "--dry-run", "--ap-bits", "two,four"])
+    assert r.exit_code == 2 and "LOW,HIGH" in r.output
+    r = runner.invoke(convert_cmd, [str(tiny_model_dir)])
+    assert r.exit_code == 2 and "--dry-run" in r.output
+    r = runner.invoke(convert_cmd, [str(tmp_path), "--dry-run"])
+    assert r.exit_code == 1 and "config.json" in r.output
+    r = runner.invoke(convert_cmd, [str(tiny_model_dir), "--dry-run", "--calib", str(tmp_path / "none.txt")])
+    assert r.exit_code == 2
+
+
+def test_eval_prints_ppl_and_writes_json(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "ppl.json"
+    r = CliRunner().invoke(eval_cmd, [str(tiny_model_dir), "--text", str(text_file), "--seqlen", "32",
+                                      "--windows", "3", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    record = json.loads(out.read_text())
+    assert record["windows"] == 3 and record["tokens"] == 3 * 31 and "machine" in record
+    assert r.stdout.startswith("ppl ")
