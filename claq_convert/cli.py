@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 from .progress import click_progress
@@ -21,13 +22,14 @@ def friendly_errors(fn):
     """Library errors about the user's input become one-line click errors, never tracebacks."""
     from .data import DataError
     from .fixture import FixtureError
+    from .reader import ClaqFormatError
     from .source import SourceError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DataError, FixtureError, SourceError, ValueError, FileNotFoundError, OSError) as exc:
+        except (DataError, FixtureError, SourceError, ClaqFormatError, ValueError, FileNotFoundError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
     return wrapper
 
@@ -158,6 +160,9 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT, or --dry-run to quantize in memory only")
+    if not dry_run and method in ("rtn", "gptq"):
+        raise click.UsageError(f"{method} is a baseline with per-row grids, which .claq files do not store; "
+                               "evaluate it with --dry-run --eval")
     pair = None
     if ap_bits:
         try:
@@ -175,7 +180,47 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
     s = record["summary"]
     click.echo(f"{method} {bits:g} bits: honest {s['honest_bpw']:.4f} bpw over {s['params']} weights, "
                f"mean relative error {s['mean_relative_error']:.4f}, {record['seconds']['convert']:.1f} s")
+    if "out" in record:
+        click.echo(f"wrote {record['out']} ({record['file_bytes']} bytes)")
     if "ppl_before" in record:
         click.echo(f"ppl before {record['ppl_before']['ppl']:.4f}  after {record['ppl_after']['ppl']:.4f}")
     if json_path:
         write_json(json_path, {**record, "machine": machine_info()})
+
+
+# --------------------------------------------------------------------------- claq-inspect
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--verify", "verify_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Decode every tensor and report its error against this source model directory.")
+def inspect_cmd(file, as_json, verify_dir):
+    """Validate a .claq FILE completely and summarize it. Exit 0 when valid, 1 with the reason when not.
+
+    \b
+    Example:  claq-inspect out.claq --verify ~/.cache/claq-convert/SmolLM2-135M-Instruct
+    """
+    from .inspection import render, safe_text, summarize, verify
+    from .reader import ClaqFile, ClaqFormatError
+
+    try:
+        with ClaqFile(file) as cf:
+            cf.validate()
+            summary = summarize(cf)
+            if verify_dir:
+                summary["verify"] = verify(cf, verify_dir)
+    except ClaqFormatError as exc:
+        click.echo(f"invalid: {safe_text(file)}: {safe_text(exc)}", err=True)
+        raise SystemExit(1)
+    except (OSError, ValueError, KeyError) as exc:
+        raise click.ClickException(safe_text(exc)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(render(summary))
+    if verify_dir:
+        errors = [v.get("relative_error", 0.0) for v in summary["verify"].values()]
+        worst = max(summary["verify"].items(), key=lambda kv: kv[1].get("relative_error", float("inf")))
+        click.echo(f"verify: {len(errors)} tensors, mean relative error {np.mean(errors):.4f}, "
+                   f"worst {safe_text(worst[0])} {worst[1]}")

@@ -13,7 +13,9 @@ from . import __version__, spec
 from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, quantize_model
 from .progress import Progress, no_progress
+from .reader import decode_claq
 from .source import ModelSource
+from .writer import ClaqWriter, encode_claq_sections
 
 
 @dataclass
@@ -61,6 +63,41 @@ def summarize(tensors: dict[str, dict]) -> dict:
             "kernel_seconds": sum(t["kernel_seconds"] for t in tensors.values())}
 
 
+def encode_result(result: QuantizedWeight) -> dict:
+    if result.method != "codebook":
+        raise ValueError("only codebook methods (claq, kmeans) are stored in .claq files; evaluate baselines with --dry-run")
+    return encode_claq_sections(result.shape[0], result.bits, result.codes, result.column_codebooks,
+                                result.outlier_counts, result.outlier_rows, result.outlier_values)
+
+
+# Files of a model directory that a runtime needs besides the weights and config.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, record: dict) -> None:
+    """Everything but the quantized weights: other tensors raw, config, tokenizer, the conversion record."""
+    import json
+
+    for name in source.names():
+        if name in quantized:
+            continue
+        tensor = source.tensor(name)
+        if tensor.dtype == torch.bfloat16:
+            writer.add_raw(name, tensor.view(torch.int16).numpy().view(np.uint16), dtype="BF16")
+        else:
+            writer.add_raw(name, tensor.numpy())
+    generation = source.dir / "generation_config.json"
+    writer.metadata.update(
+        config=json.loads((source.dir / "config.json").read_text()),
+        generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+        conversion=record)
+    for filename in TOKENIZER_FILES:
+        path = source.dir / filename
+        if path.is_file():
+            writer.add_file(filename, path.read_bytes())
+
+
 def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                    log: Callable[[str], None] = lambda s: None, ppl_before: Optional[dict] = None) -> dict:
     """Quantize, account and (options.evaluate) evaluate; `ppl_before` reuses a known baseline."""
@@ -81,14 +118,32 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
               "device": str(options.device)}
     results: dict[str, QuantizedWeight] = {}
     tensors = {}
-    for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log):
-        tensors[name] = tensor_record(result)
-        if options.evaluate or options.out is not None:
-            results[name] = result
-    convert_seconds = time.perf_counter() - start
+    writer = ClaqWriter(options.out) if options.out is not None else None
+    try:
+        for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log):
+            tensors[name] = tensor_record(result)
+            if writer is not None:
+                sections = encode_result(result)
+                # The file must hold exactly what the quantizer produced: decode what we are about to write.
+                if not np.array_equal(decode_claq(result.shape[0], sections), result.dequantize()):
+                    raise RuntimeError(f"{name}: encoded sections do not decode to the quantizer's result")
+                written = writer.add_quantized(name, result.shape[0], sections)
+                if written != tensors[name]["stored_bytes"]:
+                    raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) disagrees with the file ({written})")
+            if options.evaluate:
+                results[name] = result
+        record.update(tensors=tensors, summary=summarize(tensors))
+        if writer is not None:
+            write_model_rest(writer, source, set(tensors), record)
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    record["seconds"] = {"convert": time.perf_counter() - start}
     if options.out is not None:
-        raise NotImplementedError("writing .claq files lands with the file format (issue 4); use --dry-run")
-    record.update(tensors=tensors, summary=summarize(tensors), seconds={"convert": convert_seconds})
+        record["out"] = str(options.out)
+        record["file_bytes"] = Path(options.out).stat().st_size
     if options.evaluate:
         record.update(evaluate_before_after(options, results, progress, ppl_before))
     return record

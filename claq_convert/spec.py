@@ -25,8 +25,11 @@ DTYPES = {
     "I8": np.dtype("i1"), "U8": np.dtype("u1"), "U16": np.dtype("<u2"), "U32": np.dtype("<u4"),
 }
 
-KIND_RAW = "raw"      # a tensor stored as is
+KIND_RAW = "raw"      # a tensor stored as is: one section "data"
 KIND_CLAQ = "claq"    # a quantized weight W[out, in] made of the sections below
+KINDS = (KIND_RAW, KIND_CLAQ)
+SECTION_FIELDS = ("dtype", "shape", "offset", "length", "crc32")  # every section entry has exactly these
+FILE_DTYPE = "U8"     # embedded files (tokenizer, chat template) are byte sections
 
 # Sections of a quantized weight: name -> dtype. codes_<b> exist for each width b in use;
 # the outlier sections exist only when the weight has outliers.
@@ -103,7 +106,7 @@ def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max
     for b in ALLOWED_BITS:
         n_cols = int(np.count_nonzero(bit_widths == b))
         if n_cols:
-            lengths[f"{CODES_PREFIX}{b}"] = 4 * code_words(n_cols * rows, b)
+            lengths[code_section(b)] = 4 * code_words(n_cols * rows, b)
     if n_outliers:
         lengths["outlier_counts"] = DTYPES[outlier_count_dtype(max_count)].itemsize * bit_widths.size
         lengths["outlier_rows"] = DTYPES[outlier_row_dtype(rows)].itemsize * n_outliers
@@ -114,3 +117,17 @@ def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max
 def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0) -> int:
     """Bytes the weight occupies in the file: its sections with their alignment padding."""
     return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count).values())
+
+
+def is_code_section(name: str) -> bool:
+    return name.startswith(CODES_PREFIX) and name[len(CODES_PREFIX):].isdigit()
+
+
+def code_section(bits: int) -> str:
+    return f"{CODES_PREFIX}{bits}"
+
+
+def codes_padding_ok(words: np.ndarray, bits: int, n_codes: int) -> bool:
+    """The bits past the last code in the last word must be zero."""
+    used = n_codes * bits - WORD_BITS * (words.size - 1)
+    return words.size == 0 or used >= WORD_BITS or int(words[-1]) >> used == 0

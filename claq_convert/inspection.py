@@ -1,0 +1,92 @@
+"""What claq-inspect reports: a summary of a validated file, and its error against the source model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import spec
+from .reader import ClaqFile
+
+
+def safe_text(text: str) -> str:
+    """Names come from the file: escape control characters before they reach a terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def summarize(cf: ClaqFile) -> dict:
+    tensors = {}
+    histogram: dict[str, int] = {}
+    params = stored = outliers = 0
+    for name, tensor in cf.tensors.items():
+        entry = {"kind": tensor["kind"], "shape": tensor["shape"], "stored_bytes": cf.stored_bytes(name)}
+        if tensor["kind"] == spec.KIND_CLAQ:
+            rows, cols = tensor["shape"]
+            sections = cf.sections(name, check_crc=False)
+            widths, counts = np.unique(sections["bit_widths"], return_counts=True)
+            entry["bits_histogram"] = {str(int(w)): int(c) for w, c in zip(widths, counts)}
+            for w, c in entry["bits_histogram"].items():
+                histogram[w] = histogram.get(w, 0) + c
+            entry["outliers"] = int(sections["outlier_rows"].size) if "outlier_rows" in sections else 0
+            entry["bpw"] = entry["stored_bytes"] * 8 / (rows * cols)
+            params += rows * cols
+            stored += entry["stored_bytes"]
+            outliers += entry["outliers"]
+        tensors[name] = entry
+    config = cf.metadata.get("config") or {}
+    conversion = cf.metadata.get("conversion") or {}
+    return {"file": str(cf.path), "bytes": cf.size, "version": spec.VERSION,
+            "model": {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
+                      "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size")},
+            "tensors": tensors, "files": sorted(cf.files),
+            "quantized": {"tensors": sum(t["kind"] == spec.KIND_CLAQ for t in tensors.values()), "params": params,
+                          "stored_bytes": stored, "honest_bpw": stored * 8 / params if params else None,
+                          "bits_histogram": dict(sorted(histogram.items())), "outliers": outliers},
+            "raw": {"tensors": sum(t["kind"] == spec.KIND_RAW for t in tensors.values()),
+                    "stored_bytes": sum(t["stored_bytes"] for t in tensors.values() if t["kind"] == spec.KIND_RAW)},
+            "conversion": {k: conversion.get(k) for k in ("tool", "quant", "calibration", "summary") if k in conversion}}
+
+
+def verify(cf: ClaqFile, model_dir: Path) -> dict:
+    """Decode every tensor and compare with the source checkpoint (relative Frobenius error)."""
+    from .source import ModelSource
+
+    source = ModelSource(model_dir)
+    report = {}
+    for name in cf.tensors:
+        reference = source.tensor(name).float().numpy()
+        decoded = cf.decode(name)
+        if decoded.shape != reference.shape:
+            report[name] = {"error": f"shape {list(decoded.shape)} vs source {list(reference.shape)}"}
+            continue
+        norm = float(np.linalg.norm(reference))
+        report[name] = {"relative_error": float(np.linalg.norm(decoded - reference) / norm) if norm else 0.0}
+    return report
+
+
+def render(summary: dict) -> str:
+    q, raw, model = summary["quantized"], summary["raw"], summary["model"]
+    lines = [f"{safe_text(summary['file'])}: valid .claq v{summary['version']}, {summary['bytes']} bytes",
+             f"model: {safe_text(model['architectures'])} ({safe_text(model['model_type'])}), "
+             f"{model['layers']} layers, hidden {model['hidden_size']}",
+             f"quantized: {q['tensors']} tensors, {q['params']} weights, {q['stored_bytes']} bytes, "
+             + (f"honest {q['honest_bpw']:.4f} bpw" if q["honest_bpw"] else "no weights"),
+             "bit widths (columns): " + ", ".join(f"{b}-bit {n}" for b, n in q["bits_histogram"].items()),
+             f"outliers: {q['outliers']}",
+             f"raw: {raw['tensors']} tensors, {raw['stored_bytes']} bytes; files: {', '.join(map(safe_text, summary['files']))}"]
+    conv = summary["conversion"]
+    if conv:
+        quant = conv.get("quant", {})
+        calib = conv.get("calibration", {})
+        lines.append(f"conversion: {safe_text(conv.get('tool'))}, method {safe_text(quant.get('method'))} "
+                     f"bits {quant.get('bits')} outlier_bits {quant.get('outlier_bits')} S {quant.get('outlier_threshold')}; "
+                     f"calibration {calib.get('nsamples')}x{calib.get('seqlen')} seed {calib.get('seed')} "
+                     f"from {safe_text(Path(str(calib.get('text'))).name)}")
+    lines.append("per tensor:")
+    for name, t in summary["tensors"].items():
+        if t["kind"] == spec.KIND_CLAQ:
+            hist = " ".join(f"{b}b:{n}" for b, n in t["bits_histogram"].items())
+            lines.append(f"  {safe_text(name)} {t['shape']} {t['bpw']:.3f} bpw [{hist}] outliers {t['outliers']}")
+        else:
+            lines.append(f"  {safe_text(name)} {t['shape']} raw {t['stored_bytes']} bytes")
+    return "\n".join(lines)

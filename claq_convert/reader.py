@@ -1,0 +1,356 @@
+"""Reference NumPy decoder for .claq files: the spec (formats/claq-v1.md) in code.
+
+NumPy and the standard library only (importable without torch). Opening a file validates the
+preamble, the header and the placement of every section before any data is read; decoding a
+tensor checks its checksums and contents. Every failure raises a subclass of ClaqFormatError whose
+message names the tensor or section.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import spec
+
+
+class ClaqFormatError(Exception):
+    """The file is not a valid .claq file."""
+
+
+class TruncatedFile(ClaqFormatError):
+    pass
+
+
+class BadMagic(ClaqFormatError):
+    pass
+
+
+class UnsupportedVersion(ClaqFormatError):
+    pass
+
+
+class BadHeader(ClaqFormatError):
+    pass
+
+
+class BadLayout(ClaqFormatError):
+    """Sections overlap, leave holes, are misaligned or run past the end of the file."""
+
+
+class ChecksumMismatch(ClaqFormatError):
+    pass
+
+
+class BadTensorData(ClaqFormatError):
+    pass
+
+
+def _strict_object(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise BadHeader(f"duplicate key in header object: {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r}")
+    return dict(pairs)
+
+
+def _reject_constant(name):
+    raise BadHeader(f"header has non-standard JSON constant {name}")
+
+
+def _is_uint(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _expected_dtypes(section: str) -> tuple[str, ...]:
+    if spec.is_code_section(section):
+        return ("U32",)
+    return {"bit_widths": ("U8",), "codebooks": ("F16",), "outlier_counts": ("U8", "U16"),
+            "outlier_rows": ("U16", "U32"), "outlier_values": ("F16",)}[section]
+
+
+def parse_header(raw: bytes, version: int) -> dict:
+    """Decode and schema-check the header (no section placement yet)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadHeader(f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.startswith("{"):
+        raise BadHeader("header must start with '{'")
+    try:
+        header = json.loads(text, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise BadHeader(f"header is not valid JSON: {exc.msg} at offset {exc.pos}") from None
+    if not isinstance(header, dict) or set(header) != {"format", "version", "metadata", "tensors", "files"}:
+        raise BadHeader("header keys must be exactly format, version, metadata, tensors, files")
+    if header["format"] != "claq" or header["version"] != version:
+        raise BadHeader(f"header says format {header['format']!r} version {header['version']!r}; "
+                        f"the preamble says claq version {version}")
+    for key in ("metadata", "tensors", "files"):
+        if not isinstance(header[key], dict):
+            raise BadHeader(f"header field {key!r} must be an object")
+    for name, tensor in header["tensors"].items():
+        _check_tensor_schema(name, tensor)
+    for name, entry in header["files"].items():
+        _check_section_entry(f"file {name!r}", entry)
+        if entry["dtype"] != spec.FILE_DTYPE:
+            raise BadHeader(f"file {name!r}: dtype must be {spec.FILE_DTYPE}")
+    return header
+
+
+def _check_section_entry(where: str, entry) -> None:
+    if not isinstance(entry, dict) or set(entry) != set(spec.SECTION_FIELDS):
+        raise BadHeader(f"{where}: a section needs exactly the fields {', '.join(spec.SECTION_FIELDS)}")
+    if entry["dtype"] not in spec.DTYPES:
+        raise BadHeader(f"{where}: unknown dtype {entry['dtype']!r}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_uint(d) for d in shape):
+        raise BadHeader(f"{where}: shape must be a list of at most 8 non-negative integers")
+    for field in ("offset", "length", "crc32"):
+        if not _is_uint(entry[field]):
+            raise BadHeader(f"{where}: {field} must be a non-negative integer")
+    if entry["crc32"] >= 1 << 32:
+        raise BadHeader(f"{where}: crc32 out of range")
+    if entry["length"] == 0:
+        raise BadHeader(f"{where}: empty sections are not allowed")
+    if entry["offset"] % spec.ALIGNMENT:
+        raise BadLayout(f"{where}: offset {entry['offset']} is not {spec.ALIGNMENT}-byte aligned")
+    if entry["length"] != int(np.prod(shape, dtype=object)) * spec.DTYPES[entry["dtype"]].itemsize:
+        raise BadHeader(f"{where}: length {entry['length']} does not match shape {shape} of {entry['dtype']}")
+
+
+def _check_tensor_schema(name: str, tensor) -> None:
+    if not isinstance(tensor, dict) or set(tensor) != {"kind", "shape", "sections"}:
+        raise BadHeader(f"tensor {name!r}: needs exactly kind, shape, sections")
+    kind, shape, sections = tensor["kind"], tensor["shape"], tensor["sections"]
+    if kind not in spec.KINDS:
+        raise BadHeader(f"tensor {name!r}: unknown kind {kind!r} (this reader knows {', '.join(spec.KINDS)})")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_uint(d) and d > 0 for d in shape):
+        raise BadHeader(f"tensor {name!r}: shape must list 1 to 8 positive integers")
+    if not isinstance(sections, dict):
+        raise BadHeader(f"tensor {name!r}: sections must be an object")
+    for section, entry in sections.items():
+        _check_section_entry(f"tensor {name!r} section {section!r}", entry)
+    if kind == spec.KIND_RAW:
+        if set(sections) != {"data"} or sections["data"]["shape"] != shape:
+            raise BadHeader(f"tensor {name!r}: a raw tensor has one section 'data' of the tensor's shape")
+        return
+    if len(shape) != 2:
+        raise BadHeader(f"tensor {name!r}: a quantized weight is 2-D")
+    allowed = {"bit_widths", "codebooks", "outlier_counts", "outlier_rows", "outlier_values"}
+    allowed |= {spec.code_section(b) for b in spec.ALLOWED_BITS}
+    unknown = set(sections) - allowed
+    if unknown:
+        raise BadHeader(f"tensor {name!r}: unknown section {sorted(unknown)[0]!r}")
+    for required in ("bit_widths", "codebooks"):
+        if required not in sections:
+            raise BadHeader(f"tensor {name!r}: missing section {required!r}")
+    present = {"outlier_counts", "outlier_rows", "outlier_values"} & set(sections)
+    if present and len(present) != 3:
+        raise BadHeader(f"tensor {name!r}: outlier sections must come together (counts, rows, values)")
+    for section, entry in sections.items():
+        if entry["dtype"] not in _expected_dtypes(section):
+            raise BadHeader(f"tensor {name!r} section {section!r}: dtype must be {' or '.join(_expected_dtypes(section))}")
+    if sections["bit_widths"]["shape"] != [shape[1]]:
+        raise BadHeader(f"tensor {name!r}: bit_widths must have one entry per column ({shape[1]})")
+
+
+def check_layout(header: dict, data_size: int) -> None:
+    """Sections must tile the data region: first at 0, each next at the aligned end of the previous."""
+    entries = [(e["offset"], e["length"], f"tensor {t!r} section {s!r}")
+               for t, tensor in header["tensors"].items() for s, e in tensor["sections"].items()]
+    entries += [(e["offset"], e["length"], f"file {f!r}") for f, e in header["files"].items()]
+    entries.sort()
+    expected = 0
+    for offset, length, where in entries:
+        if offset < expected:
+            raise BadLayout(f"{where}: overlaps the section before it")
+        if offset > expected:
+            raise BadLayout(f"{where}: leaves a hole of {offset - expected} bytes before it")
+        expected = spec.align(offset + length)
+    if expected != data_size:
+        what = "runs past the end of the file" if expected > data_size else "is followed by unused bytes"
+        raise BadLayout(f"the data region {what} (sections end at {expected}, file holds {data_size})")
+
+
+def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
+    """W[rows, in] float32 from a quantized weight's typed sections (the decoding rule of the spec)."""
+    bits = sections["bit_widths"]
+    cols = bits.size
+    codebooks = sections["codebooks"].astype(np.float32)
+    starts = spec.codebook_offsets(bits)
+    W = np.empty((rows, cols), np.float32)
+    for b in spec.ALLOWED_BITS:
+        columns = spec.columns_of_width(bits, b)
+        if columns.size:
+            codes = spec.unpack_codes(sections[spec.code_section(b)], b, columns.size * rows).reshape(columns.size, rows)
+            W[:, columns] = codebooks[starts[columns][:, None] + codes].T
+    if "outlier_counts" in sections:
+        col_of = np.repeat(np.arange(cols), sections["outlier_counts"].astype(np.int64))
+        W[sections["outlier_rows"].astype(np.int64), col_of] = sections["outlier_values"].astype(np.float32)
+    return W
+
+
+def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray]) -> None:
+    """Values inside a quantized weight's sections: widths, codebooks, streams, padding, outliers."""
+    bits = sections["bit_widths"]
+    bad = ~np.isin(bits, spec.ALLOWED_BITS)
+    if bad.any():
+        raise BadTensorData(f"tensor {name!r}: column {int(np.flatnonzero(bad)[0])} has bit width "
+                            f"{int(bits[bad][0])}, allowed {spec.ALLOWED_BITS}")
+    if sections["codebooks"].size != spec.codebook_offsets(bits)[-1]:
+        raise BadTensorData(f"tensor {name!r}: codebooks hold {sections['codebooks'].size} entries, "
+                            f"the bit widths need {spec.codebook_offsets(bits)[-1]}")
+    if not np.isfinite(sections["codebooks"]).all():
+        raise BadTensorData(f"tensor {name!r}: codebooks contain a non-finite value")
+    for b in spec.ALLOWED_BITS:
+        n_codes = int(np.count_nonzero(bits == b)) * rows
+        words = sections.get(spec.code_section(b))
+        if (words is None) != (n_codes == 0):
+            raise BadTensorData(f"tensor {name!r}: section codes_{b} must exist exactly when a column has {b} bits")
+        if words is None:
+            continue
+        if words.size != spec.code_words(n_codes, b):
+            raise BadTensorData(f"tensor {name!r}: codes_{b} has {words.size} words, expected {spec.code_words(n_codes, b)}")
+        if not spec.codes_padding_ok(words, b, n_codes):
+            raise BadTensorData(f"tensor {name!r}: codes_{b} has non-zero padding bits")
+    if "outlier_counts" in sections:
+        counts, out_rows, values = (sections[k] for k in ("outlier_counts", "outlier_rows", "outlier_values"))
+        if counts.size != bits.size or int(counts.sum(dtype=np.int64)) != out_rows.size or out_rows.size != values.size:
+            raise BadTensorData(f"tensor {name!r}: outlier counts, rows and values disagree in size")
+        if out_rows.size and int(out_rows.max()) >= rows:
+            raise BadTensorData(f"tensor {name!r}: an outlier row is out of range (rows {rows})")
+        if not np.isfinite(values).all():
+            raise BadTensorData(f"tensor {name!r}: an outlier value is not finite")
+        if int(counts.max(initial=0)) > rows:
+            raise BadTensorData(f"tensor {name!r}: a column has more outliers than rows")
+        r = out_rows.astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts.astype(np.int64))[:-1]])
+        first = np.zeros(r.size, bool)  # first outlier of each column: no order against the one before
+        first[starts[counts > 0]] = True
+        if r.size > 1 and np.any((np.diff(r) <= 0) & ~first[1:]):
+            raise BadTensorData(f"tensor {name!r}: outlier rows are not strictly ascending within a column")
+
+
+class ClaqFile:
+    """A validated, memory-mapped .claq file. Use as a context manager or call close()."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            self._open()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self) -> None:
+        size = self.path.stat().st_size
+        if size < spec.PREAMBLE.size:
+            raise TruncatedFile(f"{size} bytes is shorter than the {spec.PREAMBLE.size}-byte preamble")
+        magic, version, header_len = spec.PREAMBLE.unpack(self._file.read(spec.PREAMBLE.size))
+        if magic != spec.MAGIC:
+            raise BadMagic(f"not a .claq file (magic {magic!r}, expected {spec.MAGIC!r})")
+        if version != spec.VERSION:
+            raise UnsupportedVersion(f"file is format version {version}; this reader reads version {spec.VERSION} "
+                                     "(a newer claq-convert may read it)")
+        if header_len > spec.MAX_HEADER_BYTES:
+            raise BadHeader(f"header length {header_len} exceeds the {spec.MAX_HEADER_BYTES}-byte cap")
+        if spec.PREAMBLE.size + header_len > size:
+            raise TruncatedFile(f"header length {header_len} runs past the end of the {size}-byte file")
+        if (spec.PREAMBLE.size + header_len) % spec.ALIGNMENT:
+            raise BadHeader(f"header length {header_len} does not end on a {spec.ALIGNMENT}-byte boundary")
+        self.header = parse_header(self._file.read(header_len), version)
+        self.data_start = spec.PREAMBLE.size + header_len
+        check_layout(self.header, size - self.data_start)
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.size = size
+
+    # -- access
+    @property
+    def metadata(self) -> dict:
+        return self.header["metadata"]
+
+    @property
+    def tensors(self) -> dict:
+        return self.header["tensors"]
+
+    @property
+    def files(self) -> dict:
+        return self.header["files"]
+
+    def _section(self, where: str, entry: dict, check_crc: bool = True) -> np.ndarray:
+        start = self.data_start + entry["offset"]
+        view = memoryview(self._mmap)[start:start + entry["length"]]
+        if check_crc and zlib.crc32(view) != entry["crc32"]:
+            raise ChecksumMismatch(f"{where}: checksum mismatch (file damaged?)")
+        return np.frombuffer(view, spec.DTYPES[entry["dtype"]])
+
+    def sections(self, name: str, check_crc: bool = True) -> dict[str, np.ndarray]:
+        """The typed (read-only, memory-mapped) arrays of a tensor's sections."""
+        tensor = self._tensor(name)
+        return {s: self._section(f"tensor {name!r} section {s!r}", e, check_crc) for s, e in tensor["sections"].items()}
+
+    def _tensor(self, name: str) -> dict:
+        if name not in self.tensors:
+            raise KeyError(f"no tensor {name!r} in {self.path}")
+        return self.tensors[name]
+
+    def decode(self, name: str) -> np.ndarray:
+        """A tensor as float32 (quantized weights decoded; raw tensors converted)."""
+        tensor = self._tensor(name)
+        sections = self.sections(name)
+        if tensor["kind"] == spec.KIND_RAW:
+            data = sections["data"]
+            if tensor["sections"]["data"]["dtype"] == "BF16":
+                data = (data.astype(np.uint32) << 16).view(np.float32)
+            return data.astype(np.float32).reshape(tensor["shape"])
+        rows = tensor["shape"][0]
+        check_claq_contents(name, rows, sections)
+        return decode_claq(rows, sections)
+
+    def file(self, name: str) -> bytes:
+        if name not in self.files:
+            raise KeyError(f"no embedded file {name!r} in {self.path}")
+        return self._section(f"file {name!r}", self.files[name]).tobytes()
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes a tensor occupies in the file, alignment padding included."""
+        return sum(spec.align(e["length"]) for e in self._tensor(name)["sections"].values())
+
+    def validate(self) -> None:
+        """Everything: checksums, zero padding between sections, and every tensor's contents."""
+        for name, tensor in self.tensors.items():
+            sections = self.sections(name)
+            if tensor["kind"] == spec.KIND_CLAQ:
+                check_claq_contents(name, tensor["shape"][0], sections)
+        for name in self.files:
+            self.file(name)
+        entries = [e for t in self.tensors.values() for e in t["sections"].values()] + list(self.files.values())
+        for entry in entries:
+            start = self.data_start + entry["offset"] + entry["length"]
+            pad = self._mmap[start:self.data_start + spec.align(entry["offset"] + entry["length"])]
+            if pad.count(0) != len(pad):
+                raise BadLayout(f"non-zero padding after the section at offset {entry['offset']}")
+
+    def close(self) -> None:
+        if getattr(self, "_mmap", None) is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # arrays handed out still view the map; it closes when they go
+                pass
+            self._mmap = None
+        self._file.close()
+
+    def __enter__(self) -> "ClaqFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_claq(path) -> ClaqFile:
+    return ClaqFile(path)
