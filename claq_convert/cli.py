@@ -60,6 +60,23 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def peak_rss_bytes() -> int:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def load_any(model: Path, device, cache: bool = False):
+    """(model, tokenizer) from a .claq file or a Hugging Face directory."""
+    if Path(model).is_file():
+        from .runtime import load
+
+        return load(model, device=device, cache=cache)
+    return load_hf(model, device)
+
+
 def load_hf(model_dir: Path, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,25 +99,30 @@ def load_hf(model_dir: Path, device):
 @click.option("--windows", default=40, show_default=True, help="Windows scored, from the start (0: all).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 ... or auto.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result here.")
+@click.option("--cache", is_flag=True, help=".claq only: keep decoded weights (faster, more memory).")
 @friendly_errors
-def eval_cmd(model, text, seqlen, windows, device, json_path):
-    """Perplexity of MODEL (a Hugging Face directory) under the project's fixed protocol.
+def eval_cmd(model, text, seqlen, windows, device, json_path, cache):
+    """Perplexity of MODEL (a .claq file or a Hugging Face directory) under the project's fixed protocol.
 
     \b
-    Example:  claq-eval ~/.cache/claq-convert/SmolLM2-135M-Instruct --json bench/baseline.json
+    Examples:
+      claq-eval ~/.cache/claq-convert/SmolLM2-135M-Instruct --json bench/baseline.json
+      claq-eval out/smollm2.claq
     """
     from .evaluate import perplexity
 
     dev = resolve_device(device)
     start = time.perf_counter()
-    net, tokenizer = load_hf(model, dev)
+    net, tokenizer = load_any(model, dev, cache)
     load_seconds = time.perf_counter() - start
+    rss_after_load = peak_rss_bytes()
     result = perplexity(net, tokenizer, text, seqlen, windows, progress=click_progress)
     click.echo(f"ppl {result.ppl:.4f}  tokens {result.tokens}  windows {result.windows}x{result.seqlen}  "
                f"eval {result.seconds:.1f} s")
     if json_path:
         write_json(json_path, {"model": str(model), "protocol": {"seqlen": seqlen, "windows": windows},
-                               **result.to_dict(), "load_seconds": load_seconds, "machine": machine_info()})
+                               **result.to_dict(), "load_seconds": load_seconds,
+                               "peak_rss_after_load_bytes": rss_after_load, "machine": machine_info()})
 
 
 # --------------------------------------------------------------------------- claq-fixture
@@ -224,3 +246,37 @@ def inspect_cmd(file, as_json, verify_dir):
         worst = max(summary["verify"].items(), key=lambda kv: kv[1].get("relative_error", float("inf")))
         click.echo(f"verify: {len(errors)} tensors, mean relative error {np.mean(errors):.4f}, "
                    f"worst {safe_text(worst[0])} {worst[1]}")
+
+
+# --------------------------------------------------------------------------- claq-generate
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("prompt")
+@click.option("--raw", is_flag=True, help="Continue PROMPT as plain text instead of a chat turn.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--cache", is_flag=True, help=".claq only: keep decoded weights (faster, more memory).")
+@friendly_errors
+def generate_cmd(model, prompt, raw, max_new_tokens, device, cache):
+    """Greedy answer of MODEL (.claq file or HF directory) to PROMPT, as a chat turn by default.
+
+    \b
+    Example:  claq-generate out/smollm2.claq "What is the capital of France?"
+    """
+    import torch
+
+    net, tokenizer = load_any(model, resolve_device(device), cache)
+    if raw or not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = net.generate(ids.to(next(net.parameters()).device), max_new_tokens=max_new_tokens, do_sample=False)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    click.echo(tokenizer.decode(new, skip_special_tokens=True))
+    _echo_err(f"{new.numel()} tokens in {seconds:.2f} s ({new.numel() / seconds:.1f} tokens/s), "
+              f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB")

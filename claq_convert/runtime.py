@@ -1,0 +1,69 @@
+"""Run a model from a .claq file alone: config, tokenizer and weights all come from the file."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import spec
+from .reader import ClaqFile, check_claq_contents
+from .torch_decoder import ClaqLinear
+
+
+def _tokenizer_from(cf: ClaqFile):
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="claq-tokenizer-") as tmp:
+        for name in cf.files:
+            (Path(tmp) / Path(name).name).write_bytes(cf.file(name))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
+def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = False):
+    """(model, tokenizer) from a .claq file; quantized linears become ClaqLinear modules on `device`.
+
+    `dtype` is the compute dtype of the raw tensors and of decoded weights. `cache` keeps each decoded
+    weight after its first use (faster, but resident memory grows to the unquantized size).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    device = torch.device(device)
+    with ClaqFile(path) as cf:
+        meta = dict(cf.metadata["config"])
+        config = AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for name, tensor in cf.tensors.items():
+            if tensor["kind"] == spec.KIND_RAW:
+                _set_parameter(model, name, torch.from_numpy(cf.decode(name)).to(device=device, dtype=dtype))
+                continue
+            module_name = name.removesuffix(".weight")
+            linear = model.get_submodule(module_name)
+            bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
+            sections = cf.sections(name)
+            check_claq_contents(name, tensor["shape"][0], sections)
+            replacement = ClaqLinear(tensor["shape"][0], sections, None if bias is None else torch.from_numpy(bias),
+                                     device=device, compute_dtype=dtype, cache=cache)
+            if (linear.out_features, linear.in_features) != (replacement.out_features, replacement.in_features):
+                raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {module_name}")
+            owner, _, leaf = module_name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, replacement)
+        if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in cf.tensors:
+            model.lm_head.weight = model.get_input_embeddings().weight
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model.model
+        if hasattr(base, "rotary_emb"):
+            with torch.device(device):  # computed buffers are not stored in the file
+                base.rotary_emb = type(base.rotary_emb)(config=config)
+        missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+        if missing:
+            raise ValueError(f"the file lacks tensors the model needs: {', '.join(missing[:5])}")
+        if cf.metadata.get("generation_config"):
+            model.generation_config = GenerationConfig.from_dict(cf.metadata["generation_config"])
+        tokenizer = _tokenizer_from(cf)
+    return model.eval(), tokenizer

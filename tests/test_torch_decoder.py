@@ -1,0 +1,123 @@
+"""The Torch decoder against the NumPy reference (bit for bit), ClaqLinear, and load() of a whole file."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from claq_convert import reader, spec, torch_decoder
+from claq_convert.cli import eval_cmd, generate_cmd
+from claq_convert.convert import ConvertOptions, apply_dequantized, run_conversion
+from claq_convert.gptq import GPTQ
+from claq_convert.pipeline import QuantConfig
+from claq_convert.runtime import load
+from claq_convert.writer import encode_claq_sections
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_unpack_matches_numpy(device, bits):
+    rng = np.random.default_rng(bits)
+    for n in (1, 31, 32, 33, 1000):
+        codes = rng.integers(0, 1 << bits, n)
+        words = spec.pack_codes(codes, bits)
+        ours = torch_decoder.unpack_codes(torch_decoder.to_torch(words, device), bits, n)
+        assert torch.equal(ours.cpu(), torch.from_numpy(spec.unpack_codes(words, bits, n).astype(np.int64)))
+
+
+def torch_decode(rows, sections, device):
+    layout = torch_decoder.ClaqLayout(sections["bit_widths"], device)
+    tensors = {k: torch_decoder.to_torch(v, device) for k, v in sections.items()}
+    return torch_decoder.decode_claq(rows, tensors, layout).cpu().numpy()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoders_agree_bit_for_bit_on_random_weights(device):
+    for seed in range(4):
+        rows, cols = 29 + seed * 17, 40
+        W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+        bits = np.random.default_rng(seed).choice([1, 2, 3, 4], cols)
+        r = GPTQ(W, None).quantize(bits, np.random.default_rng(seed).integers(0, 3, cols))
+        sections = encode_claq_sections(rows, r.bits, r.codes, r.column_codebooks, r.outlier_counts,
+                                        r.outlier_rows, r.outlier_values)
+        expected = reader.decode_claq(rows, sections)
+        assert np.array_equal(torch_decode(rows, sections, device), expected)
+        assert np.array_equal(expected, r.dequantize())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", sorted(VECTORS.glob("*.claq")), ids=lambda p: p.stem)
+def test_torch_decoder_passes_the_conformance_vectors(device, path):
+    expected = json.loads(path.with_suffix(".json").read_text())["tensors"]
+    with reader.ClaqFile(path) as cf:
+        for name, values in expected.items():
+            if cf.tensors[name]["kind"] == "claq":
+                got = torch_decode(cf.tensors[name]["shape"][0], cf.sections(name), device)
+                assert np.array_equal(got, np.array(values, np.float32))
+
+
+def test_claq_linear_forward_and_cache():
+    r = GPTQ(torch.randn(24, 16), None).quantize(np.full(16, 3))
+    sections = encode_claq_sections(24, r.bits, r.codes, r.column_codebooks, r.outlier_counts, r.outlier_rows,
+                                    r.outlier_values)
+    x = torch.randn(5, 16)
+    for cache in (False, True):
+        layer = torch_decoder.ClaqLinear(24, sections, bias=torch.ones(24), cache=cache)
+        y = layer(x)
+        assert torch.equal(y, torch.nn.functional.linear(x, torch.from_numpy(r.dequantize()), torch.ones(24)))
+        assert (layer._weight is not None) == cache
+        assert layer.packed_bytes() < 24 * 16 * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_claq(tiny_model_dir, text_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("claq") / "tiny.claq"
+    qc = QuantConfig(bits=3.1, outlier_bits=0.5)
+    run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=path, quant=qc, calib=text_file, nsamples=4, seqlen=32))
+    return path
+
+
+def test_loaded_model_equals_the_in_memory_dequantized_model(tiny_claq, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load(tiny_claq)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    with reader.ClaqFile(tiny_claq) as cf:
+        with torch.no_grad():
+            params = dict(reference.named_parameters())
+            for name, tensor in cf.tensors.items():
+                if tensor["kind"] == "claq":
+                    params[name].copy_(torch.from_numpy(cf.decode(name)))
+    ids = tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch_decoder.ClaqLinear)
+
+
+def test_cli_eval_and_generate_read_claq_files(tiny_claq, text_file, tmp_path):
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(eval_cmd, [str(tiny_claq), "--text", str(text_file), "--seqlen", "32", "--windows", "2",
+                                      "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["peak_rss_after_load_bytes"] > 0
+    g = CliRunner().invoke(generate_cmd, [str(tiny_claq), "quick brown", "--raw", "--max-new-tokens", "4"])
+    assert g.exit_code == 0, g.output
+    assert "tokens/s" in g.output
+
+
+def test_a_file_without_its_weights_is_refused(tiny_claq, tmp_path):
+    from claq_convert.writer import ClaqWriter
+
+    with reader.ClaqFile(tiny_claq) as cf:
+        path = tmp_path / "partial.claq"
+        with ClaqWriter(path) as w:
+            w.metadata.update(cf.metadata)
+            w.add_raw("model.embed_tokens.weight", cf.decode("model.embed_tokens.weight"))
+    with pytest.raises(ValueError, match="lacks tensors"):
+        load(path)
