@@ -163,18 +163,21 @@ def fixture_cmd(out, wheel, force):
 @click.option("--seqlen", default=512, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--format", "out_format", type=click.Choice(["claq", "gguf"]), default=None,
+              help="Output format (default: from OUT's extension, .gguf or else .claq).")
 @click.option("--dry-run", is_flag=True, help="Quantize in memory only; write no file.")
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
 def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_threshold, fit_outliers, calib,
-                nsamples, seqlen, seed, device, dry_run, run_eval, json_path):
+                nsamples, seqlen, seed, device, out_format, dry_run, run_eval, json_path):
     """Quantize every block linear of MODEL_DIR with CLAQ (or a baseline) and write OUT.
 
     \b
     Examples:
       claq-convert model/ out.claq --bits 3
       claq-convert model/ out.claq --bits 2.1 --outlier-bits 0.07     # AP + OR
+      claq-convert model/ out.gguf --bits 3                             # the GGUF extension
       claq-convert model/ --dry-run --eval --method gptq --bits 3      # baseline, in memory
     """
     from .convert import ConvertOptions, run_conversion
@@ -195,10 +198,20 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
                      outlier_threshold=outlier_threshold, fit_outliers=fit_outliers)
     qc.validate()
-    options = ConvertOptions(model_dir=model_dir, out=None if dry_run else out, quant=qc, calib=calib,
+    as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
+    claq_out = None if dry_run else (out.with_name(f".{out.name}.claq.tmp") if as_gguf else out)
+    options = ConvertOptions(model_dir=model_dir, out=claq_out, quant=qc, calib=calib,
                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=resolve_device(device),
                              evaluate=run_eval)
     record = run_conversion(options, progress=click_progress, log=_echo_err)
+    if as_gguf and not dry_run:
+        from .gguf_ext import claq_to_gguf
+
+        try:
+            claq_to_gguf(claq_out, out)
+        finally:
+            claq_out.unlink(missing_ok=True)
+        record.update(out=str(out), file_bytes=out.stat().st_size)
     s = record["summary"]
     click.echo(f"{method} {bits:g} bits: honest {s['honest_bpw']:.4f} bpw over {s['params']} weights, "
                f"mean relative error {s['mean_relative_error']:.4f}, {record['seconds']['convert']:.1f} s")
@@ -215,19 +228,21 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
 @click.version_option(__version__)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--tensors", "per_tensor", is_flag=True, help="List every tensor with its bpw and bit widths.")
 @click.option("--verify", "verify_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Decode every tensor and report its error against this source model directory.")
-def inspect_cmd(file, as_json, verify_dir):
-    """Validate a .claq FILE completely and summarize it. Exit 0 when valid, 1 with the reason when not.
+def inspect_cmd(file, as_json, per_tensor, verify_dir):
+    """Validate a .claq (or CLAQ .gguf) FILE completely and summarize it. Exit 0 when valid, 1 when not.
 
     \b
     Example:  claq-inspect out.claq --verify ~/.cache/claq-convert/SmolLM2-135M-Instruct
     """
+    from .gguf_ext import open_model_file
     from .inspection import render, safe_text, summarize, verify
-    from .reader import ClaqFile, ClaqFormatError
+    from .reader import ClaqFormatError
 
     try:
-        with ClaqFile(file) as cf:
+        with open_model_file(file) as cf:
             cf.validate()
             summary = summarize(cf)
             if verify_dir:
@@ -240,7 +255,7 @@ def inspect_cmd(file, as_json, verify_dir):
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(render(summary))
+    click.echo(render(summary, per_tensor))
     if verify_dir:
         errors = [v.get("relative_error", 0.0) for v in summary["verify"].values()]
         worst = max(summary["verify"].items(), key=lambda kv: kv[1].get("relative_error", float("inf")))
@@ -280,3 +295,23 @@ def generate_cmd(model, prompt, raw, max_new_tokens, device, cache):
     click.echo(tokenizer.decode(new, skip_special_tokens=True))
     _echo_err(f"{new.numel()} tokens in {seconds:.2f} s ({new.numel() / seconds:.1f} tokens/s), "
               f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB")
+
+
+# --------------------------------------------------------------------------- claq-translate
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@friendly_errors
+def translate_cmd(source, target):
+    """Convert losslessly between .claq and CLAQ .gguf (direction from SOURCE's format).
+
+    \b
+    Example:  claq-translate out.claq out.gguf
+    """
+    from .gguf_ext import GgufClaqFile, claq_to_gguf, gguf_to_claq, open_model_file
+
+    with open_model_file(source) as f:
+        is_gguf = isinstance(f, GgufClaqFile)
+    (gguf_to_claq if is_gguf else claq_to_gguf)(source, target)
+    click.echo(f"wrote {target} ({target.stat().st_size} bytes)")

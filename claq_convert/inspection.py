@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 
 from . import spec
-from .reader import ClaqFile
 
 
 def safe_text(text: str) -> str:
@@ -14,7 +13,7 @@ def safe_text(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
-def summarize(cf: ClaqFile) -> dict:
+def summarize(cf) -> dict:
     tensors = {}
     histogram: dict[str, int] = {}
     params = stored = outliers = 0
@@ -35,7 +34,8 @@ def summarize(cf: ClaqFile) -> dict:
         tensors[name] = entry
     config = cf.metadata.get("config") or {}
     conversion = cf.metadata.get("conversion") or {}
-    return {"file": str(cf.path), "bytes": cf.size, "version": spec.VERSION,
+    fmt = "gguf" if type(cf).__name__ == "GgufClaqFile" else "claq"
+    return {"file": str(cf.path), "bytes": cf.size, "format": fmt, "version": spec.VERSION,
             "model": {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
                       "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size")},
             "tensors": tensors, "files": sorted(cf.files),
@@ -47,7 +47,7 @@ def summarize(cf: ClaqFile) -> dict:
             "conversion": {k: conversion.get(k) for k in ("tool", "quant", "calibration", "summary") if k in conversion}}
 
 
-def verify(cf: ClaqFile, model_dir: Path) -> dict:
+def verify(cf, model_dir: Path) -> dict:
     """Decode every tensor and compare with the source checkpoint (relative Frobenius error)."""
     from .source import ModelSource
 
@@ -64,9 +64,10 @@ def verify(cf: ClaqFile, model_dir: Path) -> dict:
     return report
 
 
-def render(summary: dict) -> str:
+def render(summary: dict, per_tensor: bool = False) -> str:
     q, raw, model = summary["quantized"], summary["raw"], summary["model"]
-    lines = [f"{safe_text(summary['file'])}: valid .claq v{summary['version']}, {summary['bytes']} bytes",
+    kind = "CLAQ GGUF (extension v1)" if summary["format"] == "gguf" else f".claq v{summary['version']}"
+    lines = [f"{safe_text(summary['file'])}: valid {kind}, {summary['bytes']} bytes",
              f"model: {safe_text(model['architectures'])} ({safe_text(model['model_type'])}), "
              f"{model['layers']} layers, hidden {model['hidden_size']}",
              f"quantized: {q['tensors']} tensors, {q['params']} weights, {q['stored_bytes']} bytes, "
@@ -82,6 +83,8 @@ def render(summary: dict) -> str:
                      f"bits {quant.get('bits')} outlier_bits {quant.get('outlier_bits')} S {quant.get('outlier_threshold')}; "
                      f"calibration {calib.get('nsamples')}x{calib.get('seqlen')} seed {calib.get('seed')} "
                      f"from {safe_text(Path(str(calib.get('text'))).name)}")
+    if not per_tensor:
+        return "\n".join(lines)
     lines.append("per tensor:")
     for name, t in summary["tensors"].items():
         if t["kind"] == spec.KIND_CLAQ:

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from . import spec
-from .reader import ClaqFile, check_claq_contents
+from .gguf_ext import open_model_file
+from .reader import check_claq_contents
 from .torch_decoder import ClaqLinear
 
 
-def _tokenizer_from(cf: ClaqFile):
+def _tokenizer_from(cf):
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="claq-tokenizer-") as tmp:
@@ -26,7 +27,7 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> No
 
 
 def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = False):
-    """(model, tokenizer) from a .claq file; quantized linears become ClaqLinear modules on `device`.
+    """(model, tokenizer) from a .claq (or CLAQ .gguf) file; quantized linears become ClaqLinear modules on `device`.
 
     `dtype` is the compute dtype of the raw tensors and of decoded weights. `cache` keeps each decoded
     weight after its first use (faster, but resident memory grows to the unquantized size).
@@ -34,7 +35,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     device = torch.device(device)
-    with ClaqFile(path) as cf:
+    with open_model_file(path) as cf:
         meta = dict(cf.metadata["config"])
         config = AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
         with torch.device("meta"):

@@ -282,3 +282,11 @@ def test_truncated_and_garbage_files(tmp_path, converted):
         path = tmp_path / f"{label}.claq"
         path.write_bytes(data)
         inspect_fails(path)
+
+
+def test_reference_reader_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, claq_convert.reader; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,299 @@
+"""GGUF extension (formats/gguf-claq-v1.md): the .claq data as standard GGUF tensors and keys.
+
+A .claq section becomes one GGUF tensor of a standard GGML type with the same bytes: unsigned
+integers are stored in the signed type of the same width (U8 -> I8, U16 -> I16, U32 -> I32), so the
+conversion is lossless in both directions and no GGML type id is invented. `GgufClaqFile` reads such
+a file through gguf-py with the same interface as `reader.ClaqFile`, so the NumPy and Torch decoders,
+`load()` and `claq-inspect` take either format.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import spec
+from .reader import (BadHeader, BadLayout, BadTensorData, ChecksumMismatch, ClaqFile, ClaqFormatError,
+                     check_claq_contents, decode_claq)
+
+ARCH = "claq"
+EXT_VERSION = 1
+KEY_VERSION = "claq.version"
+KEY_BASE = "claq.base_architecture"
+KEY_CONFIG = "claq.config"                   # the HF config.json (JSON text)
+KEY_GENERATION = "claq.generation_config"    # JSON text, or absent
+KEY_CONVERSION = "claq.conversion"           # the conversion record (JSON text)
+KEY_TENSORS = "claq.tensors"                 # JSON text: every tensor's source name, kind, shape, sections, dtypes
+KEY_FILE_PREFIX = "claq.file."               # embedded files other than tokenizer.json, as UTF-8 text
+HF_TOKENIZER_FILE = "tokenizer.json"         # stored under the standard key tokenizer.huggingface.json
+GGML_NAME_MAX = 63                           # ggml's GGML_MAX_NAME is 64 bytes including the NUL
+GGML_MAX_DIMS = 4
+
+# .claq dtype <-> GGML type with the same byte width and bit pattern.
+_GGML_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I64": "I64", "I32": "I32", "I16": "I16",
+            "I8": "I8", "U8": "I8", "U16": "I16", "U32": "I32"}
+
+
+class GgufLimitError(ClaqFormatError):
+    """The file breaks a limit of ggml's C reader (which gguf-py does not enforce)."""
+
+
+def gguf_name(hf_name: str, n_layers: int, base_arch: str = "llama") -> str:
+    """Standard GGUF tensor name of a Hugging Face parameter (gguf-py's own name map)."""
+    import gguf
+
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[base_arch]
+    mapping = gguf.get_tensor_name_map(arch, n_layers)
+    stem, dot, suffix = hf_name.rpartition(".")
+    mapped = mapping.get_name(stem) if dot else None
+    if mapped is None:
+        raise ValueError(f"no GGUF name for tensor {hf_name!r} of a {base_arch} model")
+    return f"{mapped}.{suffix}"
+
+
+def _llama_keys(config: dict) -> dict:
+    """llama.cpp's hyperparameter keys for a llama-architecture model, from its HF config."""
+    import gguf
+
+    K, a = gguf.Keys, "llama"
+    heads = config["num_attention_heads"]
+    keys = {K.LLM.CONTEXT_LENGTH.format(arch=a): ("uint32", config["max_position_embeddings"]),
+            K.LLM.EMBEDDING_LENGTH.format(arch=a): ("uint32", config["hidden_size"]),
+            K.LLM.BLOCK_COUNT.format(arch=a): ("uint32", config["num_hidden_layers"]),
+            K.LLM.FEED_FORWARD_LENGTH.format(arch=a): ("uint32", config["intermediate_size"]),
+            K.Attention.HEAD_COUNT.format(arch=a): ("uint32", heads),
+            K.Attention.HEAD_COUNT_KV.format(arch=a): ("uint32", config.get("num_key_value_heads", heads)),
+            K.Attention.LAYERNORM_RMS_EPS.format(arch=a): ("float32", config["rms_norm_eps"]),
+            K.Rope.DIMENSION_COUNT.format(arch=a): ("uint32", config.get("head_dim") or config["hidden_size"] // heads),
+            K.LLM.VOCAB_SIZE.format(arch=a): ("uint32", config["vocab_size"])}
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta:
+        keys[K.Rope.FREQ_BASE.format(arch=a)] = ("float32", theta)
+    return keys
+
+
+def _add_tokenizer(writer, files: dict[str, bytes]) -> None:
+    """tokenizer.ggml.* (tokens, types, merges, special ids, chat template) from the HF tokenizer files."""
+    from gguf.vocab import BpeVocab, SpecialVocab
+
+    with tempfile.TemporaryDirectory(prefix="claq-gguf-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        vocab = BpeVocab(Path(tmp))
+        tokens, _, types = zip(*vocab.all_tokens())
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")  # llama.cpp's pre-tokenizer ids are hashes we do not guess
+        writer.add_token_list(list(tokens))
+        writer.add_token_types([int(t) for t in types])
+        SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def claq_to_gguf(claq_path, gguf_path) -> Path:
+    """Lossless .claq -> .gguf: every section becomes a GGUF tensor with the same bytes."""
+    import gguf
+
+    gguf_path = Path(gguf_path)
+    with ClaqFile(claq_path) as cf:
+        cf.validate()
+        config = cf.metadata["config"]
+        base = config.get("model_type", "llama")
+        if base != "llama":
+            raise ValueError(f"the GGUF extension maps llama-architecture models; this one is {base!r}")
+        tmp = gguf_path.with_name(f".{gguf_path.name}.tmp")
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer.add_uint32(KEY_VERSION, EXT_VERSION)
+        writer.add_string(KEY_BASE, base)
+        for key, (kind, value) in _llama_keys(config).items():
+            getattr(writer, f"add_{kind}")(key, value)
+        writer.add_string(KEY_CONFIG, json.dumps(config))
+        if cf.metadata.get("generation_config") is not None:
+            writer.add_string(KEY_GENERATION, json.dumps(cf.metadata["generation_config"]))
+        writer.add_string(KEY_CONVERSION, json.dumps(cf.metadata.get("conversion", {})))
+        files = {name: cf.file(name) for name in cf.files}
+        if HF_TOKENIZER_FILE in files:
+            _add_tokenizer(writer, files)
+            writer.add_string(gguf.Keys.Tokenizer.HF_JSON, files[HF_TOKENIZER_FILE].decode("utf-8"))
+        for name, data in files.items():
+            if name != HF_TOKENIZER_FILE:
+                writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
+        table = []
+        for name, tensor in cf.tensors.items():
+            stem = gguf_name(name, config["num_hidden_layers"], base)
+            dtypes = {s: e["dtype"] for s, e in tensor["sections"].items()}
+            table.append({"name": name, "gguf": stem, "kind": tensor["kind"], "shape": tensor["shape"], "dtypes": dtypes})
+            for section, array in cf.sections(name).items():
+                target = stem if tensor["kind"] == spec.KIND_RAW else f"{stem}.{section}"
+                if len(target.encode()) > GGML_NAME_MAX:
+                    raise ValueError(f"GGUF tensor name {target!r} is longer than ggml's {GGML_NAME_MAX} bytes")
+                ggml = _GGML_OF[dtypes[section]]
+                data = np.ascontiguousarray(array).view(spec.DTYPES[ggml] if ggml != "BF16" else np.uint16)
+                if tensor["kind"] == spec.KIND_RAW:
+                    data = data.reshape(tensor["shape"])
+                if ggml == "BF16":
+                    writer.add_tensor(target, data.view(np.uint8), raw_shape=data.shape,
+                                      raw_dtype=gguf.GGMLQuantizationType.BF16)
+                else:
+                    writer.add_tensor(target, data)
+        writer.add_string(KEY_TENSORS, json.dumps(table))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    tmp.replace(gguf_path)
+    return gguf_path
+
+
+def gguf_to_claq(gguf_path, claq_path) -> Path:
+    """Lossless .gguf -> .claq (the inverse of claq_to_gguf)."""
+    from .writer import ClaqWriter
+
+    with GgufClaqFile(gguf_path) as gf, ClaqWriter(claq_path) as w:
+        gf.validate()
+        for name, tensor in gf.tensors.items():
+            sections = gf.sections(name)
+            if tensor["kind"] == spec.KIND_RAW:
+                w.add_raw(name, sections["data"].reshape(tensor["shape"]), dtype=tensor["sections"]["data"]["dtype"])
+            else:
+                w.add_quantized(name, tensor["shape"][0], sections)
+        for name in gf.files:
+            w.add_file(name, gf.file(name))
+        w.metadata.update(gf.metadata)
+    return Path(claq_path)
+
+
+class GgufClaqFile:
+    """A CLAQ GGUF file read through gguf-py, with the interface of reader.ClaqFile."""
+
+    def __init__(self, path):
+        import gguf
+
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        try:
+            self._reader = gguf.GGUFReader(str(self.path), "r")
+        except (ValueError, IndexError, OSError, KeyError) as exc:  # gguf-py's own parse errors
+            raise BadHeader(f"not a readable GGUF file: {exc}") from None
+        fields = self._reader.fields
+        arch = self._string(gguf.Keys.General.ARCHITECTURE)
+        if arch != ARCH:
+            raise BadHeader(f"general.architecture is {arch!r}, not {ARCH!r}: not a CLAQ GGUF file")
+        version = self._scalar(KEY_VERSION)
+        if version != EXT_VERSION:
+            raise BadHeader(f"CLAQ GGUF extension version {version}; this reader reads {EXT_VERSION}")
+        try:
+            table = json.loads(self._string(KEY_TENSORS))
+            config = json.loads(self._string(KEY_CONFIG))
+        except json.JSONDecodeError as exc:
+            raise BadHeader(f"a claq.* key is not valid JSON: {exc.msg}") from None
+        self.metadata = {"config": config,
+                         "generation_config": json.loads(self._string(KEY_GENERATION)) if KEY_GENERATION in fields else None,
+                         "conversion": json.loads(self._string(KEY_CONVERSION)) if KEY_CONVERSION in fields else {}}
+        by_name = {t.name: t for t in self._reader.tensors}
+        self._arrays, self.tensors = {}, {}
+        for entry in table:
+            name, stem, kind = entry["name"], entry["gguf"], entry["kind"]
+            sections = {}
+            for section, dtype in entry["dtypes"].items():
+                target = stem if kind == spec.KIND_RAW else f"{stem}.{section}"
+                if target not in by_name or dtype not in spec.DTYPES or _GGML_OF[dtype] != by_name[target].tensor_type.name:
+                    raise BadHeader(f"tensor {name!r}: GGUF tensor {target!r} missing or of the wrong type")
+                t = by_name[target]
+                array = np.asarray(t.data).reshape(-1).view(spec.DTYPES[dtype])
+                self._arrays[(name, section)] = (array, t)
+                sections[section] = {"dtype": dtype, "shape": [int(array.size)] if kind != spec.KIND_RAW else entry["shape"],
+                                     "length": int(t.n_bytes)}
+            self.tensors[name] = {"kind": kind, "shape": entry["shape"], "sections": sections}
+        self.files = {}
+        if gguf.Keys.Tokenizer.HF_JSON in fields:
+            self.files[HF_TOKENIZER_FILE] = self._string(gguf.Keys.Tokenizer.HF_JSON).encode("utf-8")
+        for key in fields:
+            if key.startswith(KEY_FILE_PREFIX):
+                self.files[key[len(KEY_FILE_PREFIX):]] = self._string(key).encode("utf-8")
+        self.alignment = int(self._scalar(gguf.Keys.General.ALIGNMENT)) if gguf.Keys.General.ALIGNMENT in fields else 32
+
+    def _scalar(self, key):
+        field = self._reader.fields.get(key)
+        if field is None:
+            raise BadHeader(f"missing GGUF key {key!r}")
+        return field.contents()
+
+    def _string(self, key) -> str:
+        value = self._scalar(key)
+        if not isinstance(value, str):
+            raise BadHeader(f"GGUF key {key!r} is not a string")
+        return value
+
+    def sections(self, name: str, check_crc: bool = True) -> dict[str, np.ndarray]:
+        if name not in self.tensors:
+            raise KeyError(f"no tensor {name!r} in {self.path}")
+        return {section: self._arrays[(name, section)][0] for section in self.tensors[name]["sections"]}
+
+    def decode(self, name: str) -> np.ndarray:
+        tensor = self.tensors[name]
+        sections = self.sections(name)
+        if tensor["kind"] == spec.KIND_RAW:
+            data = sections["data"]
+            if tensor["sections"]["data"]["dtype"] == "BF16":
+                data = (data.astype(np.uint32) << 16).view(np.float32)
+            return data.astype(np.float32).reshape(tensor["shape"])
+        check_claq_contents(name, tensor["shape"][0], sections)
+        return decode_claq(tensor["shape"][0], sections)
+
+    def file(self, name: str) -> bytes:
+        return self.files[name]
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes of the tensor's GGUF tensors, each padded to the file's alignment."""
+        return sum(spec.align(e["length"], self.alignment) for e in self.tensors[name]["sections"].values())
+
+    def validate(self) -> None:
+        """The CLAQ contents plus the limits of ggml's C reader."""
+        check_ggml_limits(self._reader, self.alignment)
+        for name, tensor in self.tensors.items():
+            if tensor["kind"] == spec.KIND_CLAQ:
+                check_claq_contents(name, tensor["shape"][0], self.sections(name))
+
+    def close(self) -> None:
+        self._reader = None
+        self._arrays = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_ggml_limits(reader, alignment: int) -> None:
+    """Names under 64 bytes, at most 4 dims, contiguous aligned data, no nested KV arrays."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.types) > 1 \
+                and field.types[1] == gguf.GGUFValueType.ARRAY:
+            raise GgufLimitError(f"key {key!r} is a nested array, which ggml's reader refuses")
+    expected = 0
+    for t in reader.tensors:
+        if len(t.name.encode()) > GGML_NAME_MAX:
+            raise GgufLimitError(f"tensor name {t.name!r} is longer than {GGML_NAME_MAX} bytes")
+        if len(t.shape) > GGML_MAX_DIMS:
+            raise GgufLimitError(f"tensor {t.name!r} has {len(t.shape)} dimensions; ggml allows {GGML_MAX_DIMS}")
+        relative = t.data_offset - reader.data_offset
+        if relative != expected:
+            raise GgufLimitError(f"tensor {t.name!r} is at data offset {relative}, ggml expects {expected}")
+        expected = spec.align(relative + int(t.n_bytes), alignment)
+
+
+def open_model_file(path):
+    """ClaqFile or GgufClaqFile, chosen by the file's magic."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return GgufClaqFile(path)
+    return ClaqFile(path)
+
+
+__all__ = ["claq_to_gguf", "gguf_to_claq", "GgufClaqFile", "open_model_file", "GgufLimitError",
+           "BadLayout", "BadTensorData", "ChecksumMismatch"]
