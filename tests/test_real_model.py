@@ -56,3 +56,37 @@ def test_the_4bit_file_answers_paris_and_matches_in_memory_perplexity(smollm2_cl
     in_memory = perplexity(reference, tokenizer, nwindows=8)
     assert from_file.ppl == pytest.approx(in_memory.ppl, rel=1e-4)
     assert from_file.ppl < 40
+
+
+@pytest.fixture(scope="module")
+def smollm2_3bit(smollm2_dir, tmp_path_factory):
+    from claq_convert.gguf_ext import claq_to_gguf
+
+    directory = tmp_path_factory.mktemp("smollm2-3bit")
+    claq = directory / "m.claq"
+    run_conversion(ConvertOptions(model_dir=smollm2_dir, out=claq, quant=QuantConfig(bits=3)))
+    return claq, claq_to_gguf(claq, directory / "m.gguf")
+
+
+def test_3bit_gguf_is_lossless_readable_and_evaluates_like_the_claq(smollm2_3bit, tmp_path):
+    import subprocess
+    import sys
+
+    import gguf
+
+    from claq_convert.gguf_ext import GgufClaqFile, gguf_to_claq
+
+    claq, gguf_path = smollm2_3bit
+    assert gguf_path.stat().st_size <= claq.stat().st_size * 1.01
+    assert len(gguf.GGUFReader(str(gguf_path)).tensors) > 30 * 7 * 3
+    dump = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_dump", str(gguf_path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "claq.base_architecture" in dump.stdout
+    back = gguf_to_claq(gguf_path, tmp_path / "back.claq")
+    with reader.ClaqFile(claq) as a, GgufClaqFile(gguf_path) as g, reader.ClaqFile(back) as b:
+        g.validate()
+        for name in a.tensors:
+            assert np.array_equal(a.decode(name), g.decode(name)), name
+            for section, array in a.sections(name).items():
+                assert array.tobytes() == b.sections(name)[section].tobytes(), (name, section)
+    ppl = [perplexity(*load(path), nwindows=8).ppl for path in (claq, gguf_path)]
+    assert ppl[0] == ppl[1]
