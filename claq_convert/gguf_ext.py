@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import spec
-from .reader import (BadHeader, BadLayout, BadTensorData, ChecksumMismatch, ClaqFile, ClaqFormatError,
-                     check_claq_contents, decode_claq)
+from .reader import BadHeader, ClaqFile, ClaqFormatError, check_claq_contents, decode_tensor
 
 ARCH = "claq"
 EXT_VERSION = 1
@@ -231,15 +230,7 @@ class GgufClaqFile:
         return {section: self._arrays[(name, section)][0] for section in self.tensors[name]["sections"]}
 
     def decode(self, name: str) -> np.ndarray:
-        tensor = self.tensors[name]
-        sections = self.sections(name)
-        if tensor["kind"] == spec.KIND_RAW:
-            data = sections["data"]
-            if tensor["sections"]["data"]["dtype"] == "BF16":
-                data = (data.astype(np.uint32) << 16).view(np.float32)
-            return data.astype(np.float32).reshape(tensor["shape"])
-        check_claq_contents(name, tensor["shape"][0], sections)
-        return decode_claq(tensor["shape"][0], sections)
+        return decode_tensor(name, self.tensors[name], self.sections(name))
 
     def file(self, name: str) -> bytes:
         return self.files[name]
@@ -294,6 +285,3 @@ def open_model_file(path):
         return GgufClaqFile(path)
     return ClaqFile(path)
 
-
-__all__ = ["claq_to_gguf", "gguf_to_claq", "GgufClaqFile", "open_model_file", "GgufLimitError",
-           "BadLayout", "BadTensorData", "ChecksumMismatch"]

@@ -235,6 +235,18 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray]) -
             raise BadTensorData(f"tensor {name!r}: outlier rows are not strictly ascending within a column")
 
 
+def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray]) -> np.ndarray:
+    """Any tensor as float32, from its header entry and typed sections (shared by the .claq and GGUF readers)."""
+    if tensor["kind"] == spec.KIND_RAW:
+        data = sections["data"]
+        if tensor["sections"]["data"]["dtype"] == "BF16":
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data.astype(np.float32).reshape(tensor["shape"])
+    rows = tensor["shape"][0]
+    check_claq_contents(name, rows, sections)
+    return decode_claq(rows, sections)
+
+
 class ClaqFile:
     """A validated, memory-mapped .claq file. Use as a context manager or call close()."""
 
@@ -301,16 +313,7 @@ class ClaqFile:
 
     def decode(self, name: str) -> np.ndarray:
         """A tensor as float32 (quantized weights decoded; raw tensors converted)."""
-        tensor = self._tensor(name)
-        sections = self.sections(name)
-        if tensor["kind"] == spec.KIND_RAW:
-            data = sections["data"]
-            if tensor["sections"]["data"]["dtype"] == "BF16":
-                data = (data.astype(np.uint32) << 16).view(np.float32)
-            return data.astype(np.float32).reshape(tensor["shape"])
-        rows = tensor["shape"][0]
-        check_claq_contents(name, rows, sections)
-        return decode_claq(rows, sections)
+        return decode_tensor(name, self._tensor(name), self.sections(name))
 
     def file(self, name: str) -> bytes:
         if name not in self.files:
