@@ -157,11 +157,13 @@ def fixture_cmd(out, wheel, force):
               help="Outlier Order: |W_ij| >= S * mean|W| counts as an outlier.")
 @click.option("--fit-outliers/--exclude-outliers", default=False, show_default=True,
               help="Fit K-Means on the whole column, or without its reserved outliers.")
+@click.option("--ranking", type=click.Choice(["outlier", "random"]), default="outlier", show_default=True,
+              help="Column ranking for AP and OR; random (seeded) is an ablation of Outlier Order.")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration text (default: the shared WikiText-2 valid.txt).")
-@click.option("--nsamples", default=32, show_default=True)
-@click.option("--seqlen", default=512, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--nsamples", default=32, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration windows.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--format", "out_format", type=click.Choice(["claq", "gguf"]), default=None,
               help="Output format (default: from OUT's extension, .gguf or else .claq).")
@@ -169,7 +171,7 @@ def fixture_cmd(out, wheel, force):
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
-def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_threshold, fit_outliers, calib,
+def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
                 nsamples, seqlen, seed, device, out_format, dry_run, run_eval, json_path):
     """Quantize every block linear of MODEL_DIR with CLAQ (or a baseline) and write OUT.
 
@@ -196,7 +198,7 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
             raise click.BadParameter("expected LOW,HIGH such as 2,4", param_hint="--ap-bits") from None
         pair = (low, high)
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
-                     outlier_threshold=outlier_threshold, fit_outliers=fit_outliers)
+                     outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     claq_out = None if dry_run else (out.with_name(f".{out.name}.claq.tmp") if as_gguf else out)
