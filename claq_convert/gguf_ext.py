@@ -9,6 +9,7 @@ a file through gguf-py with the same interface as `reader.ClaqFile`, so the NumP
 from __future__ import annotations
 
 import json
+import mmap
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,8 @@ KEY_GENERATION = "claq.generation_config"    # JSON text, or absent
 KEY_CONVERSION = "claq.conversion"           # the conversion record (JSON text)
 KEY_TENSORS = "claq.tensors"                 # JSON text: every tensor's source name, kind, shape, sections, dtypes
 KEY_FILE_PREFIX = "claq.file."               # embedded files other than tokenizer.json, as UTF-8 text
-HF_TOKENIZER_FILE = "tokenizer.json"         # stored under the standard key tokenizer.huggingface.json
+KEY_TOKENIZER_REST = "claq.tokenizer_json"   # tokenizer.json less the vocab and merges that tokenizer.ggml.* hold
+HF_TOKENIZER_FILE = "tokenizer.json"         # rebuilt from KEY_TOKENIZER_REST, else under tokenizer.huggingface.json
 GGML_NAME_MAX = 63                           # ggml's GGML_MAX_NAME is 64 bytes including the NUL
 GGML_MAX_DIMS = 4
 
@@ -73,8 +75,10 @@ def _llama_keys(config: dict) -> dict:
     return keys
 
 
-def _add_tokenizer(writer, files: dict[str, bytes]) -> None:
-    """tokenizer.ggml.* (tokens, types, merges, special ids, chat template) from the HF tokenizer files."""
+def _add_tokenizer(writer, files: dict[str, bytes]) -> tuple[list[str], list[str]]:
+    """tokenizer.ggml.* (tokens, types, merges, special ids, chat template) from the HF tokenizer files.
+
+    Returns the token list and the merges as written, from which `tokenizer_json_rest` works."""
     from gguf.vocab import BpeVocab, SpecialVocab
 
     with tempfile.TemporaryDirectory(prefix="claq-gguf-") as tmp:
@@ -86,7 +90,38 @@ def _add_tokenizer(writer, files: dict[str, bytes]) -> None:
         writer.add_tokenizer_pre("default")  # llama.cpp's pre-tokenizer ids are hashes we do not guess
         writer.add_token_list(list(tokens))
         writer.add_token_types([int(t) for t in types])
-        SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        special = SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens))
+        special.add_to_gguf(writer, quiet=True)
+        return list(tokens), list(special.merges)
+
+
+# tokenizer.json's vocabulary and merges are the bulk of it, and tokenizer.ggml.tokens/merges already
+# hold them: storing both would put the tokenizer in the file twice (about 2 MB for SmolLM2). So the
+# GGUF keeps the rest of tokenizer.json and a reader puts the two back (formats/gguf-claq-v1.md, 2).
+
+def rebuild_tokenizer_json(rest: str, tokens: list[str], merges: list[str]) -> bytes:
+    """tokenizer.json from `claq.tokenizer_json` and the tokenizer.ggml.tokens/merges lists."""
+    obj = json.loads(rest)
+    model = obj["model"]
+    form = model["merges"]
+    model["vocab"] = {token: i for i, token in enumerate(tokens)}
+    model["merges"] = [m.split(" ", 1) for m in merges] if form == "pairs" else list(merges)
+    return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def tokenizer_json_rest(data: bytes, tokens: list[str], merges: list[str]) -> str | None:
+    """`claq.tokenizer_json` for this tokenizer.json, or None when the rebuild would not give its exact bytes."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("merges"), list) or "vocab" not in model:
+        return None
+    model["vocab"] = None
+    model["merges"] = "pairs" if model["merges"] and isinstance(model["merges"][0], list) else "strings"
+    rest = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return rest if rebuild_tokenizer_json(rest, tokens, merges) == data else None
 
 
 def claq_to_gguf(claq_path, gguf_path) -> Path:
@@ -112,8 +147,12 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
         writer.add_string(KEY_CONVERSION, json.dumps(cf.metadata.get("conversion", {})))
         files = {name: cf.file(name) for name in cf.files}
         if HF_TOKENIZER_FILE in files:
-            _add_tokenizer(writer, files)
-            writer.add_string(gguf.Keys.Tokenizer.HF_JSON, files[HF_TOKENIZER_FILE].decode("utf-8"))
+            tokens, merges = _add_tokenizer(writer, files)
+            rest = tokenizer_json_rest(files[HF_TOKENIZER_FILE], tokens, merges)
+            if rest is not None:
+                writer.add_string(KEY_TOKENIZER_REST, rest)
+            else:  # not rebuilt exactly: the whole file, under gguf-py's standard key
+                writer.add_string(gguf.Keys.Tokenizer.HF_JSON, files[HF_TOKENIZER_FILE].decode("utf-8"))
         for name, data in files.items():
             if name != HF_TOKENIZER_FILE:
                 writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
@@ -162,6 +201,14 @@ def gguf_to_claq(gguf_path, claq_path) -> Path:
     return Path(claq_path)
 
 
+def drop_mapped_pages(mapped: mmap.mmap | None, start: int, length: int) -> None:
+    """madvise(DONTNEED) the whole pages of a read-only map covering [start, start + length)."""
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
+        return
+    first = start - start % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, first, min(start + length, len(mapped)) - first)
+
+
 class GgufClaqFile:
     """A CLAQ GGUF file read through gguf-py, with the interface of reader.ClaqFile."""
 
@@ -205,7 +252,14 @@ class GgufClaqFile:
                                      "length": int(t.n_bytes)}
             self.tensors[name] = {"kind": kind, "shape": entry["shape"], "sections": sections}
         self.files = {}
-        if gguf.Keys.Tokenizer.HF_JSON in fields:
+        if KEY_TOKENIZER_REST in fields:
+            merges = self._strings(gguf.Keys.Tokenizer.MERGES) if gguf.Keys.Tokenizer.MERGES in fields else []
+            try:
+                self.files[HF_TOKENIZER_FILE] = rebuild_tokenizer_json(
+                    self._string(KEY_TOKENIZER_REST), self._strings(gguf.Keys.Tokenizer.LIST), merges)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise BadHeader(f"{KEY_TOKENIZER_REST!r} is not a tokenizer.json object with a model") from None
+        elif gguf.Keys.Tokenizer.HF_JSON in fields:
             self.files[HF_TOKENIZER_FILE] = self._string(gguf.Keys.Tokenizer.HF_JSON).encode("utf-8")
         for key in fields:
             if key.startswith(KEY_FILE_PREFIX):
@@ -224,16 +278,34 @@ class GgufClaqFile:
             raise BadHeader(f"GGUF key {key!r} is not a string")
         return value
 
-    def sections(self, name: str, check_crc: bool = True) -> dict[str, np.ndarray]:
+    def _strings(self, key) -> list[str]:
+        value = self._scalar(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadHeader(f"GGUF key {key!r} is not an array of strings")
+        return value
+
+    def sections(self, name: str, check_crc: bool = True, copy: bool = False) -> dict[str, np.ndarray]:
+        """As ClaqFile.sections (GGUF has no checksums); `copy` also drops the mapped pages afterwards."""
         if name not in self.tensors:
             raise KeyError(f"no tensor {name!r} in {self.path}")
-        return {section: self._arrays[(name, section)][0] for section in self.tensors[name]["sections"]}
+        arrays = {section: self._arrays[(name, section)][0] for section in self.tensors[name]["sections"]}
+        if copy:
+            arrays = {section: np.array(a) for section, a in arrays.items()}
+            self.release(name)
+        return arrays
 
     def decode(self, name: str) -> np.ndarray:
         return decode_tensor(name, self.tensors[name], self.sections(name))
 
     def file(self, name: str) -> bytes:
         return self.files[name]
+
+    def release(self, name: str) -> None:
+        """As ClaqFile.release: drop the tensor's mapped pages from resident memory."""
+        mapped = getattr(self._reader.data, "_mmap", None)  # gguf-py maps the file with np.memmap
+        for section in self.tensors[name]["sections"]:
+            t = self._arrays[(name, section)][1]
+            drop_mapped_pages(mapped, int(t.data_offset), int(t.n_bytes))
 
     def stored_bytes(self, name: str) -> int:
         """Bytes of the tensor's GGUF tensors, each padded to the file's alignment."""

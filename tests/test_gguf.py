@@ -38,7 +38,41 @@ def test_roundtrip_keeps_every_section_byte_for_byte(claq_and_gguf, tmp_path):
                 assert array.dtype == b.sections(name)[section].dtype
                 assert array.tobytes() == b.sections(name)[section].tobytes() == g.sections(name)[section].tobytes()
         assert a.metadata == b.metadata == g.metadata
-        assert {n: a.file(n) for n in a.files} == {n: b.file(n) for n in b.files}
+        assert {n: a.file(n) for n in a.files} == {n: b.file(n) for n in b.files} == {n: g.file(n) for n in g.files}
+
+
+def test_tokenizer_json_is_stored_once_and_rebuilt_exactly(claq_and_gguf):
+    import gguf
+
+    claq, gguf_path = claq_and_gguf
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    assert gguf_ext.KEY_TOKENIZER_REST in fields and gguf.Keys.Tokenizer.HF_JSON not in fields
+    with ClaqFile(claq) as a:
+        original = a.file("tokenizer.json")
+    assert len(fields[gguf_ext.KEY_TOKENIZER_REST].contents()) < len(original) / 2
+
+
+def test_a_tokenizer_json_that_cannot_be_rebuilt_is_stored_whole(claq_and_gguf, tmp_path, monkeypatch):
+    import gguf
+
+    claq, _ = claq_and_gguf
+    monkeypatch.setattr(gguf_ext, "tokenizer_json_rest", lambda *args: None)
+    whole = gguf_ext.claq_to_gguf(claq, tmp_path / "whole.gguf")
+    assert gguf.Keys.Tokenizer.HF_JSON in gguf.GGUFReader(str(whole)).fields
+    with ClaqFile(claq) as a, gguf_ext.GgufClaqFile(whole) as g:
+        assert g.file("tokenizer.json") == a.file("tokenizer.json")
+
+
+def test_tokenizer_json_rest_accepts_only_exact_rebuilds():
+    tokens, merges = ["a", "b", "ab"], ["a b"]
+    pretty = gguf_ext.rebuild_tokenizer_json('{"model": {"vocab": null, "merges": "pairs"}}', tokens, merges)
+    assert b'"ab": 2' in pretty and b'[\n        "a",\n        "b"\n      ]' in pretty
+    rest = gguf_ext.tokenizer_json_rest(pretty, tokens, merges)
+    assert rest is not None and gguf_ext.rebuild_tokenizer_json(rest, tokens, merges) == pretty
+    compact = b'{"model":{"vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]}}'   # not indented as HF writes it
+    assert gguf_ext.tokenizer_json_rest(compact, tokens, merges) is None
+    assert gguf_ext.tokenizer_json_rest(pretty, ["a", "b", "ba"], merges) is None   # other vocabulary
+    assert gguf_ext.tokenizer_json_rest(b"not json", tokens, merges) is None
 
 
 def test_gguf_py_reads_it(claq_and_gguf):
