@@ -61,9 +61,20 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss, which a process started by another one inherits
+    from its parent at exec, so a small child reports its big parent's peak.
+    """
     import resource
     import sys
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

@@ -235,13 +235,16 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray]) -
             raise BadTensorData(f"tensor {name!r}: outlier rows are not strictly ascending within a column")
 
 
-def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray]) -> np.ndarray:
-    """Any tensor as float32, from its header entry and typed sections (shared by the .claq and GGUF readers)."""
+def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray], copy: bool = True) -> np.ndarray:
+    """Any tensor as float32, from its header entry and typed sections (shared by the .claq and GGUF readers).
+
+    copy=False may return the F32 section itself: only for sections the caller owns (`sections(copy=True)`).
+    """
     if tensor["kind"] == spec.KIND_RAW:
         data = sections["data"]
         if tensor["sections"]["data"]["dtype"] == "BF16":
             data = (data.astype(np.uint32) << 16).view(np.float32)
-        return data.astype(np.float32).reshape(tensor["shape"])
+        return data.astype(np.float32, copy=copy).reshape(tensor["shape"])
     rows = tensor["shape"][0]
     check_claq_contents(name, rows, sections)
     return decode_claq(rows, sections)
@@ -294,17 +297,25 @@ class ClaqFile:
     def files(self) -> dict:
         return self.header["files"]
 
-    def _section(self, where: str, entry: dict, check_crc: bool = True) -> np.ndarray:
+    def _section(self, where: str, entry: dict, check_crc: bool = True, copy: bool = False) -> np.ndarray:
         start = self.data_start + entry["offset"]
-        view = memoryview(self._mmap)[start:start + entry["length"]]
+        if copy:
+            view = np.empty(entry["length"], np.uint8)
+            self._file.seek(start)
+            if self._file.readinto(view) != entry["length"]:
+                raise TruncatedFile(f"{where}: the file ended early (changed since it was opened?)")
+        else:
+            view = memoryview(self._mmap)[start:start + entry["length"]]
         if check_crc and zlib.crc32(view) != entry["crc32"]:
             raise ChecksumMismatch(f"{where}: checksum mismatch (file damaged?)")
         return np.frombuffer(view, spec.DTYPES[entry["dtype"]])
 
-    def sections(self, name: str, check_crc: bool = True) -> dict[str, np.ndarray]:
-        """The typed (read-only, memory-mapped) arrays of a tensor's sections."""
+    def sections(self, name: str, check_crc: bool = True, copy: bool = False) -> dict[str, np.ndarray]:
+        """The typed arrays of a tensor's sections: read-only views of the map, or with `copy` arrays of
+        their own read from the file (a loader's way: no mapped pages stay resident beside the copy)."""
         tensor = self._tensor(name)
-        return {s: self._section(f"tensor {name!r} section {s!r}", e, check_crc) for s, e in tensor["sections"].items()}
+        return {s: self._section(f"tensor {name!r} section {s!r}", e, check_crc, copy)
+                for s, e in tensor["sections"].items()}
 
     def _tensor(self, name: str) -> dict:
         if name not in self.tensors:

@@ -8,7 +8,7 @@ import torch
 
 from . import spec
 from .gguf_ext import open_model_file
-from .reader import check_claq_contents
+from .reader import check_claq_contents, decode_tensor
 from .torch_decoder import ClaqLinear
 
 
@@ -41,13 +41,14 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for name, tensor in cf.tensors.items():
+            sections = cf.sections(name, copy=True)  # owned arrays: nothing of the map stays resident
             if tensor["kind"] == spec.KIND_RAW:
-                _set_parameter(model, name, torch.from_numpy(cf.decode(name)).to(device=device, dtype=dtype))
+                values = decode_tensor(name, tensor, sections, copy=False)
+                _set_parameter(model, name, torch.from_numpy(values).to(device=device, dtype=dtype))
                 continue
             module_name = name.removesuffix(".weight")
             linear = model.get_submodule(module_name)
             bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
-            sections = cf.sections(name)
             check_claq_contents(name, tensor["shape"][0], sections)
             replacement = ClaqLinear(tensor["shape"][0], sections, None if bias is None else torch.from_numpy(bias),
                                      device=device, compute_dtype=dtype, cache=cache)

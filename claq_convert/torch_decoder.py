@@ -14,14 +14,34 @@ import torch
 from . import spec
 
 
+def _lane_tables(bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 32 codes of one group of `bits` words: each code's word, the next word, and its shift."""
+    start = torch.arange(32, dtype=torch.int64) * bits
+    word = start >> 5
+    return word.to(device), torch.clamp(word + 1, max=bits - 1).to(device), (start & 31).to(device)
+
+
 def unpack_codes(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
-    """u32 words (held in an int32 or int64 tensor) -> int64 codes; each code reads its word and the next."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, w.new_zeros(1)])
-    start = torch.arange(n_codes, device=words.device, dtype=torch.int64) * bits
-    word, shift = start >> 5, start & 31
-    pair = w[word] | (w[word + 1] << 32)  # wraps past 2**63, but only bits below 35 are kept
-    return (pair >> shift) & ((1 << bits) - 1)
+    """u32 words (held in an int32 or int64 tensor) -> int64 codes.
+
+    32 codes of b bits fill exactly b words, so the stream is a [groups, b] table and every code's
+    position inside its group is one of 32 fixed lanes: no per-code index arithmetic, no gather over
+    the stream. A width dividing 32 never straddles words and needs only shifts of its own word.
+    """
+    groups = -(-n_codes // 32)
+    w = words.reshape(-1)
+    if w.numel() < groups * bits:  # the last group's missing words are zero
+        w = torch.cat([w, w.new_zeros(groups * bits - w.numel())])
+    table = w[: groups * bits].view(groups, bits)
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # int32 >> sign-extends, but the mask keeps only bits below 32
+        shifts = torch.arange(0, 32, bits, device=w.device, dtype=torch.int32)
+        codes = (table.to(torch.int32).reshape(-1, 1) >> shifts) & mask
+        return codes.view(-1)[:n_codes].to(torch.int64)
+    table = table.to(torch.int64) & 0xFFFFFFFF
+    word, following, shift = _lane_tables(bits, w.device)
+    pair = table[:, word] | (table[:, following] << 32)  # bits past the first 35 are never kept
+    return ((pair >> shift) & mask).view(-1)[:n_codes]
 
 
 class ClaqLayout:
@@ -36,26 +56,37 @@ class ClaqLayout:
 
 def decode_claq(rows: int, sections: dict[str, torch.Tensor], layout: ClaqLayout,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W[rows, in] from the sections (torch tensors on one device)."""
+    """W[rows, in] from the sections (torch tensors on one device).
+
+    Decoded column by column into W^T [in, rows] (each stream is column-major already) and returned as
+    its transposed view, which F.linear takes without a copy.
+    """
     codebooks = sections["codebooks"].to(dtype)
-    W = torch.empty(rows, layout.cols, dtype=dtype, device=codebooks.device)
+    Wt = torch.empty(layout.cols, rows, dtype=dtype, device=codebooks.device)
     for b, columns in layout.columns.items():
         codes = unpack_codes(sections[spec.code_section(b)], b, columns.numel() * rows).view(columns.numel(), rows)
-        W[:, columns] = codebooks[layout.starts[columns][:, None] + codes].T
+        entries = layout.starts[columns][:, None] + torch.arange(1 << b, device=codes.device)
+        values = torch.gather(codebooks[entries], 1, codes)  # each column's own small codebook
+        if columns.numel() == layout.cols:
+            Wt = values
+        else:
+            Wt.index_copy_(0, columns, values)
     if "outlier_counts" in sections:
         counts = sections["outlier_counts"].to(torch.int64)
-        col_of = torch.repeat_interleave(torch.arange(layout.cols, device=W.device), counts)
-        W[sections["outlier_rows"].to(torch.int64), col_of] = sections["outlier_values"].to(dtype)
-    return W
+        col_of = torch.repeat_interleave(torch.arange(layout.cols, device=Wt.device), counts)
+        Wt[col_of, sections["outlier_rows"].to(torch.int64)] = sections["outlier_values"].to(dtype)
+    return Wt.T
 
 
 def to_torch(array: np.ndarray, device) -> torch.Tensor:
-    """A section array as a torch tensor (copied: file maps are read-only)."""
+    """A section array as a torch tensor; copied only when read-only (a view of a file map)."""
     if array.dtype == np.dtype("<u4"):    # code words: the same bits as int32; unpack_codes masks them back
         array = array.view(np.int32)
     elif array.dtype == np.dtype("<u2"):  # outlier rows (few): widened, torch has little uint16 arithmetic
         array = array.astype(np.int32)
-    return torch.from_numpy(np.array(array, copy=True)).to(device)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
 
 
 class ClaqLinear(torch.nn.Module):

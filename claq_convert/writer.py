@@ -58,6 +58,12 @@ def _dtype_name(array: np.ndarray) -> str:
     return name
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class ClaqWriter:
     """with ClaqWriter(path) as w: w.add_raw(...); w.add_quantized(...); w.add_file(...); w.metadata[...] = ..."""
 
@@ -133,6 +139,7 @@ class ClaqWriter:
         header = self.header_bytes()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a finished file gets the usual mode
             with os.fdopen(fd, "wb") as out:
                 out.write(spec.PREAMBLE.pack(spec.MAGIC, spec.VERSION, len(header)))
                 out.write(header)

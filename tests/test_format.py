@@ -68,6 +68,19 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_finished_file_has_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        with ClaqWriter(tmp_path / "x.claq") as w:
+            w.add_raw("a", np.zeros(3, np.float32))
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "x.claq").stat().st_mode) == 0o644
+
+
 def test_writer_rejects_duplicates_and_bad_input(tmp_path):
     with ClaqWriter(tmp_path / "x.claq") as w:
         w.add_raw("a", np.zeros(3, np.float32))

@@ -42,12 +42,15 @@ def best_of(fn, repeat: int, sync=lambda: None) -> float:
 
 
 def load_rss(path) -> int:
-    """Peak RSS of a fresh process that imports the stack and loads `path` (None: loads nothing)."""
+    """Peak RSS of a fresh process that imports the stack, loads `path` and runs one short forward pass
+    (so lazily mapped weights are counted too); None: imports only."""
     import subprocess
 
-    code = ("import sys, resource, torch, transformers, claq_convert.cli as c\n"
+    code = ("import sys, torch, transformers, claq_convert.cli as c\n"
             "p = sys.argv[1]\n"
-            "if p: c.load_any(__import__('pathlib').Path(p), torch.device('cpu'))\n"
+            "if p:\n"
+            "    m, t = c.load_any(__import__('pathlib').Path(p), torch.device('cpu'))\n"
+            "    with torch.no_grad(): m(t('Hello', return_tensors='pt')['input_ids'])\n"
             "print(c.peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code, str(path or "")], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -104,8 +107,8 @@ def main(file, source, device, repeat, new_tokens, out):
                    f"{r['decoded_GBps']:.2f} GB/s decoded ({r['over_memcpy']:.1f}x a memcpy of the decoded size)")
     click.echo(f"memcpy {decoded_fp16 / 1e6:.0f} MB: {t_copy:.4f} s ({report['memcpy_fp16_size']['GBps']:.1f} GB/s)")
 
-    report["peak_rss_bytes"] = {"python_torch_transformers": load_rss(None), "after_claq_load": load_rss(file),
-                                "after_fp32_load": load_rss(source)}
+    report["peak_rss_bytes"] = {"python_torch_transformers": load_rss(None), "claq_load_and_forward": load_rss(file),
+                                "fp32_load_and_forward": load_rss(source)}
     model, tokenizer = load(file, device=device)
     report["generation"] = {"claq_tokens_per_s": tokens_per_second(model, tokenizer, device, new_tokens)}
     del model
@@ -119,8 +122,9 @@ def main(file, source, device, repeat, new_tokens, out):
     click.echo(f"generation: claq {g['claq_tokens_per_s']:.1f} tok/s, claq cached {g['claq_cached_tokens_per_s']:.1f}, "
                f"fp32 {g['fp32_tokens_per_s']:.1f} ({g['claq_tokens_per_s'] / g['fp32_tokens_per_s']:.2f}x)")
     rss = {k: v / 2**20 for k, v in report["peak_rss_bytes"].items()}
-    click.echo(f"peak RSS of a process that loads nothing {rss['python_torch_transformers']:.0f} MiB, the .claq model "
-               f"{rss['after_claq_load']:.0f} MiB, the fp32 model {rss['after_fp32_load']:.0f} MiB; "
+    click.echo(f"peak RSS of a process that loads nothing {rss['python_torch_transformers']:.0f} MiB; that loads "
+               f"and runs the .claq model {rss['claq_load_and_forward']:.0f} MiB, the fp32 model "
+               f"{rss['fp32_load_and_forward']:.0f} MiB; "
                f"fp32 weights {report['fp32_weight_bytes'] / 2**20:.0f} MiB, file {Path(file).stat().st_size / 2**20:.0f} MiB")
     out = out or ROOT / "bench" / ("decode.json" if device.type == "cpu" else f"decode-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
