@@ -7,6 +7,7 @@ bench/quality.json after every configuration, so a long run can be read (or resu
 
     python tools/bench_quality.py                 # all configurations (about an hour on 2 cores)
     python tools/bench_quality.py --only claq-3 --only gptq-3
+    python tools/bench_quality.py --table --readme   # no runs: the table from the JSON, into README.md
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ CONFIGS = {
     "claq-or-2+0.07-fitall": dict(bits=2, outlier_bits=0.07, fit_outliers=True),
     "claq-or-3+0.07-fitall": dict(bits=3, outlier_bits=0.07, fit_outliers=True),
     "claq-apor-2.12": dict(bits=2.05, outlier_bits=0.07), "claq-apor-3.12": dict(bits=3.05, outlier_bits=0.07),
+    # points between the paper's settings, against llama.cpp's 4-5.5 bpw types
+    "claq-ap-3.5": dict(bits=3.5), "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
     # ablations at the same honest bpw: the same bits spent on random columns
     "claq-ap-2.1-random": dict(bits=2.1, ranking="random"), "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
     "claq-or-2+0.07-random": dict(bits=2, outlier_bits=0.07, ranking="random"),
@@ -48,9 +51,13 @@ CONFIGS = {
 @click.option("--nsamples", default=32, show_default=True)
 @click.option("--seqlen", default=512, show_default=True)
 @click.option("--resume", is_flag=True, help="Skip configurations already in --out.")
-def main(model, only, out, nsamples, seqlen, resume):
+@click.option("--table", "table_only", is_flag=True, help="Run nothing: print the table of --out.")
+@click.option("--readme", is_flag=True, help="Also write the table into README.md between its markers.")
+def main(model, only, out, nsamples, seqlen, resume, table_only, readme):
     from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
 
+    if table_only:
+        return emit_table(json.loads(out.read_text()), readme)
     model = model or build_fixture(DEFAULT_FIXTURE_DIR)
     names = list(only) or list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
@@ -79,14 +86,34 @@ def main(model, only, out, nsamples, seqlen, resume):
                    f"honest {s['honest_bpw']:.4f} bpw  {record['seconds']['convert']:.0f} s")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(markdown_table(report))
+    emit_table(report, readme)
+
+
+README_MARKERS = ("<!-- quality-table: written by tools/bench_quality.py --readme -->", "<!-- /quality-table -->")
+
+
+def emit_table(report: dict, readme: bool) -> None:
+    table = markdown_table(report)
+    click.echo(table)
+    if readme:
+        path = ROOT / "README.md"
+        text = path.read_text()
+        start, end = (text.find(m) for m in README_MARKERS)
+        if start < 0 or end < start:
+            raise click.ClickException(f"README.md lacks the markers {README_MARKERS}")
+        path.write_text(text[:start + len(README_MARKERS[0])] + "\n" + table + "\n" + text[end:])
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"fp32: ppl {report['ppl_fp32']['ppl']:.2f}", "",
-             "| configuration | ppl | nominal bits | honest bpw | convert s |", "|---|---|---|---|---|"]
-    for name, r in report["runs"].items():
-        lines.append(f"| {name} | {r['ppl']:.2f} | {r['nominal_bits']:.3f} | {r['honest_bpw']:.3f} | {r['convert_seconds']:.0f} |")
+    """One row per configuration, in the order of CONFIGS (the order of the issue's list)."""
+    runs = report["runs"]
+    lines = [f"fp32 reference: ppl {report['ppl_fp32']['ppl']:.2f}", "",
+             "| configuration | method | ppl | nominal bits | honest bpw | outliers | convert s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name in sorted(runs, key=lambda n: list(CONFIGS).index(n) if n in CONFIGS else len(CONFIGS)):
+        r = runs[name]
+        lines.append(f"| {name} | {r['config']['method']} | {r['ppl']:.2f} | {r['nominal_bits']:.3f} | "
+                     f"{r['honest_bpw']:.3f} | {r['outliers']} | {r['convert_seconds']:.0f} |")
     return "\n".join(lines)
 
 
