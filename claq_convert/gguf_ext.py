@@ -291,7 +291,7 @@ class GgufClaqFile:
         arrays = {section: self._arrays[(name, section)][0] for section in self.tensors[name]["sections"]}
         if copy:
             arrays = {section: np.array(a) for section, a in arrays.items()}
-            self.release(name)
+            self._release(name)
         return arrays
 
     def decode(self, name: str) -> np.ndarray:
@@ -300,8 +300,8 @@ class GgufClaqFile:
     def file(self, name: str) -> bytes:
         return self.files[name]
 
-    def release(self, name: str) -> None:
-        """As ClaqFile.release: drop the tensor's mapped pages from resident memory."""
+    def _release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from resident memory (they stay in the page cache)."""
         mapped = getattr(self._reader.data, "_mmap", None)  # gguf-py maps the file with np.memmap
         for section in self.tensors[name]["sections"]:
             t = self._arrays[(name, section)][1]

@@ -62,15 +62,17 @@ def decode_claq(rows: int, sections: dict[str, torch.Tensor], layout: ClaqLayout
     its transposed view, which F.linear takes without a copy.
     """
     codebooks = sections["codebooks"].to(dtype)
-    Wt = torch.empty(layout.cols, rows, dtype=dtype, device=codebooks.device)
+    Wt = None
     for b, columns in layout.columns.items():
         codes = unpack_codes(sections[spec.code_section(b)], b, columns.numel() * rows).view(columns.numel(), rows)
         entries = layout.starts[columns][:, None] + torch.arange(1 << b, device=codes.device)
         values = torch.gather(codebooks[entries], 1, codes)  # each column's own small codebook
-        if columns.numel() == layout.cols:
+        if columns.numel() == layout.cols:  # one width for the whole weight: no scatter
             Wt = values
-        else:
-            Wt.index_copy_(0, columns, values)
+            break
+        if Wt is None:
+            Wt = torch.empty(layout.cols, rows, dtype=dtype, device=codebooks.device)
+        Wt.index_copy_(0, columns, values)
     if "outlier_counts" in sections:
         counts = sections["outlier_counts"].to(torch.int64)
         col_of = torch.repeat_interleave(torch.arange(layout.cols, device=Wt.device), counts)
