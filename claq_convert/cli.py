@@ -170,9 +170,10 @@ def fixture_cmd(out, wheel, force):
               help="Fit K-Means on the whole column, or without its reserved outliers.")
 @click.option("--ranking", type=click.Choice(["outlier", "random"]), default="outlier", show_default=True,
               help="Column ranking for AP and OR; random (seeded) is an ablation of Outlier Order.")
-@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Calibration text (default: the shared WikiText-2 valid.txt).")
-@click.option("--nsamples", default=32, show_default=True, help="Calibration windows.")
+@click.option("--calib", multiple=True, metavar="FILE|self",
+              help="Calibration source, repeatable (windows split evenly): a text or JSONL file, or 'self' "
+                   "(text sampled from the model itself). Default: self.")
+@click.option("--nsamples", default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration windows.")
 @click.option("--device", default="auto", show_default=True)
@@ -230,8 +231,9 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
                f"mean relative error {s['mean_relative_error']:.4f}, {record['seconds']['convert']:.1f} s")
     if "out" in record:
         click.echo(f"wrote {record['out']} ({record['file_bytes']} bytes)")
-    if "ppl_before" in record:
-        click.echo(f"ppl before {record['ppl_before']['ppl']:.4f}  after {record['ppl_after']['ppl']:.4f}")
+    for text, before in record.get("ppl_before", {}).items():
+        after = record["ppl_after"][text]["ppl"]
+        click.echo(f"ppl on {text}: before {before['ppl']:.4f}  after {after:.4f} ({after / before['ppl'] - 1:+.2%})")
     if json_path:
         write_json(json_path, {**record, "machine": machine_info()})
 

@@ -23,12 +23,13 @@ class ConvertOptions:
     model_dir: Path
     out: Optional[Path]
     quant: QuantConfig
-    calib: Optional[Path] = None
+    calib: tuple = ()                  # calibration sources (files or "self"); () is DEFAULT_CALIBRATION
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
     device: torch.device = torch.device("cpu")
     evaluate: bool = False
+    eval_texts: Optional[dict] = None  # name -> text file scored by --eval; None: WikiText-2 test only
 
 
 def stored_bytes(result: QuantizedWeight) -> int:
@@ -99,21 +100,26 @@ def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, re
 
 
 def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
-                   log: Callable[[str], None] = lambda s: None, ppl_before: Optional[dict] = None) -> dict:
-    """Quantize, account and (options.evaluate) evaluate; `ppl_before` reuses a known baseline."""
+                   log: Callable[[str], None] = lambda s: None, ppl_before: Optional[dict] = None,
+                   calibration: Optional[torch.Tensor] = None) -> dict:
+    """Quantize, account and (options.evaluate) evaluate; `ppl_before` reuses a known baseline and
+    `calibration` given token windows (else they are made from options.calib)."""
     from transformers import AutoTokenizer
 
-    from .data import calibration_windows, default_text
+    from .calibration import DEFAULT_CALIBRATION, calibration_set, describe
 
     qc = options.quant
     qc.validate()
     source = ModelSource(options.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
-    calib_path = Path(options.calib) if options.calib else default_text("valid")
+    sources = tuple(options.calib) or DEFAULT_CALIBRATION
     start = time.perf_counter()
-    calibration = calibration_windows(tokenizer, calib_path, options.nsamples, options.seqlen, options.seed)
+    if calibration is None:
+        calibration = calibration_set(sources, tokenizer, lambda: load_sampler(options.model_dir, options.device),
+                                      options.nsamples, options.seqlen, options.seed, progress=progress)
+    calib_seconds = time.perf_counter() - start
     record = {"tool": f"claq-convert {__version__}", "model": str(options.model_dir), "quant": qc.to_dict(),
-              "calibration": {"text": str(calib_path), "nsamples": options.nsamples, "seqlen": options.seqlen,
+              "calibration": {"sources": describe(sources), "nsamples": options.nsamples, "seqlen": options.seqlen,
                               "seed": options.seed},
               "device": str(options.device)}
     results: dict[str, QuantizedWeight] = {}
@@ -140,7 +146,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         if writer is not None:
             writer.abort()
         raise
-    record["seconds"] = {"convert": time.perf_counter() - start}
+    record["seconds"] = {"convert": time.perf_counter() - start, "calibration": calib_seconds}
     if options.out is not None:
         record["out"] = str(options.out)
         record["file_bytes"] = Path(options.out).stat().st_size
@@ -149,17 +155,30 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     return record
 
 
+def load_sampler(model_dir: Path, device: torch.device):
+    """The unquantized model, for sampling calibration text from it (fp32 on the CPU, the source dtype on GPUs)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+
+
 def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedWeight], progress: Progress,
                           ppl_before: Optional[dict] = None) -> dict:
+    """Perplexity on each evaluation text before and after; `ppl_before` (name -> result) reuses known baselines."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .data import default_text
     from .evaluate import perplexity
 
+    texts = options.eval_texts or {"wikitext": default_text("test")}
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device).eval()
-    before = ppl_before or perplexity(model, tokenizer, progress=progress).to_dict()
+    known = ppl_before or {}
+    before = {name: known.get(name) or perplexity(model, tokenizer, path, progress=progress).to_dict()
+              for name, path in texts.items()}
     apply_dequantized(model, results)
-    after = perplexity(model, tokenizer, progress=progress).to_dict()
+    after = {name: perplexity(model, tokenizer, path, progress=progress).to_dict() for name, path in texts.items()}
     return {"ppl_before": before, "ppl_after": after}
 
 

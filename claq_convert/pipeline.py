@@ -8,7 +8,7 @@ Only the layer being quantized is materialised (RAM about one layer); weights st
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -40,6 +40,8 @@ class QuantConfig:
     percdamp: float = 0.01
     actorder: bool = True
     kmeans_iters: int = 0             # 0: exact 1-D K-Means optimum (DP); > 0: Lloyd, at most this many
+    quantize_embeddings: bool = True  # also the output head and the input embedding (one tensor when tied)
+    head_bits: Optional[float] = None # target of the head/embedding; None: the same as `bits`
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +54,8 @@ class QuantConfig:
             raise ValueError("codebook methods take 1..4 bits (codebooks of at most 16 entries)")
         if self.outlier_bits < 0:
             raise ValueError("--outlier-bits must be >= 0")
+        if self.head_bits is not None and not 1 <= self.head_bits <= 8:
+            raise ValueError("--head-bits must lie in 1..8")
         if self.ranking not in ("outlier", "random"):
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
@@ -155,6 +159,66 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
         states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
         layer.to("meta")
         log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
+
+    if qc.quantize_embeddings:
+        yield from _quantize_head_and_embedding(model, config, source, states, qc, device, log)
+
+
+def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
+    """(head weight to quantize against the final hidden states, untied input embedding to quantize data-free).
+
+    A tied embedding is one tensor serving both: it is quantized once, as the head (the product that
+    reads all of it at every token), under the embedding's own name, the one the checkpoint stores.
+    """
+    embedding = _parameter_name(model, model.get_input_embeddings())
+    head_module = model.get_output_embeddings()
+    head = _parameter_name(model, head_module) if head_module is not None else None
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or head not in source_names
+    if tied:
+        return embedding, None
+    return head, embedding
+
+
+def _parameter_name(model, module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return f"{name}.weight"
+    raise ValueError("module not found in the model")
+
+
+def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig, device, log):
+    head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
+    head_qc = qc if qc.head_bits is None else replace(qc, bits=qc.head_bits, ap_bits=None)
+    start = time.perf_counter()
+    norm = _final_norm(model)
+    norm_prefix = _parameter_name(model, norm).removesuffix("weight") if norm is not None else None
+    if norm is not None:
+        _materialise(norm, norm_prefix, source, device)
+    if qc.method in ("claq", "gptq"):  # H of the head's input: the final normed hidden states
+        total = None
+        count = 0
+        for h in states:
+            x = (norm(h) if norm is not None else h).reshape(-1, h.shape[-1]).float()
+            total = x.T @ x if total is None else total.addmm_(x.T, x)
+            count += x.shape[0]
+        H = total * (2.0 / count)
+    else:
+        H = None
+    W = source.tensor(head_name).float().to(device)
+    result = quantize_weight(W, H, head_qc)
+    log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
+    yield head_name, result
+    if embedding_name is not None:  # an untied input embedding has no Hessian: per-column K-Means, data-free
+        start = time.perf_counter()
+        result = quantize_weight(source.tensor(embedding_name).float().to(device), None, head_qc)
+        log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
+        yield embedding_name, result
+
+
+def _final_norm(model):
+    """The norm applied to the last hidden states before the head (Llama-style `model.norm`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model.model
+    return getattr(base, "norm", None)
 
 
 def _group_hessians(layer, linears: dict, states, kwargs) -> dict[str, torch.Tensor]:

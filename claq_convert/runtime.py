@@ -9,7 +9,7 @@ import torch
 from . import spec
 from .gguf_ext import open_model_file
 from .reader import check_claq_contents, decode_tensor
-from .torch_decoder import ClaqLinear
+from .torch_decoder import ClaqEmbedding, ClaqLinear, ClaqTiedHead
 
 
 def _tokenizer_from(cf):
@@ -47,17 +47,27 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
                 _set_parameter(model, name, torch.from_numpy(values).to(device=device, dtype=dtype))
                 continue
             module_name = name.removesuffix(".weight")
-            linear = model.get_submodule(module_name)
-            bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
+            target = model.get_submodule(module_name)
             check_claq_contents(name, tensor["shape"][0], sections)
-            replacement = ClaqLinear(tensor["shape"][0], sections, None if bias is None else torch.from_numpy(bias),
-                                     device=device, compute_dtype=dtype, cache=cache)
-            if (linear.out_features, linear.in_features) != (replacement.out_features, replacement.in_features):
+            if isinstance(target, torch.nn.Embedding):
+                replacement = ClaqEmbedding(tensor["shape"][0], sections, device=device, compute_dtype=dtype,
+                                            cache=cache)
+                expected = (target.num_embeddings, target.embedding_dim)
+            else:
+                bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
+                replacement = ClaqLinear(tensor["shape"][0], sections, None if bias is None else torch.from_numpy(bias),
+                                         device=device, compute_dtype=dtype, cache=cache)
+                expected = (target.out_features, target.in_features)
+            if expected != (replacement.out_features, replacement.in_features):
                 raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {module_name}")
             owner, _, leaf = module_name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, replacement)
         if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in cf.tensors:
-            model.lm_head.weight = model.get_input_embeddings().weight
+            embedding = model.get_input_embeddings()
+            if isinstance(embedding, ClaqEmbedding):  # one stored table serves both ends
+                model.set_output_embeddings(ClaqTiedHead(embedding))
+            else:
+                model.get_output_embeddings().weight = embedding.weight
         base = model.get_base_model() if hasattr(model, "get_base_model") else model.model
         if hasattr(base, "rotary_emb"):
             with torch.device(device):  # computed buffers are not stored in the file

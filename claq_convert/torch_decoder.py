@@ -44,6 +44,19 @@ def unpack_codes(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     return ((pair >> shift) & mask).view(-1)[:n_codes]
 
 
+def codes_at(words: torch.Tensor, bits: int, positions: torch.Tensor) -> torch.Tensor:
+    """The codes at arbitrary stream positions (int64 tensor of any shape): random access into a stream.
+
+    Code i starts at stream bit i*bits; it is read from its word and the next (clamped at the end,
+    where a code never straddles), as in spec.unpack_codes.
+    """
+    w = words.reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    start = positions * bits
+    word = start >> 5
+    pair = w[word] | (w[torch.clamp(word + 1, max=w.numel() - 1)] << 32)
+    return (pair >> (start & 31)) & ((1 << bits) - 1)
+
+
 class ClaqLayout:
     """What follows from a weight's bit widths: the columns of each stream and the codebook offsets."""
 
@@ -129,3 +142,58 @@ class ClaqLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         widths = ",".join(str(b) for b in self.layout.columns)
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={widths}, cache={self.cache}"
+
+
+class ClaqEmbedding(ClaqLinear):
+    """An embedding table E[vocab, hidden] stored as a CLAQ weight: a lookup decodes only the rows it reads.
+
+    The whole table is still available as `weight` (and F.linear through ClaqTiedHead), so a tied
+    embedding is stored and kept on the device once.
+    """
+
+    def __init__(self, rows: int, sections: dict[str, np.ndarray], device="cpu",
+                 compute_dtype: torch.dtype = torch.float32, cache: bool = False):
+        super().__init__(rows, sections, None, device, compute_dtype, cache)
+        self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] for a 1-D LongTensor of distinct, ascending row ids: [len(ids), hidden]."""
+        sections = {name: getattr(self, name) for name in self.section_names}
+        codebooks = sections["codebooks"].to(self.compute_dtype)
+        out = torch.empty(ids.numel(), self.in_features, dtype=self.compute_dtype, device=ids.device)
+        for b, columns in self.layout.columns.items():
+            stream_col = torch.arange(columns.numel(), device=ids.device)
+            codes = codes_at(sections[spec.code_section(b)], b, stream_col[None, :] * self.out_features + ids[:, None])
+            out[:, columns] = codebooks[self.layout.starts[columns][None, :] + codes]
+        if "outlier_counts" in sections:
+            counts = sections["outlier_counts"].to(torch.int64)
+            col_of = torch.repeat_interleave(torch.arange(self.in_features, device=ids.device), counts)
+            row_of = sections["outlier_rows"].to(torch.int64)
+            hit = torch.isin(row_of, ids)
+            out[torch.searchsorted(ids, row_of[hit]), col_of[hit]] = sections["outlier_values"][hit].to(self.compute_dtype)
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._weight is not None:
+            return torch.nn.functional.embedding(ids, self._weight)
+        unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+        return self.rows(unique)[inverse].view(*ids.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, " + super().extra_repr()
+
+
+class ClaqTiedHead(torch.nn.Module):
+    """The output head of a tied model: logits = x E^T with the CLAQ embedding's own decoded table."""
+
+    def __init__(self, embedding: ClaqEmbedding):
+        super().__init__()
+        self.embedding = embedding
+        self.in_features, self.out_features = embedding.in_features, embedding.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype))

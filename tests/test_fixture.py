@@ -60,11 +60,12 @@ def test_fp32_perplexity_on_the_protocol(smollm2):
 def test_claq_on_the_first_real_layer(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from claq_convert.data import calibration_windows
+    from claq_convert.calibration import calibration_set
+    from claq_convert.data import default_text
     from claq_convert.pipeline import QuantConfig, quantize_model
     from claq_convert.source import ModelSource
 
-    calib = calibration_windows(AutoTokenizer.from_pretrained(str(smollm2_dir)), nsamples=8, seqlen=128)
+    calib = calibration_set([default_text("valid")], AutoTokenizer.from_pretrained(str(smollm2_dir)), None, 8, 128)
     results = {}
     for name, r in quantize_model(ModelSource(smollm2_dir), calib, QuantConfig(bits=3.1, outlier_bits=0.07)):
         results[name] = r

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from claq_convert import reader, spec
 from claq_convert.cli import inspect_cmd
 from claq_convert.convert import ConvertOptions, run_conversion
-from claq_convert.data import calibration_windows
+from claq_convert.calibration import calibration_set
 from claq_convert.gptq import GPTQ
 from claq_convert.pipeline import QuantConfig, quantize_model
 from claq_convert.source import ModelSource
@@ -101,7 +101,7 @@ def converted(tiny_model_dir, text_file, tmp_path_factory):
     for label, bits in (("ap31", 3.1), ("ap22", 2.2)):
         qc = QuantConfig(bits=bits, outlier_bits=0.5)
         path = tmp_path_factory.mktemp(label) / "model.claq"
-        options = ConvertOptions(model_dir=tiny_model_dir, out=path, quant=qc, calib=text_file, nsamples=4, seqlen=32)
+        options = ConvertOptions(model_dir=tiny_model_dir, out=path, quant=qc, calib=(text_file,), nsamples=4, seqlen=32)
         out[label] = (path, qc, run_conversion(options))
     return out
 
@@ -110,7 +110,7 @@ def test_converted_file_decodes_to_the_quantizer_result_bit_for_bit(converted, t
     from transformers import AutoTokenizer
 
     path, qc, record = converted["ap31"]
-    calib = calibration_windows(AutoTokenizer.from_pretrained(str(tiny_model_dir)), text_file, 4, 32, 0)
+    calib = calibration_set([text_file], AutoTokenizer.from_pretrained(str(tiny_model_dir)), None, 4, 32, 0)
     results = dict(quantize_model(ModelSource(tiny_model_dir), calib, qc))  # deterministic: same run again
     with reader.ClaqFile(path) as cf:
         cf.validate()

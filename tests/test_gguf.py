@@ -20,7 +20,7 @@ def claq_and_gguf(tiny_model_dir, text_file, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gguf")
     claq = directory / "m.claq"
     run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=claq, quant=QuantConfig(bits=3.1, outlier_bits=0.5),
-                                  calib=text_file, nsamples=4, seqlen=32))
+                                  calib=(text_file,), nsamples=4, seqlen=32))
     gguf_path = gguf_ext.claq_to_gguf(claq, directory / "m.gguf")
     return claq, gguf_path
 

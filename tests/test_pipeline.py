@@ -24,12 +24,23 @@ def run(model_dir, **kw):
 def test_every_block_linear_is_quantized(tiny_model_dir, method, bits):
     results = run(tiny_model_dir, method=method, bits=bits)
     expected = [f"model.layers.{i}.{name}.weight" for i in range(2) for name in LINEARS]
-    assert sorted(results) == sorted(expected)
+    assert sorted(results) == sorted(expected + ["model.embed_tokens.weight"])  # tied: stored once, as the head
     source = ModelSource(tiny_model_dir)
     for name, r in results.items():
         assert r.shape == tuple(source.tensor(name).shape)
         assert np.all(r.bits == bits)
         assert 0 < r.relative_error < 1
+
+
+def test_the_tied_head_is_quantized_against_the_final_hidden_states(tiny_model_dir):
+    with_h = run(tiny_model_dir, method="claq", bits=2)["model.embed_tokens.weight"]
+    without = run(tiny_model_dir, method="kmeans", bits=2)["model.embed_tokens.weight"]
+    assert with_h.shape == tuple(ModelSource(tiny_model_dir).tensor("model.embed_tokens.weight").shape)
+    assert not np.array_equal(with_h.codes, without.codes)  # GPTQ compensation moved the codes
+    kept = run(tiny_model_dir, method="claq", bits=2, quantize_embeddings=False)
+    assert "model.embed_tokens.weight" not in kept and len(kept) == 14
+    head = run(tiny_model_dir, method="claq", bits=2, head_bits=4)["model.embed_tokens.weight"]
+    assert np.all(head.bits == 4)
 
 
 def test_adaptive_precision_and_outliers_reach_the_result(tiny_model_dir):

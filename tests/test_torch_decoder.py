@@ -81,7 +81,7 @@ def test_claq_linear_forward_and_cache():
 def tiny_claq(tiny_model_dir, text_file, tmp_path_factory):
     path = tmp_path_factory.mktemp("claq") / "tiny.claq"
     qc = QuantConfig(bits=3.1, outlier_bits=0.5)
-    run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=path, quant=qc, calib=text_file, nsamples=4, seqlen=32))
+    run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=path, quant=qc, calib=(text_file,), nsamples=4, seqlen=32))
     return path
 
 
@@ -99,7 +99,8 @@ def test_loaded_model_equals_the_in_memory_dequantized_model(tiny_claq, tiny_mod
     ids = tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]
     with torch.no_grad():  # equal weights; the matmuls may sum in another order (transposed view)
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens  # the tied table is quantized and kept once for both ends
+    assert isinstance(embedding, torch_decoder.ClaqEmbedding) and model.lm_head.embedding is embedding
     assert isinstance(model.model.layers[0].mlp.down_proj, torch_decoder.ClaqLinear)
 
 
@@ -124,3 +125,34 @@ def test_a_file_without_its_weights_is_refused(tiny_claq, tmp_path):
             w.add_raw("model.embed_tokens.weight", cf.decode("model.embed_tokens.weight"))
     with pytest.raises(ValueError, match="lacks tensors"):
         load(path)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_codes_at_reads_any_position_of_a_stream(device):
+    rng = np.random.default_rng(7)
+    for bits in (1, 2, 3, 4):
+        codes = rng.integers(0, 1 << bits, 777)
+        words = torch_decoder.to_torch(spec.pack_codes(codes, bits), device)
+        positions = torch.from_numpy(rng.integers(0, codes.size, (13, 5))).to(device)
+        got = torch_decoder.codes_at(words, bits, positions)
+        assert torch.equal(got.cpu(), torch.from_numpy(codes)[positions.cpu()])
+        assert torch.equal(torch_decoder.codes_at(words, bits, torch.tensor([codes.size - 1], device=device)).cpu(),
+                           torch.tensor([codes[-1]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_claq_embedding_rows_equal_the_reference_decoder(device):
+    rows, cols = 300, 24
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    bits = np.random.default_rng(3).choice([2, 3, 4], cols)
+    r = GPTQ(W, None).quantize(bits, np.random.default_rng(3).integers(0, 4, cols))
+    sections = encode_claq_sections(rows, r.bits, r.codes, r.column_codebooks, r.outlier_counts,
+                                    r.outlier_rows, r.outlier_values)
+    expected = torch.from_numpy(reader.decode_claq(rows, sections))
+    embedding = torch_decoder.ClaqEmbedding(rows, sections, device=device)
+    ids = torch.tensor([[5, 299, 0, 5], [int(r.outlier_rows[0]), 17, 17, 2]], device=device)
+    assert torch.equal(embedding(ids).cpu(), expected[ids.cpu()])  # only the looked-up rows are decoded
+    assert torch.equal(embedding.weight.cpu(), expected)
+    head = torch_decoder.ClaqTiedHead(embedding)
+    x = torch.randn(3, cols, device=device)
+    torch.testing.assert_close(head(x).cpu(), x.cpu() @ expected.T)

@@ -1,0 +1,139 @@
+"""Calibration token windows: from text files, sampled from the model itself, or a mix of both.
+
+`--calib` takes one or more sources; the windows are split evenly between them (the remainder to the
+first). A source is a text file (plain text, or JSONL with a "text" field) or `self`: sequences the
+model writes itself, LLM-QAT's data-free generation (a uniformly random first token, then plain
+sampling at temperature 1). Self-sampled text needs nothing beside the model and carries over to
+other domains better than any one text (README, "Calibration").
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .data import DataError, tokenize_text
+from .progress import Progress, no_progress
+
+SELF = "self"
+Source = Union[str, Path]
+# What `claq-convert` calibrates on when no --calib is given (chosen by bench/calibration.json).
+DEFAULT_CALIBRATION: tuple[Source, ...] = (SELF,)
+
+
+def read_text(path: Path) -> str:
+    """A plain text file, or the "text" fields of a JSONL file (one JSON object per line) joined by blank lines."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; give a plain text or JSONL file") from None
+    if path.suffix.lower() != ".jsonl":
+        return raw
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{number} is not a JSON object; JSONL needs one object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number} has no string field \"text\"")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def text_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, where: str = "the text") -> torch.Tensor:
+    """`nsamples` random `seqlen`-token windows (seeded) of a token stream: LongTensor [nsamples, seqlen]."""
+    if ids.numel() <= seqlen:
+        raise DataError(f"{where} has {ids.numel()} tokens, fewer than one {seqlen}-token window")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def first_token_candidates(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Token ids a sampled sequence may start with: the whole vocabulary less the special tokens."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = torch.tensor([i for i in range(vocab_size) if i not in special], dtype=torch.long)
+    if ids.numel() == 0:
+        raise DataError("the tokenizer has no ordinary tokens to start a sampled sequence with")
+    return ids
+
+
+@torch.no_grad()
+def sample_windows(model, first_tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                   batch_size: int = 32, progress: Progress = no_progress) -> torch.Tensor:
+    """`nsamples` sequences of `seqlen` tokens written by `model` itself (LLM-QAT's data-free generation).
+
+    Each starts from a uniformly random first token and continues by plain sampling from the model's
+    next-token distribution (temperature 1, no top-k/top-p), with the KV cache. The random stream is
+    one seeded CPU generator, so the result depends on the seed, not on the device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    # transformers 5 renamed past_key_values to cache; a DynamicCache is updated in place under either name
+    from transformers import DynamicCache
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    batches = [min(batch_size, nsamples - i) for i in range(0, nsamples, batch_size)]
+    out = []
+    steps = progress(range(len(batches) * (seqlen - 1)), "sample calibration text", len(batches) * (seqlen - 1))
+    steps = iter(steps)
+    for n in batches:
+        tokens = torch.empty(n, seqlen, dtype=torch.long)
+        tokens[:, 0] = first_tokens[torch.randint(0, first_tokens.numel(), (n,), generator=gen)]
+        step_input, cache = tokens[:, :1].to(device), DynamicCache()
+        for t in range(1, seqlen):
+            result = model(step_input, use_cache=True, **{cache_arg: cache})
+            probs = torch.softmax(result.logits[:, -1].float(), dim=-1).cpu()
+            tokens[:, t] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            step_input = tokens[:, t:t + 1].to(device)
+            next(steps, None)
+        out.append(tokens)
+    for _ in steps:  # let a progress bar finish
+        pass
+    return torch.cat(out)
+
+
+def split_counts(nsamples: int, parts: int) -> list[int]:
+    """nsamples split into `parts` near-equal counts, the remainder to the first ones."""
+    each, extra = divmod(nsamples, parts)
+    return [each + (1 if i < extra else 0) for i in range(parts)]
+
+
+def describe(sources: Sequence[Source]) -> list[str]:
+    return [SELF if str(s) == SELF else str(Path(s)) for s in sources]
+
+
+def calibration_set(sources: Sequence[Source], tokenizer, load_model: Callable[[], torch.nn.Module],
+                    nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                    progress: Progress = no_progress, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """LongTensor [nsamples, seqlen] from the given sources, split evenly between them.
+
+    `load_model` is called only when a source is `self` (the full model is needed to sample from it).
+    Each source draws from its own seed (seed + its position), so adding a source does not change the
+    windows of the others.
+    """
+    if not sources:
+        raise DataError("no calibration source given")
+    if nsamples < len(sources):
+        raise DataError(f"{nsamples} calibration windows cannot be split between {len(sources)} sources")
+    parts = []
+    for position, (source, count) in enumerate(zip(sources, split_counts(nsamples, len(sources)))):
+        if str(source) == SELF:
+            model = load_model()
+            vocab = vocab_size or model.get_output_embeddings().weight.shape[0]
+            parts.append(sample_windows(model, first_token_candidates(tokenizer, vocab), count, seqlen,
+                                        seed + position, progress=progress))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"calibration source {path} is not a file; give a text/JSONL file or 'self'")
+            ids = tokenize_text(tokenizer, read_text(path))
+            parts.append(text_windows(ids, count, seqlen, seed + position, where=str(path)))
+    return torch.cat(parts)

@@ -1,0 +1,88 @@
+"""Calibration sources: text windows, JSONL, self-sampled sequences, and their mix."""
+import json
+
+import pytest
+import torch
+
+from claq_convert import calibration
+from claq_convert.data import DataError
+
+
+class CharTokenizer:
+    all_special_ids = [0, 1]
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        assert add_special_tokens is False
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+
+def no_model():
+    raise AssertionError("text sources must not load the model")
+
+
+def test_text_windows_are_seeded_slices_of_the_text(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(chr(97 + i % 26) for i in range(5000)))
+    a = calibration.calibration_set([path], CharTokenizer(), no_model, nsamples=6, seqlen=100, seed=1)
+    b = calibration.calibration_set([path], CharTokenizer(), no_model, nsamples=6, seqlen=100, seed=1)
+    c = calibration.calibration_set([path], CharTokenizer(), no_model, nsamples=6, seqlen=100, seed=2)
+    assert a.shape == (6, 100) and torch.equal(a, b) and not torch.equal(a, c)
+    for row in a:  # each window is a contiguous slice
+        assert torch.all((row[1:] - row[:-1]) % 26 == 1)
+
+
+def test_jsonl_text_fields_are_read_and_bad_lines_named(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "x" * 300, "id": i}) for i in range(3)) + "\n\n")
+    assert calibration.read_text(path) == "\n\n".join(["x" * 300] * 3)
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no"}) + "\n")
+    with pytest.raises(DataError, match=r"t.jsonl:2 .*text"):
+        calibration.read_text(path)
+    path.write_text("{not json\n")
+    with pytest.raises(DataError, match=r"t.jsonl:1 is not a JSON object"):
+        calibration.read_text(path)
+
+
+def test_short_or_missing_text_is_a_clear_error(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("abc")
+    with pytest.raises(DataError, match="fewer than one"):
+        calibration.calibration_set([path], CharTokenizer(), no_model, nsamples=1, seqlen=10)
+    with pytest.raises(DataError, match="not a file"):
+        calibration.calibration_set([tmp_path / "none.txt"], CharTokenizer(), no_model, nsamples=1, seqlen=10)
+    with pytest.raises(DataError, match="cannot be split"):
+        calibration.calibration_set([path, path, path], CharTokenizer(), no_model, nsamples=2, seqlen=1)
+
+
+def test_split_counts_cover_every_window():
+    assert calibration.split_counts(7, 3) == [3, 2, 2] and sum(calibration.split_counts(128, 2)) == 128
+
+
+def test_self_sampling_is_seeded_and_starts_from_ordinary_tokens(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    first = calibration.first_token_candidates(tokenizer, model.config.vocab_size)
+    assert not set(first.tolist()) & set(tokenizer.all_special_ids)
+    a = calibration.sample_windows(model, first, nsamples=5, seqlen=12, seed=3, batch_size=2)
+    b = calibration.sample_windows(model, first, nsamples=5, seqlen=12, seed=3, batch_size=2)
+    assert a.shape == (5, 12) and torch.equal(a, b)
+    assert set(a[:, 0].tolist()) <= set(first.tolist()) and int(a.max()) < model.config.vocab_size
+    assert not torch.equal(a, calibration.sample_windows(model, first, 5, 12, seed=4, batch_size=2))
+
+
+def test_sources_mix_evenly_and_self_loads_the_model_once(tiny_model_dir, text_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    loads = []
+
+    def load():
+        loads.append(1)
+        return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+    mixed = calibration.calibration_set([calibration.SELF, text_file], tokenizer, load, nsamples=5, seqlen=16, seed=0)
+    text_only = calibration.calibration_set([text_file], tokenizer, no_model, nsamples=2, seqlen=16, seed=1)
+    assert mixed.shape == (5, 16) and len(loads) == 1
+    assert torch.equal(mixed[3:], text_only)  # the text part: the same windows as that text alone at its seed

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Which calibration carries over to other text: each setting quantized the same way, scored on every text.
+
+For every configuration (calibration sources, windows, length, dampening) the model is quantized in
+memory with the same pipeline claq-convert runs and its perplexity measured on every evaluation text
+(data.EVAL_TEXTS), as the ratio to fp32 on that text. Calibration windows are made once per distinct
+setting and kept under out/calibration-cache/ (.npy), so self-sampled text is not sampled twice.
+Results go to bench/calibration.json after every configuration.
+
+    python tools/bench_calibration.py                  # all configurations (about an hour on 2 cores)
+    python tools/bench_calibration.py --only self-64 --resume
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from claq_convert.calibration import SELF, calibration_set  # noqa: E402
+from claq_convert.cli import machine_info, resolve_device  # noqa: E402
+from claq_convert.convert import ConvertOptions, load_sampler, run_conversion  # noqa: E402
+from claq_convert.data import default_text, eval_texts  # noqa: E402
+from claq_convert.pipeline import QuantConfig  # noqa: E402
+
+WIKI_VALID = "wikitext-valid"
+# name -> (calibration sources, nsamples, seqlen, QuantConfig fields)
+CONFIGS = {
+    "wiki-32": ((WIKI_VALID,), 32, 512, {}),
+    "wiki-128": ((WIKI_VALID,), 128, 512, {}),
+    "wiki-32-damp0.1": ((WIKI_VALID,), 32, 512, {"percdamp": 0.1}),
+    "self-64": ((SELF,), 64, 512, {}),
+    "self-128": ((SELF,), 128, 512, {}),
+    "self-64-damp0.1": ((SELF,), 64, 512, {"percdamp": 0.1}),
+    "self+wiki-128": ((SELF, WIKI_VALID), 128, 512, {}),
+    "self-128-damp0.1": ((SELF,), 128, 512, {"percdamp": 0.1}),
+    "self-128-ap3.5": ((SELF,), 128, 512, {"bits": 3.5}),
+    "wiki-32-ap3.5": ((WIKI_VALID,), 32, 512, {"bits": 3.5}),
+}
+
+
+def resolve_sources(sources) -> tuple:
+    return tuple(str(default_text("valid")) if s == WIKI_VALID else s for s in sources)
+
+
+def cached_calibration(model, tokenizer, sources, nsamples, seqlen, device, cache_dir: Path) -> torch.Tensor:
+    key = hashlib.sha256(json.dumps([list(sources), nsamples, seqlen, 0]).encode()).hexdigest()[:16]
+    path = cache_dir / f"{key}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    windows = calibration_set(resolve_sources(sources), tokenizer, lambda: load_sampler(model, device),
+                              nsamples, seqlen, 0)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, windows.numpy(), allow_pickle=False)
+    return windows
+
+
+@click.command()
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="HF directory (default: the SmolLM2 fixture, built if missing).")
+@click.option("--only", multiple=True, help="Run just these configurations (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "bench" / "calibration.json")
+@click.option("--resume", is_flag=True, help="Skip configurations already in --out.")
+def main(model, only, out, resume):
+    from transformers import AutoTokenizer
+
+    from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
+
+    model = model or build_fixture(DEFAULT_FIXTURE_DIR)
+    names = list(only) or list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise click.UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    device = resolve_device("auto")
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    texts = eval_texts()
+    report = json.loads(out.read_text()) if resume and out.is_file() else {}
+    report.update(machine=machine_info(), model=str(model),
+                  protocol={"texts": {k: str(v) for k, v in texts.items()}, "seqlen": 512, "windows": 40})
+    runs = report.setdefault("runs", {})
+    fp32 = report.setdefault("ppl_fp32", {})
+    for name in names:
+        if name in runs:
+            continue
+        sources, nsamples, seqlen, fields = CONFIGS[name]
+        calibration = cached_calibration(model, tokenizer, sources, nsamples, seqlen, device,
+                                         ROOT / "out" / "calibration-cache")
+        qc = QuantConfig(**{"bits": 4.0, **fields})
+        options = ConvertOptions(model_dir=model, out=None, quant=qc, calib=resolve_sources(sources),
+                                 nsamples=nsamples, seqlen=seqlen, device=device, evaluate=True, eval_texts=texts)
+        record = run_conversion(options, ppl_before=fp32, calibration=calibration,
+                                log=lambda s: click.echo(s, err=True))
+        fp32.update(record["ppl_before"])
+        ratios = {t: record["ppl_after"][t]["ppl"] / fp32[t]["ppl"] for t in texts}
+        runs[name] = {"calibration": list(sources), "nsamples": nsamples, "seqlen": seqlen, "config": qc.to_dict(),
+                      "honest_bpw": record["summary"]["honest_bpw"],
+                      "ppl": {t: record["ppl_after"][t]["ppl"] for t in texts}, "ratio_to_fp32": ratios,
+                      "worst_ratio": max(ratios.values()), "convert_seconds": record["seconds"]["convert"]}
+        click.echo(f"{name:20s} " + "  ".join(f"{t} {r:.4f}" for t, r in ratios.items()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
