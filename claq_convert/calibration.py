@@ -22,6 +22,7 @@ SELF = "self"
 Source = Union[str, Path]
 # What `claq-convert` calibrates on when no --calib is given (chosen by bench/calibration.json).
 DEFAULT_CALIBRATION: tuple[Source, ...] = (SELF,)
+DEFAULT_NSAMPLES = 64
 
 
 def read_text(path: Path) -> str:

@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .calibration import DEFAULT_NSAMPLES
 from .progress import click_progress
 
 
@@ -161,6 +162,9 @@ def fixture_cmd(out, wheel, force):
 @click.option("--method", type=click.Choice(["claq", "kmeans", "gptq", "rtn"]), default="claq", show_default=True)
 @click.option("--bits", type=float, default=4.0, show_default=True,
               help="Bit target; fractional (2.1, 3.1 ...) turns on adaptive precision.")
+@click.option("--bpw", type=float, default=None,
+              help="Measured allocation: choose each weight's bits so the quantized tensors, everything "
+                   "counted, take at most this many bits per weight (e.g. 3.5). Replaces --bits.")
 @click.option("--ap-bits", default=None, help="Explicit LOW,HIGH widths for adaptive precision, e.g. 2,4.")
 @click.option("--outlier-bits", type=float, default=0.0, show_default=True,
               help="Outlier-reservation budget in extra bits per weight (e.g. 0.07).")
@@ -173,7 +177,15 @@ def fixture_cmd(out, wheel, force):
 @click.option("--calib", multiple=True, metavar="FILE|self",
               help="Calibration source, repeatable (windows split evenly): a text or JSONL file, or 'self' "
                    "(text sampled from the model itself). Default: self.")
-@click.option("--nsamples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--nsamples", default=DEFAULT_NSAMPLES, show_default=True, help="Calibration windows.")
+@click.option("--group-size", type=int, default=0, show_default=True,
+              help="gptq/rtn baselines: one grid per this many columns (128 is the usual HF setting).")
+@click.option("--keep-embeddings", is_flag=True,
+              help="Keep the input embedding and output head unquantized (stored raw).")
+@click.option("--head-bits", type=float, default=None,
+              help="Bit target of the output head / tied embedding (default: --bits).")
+@click.option("--raw-dtype", type=click.Choice(["F32", "F16", "BF16"], case_sensitive=False), default=None,
+              help="Dtype of the tensors kept raw (default: each keeps its source dtype).")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration windows.")
 @click.option("--device", default="auto", show_default=True)
@@ -183,8 +195,9 @@ def fixture_cmd(out, wheel, force):
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
-def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
-                nsamples, seqlen, seed, device, out_format, dry_run, run_eval, json_path):
+def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
+                nsamples, group_size, keep_embeddings, head_bits, raw_dtype, seqlen, seed, device, out_format, dry_run, run_eval,
+                json_path):
     """Quantize every block linear of MODEL_DIR with CLAQ (or a baseline) and write OUT.
 
     \b
@@ -210,13 +223,14 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
             raise click.BadParameter("expected LOW,HIGH such as 2,4", param_hint="--ap-bits") from None
         pair = (low, high)
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
-                     outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking)
+                     outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking,
+                     quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     claq_out = None if dry_run else (out.with_name(f".{out.name}.claq.tmp") if as_gguf else out)
     options = ConvertOptions(model_dir=model_dir, out=claq_out, quant=qc, calib=calib,
                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=resolve_device(device),
-                             evaluate=run_eval)
+                             evaluate=run_eval, raw_dtype=raw_dtype.upper() if raw_dtype else None)
     record = run_conversion(options, progress=click_progress, log=_echo_err)
     if as_gguf and not dry_run:
         from .gguf_ext import claq_to_gguf
@@ -226,11 +240,14 @@ def convert_cmd(model_dir, out, method, bits, ap_bits, outlier_bits, outlier_thr
         finally:
             claq_out.unlink(missing_ok=True)
         record.update(out=str(out), file_bytes=out.stat().st_size)
+        record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
     s = record["summary"]
-    click.echo(f"{method} {bits:g} bits: honest {s['honest_bpw']:.4f} bpw over {s['params']} weights, "
+    target = f"--bpw {bpw:g}" if bpw is not None else f"{bits:g} bits"
+    click.echo(f"{method} {target}: honest {s['honest_bpw']:.4f} bpw over {s['params']} weights, "
                f"mean relative error {s['mean_relative_error']:.4f}, {record['seconds']['convert']:.1f} s")
     if "out" in record:
-        click.echo(f"wrote {record['out']} ({record['file_bytes']} bytes)")
+        click.echo(f"wrote {record['out']} ({record['file_bytes']} bytes, "
+                   f"{record['file_bits_per_parameter']:.4f} bits per parameter for the whole file)")
     for text, before in record.get("ppl_before", {}).items():
         after = record["ppl_after"][text]["ppl"]
         click.echo(f"ppl on {text}: before {before['ppl']:.4f}  after {after:.4f} ({after / before['ppl'] - 1:+.2%})")

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from . import __version__, spec
+from .calibration import DEFAULT_NSAMPLES
 from .gptq import QuantizedWeight
-from .pipeline import QuantConfig, quantize_model
+from .pipeline import QuantConfig, input_energies, quantize_model
 from .progress import Progress, no_progress
 from .reader import decode_claq
 from .source import ModelSource
@@ -24,24 +25,27 @@ class ConvertOptions:
     out: Optional[Path]
     quant: QuantConfig
     calib: tuple = ()                  # calibration sources (files or "self"); () is DEFAULT_CALIBRATION
-    nsamples: int = 32
+    nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = 512
     seed: int = 0
     device: torch.device = torch.device("cpu")
     evaluate: bool = False
     eval_texts: Optional[dict] = None  # name -> text file scored by --eval; None: WikiText-2 test only
+    raw_dtype: Optional[str] = None    # F32/F16/BF16 for the tensors kept raw; None: each keeps its source dtype
 
 
 def stored_bytes(result: QuantizedWeight) -> int:
     """Honest storage of one quantized weight in bytes, padding included.
 
     Codebook methods: the .claq sections. Uniform baselines (not written by this version): the packed
-    codes plus an fp16 scale and an fp16 zero point per row, each padded like a section.
+    codes plus an fp16 scale and an fp16 zero point per row and group, and with groups an int32 group
+    index per column, each padded like a section.
     """
     rows, cols = result.shape
     if result.method == "uniform":
-        b = int(result.bits[0])
-        return spec.align(4 * spec.code_words(rows * cols, b)) + 2 * spec.align(2 * rows)
+        b, groups = int(result.bits[0]), result.scale.shape[0]
+        group_map = spec.align(4 * cols) if groups > 1 else 0  # int32 group per column (act-order groups)
+        return spec.align(4 * spec.code_words(rows * cols, b)) + 2 * spec.align(2 * rows * groups) + group_map
     return spec.claq_stored_bytes(rows, result.bits, int(result.outlier_counts.sum()), int(result.outlier_counts.max()))
 
 
@@ -76,18 +80,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
-def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, record: dict) -> None:
+RAW_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def raw_array(tensor: torch.Tensor, dtype: Optional[str] = None) -> tuple[np.ndarray, str]:
+    """A tensor kept raw, as (array, .claq dtype): its source dtype unless `dtype` overrides (never upcast silently)."""
+    if dtype is not None:
+        tensor = tensor.to(RAW_DTYPES[dtype])
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16), "BF16"
+    array = tensor.numpy()
+    return array, None
+
+
+def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, record: dict,
+                     raw_dtype: Optional[str] = None) -> None:
     """Everything but the quantized weights: other tensors raw, config, tokenizer, the conversion record."""
     import json
 
     for name in source.names():
         if name in quantized:
             continue
-        tensor = source.tensor(name)
-        if tensor.dtype == torch.bfloat16:
-            writer.add_raw(name, tensor.view(torch.int16).numpy().view(np.uint16), dtype="BF16")
-        else:
-            writer.add_raw(name, tensor.numpy())
+        array, dtype = raw_array(source.tensor(name), raw_dtype)
+        writer.add_raw(name, array, dtype=dtype)
     generation = source.dir / "generation_config.json"
     writer.metadata.update(
         config=json.loads((source.dir / "config.json").read_text()),
@@ -122,11 +137,15 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
               "calibration": {"sources": describe(sources), "nsamples": options.nsamples, "seqlen": options.seqlen,
                               "seed": options.seed},
               "device": str(options.device)}
+    targets = None
+    if qc.bpw is not None:
+        targets, record["allocation"] = allocate_bits(source, calibration, qc, options.device, log)
     results: dict[str, QuantizedWeight] = {}
     tensors = {}
     writer = ClaqWriter(options.out) if options.out is not None else None
     try:
-        for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log):
+        for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log,
+                                           targets=targets):
             tensors[name] = tensor_record(result)
             if writer is not None:
                 sections = encode_result(result)
@@ -140,7 +159,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                 results[name] = result
         record.update(tensors=tensors, summary=summarize(tensors))
         if writer is not None:
-            write_model_rest(writer, source, set(tensors), record)
+            write_model_rest(writer, source, set(tensors), record, options.raw_dtype)
             writer.close()
     except BaseException:
         if writer is not None:
@@ -150,9 +169,64 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     if options.out is not None:
         record["out"] = str(options.out)
         record["file_bytes"] = Path(options.out).stat().st_size
+        record["parameters"] = source_parameters(source)
+        record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
     if options.evaluate:
         record.update(evaluate_before_after(options, results, progress, ppl_before))
     return record
+
+
+def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, log) -> tuple[dict, dict]:
+    """Bit settings per weight for the --bpw budget (allocation.py), and a record of what was chosen."""
+    from .allocation import allocate, candidates
+
+    start = time.perf_counter()
+    energies = input_energies(source, calibration, device, quantize_embeddings=qc.quantize_embeddings)
+    tables = {name: candidates(source.tensor(name).float().numpy(), energy, qc.outlier_threshold)
+              for name, energy in energies.items()}
+    params = sum(int(np.prod(source.tensor(name).shape)) for name in tables)
+    fixed = {}
+    embedding = untied_input_embedding(source) if qc.quantize_embeddings else None
+    if embedding is not None:  # no Hessian, no loss estimate: a fixed width, paid from the same budget
+        rows, cols = source.tensor(embedding).shape
+        width = int(qc.head_bits) if qc.head_bits and float(qc.head_bits).is_integer() else max(spec.ALLOWED_BITS)
+        fixed[embedding] = spec.claq_stored_bytes(rows, np.full(cols, width), 0)
+        params += rows * cols
+        targets_fixed = {embedding: (width, width, 0.0)}
+    else:
+        targets_fixed = {}
+    budget = int(qc.bpw * params // 8)
+    choice = allocate(tables, budget - sum(fixed.values()))
+    spent = sum(c.nbytes for c in choice.values()) + sum(fixed.values())
+    log(f"allocation: {spent} of {budget} bytes ({spent * 8 / params:.4f} bpw) over {len(tables)} weights, "
+        f"{time.perf_counter() - start:.1f} s")
+    record = {"budget_bytes": budget, "allocated_bytes": spent, "seconds": time.perf_counter() - start,
+              "targets": {**{name: c.setting.as_tuple() for name, c in choice.items()}, **targets_fixed}}
+    return record["targets"], record
+
+
+def untied_input_embedding(source: ModelSource) -> Optional[str]:
+    """The input embedding's name when it is a tensor of its own (not the head's), else None."""
+    from transformers import AutoModelForCausalLM
+
+    from .pipeline import head_and_embedding_names
+
+    config = source.config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return head_and_embedding_names(model, config, set(source.names()))[1]
+
+
+def source_parameters(source: ModelSource) -> int:
+    """Every parameter the checkpoint stores (a tied embedding once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in set(source.files.values()):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                total += int(np.prod(f.get_slice(name).get_shape()))
+    return total
 
 
 def load_sampler(model_dir: Path, device: torch.device):

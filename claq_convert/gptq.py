@@ -30,8 +30,9 @@ class QuantizedWeight:
     outlier_counts: np.ndarray        # int64 [in]
     outlier_rows: np.ndarray          # int64, sorted within each column, columns in order
     outlier_values: np.ndarray        # float16, aligned with outlier_rows
-    scale: Optional[np.ndarray] = None   # float32 [out] (uniform only)
-    zero: Optional[np.ndarray] = None    # float32 [out] (uniform only)
+    scale: Optional[np.ndarray] = None   # float32 [groups, out] (uniform only; one group without --group-size)
+    zero: Optional[np.ndarray] = None    # float32 [groups, out] (uniform only)
+    group: Optional[np.ndarray] = None   # int64 [in]: the group of each column (uniform only)
     loss: float = 0.0
     relative_error: float = 0.0
     info: dict = field(default_factory=dict)
@@ -39,7 +40,8 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         """float32 [out, in] from the stored data alone (the same rule the file decoders follow)."""
         if self.method == "uniform":
-            return (self.scale[:, None] * (self.codes.astype(np.float32) - self.zero[:, None])).astype(np.float32)
+            scale, zero = self.scale[self.group].T, self.zero[self.group].T  # [out, in]
+            return (scale * (self.codes.astype(np.float32) - zero)).astype(np.float32)
         cols = np.arange(self.shape[1])
         W = self.column_codebooks.astype(np.float32)[cols[None, :], self.codes]
         out_cols = np.repeat(cols, self.outlier_counts)
@@ -76,15 +78,19 @@ class GPTQ:
         return perm, Hinv
 
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
-                 fit_all: bool = False, max_iter: int = 0) -> QuantizedWeight:
-        """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels."""
+                 fit_all: bool = False, max_iter: int = 0, group_size: int = 0) -> QuantizedWeight:
+        """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
+        the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
+        order from the already-updated weights, as the reference does with act-order groups."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         W = self.W.clone()
         rows, cols = W.shape
         reserve = np.zeros(cols, np.int64) if reserve is None else reserve
         scale = zero = np.zeros(1)
-        if uniform:
+        scales, zeros = [], []
+        blocksize = group_size if uniform and group_size else self.blocksize  # one grid per block
+        if uniform and not group_size:
             scale, zero = uniform_grid(W, int(bits[0]))
         perm, Hinv = self._inverse_factor(W)
         W = W[:, perm]
@@ -97,8 +103,13 @@ class GPTQ:
         Q = np.zeros((cols, rows), np.float32)
         loss = 0.0
         mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_CODEBOOK
-        for i1 in range(0, cols, self.blocksize):
-            i2 = min(i1 + self.blocksize, cols)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            if uniform and group_size:
+                scale, zero = uniform_grid(W[:, i1:i2], int(bits[0]))
+            if uniform:
+                scales.append(scale)
+                zeros.append(zero)
             W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
             Hinv1 = np.ascontiguousarray(Hinv[i1:i2, i1:i2].cpu().numpy())
             Err1 = np.zeros((i2 - i1, rows), np.float32)
@@ -111,6 +122,7 @@ class GPTQ:
                 W[:, i2:] -= torch.from_numpy(Err1).to(W.device).T @ Hinv[i1:i2, i2:]
 
         inv = np.argsort(p)
+        group = (np.arange(cols) // blocksize if group_size else np.zeros(cols, np.int64))[inv]
         codes, reserved, codebooks, Q = codes[inv], reserved[inv], codebooks[inv], Q[inv]
         col_idx, row_idx = np.nonzero(reserved)  # column-major order: columns ascending, rows sorted
         result = QuantizedWeight(
@@ -119,8 +131,9 @@ class GPTQ:
             column_codebooks=codebooks.astype(np.float16),
             outlier_counts=np.bincount(col_idx, minlength=cols).astype(np.int64),
             outlier_rows=row_idx.astype(np.int64), outlier_values=Q[col_idx, row_idx].astype(np.float16),
-            scale=scale.astype(np.float32) if uniform else None, zero=zero.astype(np.float32) if uniform else None,
-            loss=loss)
+            scale=np.stack(scales[:1] if not group_size else scales).astype(np.float32) if uniform else None,
+            zero=np.stack(zeros[:1] if not group_size else zeros).astype(np.float32) if uniform else None,
+            group=group if uniform else None, loss=loss)
         original = self.W.cpu().numpy()
         result.relative_error = float(np.linalg.norm(result.dequantize() - original) / max(np.linalg.norm(original), 1e-30))
         result.info = {"seconds": time.perf_counter() - start, "kernel_seconds": kernel_seconds}

@@ -16,9 +16,10 @@ def safe_text(text: str) -> str:
 def summarize(cf) -> dict:
     tensors = {}
     histogram: dict[str, int] = {}
-    params = stored = outliers = 0
+    params = stored = outliers = all_params = 0
     for name, tensor in cf.tensors.items():
         entry = {"kind": tensor["kind"], "shape": tensor["shape"], "stored_bytes": cf.stored_bytes(name)}
+        all_params += int(np.prod(tensor["shape"], dtype=np.int64))
         if tensor["kind"] == spec.KIND_CLAQ:
             rows, cols = tensor["shape"]
             sections = cf.sections(name, check_crc=False)
@@ -36,6 +37,7 @@ def summarize(cf) -> dict:
     conversion = cf.metadata.get("conversion") or {}
     fmt = "gguf" if type(cf).__name__ == "GgufClaqFile" else "claq"
     return {"file": str(cf.path), "bytes": cf.size, "format": fmt, "version": spec.VERSION,
+            "parameters": all_params, "file_bits_per_parameter": cf.size * 8 / all_params if all_params else None,
             "model": {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
                       "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size")},
             "tensors": tensors, "files": sorted(cf.files),
@@ -67,11 +69,13 @@ def verify(cf, model_dir: Path) -> dict:
 def render(summary: dict, per_tensor: bool = False) -> str:
     q, raw, model = summary["quantized"], summary["raw"], summary["model"]
     kind = "CLAQ GGUF (extension v1)" if summary["format"] == "gguf" else f".claq v{summary['version']}"
-    lines = [f"{safe_text(summary['file'])}: valid {kind}, {summary['bytes']} bytes",
+    whole = summary["file_bits_per_parameter"]
+    lines = [f"{safe_text(summary['file'])}: valid {kind}, {summary['bytes']} bytes, {summary['parameters']} parameters"
+             + (f", {whole:.4f} bits per parameter (whole file)" if whole else ""),
              f"model: {safe_text(model['architectures'])} ({safe_text(model['model_type'])}), "
              f"{model['layers']} layers, hidden {model['hidden_size']}",
              f"quantized: {q['tensors']} tensors, {q['params']} weights, {q['stored_bytes']} bytes, "
-             + (f"honest {q['honest_bpw']:.4f} bpw" if q["honest_bpw"] else "no weights"),
+             + (f"honest {q['honest_bpw']:.4f} bpw (quantized tensors)" if q["honest_bpw"] else "no weights"),
              "bit widths (columns): " + ", ".join(f"{b}-bit {n}" for b, n in q["bits_histogram"].items()),
              f"outliers: {q['outliers']}",
              f"raw: {raw['tensors']} tensors, {raw['stored_bytes']} bytes; files: {', '.join(map(safe_text, summary['files']))}"]
@@ -82,7 +86,7 @@ def render(summary: dict, per_tensor: bool = False) -> str:
         lines.append(f"conversion: {safe_text(conv.get('tool'))}, method {safe_text(quant.get('method'))} "
                      f"bits {quant.get('bits')} outlier_bits {quant.get('outlier_bits')} S {quant.get('outlier_threshold')}; "
                      f"calibration {calib.get('nsamples')}x{calib.get('seqlen')} seed {calib.get('seed')} "
-                     f"from {safe_text(Path(str(calib.get('text'))).name)}")
+                     f"from {', '.join(safe_text(Path(str(s)).name) for s in calib.get('sources') or [calib.get('text')])}")
     if not per_tensor:
         return "\n".join(lines)
     lines.append("per tensor:")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook (CLAQ, kmeans)
 MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
@@ -89,29 +89,19 @@ def segment_cost(prefix, prefix_sq, i, j):
 
 
 @njit(cache=True)
-def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
-    """Exact 1-D K-Means: the k contiguous segments of ascending `xs` with least total SSE.
+def kmeans_dp(prefix, prefix_sq, n, k, split, sse_out):
+    """The dynamic programme of exact 1-D K-Means over n sorted entries (prefix sums of length n + 1).
 
-    Dynamic programming D[m][j] = min_i D[m-1][i] + cost(i, j) over the first j entries with m+1
-    clusters; the optimal split point is monotone in j, so each row is solved by divide and conquer
-    in O(n log n) (explicit stack, ties to the smaller split). prefix/prefix_sq are float64 prefix
-    sums of xs and xs**2 (length n + 1). Returns k ascending centroids (the segment means; when
-    n < k the last entry repeats).
+    D[m][j] = min_i D[m-1][i] + cost(i, j) is the least SSE of the first j entries in m+1 clusters;
+    the optimal split point is monotone in j, so each row is solved by divide and conquer in
+    O(n log n) (explicit stack, ties to the smaller split). Fills split[m, j] (needs n > k) and
+    sse_out[m] = least SSE of all n entries in m+1 clusters, for m < k.
     """
-    n = xs.shape[0]
-    centroids = np.empty(k, np.float64)
-    if n == 0:
-        centroids[:] = 0.0
-        return centroids
-    if n <= k:
-        for c in range(k):
-            centroids[c] = xs[min(c, n - 1)]
-        return centroids
     prev = np.empty(n + 1, np.float64)
     cur = np.empty(n + 1, np.float64)
-    split = np.zeros((k, n + 1), np.int64)
     for j in range(n + 1):
         prev[j] = segment_cost(prefix, prefix_sq, 0, j)
+    sse_out[0] = prev[n]
     stack = np.empty((64, 4), np.int64)
     for m in range(1, k):
         top = 0
@@ -135,6 +125,27 @@ def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
             stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = mid + 1, jhi, best_i, ihi
         for j in range(m + 1, n + 1):
             prev[j] = cur[j]
+        sse_out[m] = prev[n]
+
+
+@njit(cache=True)
+def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
+    """Exact 1-D K-Means: the k contiguous segments of ascending `xs` with least total SSE (kmeans_dp).
+
+    prefix/prefix_sq are float64 prefix sums of xs and xs**2 (length n + 1). Returns k ascending
+    centroids (the segment means; when n < k the last entry repeats).
+    """
+    n = xs.shape[0]
+    centroids = np.empty(k, np.float64)
+    if n == 0:
+        centroids[:] = 0.0
+        return centroids
+    if n <= k:
+        for c in range(k):
+            centroids[c] = xs[min(c, n - 1)]
+        return centroids
+    split = np.zeros((k, n + 1), np.int64)
+    kmeans_dp(prefix, prefix_sq, n, k, split, np.empty(k, np.float64))
     j = n
     for m in range(k - 1, 0, -1):
         i = split[m, j]
@@ -142,6 +153,34 @@ def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
         j = i
     centroids[0] = prefix[j] / j
     return centroids
+
+
+@njit(cache=True, parallel=True)
+def column_sse_by_width(Wt, max_bits):
+    """Least K-Means SSE of every column at every width: out[j, b-1] for b = 1..max_bits.
+
+    Wt is W transposed ([in, out], a column per row). One DP with 2**max_bits clusters yields all
+    smaller counts on the way, so every width costs no more than the widest. A column with no more
+    entries than clusters has SSE 0.
+    """
+    cols, n = Wt.shape
+    k = 1 << max_bits
+    out = np.zeros((cols, max_bits), np.float64)
+    for j in prange(cols):
+        xs = np.sort(Wt[j].astype(np.float64))
+        prefix = np.zeros(n + 1, np.float64)
+        prefix_sq = np.zeros(n + 1, np.float64)
+        for i in range(n):
+            prefix[i + 1] = prefix[i] + xs[i]
+            prefix_sq[i + 1] = prefix_sq[i] + xs[i] * xs[i]
+        kdp = min(k, n - 1)  # the DP needs more entries than clusters; n clusters or more fit exactly
+        sse = np.zeros(k, np.float64)
+        if kdp >= 1:
+            kmeans_dp(prefix, prefix_sq, n, kdp, np.zeros((kdp, n + 1), np.int64), sse)
+        for b in range(1, max_bits + 1):
+            clusters = 1 << b
+            out[j, b - 1] = sse[clusters - 1] if clusters <= kdp else 0.0
+    return out
 
 
 @njit(cache=True)

@@ -70,6 +70,18 @@ def kmeans_optimal_sorted(xs: np.ndarray, k: int) -> np.ndarray:
     return centroids
 
 
+def column_sse_by_width(Wt: np.ndarray, max_bits: int) -> np.ndarray:
+    """Least SSE of every column (a row of Wt) at widths 1..max_bits, one plain DP per column and width."""
+    out = np.zeros((Wt.shape[0], max_bits))
+    for j, column in enumerate(Wt):
+        xs = np.sort(column.astype(np.float64))
+        for b in range(1, max_bits + 1):
+            if xs.size > (1 << b):
+                c = kmeans_optimal_sorted(xs, 1 << b)
+                out[j, b - 1] = np.sum(np.min((xs[:, None] - c[None, :]) ** 2, axis=1))
+    return out
+
+
 def nearest_code(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     mids = 0.5 * (codebook[:-1] + codebook[1:])
     return np.searchsorted(mids, x, side="left")

@@ -42,6 +42,8 @@ class QuantConfig:
     kmeans_iters: int = 0             # 0: exact 1-D K-Means optimum (DP); > 0: Lloyd, at most this many
     quantize_embeddings: bool = True  # also the output head and the input embedding (one tensor when tied)
     head_bits: Optional[float] = None # target of the head/embedding; None: the same as `bits`
+    group_size: int = 0               # uniform baselines: a grid per this many columns (0: per row)
+    bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +54,11 @@ class QuantConfig:
             raise ValueError("uniform methods take 2..8 bits")
         if self.method in ("claq", "kmeans") and not 1 <= self.bits <= 4:
             raise ValueError("codebook methods take 1..4 bits (codebooks of at most 16 entries)")
+        if self.group_size and (self.method not in ("gptq", "rtn") or self.group_size < 0):
+            raise ValueError("--group-size is a positive column count for the uniform baselines (gptq, rtn)")
+        if self.bpw is not None and (self.method != "claq" or self.outlier_bits or not 1 < self.bpw <= 5):
+            raise ValueError("--bpw (measured allocation) is a CLAQ option without --outlier-bits, "
+                             "a budget in (1, 5] bits per weight")
         if self.outlier_bits < 0:
             raise ValueError("--outlier-bits must be >= 0")
         if self.head_bits is not None and not 1 <= self.head_bits <= 8:
@@ -75,7 +82,8 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig)
     else:
         bits, reserve = np.full(Wn.shape[1], int(qc.bits), np.int64), None
     gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
-    return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters)
+    return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
+                         group_size=qc.group_size)
 
 
 class _StopForward(Exception):
@@ -110,14 +118,10 @@ def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConfig, device="cpu",
-                   batch_size: int = 8, progress: Progress = no_progress,
-                   log: Callable[[str], None] = lambda s: None) -> Iterator[tuple[str, QuantizedWeight]]:
-    """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer."""
+def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, batch_size: int):
+    """(model on the meta device, its config, the inputs of decoder layer 0 per batch, their kwargs)."""
     from transformers import AutoModelForCausalLM
 
-    qc.validate()
     config = source.config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -136,9 +140,58 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
         except _StopForward:
             pass
     layers[0] = catcher.layer
-    states = [h for h, _ in catcher.records]
-    kwargs = [kw for _, kw in catcher.records]
     base.embed_tokens.to("meta")
+    return model, config, [h for h, _ in catcher.records], [kw for _, kw in catcher.records]
+
+
+@torch.no_grad()
+def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu", batch_size: int = 8,
+                   quantize_embeddings: bool = True) -> dict[str, np.ndarray]:
+    """sum over calibration tokens of x_j**2 for each input feature j of every weight to be quantized.
+
+    The diagonal of each weight's Hessian, from one pass through the unquantized model (each layer
+    materialised in turn); the allocation weighs each column's quantization error by it.
+    """
+    model, config, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
+    energies: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            energies[name] = energies.get(name, 0) + (x * x).sum(dim=0)
+        return record
+
+    for index, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{index}."
+        _materialise(layer, prefix, source, device)
+        handles = [layer.get_submodule(n).register_forward_hook(hook(prefix + n + ".weight"))
+                   for group in SEQUENTIAL_GROUPS for n in group]
+        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        for handle in handles:
+            handle.remove()
+        layer.to("meta")
+    if quantize_embeddings:
+        head_name, _ = head_and_embedding_names(model, config, set(source.names()))
+        norm = _final_norm(model)
+        if norm is not None:
+            _materialise(norm, _parameter_name(model, norm).removesuffix("weight"), source, device)
+        x = torch.cat([(norm(h) if norm is not None else h).reshape(-1, h.shape[-1]) for h in states]).double()
+        energies[head_name] = (x * x).sum(dim=0)
+    return {name: e.cpu().numpy() for name, e in energies.items()}
+
+
+@torch.no_grad()
+def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConfig, device="cpu",
+                   batch_size: int = 8, progress: Progress = no_progress,
+                   log: Callable[[str], None] = lambda s: None,
+                   targets: Optional[dict] = None) -> Iterator[tuple[str, QuantizedWeight]]:
+    """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer, then the head.
+
+    `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight.
+    """
+    qc.validate()
+    model, config, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
+    layers = model.model.layers
 
     needs_h = qc.method in ("claq", "gptq")
     for index in progress(range(len(layers)), "quantize layers", len(layers)):
@@ -151,7 +204,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
             linears = {name: layer.get_submodule(name) for name in group}
             hessians = _group_hessians(layer, linears, states, kwargs) if needs_h else {}
             for name, linear in linears.items():
-                result = quantize_weight(linear.weight, hessians.get(name), qc)
+                result = quantize_weight(linear.weight, hessians.get(name), _with_target(qc, targets, prefix + name + ".weight"))
                 linear.weight.data = torch.from_numpy(result.dequantize()).to(device)
                 errors.append(result.relative_error)
                 yield prefix + name + ".weight", result
@@ -161,7 +214,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
         log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
 
     if qc.quantize_embeddings:
-        yield from _quantize_head_and_embedding(model, config, source, states, qc, device, log)
+        yield from _quantize_head_and_embedding(model, config, source, states, qc, device, log, targets)
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -186,9 +239,19 @@ def _parameter_name(model, module) -> str:
     raise ValueError("module not found in the model")
 
 
-def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig, device, log):
+def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantConfig:
+    if not targets or name not in targets:
+        return qc
+    from .allocation import Setting
+
+    setting = Setting(*targets[name])
+    return replace(qc, bits=setting.target, ap_bits=(setting.low, setting.high), bpw=None)
+
+
+def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig, device, log, targets=None):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
     head_qc = qc if qc.head_bits is None else replace(qc, bits=qc.head_bits, ap_bits=None)
+    head_qc = _with_target(head_qc, targets, head_name)
     start = time.perf_counter()
     norm = _final_norm(model)
     norm_prefix = _parameter_name(model, norm).removesuffix("weight") if norm is not None else None

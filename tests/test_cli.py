@@ -1,6 +1,9 @@
 """The command-line tools through click's CliRunner: exit codes, one-line errors, JSON records."""
 import json
 
+import numpy as np
+import pytest
+
 from click.testing import CliRunner
 
 from claq_convert.cli import convert_cmd, eval_cmd
@@ -46,3 +49,24 @@ def test_eval_prints_ppl_and_writes_json(tiny_model_dir, text_file, tmp_path):
     record = json.loads(out.read_text())
     assert record["windows"] == 3 and record["tokens"] == 3 * 31 and "machine" in record
     assert r.stdout.startswith("ppl ")
+
+
+def test_raw_tensors_keep_their_dtype_or_the_one_asked_for(tiny_model_dir, text_file, tmp_path):
+    from claq_convert.cli import inspect_cmd
+    from claq_convert.reader import ClaqFile
+
+    runner = CliRunner()
+    for flag, expected in ((None, "F32"), ("bf16", "BF16")):
+        out = tmp_path / f"m-{expected}.claq"
+        args = [str(tiny_model_dir), str(out), "--bits", "3", "--calib", str(text_file), "--nsamples", "2",
+                "--seqlen", "16"] + (["--raw-dtype", flag] if flag else [])
+        r = runner.invoke(convert_cmd, args)
+        assert r.exit_code == 0, r.output
+        with ClaqFile(out) as cf:
+            raw = [t for t in cf.tensors.values() if t["kind"] == "raw"]
+            assert raw and all(t["sections"]["data"]["dtype"] == expected for t in raw)  # the norms
+            params = sum(int(np.prod(t["shape"])) for t in cf.tensors.values())
+        summary = json.loads(runner.invoke(inspect_cmd, [str(out), "--json"]).output)
+        assert summary["parameters"] == params
+        assert summary["file_bits_per_parameter"] == pytest.approx(out.stat().st_size * 8 / params)
+        assert "bits per parameter (whole file)" in runner.invoke(inspect_cmd, [str(out)]).output

@@ -67,3 +67,21 @@ def test_column_reserve_spends_at_most_the_budget_and_favours_top_columns():
     top = order[: round(0.1 * cols)]
     assert reserve[top].min() > reserve[order[len(top):]].max()
     assert columns.column_reserve(order, rows, 0.0).sum() == 0
+
+
+def test_allocation_prefers_driven_columns_and_respects_the_budget():
+    from claq_convert import allocation
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((64, 32)).astype(np.float32)
+    quiet, loud = np.full(32, 1e-3), np.full(32, 1e3)
+    tables = {"quiet": allocation.candidates(W, quiet), "loud": allocation.candidates(W, loud)}
+    for table in tables.values():  # more bytes never estimate more loss
+        ordered = sorted(table, key=lambda c: c.nbytes)
+        assert all(a.loss >= b.loss - 1e-12 for a, b in zip(ordered, ordered[1:]) if a.setting.high <= b.setting.low)
+    budget = (tables["quiet"][1].nbytes + tables["quiet"][3].nbytes)  # room for 2 + 4 bits in total
+    choice = allocation.allocate(tables, budget)
+    assert sum(c.nbytes for c in choice.values()) <= budget
+    assert choice["loud"].setting.target > choice["quiet"].setting.target
+    with pytest.raises(ValueError, match="below the smallest"):
+        allocation.allocate(tables, 10)

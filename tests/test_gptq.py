@@ -70,3 +70,17 @@ def test_uniform_baseline_uses_a_per_row_grid():
     assert len(np.unique(r.dequantize()[0])) <= 8
     rtn = GPTQ(W, None).quantize(np.full(W.shape[1], 3), uniform=True)
     assert output_error(W, torch.from_numpy(r.dequantize()), X) < output_error(W, torch.from_numpy(rtn.dequantize()), X)
+
+
+def test_grouped_uniform_baseline_fits_a_grid_per_group_of_columns():
+    W, H, X = layer_problem(seed=5)
+    cols = W.shape[1]
+    whole = GPTQ(W, H).quantize(np.full(cols, 3), uniform=True)
+    grouped = GPTQ(W, H).quantize(np.full(cols, 3), uniform=True, group_size=16)
+    assert grouped.scale.shape == (-(-cols // 16), W.shape[0]) and np.bincount(grouped.group).max() == 16
+    Q = grouped.dequantize()
+    for g in range(grouped.scale.shape[0]):  # each group's columns lie on that group's grid, row by row
+        members = grouped.group == g
+        levels = (Q[:, members] / grouped.scale[g][:, None]) + grouped.zero[g][:, None]
+        assert np.allclose(levels, np.round(levels), atol=1e-3)
+    assert output_error(W, torch.from_numpy(Q), X) < output_error(W, torch.from_numpy(whole.dequantize()), X)

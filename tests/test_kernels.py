@@ -41,6 +41,16 @@ def test_optimal_kmeans_numba_equals_the_plain_dynamic_programme(k):
         assert sse(xs, ours) <= sse(xs, kernels.kmeans_sorted(xs, prefix, k, 100)) * (1 + 1e-12)
 
 
+def test_column_sse_table_equals_the_plain_fits():
+    rng = np.random.default_rng(9)
+    for n in (3, 9, 17, 200):
+        Wt = heavy_tailed_column(rng, 5 * n).reshape(5, n).astype(np.float32)
+        ours = kernels.column_sse_by_width(Wt, 4)
+        twin = kernels_numpy.column_sse_by_width(Wt, 4)
+        assert ours.shape == (5, 4) and np.allclose(ours, twin, rtol=1e-9, atol=1e-12)
+        assert np.all(np.diff(ours, axis=1) <= 1e-12)  # more bits never cost more error
+
+
 def sse(x, centroids):
     return float(np.sum(np.min((x[:, None] - centroids[None, :]) ** 2, axis=1)))
 

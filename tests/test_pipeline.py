@@ -79,3 +79,17 @@ def test_validation_rejects_bad_configs():
         QuantConfig(method="claq", bits=5).validate()
     with pytest.raises(ValueError):
         QuantConfig(method="nope").validate()
+
+
+def test_measured_allocation_keeps_the_exact_budget_and_spends_it(tiny_model_dir, text_file, tmp_path):
+    from claq_convert.convert import ConvertOptions, run_conversion
+
+    for bpw in (2.6, 3.4):
+        record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=tmp_path / f"a{bpw}.claq",
+                                               quant=QuantConfig(bpw=bpw), calib=(text_file,), nsamples=4, seqlen=32))
+        s, allocation = record["summary"], record["allocation"]
+        assert s["stored_bytes"] == allocation["allocated_bytes"] <= allocation["budget_bytes"]
+        assert bpw - 0.25 < s["honest_bpw"] <= bpw  # the file holds what was allocated, within the budget
+        assert len({tuple(t) for t in allocation["targets"].values()}) > 1  # weights differ in width
+        for name, (low, high, fraction) in allocation["targets"].items():
+            assert set(record["tensors"][name]["bits_histogram"]) <= {str(low), str(high)}

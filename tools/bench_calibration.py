@@ -12,7 +12,6 @@ Results go to bench/calibration.json after every configuration.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,13 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert.calibration import SELF, calibration_set  # noqa: E402
+from claq_convert.calibration import SELF, calibration_set, split_counts  # noqa: E402
 from claq_convert.cli import machine_info, resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, load_sampler, run_conversion  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
 
 WIKI_VALID = "wikitext-valid"
+SELF_POOL = 128
 # name -> (calibration sources, nsamples, seqlen, QuantConfig fields)
 CONFIGS = {
     "wiki-32": ((WIKI_VALID,), 32, 512, {}),
@@ -50,16 +50,29 @@ def resolve_sources(sources) -> tuple:
     return tuple(str(default_text("valid")) if s == WIKI_VALID else s for s in sources)
 
 
-def cached_calibration(model, tokenizer, sources, nsamples, seqlen, device, cache_dir: Path) -> torch.Tensor:
-    key = hashlib.sha256(json.dumps([list(sources), nsamples, seqlen, 0]).encode()).hexdigest()[:16]
-    path = cache_dir / f"{key}.npy"
+def self_pool(model, tokenizer, count, seqlen, device, cache_dir: Path) -> torch.Tensor:
+    """`count` self-sampled windows (seed 0), sampled once and kept as .npy. The first n of them are
+    exactly what calibration_set samples for n windows: one seeded stream, drawn batch after batch."""
+    path = cache_dir / f"self-{count}x{seqlen}-seed0.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    windows = calibration_set(resolve_sources(sources), tokenizer, lambda: load_sampler(model, device),
-                              nsamples, seqlen, 0)
+    windows = calibration_set((SELF,), tokenizer, lambda: load_sampler(model, device), count, seqlen, 0)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(path, windows.numpy(), allow_pickle=False)
     return windows
+
+
+def calibration_for(sources, nsamples, seqlen, model, tokenizer, device, cache_dir: Path) -> torch.Tensor:
+    """calibration_set's windows for these sources, the self-sampled part taken from the cached pool."""
+    parts = []
+    for position, (source, count) in enumerate(zip(sources, split_counts(nsamples, len(sources)))):
+        if source == SELF:
+            if position:
+                raise ValueError("the cached pool holds seed-0 samples: put self first")
+            parts.append(self_pool(model, tokenizer, SELF_POOL, seqlen, device, cache_dir)[:count])
+        else:
+            parts.append(calibration_set(resolve_sources((source,)), tokenizer, None, count, seqlen, position))
+    return torch.cat(parts)
 
 
 @click.command()
@@ -90,8 +103,8 @@ def main(model, only, out, resume):
         if name in runs:
             continue
         sources, nsamples, seqlen, fields = CONFIGS[name]
-        calibration = cached_calibration(model, tokenizer, sources, nsamples, seqlen, device,
-                                         ROOT / "out" / "calibration-cache")
+        calibration = calibration_for(sources, nsamples, seqlen, model, tokenizer, device,
+                                      ROOT / "out" / "calibration-cache")
         qc = QuantConfig(**{"bits": 4.0, **fields})
         options = ConvertOptions(model_dir=model, out=None, quant=qc, calib=resolve_sources(sources),
                                  nsamples=nsamples, seqlen=seqlen, device=device, evaluate=True, eval_texts=texts)

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Quality table: every method and CLAQ strategy on the same model, calibration and protocol.
+"""Quality table: methods and CLAQ strategies on the same model, calibration and protocol, on every text.
 
-Each configuration is quantized in memory (the same pipeline claq-convert runs), its honest bpw taken
-from the .claq byte layout, and its perplexity measured with the fixed protocol. Results are written to
-bench/quality.json after every configuration, so a long run can be read (or resumed) part way.
+Each configuration is converted with the same pipeline claq-convert runs (the default calibration
+unless the configuration says otherwise), written to out/quality/NAME.claq so the whole file's size is
+measured, and its perplexity measured on every evaluation text (data.eval_texts: WikiText-2 test and
+texts of other domains) as the ratio to fp32 on that text. Baselines that .claq does not store (rtn,
+gptq) are quantized in memory and counted as their packed codes plus fp16 grid parameters.
+Results go to bench/quality.json after every configuration, so a long run can be read or resumed.
 
     python tools/bench_quality.py                 # all configurations (about an hour on 2 cores)
-    python tools/bench_quality.py --only claq-3 --only gptq-3
+    python tools/bench_quality.py --only claq-4 --resume
     python tools/bench_quality.py --table --readme   # no runs: the table from the JSON, into README.md
 """
 from __future__ import annotations
@@ -22,24 +25,21 @@ sys.path.insert(0, str(ROOT))
 
 from claq_convert.cli import machine_info, resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
+from claq_convert.data import eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
 
-# name -> QuantConfig fields. OR budgets follow the paper's 2.12 = AP 2.05 + OR 0.07.
+# name -> QuantConfig fields, plus "calib": sources other than the default, and "bpw_of": a budget equal to
+# that configuration's measured honest bpw (the measured allocation against the fixed rule at equal bits)
 CONFIGS = {
-    "rtn-4": dict(method="rtn", bits=4), "rtn-3": dict(method="rtn", bits=3),
-    "gptq-4": dict(method="gptq", bits=4), "gptq-3": dict(method="gptq", bits=3), "gptq-2": dict(method="gptq", bits=2),
-    "kmeans-4": dict(method="kmeans", bits=4), "kmeans-3": dict(method="kmeans", bits=3),
-    "claq-4": dict(bits=4), "claq-3": dict(bits=3), "claq-2": dict(bits=2),
-    "claq-ap-2.1": dict(bits=2.1), "claq-ap-2.2": dict(bits=2.2), "claq-ap-3.1": dict(bits=3.1),
-    "claq-or-2+0.07": dict(bits=2, outlier_bits=0.07), "claq-or-3+0.07": dict(bits=3, outlier_bits=0.07),
-    "claq-or-2+0.07-fitall": dict(bits=2, outlier_bits=0.07, fit_outliers=True),
-    "claq-or-3+0.07-fitall": dict(bits=3, outlier_bits=0.07, fit_outliers=True),
-    "claq-apor-2.12": dict(bits=2.05, outlier_bits=0.07), "claq-apor-3.12": dict(bits=3.05, outlier_bits=0.07),
-    # points between the paper's settings, against llama.cpp's 4-5.5 bpw types
-    "claq-ap-3.5": dict(bits=3.5), "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
-    # ablations at the same honest bpw: the same bits spent on random columns
-    "claq-ap-2.1-random": dict(bits=2.1, ranking="random"), "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
-    "claq-or-2+0.07-random": dict(bits=2, outlier_bits=0.07, ranking="random"),
+    "rtn-4": dict(method="rtn", bits=4), "gptq-4-g128": dict(method="gptq", bits=4, group_size=128),
+    "kmeans-4": dict(method="kmeans", bits=4),
+    "claq-4": dict(bits=4), "claq-4-wikicalib": dict(bits=4, calib="wikitext-valid"),
+    "claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
+    "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
+    "claq-ap-3.5": dict(bits=3.5), "claq-ap-3.1": dict(bits=3.1), "claq-3": dict(bits=3),
+    "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
+    "claq-alloc=claq-4": dict(bpw_of="claq-4"), "claq-alloc=claq-ap-3.5": dict(bpw_of="claq-ap-3.5"),
+    "claq-alloc=claq-ap-3.1": dict(bpw_of="claq-ap-3.1"),
 }
 
 
@@ -48,12 +48,12 @@ CONFIGS = {
               help="HF directory (default: the SmolLM2 fixture, built if missing).")
 @click.option("--only", multiple=True, help="Run just these configurations (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "bench" / "quality.json")
-@click.option("--nsamples", default=32, show_default=True)
-@click.option("--seqlen", default=512, show_default=True)
+@click.option("--nsamples", default=None, type=int, help="Calibration windows (default: claq-convert's).")
 @click.option("--resume", is_flag=True, help="Skip configurations already in --out.")
 @click.option("--table", "table_only", is_flag=True, help="Run nothing: print the table of --out.")
 @click.option("--readme", is_flag=True, help="Also write the table into README.md between its markers.")
-def main(model, only, out, nsamples, seqlen, resume, table_only, readme):
+def main(model, only, out, nsamples, resume, table_only, readme):
+    from claq_convert.data import default_text
     from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
 
     if table_only:
@@ -63,27 +63,41 @@ def main(model, only, out, nsamples, seqlen, resume, table_only, readme):
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise click.UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    texts = eval_texts()
     report = json.loads(out.read_text()) if resume and out.is_file() else {}
     report.update(machine=machine_info(), model=str(model),
-                  calibration={"text": "valid.txt", "nsamples": nsamples, "seqlen": seqlen, "seed": 0},
-                  protocol={"text": "test.txt", "seqlen": 512, "windows": 40})
+                  protocol={"texts": {k: str(v) for k, v in texts.items()}, "seqlen": 512, "windows": 40})
     runs = report.setdefault("runs", {})
-    ppl_before = report.get("ppl_fp32")
+    fp32 = report.setdefault("ppl_fp32", {})
     for name in names:
         if name in runs:
             continue
-        qc = QuantConfig(**CONFIGS[name])
-        options = ConvertOptions(model_dir=model, out=None, quant=qc, nsamples=nsamples, seqlen=seqlen,
-                                 device=resolve_device("auto"), evaluate=True)
-        record = run_conversion(options, ppl_before=ppl_before, log=lambda s: click.echo(s, err=True))
-        ppl_before = report["ppl_fp32"] = record["ppl_before"]
+        fields = dict(CONFIGS[name])
+        calib = fields.pop("calib", None)
+        if "bpw_of" in fields:
+            reference = fields.pop("bpw_of")
+            if reference not in runs:
+                raise click.ClickException(f"{name} needs {reference} measured first")
+            fields["bpw"] = runs[reference]["honest_bpw"]
+        qc = QuantConfig(**fields)
+        stores = qc.method in ("claq", "kmeans")
+        defaults = ConvertOptions(model_dir=model, out=None, quant=qc)
+        options = ConvertOptions(
+            model_dir=model, out=ROOT / "out" / "quality" / f"{name}.claq" if stores else None, quant=qc,
+            calib=(default_text("valid"),) if calib == "wikitext-valid" else (), nsamples=nsamples or defaults.nsamples,
+            device=resolve_device("auto"), evaluate=True, eval_texts=texts)
+        record = run_conversion(options, ppl_before=fp32, log=lambda s: click.echo(s, err=True))
+        fp32.update(record["ppl_before"])
         s = record["summary"]
-        runs[name] = {"config": qc.to_dict(), "ppl": record["ppl_after"]["ppl"], "nominal_bits": s["nominal_bits"],
-                      "honest_bpw": s["honest_bpw"], "outliers": s["outliers"],
-                      "mean_relative_error": s["mean_relative_error"], "convert_seconds": record["seconds"]["convert"],
-                      "kernel_seconds": s["kernel_seconds"]}
-        click.echo(f"{name:24s} ppl {runs[name]['ppl']:8.3f}  nominal {s['nominal_bits']:.3f}  "
-                   f"honest {s['honest_bpw']:.4f} bpw  {record['seconds']['convert']:.0f} s")
+        runs[name] = {"config": qc.to_dict(), "calibration": record["calibration"],
+                      "ppl": {t: record["ppl_after"][t]["ppl"] for t in texts},
+                      "ratio_to_fp32": {t: record["ppl_after"][t]["ppl"] / fp32[t]["ppl"] for t in texts},
+                      "nominal_bits": s["nominal_bits"], "honest_bpw": s["honest_bpw"], "quantized_params": s["params"],
+                      "outliers": s["outliers"], "file_bytes": record.get("file_bytes"),
+                      "file_bits_per_parameter": record.get("file_bits_per_parameter"),
+                      "convert_seconds": record["seconds"]["convert"], "kernel_seconds": s["kernel_seconds"]}
+        click.echo(f"{name:24s} honest {s['honest_bpw']:.4f} bpw  " +
+                   "  ".join(f"{t} {r['ppl']:.3f}" for t, r in record["ppl_after"].items()))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     emit_table(report, readme)
@@ -105,15 +119,21 @@ def emit_table(report: dict, readme: bool) -> None:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per configuration, in the order of CONFIGS (the order of the issue's list)."""
-    runs = report["runs"]
-    lines = [f"fp32 reference: ppl {report['ppl_fp32']['ppl']:.2f}", "",
-             "| configuration | method | ppl | nominal bits | honest bpw | outliers | convert s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """One row per configuration, in the order of CONFIGS: ppl and its loss against fp32 on every text."""
+    runs, fp32 = report["runs"], report["ppl_fp32"]
+    texts = list(fp32)
+    lines = ["| configuration | quantized | honest bpw | file MB | file bits/param | "
+             + " | ".join(texts) + " | worst loss |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(texts) + "---:|",
+             "| fp32 | | 32 | | | " + " | ".join(f"{fp32[t]['ppl']:.2f}" for t in texts) + " | |"]
     for name in sorted(runs, key=lambda n: list(CONFIGS).index(n) if n in CONFIGS else len(CONFIGS)):
         r = runs[name]
-        lines.append(f"| {name} | {r['config']['method']} | {r['ppl']:.2f} | {r['nominal_bits']:.3f} | "
-                     f"{r['honest_bpw']:.3f} | {r['outliers']} | {r['convert_seconds']:.0f} |")
+        scope = "blocks+head" if r["config"].get("quantize_embeddings", False) else "blocks"
+        size = f"{r['file_bytes'] / 1e6:.1f}" if r.get("file_bytes") else "—"
+        whole = f"{r['file_bits_per_parameter']:.3f}" if r.get("file_bits_per_parameter") else "—"
+        cells = [f"{r['ppl'][t]:.2f} ({r['ratio_to_fp32'][t] - 1:+.1%})" for t in texts]
+        lines.append(f"| {name} | {scope} | {r['honest_bpw']:.3f} | {size} | {whole} | " + " | ".join(cells)
+                     + f" | {max(r['ratio_to_fp32'].values()) - 1:+.1%} |")
     return "\n".join(lines)
 
 
