@@ -3,8 +3,8 @@
 For every weight and every candidate setting (one width, or two adjacent widths split by Outlier
 Order as in adaptive precision) two numbers are known before any GPTQ runs:
 - its bytes in the file, exactly (spec.claq_stored_bytes: codes, codebooks, bit-width map, padding);
-- its loss, sum_j E_j * SSE_j(b_j): the least K-Means error of column j at its width b_j (exact, from
-  one DP per column) weighted by E_j = sum over calibration tokens of x_j**2, the diagonal of the
+- its loss, sum_j E_j * SSE_j(b_j): the least K-Means error of column j at its width b_j (exact up to
+  4 bits from one DP per column, extrapolated above) weighted by E_j = sum over calibration tokens of x_j**2, the diagonal of the
   weight's Hessian. That is the output error ||(W - Q) X||^2 the column would cause without GPTQ's
   compensation, so columns the calibration text drives hard cost more to coarsen.
 The settings that minimise the summed loss with the summed bytes within the budget are found by a
@@ -20,7 +20,9 @@ import numpy as np
 from . import kernels, spec
 from .columns import column_bits, outlier_order
 
-MAX_BITS = max(spec.ALLOWED_BITS)
+EXACT_BITS = 4   # SSE from the exact DP up to 16 clusters (cheap for every column)
+MAX_BITS = 6     # beyond EXACT_BITS each bit is taken to divide the SSE by 4 (the high-rate rule):
+                 # a 64-cluster DP on every column of a model costs minutes, this estimate nothing
 FRACTIONS = (0.25, 0.5, 0.75)
 
 
@@ -39,8 +41,8 @@ class Setting:
         return (self.low, self.high, self.fraction)
 
 
-SETTINGS = tuple([Setting(b, b, 0.0) for b in spec.ALLOWED_BITS]
-                 + [Setting(b, b + 1, f) for b in spec.ALLOWED_BITS[:-1] for f in FRACTIONS])
+SETTINGS = tuple([Setting(b, b, 0.0) for b in range(1, MAX_BITS + 1)]
+                 + [Setting(b, b + 1, f) for b in range(1, MAX_BITS) for f in FRACTIONS])
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Candidate:
 def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0) -> list[Candidate]:
     """Every setting of one weight W[out, in] with its exact stored bytes and its estimated loss."""
     rows = W.shape[0]
-    sse = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), MAX_BITS)  # [in, MAX_BITS]
+    exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS)
+    sse = np.concatenate([exact, exact[:, -1:] * 4.0 ** -np.arange(1, MAX_BITS - EXACT_BITS + 1)], axis=1)
     order = outlier_order(W, S)
     cols = np.arange(W.shape[1])
     out = []

@@ -43,14 +43,15 @@ def split_bits(target: float, low: Optional[int] = None, high: Optional[int] = N
     """(low, high, fraction of columns at high) for a fractional bit target.
 
     Without an explicit pair, the paper's rule: T < 3 mixes 2 and 4 bits (top (T-2)/2 of columns at 4),
-    T >= 3 mixes 3 and 4 (top T-3 at 4). An integer target gives one width.
+    3 <= T < 4 mixes 3 and 4 (top T-3 at 4); above 4 (not in the paper), the two widths around T.
+    An integer target gives one width.
     """
     if low is None or high is None:
         if float(target).is_integer():
             return int(target), int(target), 0.0
-        if not 2.0 < target < 4.0:
-            raise ValueError(f"fractional bit target {target} must lie in (2, 4); or give --ap-bits LOW,HIGH")
-        low, high = (2, 4) if target < 3 else (3, 4)
+        if not 2.0 < target < 8.0:
+            raise ValueError(f"fractional bit target {target} must lie in (2, 8); or give --ap-bits LOW,HIGH")
+        low, high = (2, 4) if target < 3 else (3, 4) if target < 4 else (int(target), int(target) + 1)
     if not (1 <= low <= high <= 8):
         raise ValueError(f"bit widths {low},{high} must satisfy 1 <= low <= high <= 8")
     if not low <= target <= high:

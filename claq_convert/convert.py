@@ -12,7 +12,7 @@ import torch
 from . import __version__, spec
 from .calibration import DEFAULT_NSAMPLES
 from .gptq import QuantizedWeight
-from .pipeline import QuantConfig, input_energies, quantize_model
+from .pipeline import QuantConfig, head_target, input_energies, quantize_model
 from .progress import Progress, no_progress
 from .reader import decode_claq
 from .source import ModelSource
@@ -189,7 +189,7 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     embedding = untied_input_embedding(source) if qc.quantize_embeddings else None
     if embedding is not None:  # no Hessian, no loss estimate: a fixed width, paid from the same budget
         rows, cols = source.tensor(embedding).shape
-        width = int(qc.head_bits) if qc.head_bits and float(qc.head_bits).is_integer() else max(spec.ALLOWED_BITS)
+        width = int(round(head_target(qc)))
         fixed[embedding] = spec.claq_stored_bytes(rows, np.full(cols, width), 0)
         params += rows * cols
         targets_fixed = {embedding: (width, width, 0.0)}

@@ -19,7 +19,7 @@ from . import spec
 from .reader import BadHeader, ClaqFile, ClaqFormatError, check_claq_contents, decode_tensor
 
 ARCH = "claq"
-EXT_VERSION = 1
+EXT_VERSION = 2                              # written; read: those of spec.WIDTHS_BY_VERSION (same widths)
 KEY_VERSION = "claq.version"
 KEY_BASE = "claq.base_architecture"
 KEY_CONFIG = "claq.config"                   # the HF config.json (JSON text)
@@ -226,8 +226,10 @@ class GgufClaqFile:
         if arch != ARCH:
             raise BadHeader(f"general.architecture is {arch!r}, not {ARCH!r}: not a CLAQ GGUF file")
         version = self._scalar(KEY_VERSION)
-        if version != EXT_VERSION:
-            raise BadHeader(f"CLAQ GGUF extension version {version}; this reader reads {EXT_VERSION}")
+        if version not in spec.WIDTHS_BY_VERSION:
+            raise BadHeader(f"CLAQ GGUF extension version {version}; this reader reads "
+                            f"{', '.join(map(str, spec.WIDTHS_BY_VERSION))}")
+        self.widths = spec.WIDTHS_BY_VERSION[version]
         try:
             table = json.loads(self._string(KEY_TENSORS))
             config = json.loads(self._string(KEY_CONFIG))
@@ -295,7 +297,7 @@ class GgufClaqFile:
         return arrays
 
     def decode(self, name: str) -> np.ndarray:
-        return decode_tensor(name, self.tensors[name], self.sections(name))
+        return decode_tensor(name, self.tensors[name], self.sections(name), widths=self.widths)
 
     def file(self, name: str) -> bytes:
         return self.files[name]
@@ -316,7 +318,7 @@ class GgufClaqFile:
         check_ggml_limits(self._reader, self.alignment)
         for name, tensor in self.tensors.items():
             if tensor["kind"] == spec.KIND_CLAQ:
-                check_claq_contents(name, tensor["shape"][0], self.sections(name))
+                check_claq_contents(name, tensor["shape"][0], self.sections(name), self.widths)
 
     def close(self) -> None:
         self._reader = None

@@ -16,7 +16,7 @@ import torch
 
 from . import kernels
 
-MAX_CODEBOOK = 16  # 2**4 entries: the widest codebook this version writes
+from .spec import MAX_CODEBOOK  # 2**8 entries: the widest codebook the format holds
 
 
 @dataclass

@@ -93,7 +93,7 @@ def parse_header(raw: bytes, version: int) -> dict:
         if not isinstance(header[key], dict):
             raise BadHeader(f"header field {key!r} must be an object")
     for name, tensor in header["tensors"].items():
-        _check_tensor_schema(name, tensor)
+        _check_tensor_schema(name, tensor, spec.WIDTHS_BY_VERSION[version])
     for name, entry in header["files"].items():
         _check_section_entry(f"file {name!r}", entry)
         if entry["dtype"] != spec.FILE_DTYPE:
@@ -122,7 +122,7 @@ def _check_section_entry(where: str, entry) -> None:
         raise BadHeader(f"{where}: length {entry['length']} does not match shape {shape} of {entry['dtype']}")
 
 
-def _check_tensor_schema(name: str, tensor) -> None:
+def _check_tensor_schema(name: str, tensor, widths: tuple) -> None:
     if not isinstance(tensor, dict) or set(tensor) != {"kind", "shape", "sections"}:
         raise BadHeader(f"tensor {name!r}: needs exactly kind, shape, sections")
     kind, shape, sections = tensor["kind"], tensor["shape"], tensor["sections"]
@@ -141,7 +141,7 @@ def _check_tensor_schema(name: str, tensor) -> None:
     if len(shape) != 2:
         raise BadHeader(f"tensor {name!r}: a quantized weight is 2-D")
     allowed = {"bit_widths", "codebooks", "outlier_counts", "outlier_rows", "outlier_values"}
-    allowed |= {spec.code_section(b) for b in spec.ALLOWED_BITS}
+    allowed |= {spec.code_section(b) for b in widths}
     unknown = set(sections) - allowed
     if unknown:
         raise BadHeader(f"tensor {name!r}: unknown section {sorted(unknown)[0]!r}")
@@ -194,19 +194,21 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
     return W
 
 
-def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray]) -> None:
-    """Values inside a quantized weight's sections: widths, codebooks, streams, padding, outliers."""
+def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
+                        widths: tuple = spec.ALLOWED_BITS) -> None:
+    """Values inside a quantized weight's sections: widths (those of the file's version), codebooks,
+    streams, padding, outliers."""
     bits = sections["bit_widths"]
-    bad = ~np.isin(bits, spec.ALLOWED_BITS)
+    bad = ~np.isin(bits, widths)
     if bad.any():
         raise BadTensorData(f"tensor {name!r}: column {int(np.flatnonzero(bad)[0])} has bit width "
-                            f"{int(bits[bad][0])}, allowed {spec.ALLOWED_BITS}")
+                            f"{int(bits[bad][0])}, allowed {widths}")
     if sections["codebooks"].size != spec.codebook_offsets(bits)[-1]:
         raise BadTensorData(f"tensor {name!r}: codebooks hold {sections['codebooks'].size} entries, "
                             f"the bit widths need {spec.codebook_offsets(bits)[-1]}")
     if not np.isfinite(sections["codebooks"]).all():
         raise BadTensorData(f"tensor {name!r}: codebooks contain a non-finite value")
-    for b in spec.ALLOWED_BITS:
+    for b in widths:
         n_codes = int(np.count_nonzero(bits == b)) * rows
         words = sections.get(spec.code_section(b))
         if (words is None) != (n_codes == 0):
@@ -235,7 +237,8 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray]) -
             raise BadTensorData(f"tensor {name!r}: outlier rows are not strictly ascending within a column")
 
 
-def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray], copy: bool = True) -> np.ndarray:
+def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray], copy: bool = True,
+                  widths: tuple = spec.ALLOWED_BITS) -> np.ndarray:
     """Any tensor as float32, from its header entry and typed sections (shared by the .claq and GGUF readers).
 
     copy=False may return the F32 section itself: only for sections the caller owns (`sections(copy=True)`).
@@ -246,7 +249,7 @@ def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray], copy
             data = (data.astype(np.uint32) << 16).view(np.float32)
         return data.astype(np.float32, copy=copy).reshape(tensor["shape"])
     rows = tensor["shape"][0]
-    check_claq_contents(name, rows, sections)
+    check_claq_contents(name, rows, sections, widths)
     return decode_claq(rows, sections)
 
 
@@ -269,9 +272,11 @@ class ClaqFile:
         magic, version, header_len = spec.PREAMBLE.unpack(self._file.read(spec.PREAMBLE.size))
         if magic != spec.MAGIC:
             raise BadMagic(f"not a .claq file (magic {magic!r}, expected {spec.MAGIC!r})")
-        if version != spec.VERSION:
-            raise UnsupportedVersion(f"file is format version {version}; this reader reads version {spec.VERSION} "
-                                     "(a newer claq-convert may read it)")
+        if version not in spec.WIDTHS_BY_VERSION:
+            raise UnsupportedVersion(f"file is format version {version}; this reader reads versions "
+                                     f"{', '.join(map(str, spec.WIDTHS_BY_VERSION))} (a newer claq-convert may read it)")
+        self.version = version
+        self.widths = spec.WIDTHS_BY_VERSION[version]
         if header_len > spec.MAX_HEADER_BYTES:
             raise BadHeader(f"header length {header_len} exceeds the {spec.MAX_HEADER_BYTES}-byte cap")
         if spec.PREAMBLE.size + header_len > size:
@@ -324,7 +329,7 @@ class ClaqFile:
 
     def decode(self, name: str) -> np.ndarray:
         """A tensor as float32 (quantized weights decoded; raw tensors converted)."""
-        return decode_tensor(name, self._tensor(name), self.sections(name))
+        return decode_tensor(name, self._tensor(name), self.sections(name), widths=self.widths)
 
     def file(self, name: str) -> bytes:
         if name not in self.files:
@@ -340,7 +345,7 @@ class ClaqFile:
         for name, tensor in self.tensors.items():
             sections = self.sections(name)
             if tensor["kind"] == spec.KIND_CLAQ:
-                check_claq_contents(name, tensor["shape"][0], sections)
+                check_claq_contents(name, tensor["shape"][0], sections, self.widths)
         for name in self.files:
             self.file(name)
         entries = [e for t in self.tensors.values() for e in t["sections"].values()] + list(self.files.values())

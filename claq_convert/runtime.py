@@ -48,7 +48,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
                 continue
             module_name = name.removesuffix(".weight")
             target = model.get_submodule(module_name)
-            check_claq_contents(name, tensor["shape"][0], sections)
+            check_claq_contents(name, tensor["shape"][0], sections, cf.widths)
             if isinstance(target, torch.nn.Embedding):
                 replacement = ClaqEmbedding(tensor["shape"][0], sections, device=device, compute_dtype=dtype,
                                             cache=cache)

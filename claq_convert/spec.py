@@ -1,4 +1,4 @@
-"""The .claq format v1: every constant and layout rule, in one place (see formats/claq-v1.md).
+"""The .claq format: every constant and layout rule, in one place (formats/claq-v2.md; v1 in claq-v1.md).
 
 The writer, the NumPy reference decoder, the Torch decoder, claq-inspect, the spec tests and the
 conformance vectors all take their constants from here. NumPy and stdlib only: importable without torch.
@@ -10,12 +10,15 @@ import struct
 import numpy as np
 
 MAGIC = b"CLAQ"
-VERSION = 1
+# Format versions this package reads -> the per-column widths each allows. v2 is v1 with widths up to 8
+# (codebooks of up to 256 entries), so every v1 file is a valid v2 file but for its version number.
+WIDTHS_BY_VERSION = {1: (1, 2, 3, 4), 2: (1, 2, 3, 4, 5, 6, 7, 8)}
+VERSION = 2                                # the version the writer writes
 PREAMBLE = struct.Struct("<4sIQ")          # magic, version (u32), header length (u64)
 ALIGNMENT = 64                             # header end and every section start
 MAX_HEADER_BYTES = 64 * 1024 * 1024        # a header is metadata, never bulk data
 WORD_BITS = 32                             # code streams are u32 little-endian words
-ALLOWED_BITS = (1, 2, 3, 4)                # per-column widths this version writes and reads
+ALLOWED_BITS = WIDTHS_BY_VERSION[VERSION]  # per-column widths the writer may use
 MAX_CODEBOOK = 1 << max(ALLOWED_BITS)
 
 # dtype name in the header -> (numpy dtype, item size). One table serves writer and readers.

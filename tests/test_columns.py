@@ -41,7 +41,10 @@ def test_split_bits_follows_the_papers_rule(target, low, high, fraction):
 
 def test_split_bits_rejects_targets_outside_the_rule_and_accepts_an_explicit_pair():
     with pytest.raises(ValueError):
-        columns.split_bits(4.5)
+        columns.split_bits(8.5)
+    with pytest.raises(ValueError):
+        columns.split_bits(1.5)
+    assert columns.split_bits(4.5) == (4, 5, 0.5)  # above the paper's range: the two widths around it
     assert columns.split_bits(2.5, 2, 3) == (2, 3, 0.5)
     with pytest.raises(ValueError):
         columns.split_bits(1.5, 2, 3)

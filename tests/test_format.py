@@ -90,7 +90,7 @@ def test_writer_rejects_duplicates_and_bad_input(tmp_path):
             w.add_raw("c", np.zeros(3, np.complex64))
     r = random_result()
     with pytest.raises(ValueError):
-        encode_claq_sections(r.shape[0], np.full(r.shape[1], 5), r.codes, r.column_codebooks,
+        encode_claq_sections(r.shape[0], np.full(r.shape[1], 9), r.codes, r.column_codebooks,
                              r.outlier_counts, r.outlier_rows, r.outlier_values)
 
 
@@ -132,9 +132,9 @@ def test_inspect_reports_the_converters_honest_bpw(converted):
     summary = json.loads(result.stdout)
     assert summary["quantized"]["stored_bytes"] == record["summary"]["stored_bytes"]
     assert summary["quantized"]["honest_bpw"] == pytest.approx(record["summary"]["honest_bpw"], rel=1e-12)
-    assert summary["quantized"]["bits_histogram"].keys() == {"3", "4"}
+    assert summary["quantized"]["bits_histogram"].keys() == {"3", "4", "5", "6"}  # AP 3.1; the head AP 5.1
     text = CliRunner().invoke(inspect_cmd, [str(path)])
-    assert text.exit_code == 0 and "honest" in text.stdout and "valid .claq v1" in text.stdout
+    assert text.exit_code == 0 and "honest" in text.stdout and f"valid .claq v{spec.VERSION}" in text.stdout
 
 
 def rewrite(path, target, header_fn=None, data_fn=None):
@@ -178,7 +178,7 @@ def test_every_top_level_field_mutated_is_rejected(converted, tmp_path, mutate):
             elif mutate == "wrong_type":
                 h[key] = [] if key != "format" else 7
             else:
-                h[key] = "gguf" if key == "format" else 2
+                h[key] = "gguf" if key == "format" else spec.VERSION + 1
         if mutate in ("format", "version") and key != mutate:
             continue
         inspect_fails(rewrite(path, tmp_path / f"{key}.claq", fn))
@@ -303,3 +303,27 @@ def test_reference_reader_imports_without_torch():
 
     code = "import sys, claq_convert.reader; assert 'torch' not in sys.modules, sorted(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_version_1_files_stay_readable_with_their_own_widths(tmp_path):
+    """A v2 reader reads v1 files, and holds them to v1's widths (1 to 4); v2 allows 1 to 8."""
+    rows, cols = 40, 6
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+    for bits, ok_in_v1 in ((np.array([1, 2, 3, 4, 4, 2]), True), (np.array([5, 6, 7, 8, 1, 4]), False)):
+        r = GPTQ(W, None).quantize(bits)
+        path = tmp_path / f"w{int(bits[0])}.claq"
+        with ClaqWriter(path) as w:
+            w.add_quantized("w", rows, encode_claq_sections(rows, r.bits, r.codes, r.column_codebooks,
+                                                            r.outlier_counts, r.outlier_rows, r.outlier_values))
+        with reader.ClaqFile(path) as cf:
+            assert cf.version == spec.VERSION and np.array_equal(cf.decode("w"), r.dequantize())
+        v1 = rewrite(path, tmp_path / f"v1-{int(bits[0])}.claq", lambda h: h.update(version=1))
+        raw = bytearray(v1.read_bytes())
+        raw[4:8] = struct.pack("<I", 1)  # the preamble's version too
+        v1.write_bytes(bytes(raw))
+        if ok_in_v1:
+            with reader.ClaqFile(v1) as cf:
+                cf.validate()
+                assert cf.version == 1 and np.array_equal(cf.decode("w"), r.dequantize())
+        else:
+            inspect_fails(v1, "codes_5")  # v1 knows no 5-bit stream

@@ -25,7 +25,7 @@ def test_decoders_agree_on_every_tensor_and_bytes_are_honest(smollm2_claq):
     with reader.ClaqFile(path) as cf:
         cf.validate()
         quantized = [n for n, t in cf.tensors.items() if t["kind"] == "claq"]
-        assert len(quantized) == 30 * 7
+        assert len(quantized) == 30 * 7 + 1 and "model.embed_tokens.weight" in quantized  # + the tied head
         for name in quantized:
             rows = cf.tensors[name]["shape"][0]
             sections = cf.sections(name)
@@ -34,6 +34,8 @@ def test_decoders_agree_on_every_tensor_and_bytes_are_honest(smollm2_claq):
             assert np.array_equal(ours.numpy(), cf.decode(name)), name
             assert cf.stored_bytes(name) == record["tensors"][name]["stored_bytes"]
     assert record["summary"]["honest_bpw"] < 4.5
+    assert record["calibration"]["sources"] == ["self"]  # the default needs no text at all
+    assert path.stat().st_size <= 80e6  # the whole file, with the tied embedding quantized (was 175 MB)
 
 
 def test_the_4bit_file_answers_paris_and_matches_in_memory_perplexity(smollm2_claq, smollm2_dir):
@@ -64,7 +66,10 @@ def smollm2_3bit(smollm2_dir, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("smollm2-3bit")
     claq = directory / "m.claq"
-    run_conversion(ConvertOptions(model_dir=smollm2_dir, out=claq, quant=QuantConfig(bits=3)))
+    from claq_convert.data import default_text
+
+    run_conversion(ConvertOptions(model_dir=smollm2_dir, out=claq, quant=QuantConfig(bits=3),
+                                  calib=(default_text("valid"),), nsamples=32))  # a text: no sampling time
     return claq, claq_to_gguf(claq, directory / "m.gguf")
 
 

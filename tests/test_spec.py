@@ -14,7 +14,7 @@ def test_pack_codes_worked_example():
     assert words.tolist() == [0b10 << 30, 0b1]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", list(spec.ALLOWED_BITS))
 @pytest.mark.parametrize("n", [0, 1, 10, 11, 31, 32, 33, 997])
 def test_pack_unpack_roundtrip(bits, n):
     codes = np.random.default_rng(n * 10 + bits).integers(0, 1 << bits, n).astype(np.uint8)

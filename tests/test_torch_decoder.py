@@ -20,7 +20,7 @@ VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", list(spec.ALLOWED_BITS))
 def test_unpack_matches_numpy(device, bits):
     rng = np.random.default_rng(bits)
     for n in (1, 31, 32, 33, 1000):
@@ -41,7 +41,7 @@ def test_decoders_agree_bit_for_bit_on_random_weights(device):
     for seed in range(4):
         rows, cols = 29 + seed * 17, 40
         W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
-        bits = np.random.default_rng(seed).choice([1, 2, 3, 4], cols)
+        bits = np.random.default_rng(seed).choice(list(spec.ALLOWED_BITS), cols)
         r = GPTQ(W, None).quantize(bits, np.random.default_rng(seed).integers(0, 3, cols))
         sections = encode_claq_sections(rows, r.bits, r.codes, r.column_codebooks, r.outlier_counts,
                                         r.outlier_rows, r.outlier_values)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Which calibration carries over to other text: each setting quantized the same way, scored on every text.
 
-For every configuration (calibration sources, windows, length, dampening) the model is quantized in
-memory with the same pipeline claq-convert runs and its perplexity measured on every evaluation text
+For every configuration (calibration sources, windows, length, dampening) the block linears are
+quantized in memory with the same pipeline claq-convert runs and its perplexity measured on every evaluation text
 (data.EVAL_TEXTS), as the ratio to fp32 on that text. Calibration windows are made once per distinct
 setting and kept under out/calibration-cache/ (.npy), so self-sampled text is not sampled twice.
 Results go to bench/calibration.json after every configuration.
@@ -105,7 +105,8 @@ def main(model, only, out, resume):
         sources, nsamples, seqlen, fields = CONFIGS[name]
         calibration = calibration_for(sources, nsamples, seqlen, model, tokenizer, device,
                                       ROOT / "out" / "calibration-cache")
-        qc = QuantConfig(**{"bits": 4.0, **fields})
+        # the block linears only: the head/embedding is held at fp32 so only the calibration differs
+        qc = QuantConfig(**{"bits": 4.0, "quantize_embeddings": False, **fields})
         options = ConvertOptions(model_dir=model, out=None, quant=qc, calib=resolve_sources(sources),
                                  nsamples=nsamples, seqlen=seqlen, device=device, evaluate=True, eval_texts=texts)
         record = run_conversion(options, ppl_before=fp32, calibration=calibration,

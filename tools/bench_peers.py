@@ -13,7 +13,7 @@ for the whole model, file bytes * 8 / all parameters. fp32 is scored in the same
 
 A benchmark tool only: never a dependency of the package, never run in tests. Run it niced on a shared box:
 
-    nice -n 19 python tools/bench_peers.py                      # everything (build ~15 min, then ~2 min a model)
+    nice -n 19 python tools/bench_peers.py        # everything: build ~5 min on 2 cores, then minutes a model
     nice -n 19 python tools/bench_peers.py --only IQ3_S-imat --resume
 """
 from __future__ import annotations
@@ -48,11 +48,9 @@ VERSION = "0.3.36"  # of llama-cpp-python, whose sdist vendors llama.cpp
 PACKAGE = f"llama-cpp-python=={VERSION}"
 SENTENCEPIECE = "sentencepiece==0.2.1"  # the converter imports it even for BPE vocabularies
 PEERS = DEFAULT_FIXTURE_DIR.parent / "peers"
-IMATRIX = {"ctx": 512, "chunks": 128}
-# name -> (llama-quantize type, use the imatrix). The IQ types refuse to run without one.
-TYPES = {"Q4_K_M": ("Q4_K_M", False), "Q4_K_M-imat": ("Q4_K_M", True), "Q3_K_M": ("Q3_K_M", False),
-         "Q4_0": ("Q4_0", False), "Q3_K_S": ("Q3_K_S", False), "Q3_K_S-imat": ("Q3_K_S", True),
-         "IQ3_S-imat": ("IQ3_S", True)}
+IMATRIX = {"ctx": 512, "chunks": 64}  # 32k tokens: twice what CLAQ calibrates on (32 x 512)
+# llama-quantize types; "-imat": quantized with the importance matrix (the IQ types refuse to run without one)
+TYPES = ("Q4_K_M", "Q3_K_M", "Q4_0", "Q3_K_S", "Q3_K_S-imat", "IQ3_S-imat", "Q4_K_M-imat")
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -73,7 +71,7 @@ def build_tools() -> tuple[Path, Path]:
     """(llama.cpp sources, bin dir): the pinned sdist unpacked once, a CPU Release build of the two tools we use."""
     src, build = PEERS / "src" / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp", PEERS / f"build-{VERSION}"
     if not (src / "CMakeLists.txt").is_file():
-        (PEERS / "src").mkdir(parents=True, exist_ok=True)
+        PEERS.mkdir(parents=True, exist_ok=True)  # pip makes src/ itself; the log goes beside it
         run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
              "-d", PEERS / "src"], PEERS / "download.log")
         with tarfile.open(PEERS / "src" / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
@@ -88,8 +86,7 @@ def build_tools() -> tuple[Path, Path]:
 
 def converter_python() -> Path:
     """A venv for the converter: sentencepiece of its own, torch/transformers seen from this venv via a .pth."""
-    venv = PEERS / "convert-venv"
-    python = venv / "bin" / "python"
+    venv, python = PEERS / "convert-venv", PEERS / "convert-venv" / "bin" / "python"
     if not python.is_file():
         run([sys.executable, "-m", "venv", venv], PEERS / "venv.log")
         run([python, "-m", "pip", "install", "--quiet", SENTENCEPIECE], PEERS / "venv.log")
@@ -98,11 +95,11 @@ def converter_python() -> Path:
     return python
 
 
-def hf_weights(gguf_reader, n_head: int, n_kv: int, names=None) -> dict:
+def hf_weights(gguf_reader, n_head: int, n_kv: int) -> dict:
     """Dequantized GGUF tensors under HF names, q/k rows put back in HF order."""
     out = {}
-    for t in (t for t in gguf_reader.tensors if names is None or t.name in names):
-        w, name = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32), hf_name(t.name)
+    for t in gguf_reader.tensors:
+        w, name = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32), hf_name(t.name)  # a writable copy
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_qk(w, n_head if "q_proj" in name else n_kv)
         out[name] = w
@@ -153,22 +150,26 @@ def measure(gguf_path: Path, model, tokenizer, texts: dict, fp32: dict) -> dict:
     reader, cfg = GGUFReader(gguf_path), model.config
     linears = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.split(".")[2] in BLOCK_LINEARS]
     result = {"file_bytes": gguf_path.stat().st_size, "tensor_types": tensor_classes(reader), "scopes": {}}
-    all_params = sum(int(t.n_elements) for t in reader.tensors)
     bpw = {"block_linears": sum(int(t.n_bytes) for t in linears) * 8 / sum(int(t.n_elements) for t in linears),
-           "whole_model": result["file_bytes"] * 8 / all_params}
-    for scope, names in (("block_linears", {t.name for t in linears}), ("whole_model", None)):
-        log(f"  {gguf_path.name}: {scope}")
-        with patched(model, hf_weights(reader, cfg.num_attention_heads, cfg.num_key_value_heads, names)):
-            ppl = evaluate(model, tokenizer, texts)
-        result["scopes"][scope] = {"bpw": bpw[scope], "ppl": ppl, "ratio": {k: ppl[k] / fp32[k] for k in ppl}}
+           "whole_model": result["file_bytes"] * 8 / sum(int(t.n_elements) for t in reader.tensors)}
+    whole, params = hf_weights(reader, cfg.num_attention_heads, cfg.num_key_value_heads), dict(model.named_parameters())
+    block = {k: whole[k] for k in map(hf_name, (t.name for t in linears))}
+    # token_embd and norms often come back bit exact (F32, or Q8_0 of a table already on a Q8_0 grid): then the
+    # whole model is the block-linears model, and its (deterministic) perplexity is not measured twice
+    same = all(np.array_equal(w, params[k].detach().numpy()) for k, w in whole.items() if k not in block)
+    for scope, state in (("block_linears", block), ("whole_model", whole)):
+        if not (same and scope == "whole_model"):
+            log(f"  {gguf_path.name}: {scope}")
+            with patched(model, state):
+                ppl = evaluate(model, tokenizer, texts)
+        result["scopes"][scope] = {"bpw": bpw[scope], "ppl": ppl, "ratio": {k: ppl[k] / fp32[k] for k in ppl},
+                                   **({"same_weights_as": "block_linears"} if same and scope == "whole_model" else {})}
     return result
 
 
 def make(target: Path, cmd: list, logfile: Path) -> None:
-    """Run `cmd` (which writes `target`) unless done, into a .part file first so a killed run never looks done.
-
-    The .gguf ending is kept: llama-imatrix picks its output format from it.
-    """
+    """Run `cmd` (which writes `target`) unless done, into a .part file so a killed run never looks done.
+    The file keeps its .gguf ending: llama-imatrix picks its output format from it."""
     if not target.is_file():
         part = target.with_suffix(".part" + target.suffix)
         run([part if c == target else c for c in cmd], logfile)
@@ -193,7 +194,7 @@ def prepare(model_dir: Path) -> dict:
 
 def quantize_and_measure(name: str, setup: dict, model, tokenizer, texts: dict, fp32: dict) -> dict:
     """One type: quantize (cached), then both scopes; a failure is recorded and the other types still run."""
-    qtype, use_imatrix = TYPES[name]
+    qtype, use_imatrix = name.removesuffix("-imat"), name.endswith("-imat")
     target, start = setup["work"] / f"{name}.gguf", time.perf_counter()
     cmd = [setup["bin"] / "llama-quantize", *(["--imatrix", setup["imatrix"]] if use_imatrix else []),
            setup["f32"], target, qtype, os.cpu_count()]
@@ -222,13 +223,13 @@ def main(only, out, resume):
     report = json.loads(out.read_text()) if resume and out.is_file() else {}
     model_dir, texts, start = build_fixture(DEFAULT_FIXTURE_DIR), eval_texts(), time.perf_counter()
     report.update(machine=machine_info(), model=str(model_dir), llama_cpp=PACKAGE, gguf_py=metadata.version("gguf"),
-                  imatrix=IMATRIX, protocol={"texts": {k: str(v) for k, v in texts.items()}, "windows": 40,
-                                             "seqlen": 512})
+                  imatrix=IMATRIX, protocol={"seqlen": 512, "windows": 40, "texts": {k: str(texts[k]) for k in texts}})
     try:
         setup = prepare(model_dir)
     except Exception as exc:  # recorded: the JSON says why there are no numbers
         save({**report, "setup_error": str(exc)}, out)
         raise click.ClickException(f"setup failed: {exc}")
+    report.pop("setup_error", None)
     report["commands"] = setup["commands"]
     model, tokenizer = load_hf(model_dir, "cpu")
     check_round_trip(setup["f32"], model)
@@ -242,9 +243,8 @@ def main(only, out, resume):
             continue
         runs[name] = quantize_and_measure(name, setup, model, tokenizer, texts, report["fp32"])
         log(f"{name}: " + json.dumps(runs[name].get("scopes", runs[name].get("error"))))
+        report["seconds_last_run"] = time.perf_counter() - start
         save(report, out)
-    report["seconds_last_run"] = time.perf_counter() - start
-    save(report, out)
 
 
 if __name__ == "__main__":

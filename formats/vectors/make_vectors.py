@@ -15,7 +15,9 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from claq_convert.spec import ALIGNMENT, MAGIC, VERSION  # noqa: E402  (the one source of the constants)
+from claq_convert.spec import ALIGNMENT, MAGIC, WIDTHS_BY_VERSION  # noqa: E402  (the one source of the constants)
+
+VERSION = 1  # these are the vectors of claq-v1.md; every reader of a later version reads them too
 
 F16 = {0.0: 0x0000, 0.5: 0x3800, -0.5: 0xB800, 1.0: 0x3C00, -1.0: 0xBC00, 2.0: 0x4000, -2.0: 0xC000,
        0.25: 0x3400, -0.25: 0xB400, 0.125: 0x3000, -0.125: 0xB000, 1.5: 0x3E00, -1.5: 0xBE00, 3.0: 0x4200,
@@ -141,7 +143,8 @@ def _bad_width_crc(header, data):
 
 BAD = {  # name -> (bytes, error class)
     "wrong_magic": (lambda: b"GGUF" + assemble({"w": WORKED}, {}, METADATA)[4:], "BadMagic"),
-    "future_version": (lambda: assemble({"w": WORKED}, {}, METADATA, version=2), "UnsupportedVersion"),
+    "future_version": (lambda: assemble({"w": WORKED}, {}, METADATA, version=max(WIDTHS_BY_VERSION) + 1),
+                       "UnsupportedVersion"),
     "truncated": (lambda: assemble({"w": WORKED}, {}, METADATA)[:-70], "BadLayout"),
     "short_preamble": (lambda: b"CLAQ\x01\x00", "TruncatedFile"),
     "header_past_end": (lambda: struct.pack("<4sIQ", MAGIC, VERSION, 1 << 40) + b"{}", "BadHeader"),
