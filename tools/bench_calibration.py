@@ -81,11 +81,14 @@ def calibration_for(sources, nsamples, seqlen, model, tokenizer, device, cache_d
 @click.option("--only", multiple=True, help="Run just these configurations (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "bench" / "calibration.json")
 @click.option("--resume", is_flag=True, help="Skip configurations already in --out.")
-def main(model, only, out, resume):
+@click.option("--table", "table_only", is_flag=True, help="Run nothing: print --out as a markdown table.")
+def main(model, only, out, resume, table_only):
     from transformers import AutoTokenizer
 
     from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
 
+    if table_only:
+        return click.echo(markdown_table(json.loads(out.read_text())))
     model = model or build_fixture(DEFAULT_FIXTURE_DIR)
     names = list(only) or list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
@@ -120,6 +123,16 @@ def main(model, only, out, resume):
         click.echo(f"{name:20s} " + "  ".join(f"{t} {r:.4f}" for t, r in ratios.items()))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def markdown_table(report: dict) -> str:
+    """Loss against fp32 per text for every calibration measured (block linears at 4 bits)."""
+    texts = list(report["ppl_fp32"])
+    lines = ["| calibration | windows | " + " | ".join(texts) + " | worst |", "|---|---:|" + "---:|" * (len(texts) + 1)]
+    for name, r in report["runs"].items():
+        cells = [f"{r['ratio_to_fp32'][t] - 1:+.1%}" for t in texts]
+        lines.append(f"| {name} | {r['nsamples']}x{r['seqlen']} | " + " | ".join(cells) + f" | {r['worst_ratio'] - 1:+.1%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
