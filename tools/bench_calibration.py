@@ -2,9 +2,9 @@
 """Which calibration carries over to other text: each setting quantized the same way, scored on every text.
 
 For every configuration (calibration sources, windows, length, dampening) the block linears are
-quantized in memory with the same pipeline claq-convert runs and its perplexity measured on every evaluation text
-(data.EVAL_TEXTS), as the ratio to fp32 on that text. Calibration windows are made once per distinct
-setting and kept under out/calibration-cache/ (.npy), so self-sampled text is not sampled twice.
+quantized in memory with the same pipeline claq-convert runs (the head held at fp32, so only the
+calibration differs) and the perplexity measured on every evaluation text (data.eval_texts), as the
+ratio to fp32 on that text. Self-sampled text is sampled once into a pool (tools/benchlib.py).
 Results go to bench/calibration.json after every configuration.
 
     python tools/bench_calibration.py                  # all configurations (about an hour on 2 cores)
@@ -17,15 +17,15 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import open_report, self_pool  # noqa: E402
 from claq_convert.calibration import SELF, calibration_set, split_counts  # noqa: E402
-from claq_convert.cli import machine_info, resolve_device  # noqa: E402
-from claq_convert.convert import ConvertOptions, load_sampler, run_conversion  # noqa: E402
+from claq_convert.cli import resolve_device  # noqa: E402
+from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
 
@@ -50,26 +50,14 @@ def resolve_sources(sources) -> tuple:
     return tuple(str(default_text("valid")) if s == WIKI_VALID else s for s in sources)
 
 
-def self_pool(model, tokenizer, count, seqlen, device, cache_dir: Path) -> torch.Tensor:
-    """`count` self-sampled windows (seed 0), sampled once and kept as .npy. The first n of them are
-    exactly what calibration_set samples for n windows: one seeded stream, drawn batch after batch."""
-    path = cache_dir / f"self-{count}x{seqlen}-seed0.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    windows = calibration_set((SELF,), tokenizer, lambda: load_sampler(model, device), count, seqlen, 0)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, windows.numpy(), allow_pickle=False)
-    return windows
-
-
-def calibration_for(sources, nsamples, seqlen, model, tokenizer, device, cache_dir: Path) -> torch.Tensor:
+def calibration_for(sources, nsamples, seqlen, model, tokenizer, device) -> torch.Tensor:
     """calibration_set's windows for these sources, the self-sampled part taken from the cached pool."""
     parts = []
     for position, (source, count) in enumerate(zip(sources, split_counts(nsamples, len(sources)))):
         if source == SELF:
             if position:
                 raise ValueError("the cached pool holds seed-0 samples: put self first")
-            parts.append(self_pool(model, tokenizer, SELF_POOL, seqlen, device, cache_dir)[:count])
+            parts.append(self_pool(model, tokenizer, SELF_POOL, seqlen, device)[:count])
         else:
             parts.append(calibration_set(resolve_sources((source,)), tokenizer, None, count, seqlen, position))
     return torch.cat(parts)
@@ -97,17 +85,13 @@ def main(model, only, out, resume, table_only):
     device = resolve_device("auto")
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     texts = eval_texts()
-    report = json.loads(out.read_text()) if resume and out.is_file() else {}
-    report.update(machine=machine_info(), model=str(model),
-                  protocol={"texts": {k: str(v) for k, v in texts.items()}, "seqlen": 512, "windows": 40})
-    runs = report.setdefault("runs", {})
-    fp32 = report.setdefault("ppl_fp32", {})
+    report = open_report(out, resume, model, texts)
+    runs, fp32 = report["runs"], report["ppl_fp32"]
     for name in names:
         if name in runs:
             continue
         sources, nsamples, seqlen, fields = CONFIGS[name]
-        calibration = calibration_for(sources, nsamples, seqlen, model, tokenizer, device,
-                                      ROOT / "out" / "calibration-cache")
+        calibration = calibration_for(sources, nsamples, seqlen, model, tokenizer, device)
         # the block linears only: the head/embedding is held at fp32 so only the calibration differs
         qc = QuantConfig(**{"bits": 4.0, "quantize_embeddings": False, **fields})
         options = ConvertOptions(model_dir=model, out=None, quant=qc, calib=resolve_sources(sources),

@@ -22,8 +22,11 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SELF_POOL = 128  # windows in the shared self-sampled pool (tools/benchlib.py)
 
-from claq_convert.cli import machine_info, resolve_device  # noqa: E402
+from benchlib import open_report, self_pool  # noqa: E402
+from claq_convert.calibration import DEFAULT_CALIBRATION, SELF  # noqa: E402
+from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
@@ -64,11 +67,8 @@ def main(model, only, out, nsamples, resume, table_only, readme):
     if unknown:
         raise click.UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     texts = eval_texts()
-    report = json.loads(out.read_text()) if resume and out.is_file() else {}
-    report.update(machine=machine_info(), model=str(model),
-                  protocol={"texts": {k: str(v) for k, v in texts.items()}, "seqlen": 512, "windows": 40})
-    runs = report.setdefault("runs", {})
-    fp32 = report.setdefault("ppl_fp32", {})
+    report = open_report(out, resume, model, texts)
+    runs, fp32 = report["runs"], report["ppl_fp32"]
     for name in names:
         if name in runs:
             continue
@@ -86,7 +86,15 @@ def main(model, only, out, nsamples, resume, table_only, readme):
             model_dir=model, out=ROOT / "out" / "quality" / f"{name}.claq" if stores else None, quant=qc,
             calib=(default_text("valid"),) if calib == "wikitext-valid" else (), nsamples=nsamples or defaults.nsamples,
             device=resolve_device("auto"), evaluate=True, eval_texts=texts)
-        record = run_conversion(options, ppl_before=fp32, log=lambda s: click.echo(s, err=True))
+        # the default calibration (self, seed 0) is the first windows of the shared sampled pool
+        calibration = None
+        if not options.calib and DEFAULT_CALIBRATION == (SELF,) and options.nsamples <= SELF_POOL:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
+            calibration = self_pool(model, tokenizer, SELF_POOL, 512, options.device)[:options.nsamples]
+        record = run_conversion(options, ppl_before=fp32, log=lambda s: click.echo(s, err=True),
+                                calibration=calibration)
         fp32.update(record["ppl_before"])
         s = record["summary"]
         runs[name] = {"config": qc.to_dict(), "calibration": record["calibration"],

@@ -1,0 +1,40 @@
+"""What the quality benchmarks share: their JSON report, and self-sampled calibration made once."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from claq_convert.calibration import SELF, calibration_set  # noqa: E402
+from claq_convert.cli import machine_info  # noqa: E402
+from claq_convert.convert import load_sampler  # noqa: E402
+
+CACHE = ROOT / "out" / "calibration-cache"
+
+
+def open_report(out: Path, resume: bool, model, texts: dict) -> dict:
+    """The report to extend: the one at `out` when resuming (its fp32 results are reused), else a new one."""
+    report = json.loads(out.read_text()) if resume and out.is_file() else {}
+    report.update(machine=machine_info(), model=str(model),
+                  protocol={"texts": {k: str(v) for k, v in texts.items()}, "seqlen": 512, "windows": 40})
+    report.setdefault("runs", {})
+    report.setdefault("ppl_fp32", {})
+    return report
+
+
+def self_pool(model, tokenizer, count: int, seqlen: int, device) -> torch.Tensor:
+    """`count` self-sampled windows (seed 0), sampled once and kept as .npy. The first n of them are
+    exactly what calibration_set samples for n windows: one seeded stream, drawn batch after batch."""
+    path = CACHE / f"self-{count}x{seqlen}-seed0.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    windows = calibration_set((SELF,), tokenizer, lambda: load_sampler(model, device), count, seqlen, 0)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, windows.numpy(), allow_pickle=False)
+    return windows
