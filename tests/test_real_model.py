@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2_claq(smollm2_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2") / "smollm2-4bit.claq"
-    record = run_conversion(ConvertOptions(model_dir=smollm2_dir, out=path, quant=QuantConfig(bits=4)))
+    # the default calibration (self-sampled text), at half its windows to keep CI short
+    record = run_conversion(ConvertOptions(model_dir=smollm2_dir, out=path, quant=QuantConfig(bits=4), nsamples=32))
     return path, record
 
 
