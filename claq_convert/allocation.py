@@ -52,8 +52,13 @@ class Candidate:
     loss: float
 
 
-def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0) -> list[Candidate]:
-    """Every setting of one weight W[out, in] with its exact stored bytes and its estimated loss."""
+def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: bool = True) -> list[Candidate]:
+    """Every setting of one weight W[out, in] with its exact stored bytes and its estimated loss.
+
+    `relative` divides the loss by the weight's output energy sum_j E_j ||W[:, j]||^2, so each weight's
+    loss is its error relative to its signal. Absolute errors grow with the residual stream along the
+    depth and starve the early layers (measured: 4.72 bpw absolute, +27% ppl on WikiText where the
+    fixed rule loses 8%)."""
     rows = W.shape[0]
     exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS)
     sse = np.concatenate([exact, exact[:, -1:] * 4.0 ** -np.arange(1, MAX_BITS - EXACT_BITS + 1)], axis=1)
@@ -64,6 +69,9 @@ def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0) -> list[Candi
         bits = column_bits(order, setting.target, setting.low, setting.high)
         loss = float(np.sum(energy * sse[cols, bits - 1]))
         out.append(Candidate(setting, spec.claq_stored_bytes(rows, bits, 0), loss))
+    if relative:
+        signal = float(np.sum(energy * np.sum(W.astype(np.float64) ** 2, axis=0)))
+        out = [Candidate(c.setting, c.nbytes, c.loss / max(signal, 1e-300)) for c in out]
     return out
 
 

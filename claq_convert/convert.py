@@ -182,7 +182,8 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
 
     start = time.perf_counter()
     energies = input_energies(source, calibration, device, quantize_embeddings=qc.quantize_embeddings)
-    tables = {name: candidates(source.tensor(name).float().numpy(), energy, qc.outlier_threshold)
+    tables = {name: candidates(source.tensor(name).float().numpy(), energy, qc.outlier_threshold,
+                               relative=qc.allocation == "relative")
               for name, energy in energies.items()}
     params = sum(int(np.prod(source.tensor(name).shape)) for name in tables)
     fixed = {}

@@ -36,7 +36,7 @@ def summarize(cf) -> dict:
     config = cf.metadata.get("config") or {}
     conversion = cf.metadata.get("conversion") or {}
     fmt = "gguf" if type(cf).__name__ == "GgufClaqFile" else "claq"
-    return {"file": str(cf.path), "bytes": cf.size, "format": fmt, "version": spec.VERSION,
+    return {"file": str(cf.path), "bytes": cf.size, "format": fmt, "version": getattr(cf, "version", spec.VERSION),
             "parameters": all_params, "file_bits_per_parameter": cf.size * 8 / all_params if all_params else None,
             "model": {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
                       "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size")},

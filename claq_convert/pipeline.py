@@ -45,6 +45,7 @@ class QuantConfig:
     head_bits: Optional[float] = None # target of the head/embedding; None: HEAD_EXTRA_BITS above `bits`
     group_size: int = 0               # uniform baselines: a grid per this many columns (0: per row)
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
+    allocation: str = "relative"      # its loss per weight: "relative" to the weight's output energy, or "absolute"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -60,6 +61,8 @@ class QuantConfig:
         if self.bpw is not None and (self.method != "claq" or self.outlier_bits or not 1 < self.bpw <= 5):
             raise ValueError("--bpw (measured allocation) is a CLAQ option without --outlier-bits, "
                              "a budget in (1, 5] bits per weight")
+        if self.allocation not in ("relative", "absolute"):
+            raise ValueError(f"unknown allocation loss {self.allocation!r}; use relative or absolute")
         if self.outlier_bits < 0:
             raise ValueError("--outlier-bits must be >= 0")
         if self.head_bits is not None and not 1 <= self.head_bits <= 8:
@@ -263,8 +266,8 @@ def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantCo
 
 def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig, device, log, targets=None):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
-    head_qc = replace(qc, bits=head_target(qc), ap_bits=None)
-    head_qc = _with_target(head_qc, targets, head_name)
+    end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
+    head_qc = _with_target(end_qc, targets, head_name)
     start = time.perf_counter()
     norm = _final_norm(model)
     norm_prefix = _parameter_name(model, norm).removesuffix("weight") if norm is not None else None
@@ -286,7 +289,8 @@ def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig,
     yield head_name, result
     if embedding_name is not None:  # an untied input embedding has no Hessian: per-column K-Means, data-free
         start = time.perf_counter()
-        result = quantize_weight(source.tensor(embedding_name).float().to(device), None, head_qc)
+        result = quantize_weight(source.tensor(embedding_name).float().to(device), None,
+                                 _with_target(end_qc, targets, embedding_name))
         log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
         yield embedding_name, result
 

@@ -41,6 +41,7 @@ CONFIGS = {
     "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
     "claq-ap-3.5": dict(bits=3.5), "claq-ap-3.1": dict(bits=3.1), "claq-3": dict(bits=3),
     "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
+    "claq-alloc-absolute=claq-4": dict(bpw_of="claq-4", allocation="absolute"),
     "claq-alloc=claq-4": dict(bpw_of="claq-4"), "claq-alloc=claq-ap-3.5": dict(bpw_of="claq-ap-3.5"),
     "claq-alloc=claq-ap-3.1": dict(bpw_of="claq-ap-3.1"),
 }
