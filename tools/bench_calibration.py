@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import open_report, self_pool  # noqa: E402
+from benchlib import open_report, selected, self_pool  # noqa: E402
 from claq_convert.calibration import SELF, calibration_set, split_counts  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
@@ -78,10 +78,7 @@ def main(model, only, out, resume, table_only):
     if table_only:
         return click.echo(markdown_table(json.loads(out.read_text())))
     model = model or build_fixture(DEFAULT_FIXTURE_DIR)
-    names = list(only) or list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise click.UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    names = selected(only, CONFIGS)
     device = resolve_device("auto")
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     texts = eval_texts()

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SELF_POOL = 128  # windows in the shared self-sampled pool (tools/benchlib.py)
 
-from benchlib import open_report, self_pool  # noqa: E402
+from benchlib import open_report, selected, self_pool  # noqa: E402
 from claq_convert.calibration import DEFAULT_CALIBRATION, SELF  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
@@ -63,10 +63,7 @@ def main(model, only, out, nsamples, resume, table_only, readme):
     if table_only:
         return emit_table(json.loads(out.read_text()), readme)
     model = model or build_fixture(DEFAULT_FIXTURE_DIR)
-    names = list(only) or list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise click.UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    names = selected(only, CONFIGS)
     texts = eval_texts()
     report = open_report(out, resume, model, texts)
     runs, fp32 = report["runs"], report["ppl_fp32"]

@@ -18,6 +18,17 @@ from claq_convert.convert import load_sampler  # noqa: E402
 CACHE = ROOT / "out" / "calibration-cache"
 
 
+def selected(only, configs: dict) -> list[str]:
+    """The configurations to run: those named with --only (checked), else all."""
+    import click
+
+    names = list(only) or list(configs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise click.UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(configs)}")
+    return names
+
+
 def open_report(out: Path, resume: bool, model, texts: dict) -> dict:
     """The report to extend: the one at `out` when resuming (its fp32 results are reused), else a new one."""
     report = json.loads(out.read_text()) if resume and out.is_file() else {}
