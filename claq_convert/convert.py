@@ -11,6 +11,7 @@ import torch
 
 from . import __version__, spec
 from .calibration import DEFAULT_NSAMPLES
+from .columns import grid_codebooks
 from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, head_target, input_energies, quantize_model
 from .progress import Progress, no_progress
@@ -46,7 +47,8 @@ def stored_bytes(result: QuantizedWeight) -> int:
         b, groups = int(result.bits[0]), result.scale.shape[0]
         group_map = spec.align(4 * cols) if groups > 1 else 0  # int32 group per column (act-order groups)
         return spec.align(4 * spec.code_words(rows * cols, b)) + 2 * spec.align(2 * rows * groups) + group_map
-    return spec.claq_stored_bytes(rows, result.bits, int(result.outlier_counts.sum()), int(result.outlier_counts.max()))
+    return spec.claq_stored_bytes(rows, result.bits, int(result.outlier_counts.sum()), int(result.outlier_counts.max()),
+                                  grid=result.codebook_grid is not None)
 
 
 def tensor_record(result: QuantizedWeight) -> dict:
@@ -71,8 +73,11 @@ def summarize(tensors: dict[str, dict]) -> dict:
 def encode_result(result: QuantizedWeight) -> dict:
     if result.method != "codebook":
         raise ValueError("only codebook methods (claq, kmeans) are stored in .claq files; evaluate baselines with --dry-run")
-    return encode_claq_sections(result.shape[0], result.bits, result.codes, result.column_codebooks,
-                                result.outlier_counts, result.outlier_rows, result.outlier_values)
+    grid = result.codebook_grid is not None
+    return encode_claq_sections(result.shape[0], result.bits, result.codes,
+                                result.codebook_levels if grid else result.column_codebooks,
+                                result.outlier_counts, result.outlier_rows, result.outlier_values,
+                                result.codebook_grid if grid else None)
 
 
 # Files of a model directory that a runtime needs besides the weights and config.json.
@@ -188,14 +193,14 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     start = time.perf_counter()
     energies = input_energies(source, calibration, device, quantize_embeddings=False)
     tables = {name: candidates(source.tensor(name).float().numpy(), energy, qc.outlier_threshold,
-                               relative=qc.allocation == "relative")
+                               relative=qc.allocation == "relative", codebook=qc.codebook)
               for name, energy in energies.items()}
     params = sum(int(np.prod(source.tensor(name).shape)) for name in tables)
     fixed, targets = 0, {}
     width = int(round(head_target(qc)))
     for name in end_tensors(source) if qc.quantize_embeddings else ():
         rows, cols = source.tensor(name).shape
-        fixed += spec.claq_stored_bytes(rows, np.full(cols, width), 0)
+        fixed += spec.claq_stored_bytes(rows, np.full(cols, width), 0, grid=grid_codebooks(qc.codebook, [width]))
         params += rows * cols
         targets[name] = (width, width, 0.0)
     budget = int(qc.bpw * params // 8)

@@ -164,24 +164,112 @@ def build_fixture(out_dir: Path = DEFAULT_FIXTURE_DIR, wheel: Path | None = None
     reader = GGUFReader(gguf_path)
     config = llama_config(reader)
     state = dequantized_state_dict(reader, config, progress)
-    # Build in a sibling temp dir and rename, so an interrupted run never looks complete.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fixture-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tokenizer.save_pretrained(str(tmp))
         GenerationConfig(bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"],
                          pad_token_id=config["pad_token_id"]).save_pretrained(str(tmp))
         (tmp / "claq_fixture.json").write_text(json.dumps(
             {"source": f"{WHEEL_NAME}=={WHEEL_VERSION}:{GGUF_MEMBER}", "dtype": "float32",
              "note": "Q4_1 GGUF dequantized to fp32; q/k rows un-permuted"}, indent=2) + "\n")
+
+    _write_directory(out_dir, write)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- permuted twin
+# The fixture's block linears come from a Q4_1 file: every 32-weight run of a row holds at most 16 values
+# on one affine grid, so any format with row blocks of 32 aligned to it (llama.cpp's Q4_1 exactly, Q5_0 and
+# the K-types nearly) gets the source back almost for free, while a per-column codebook cannot see that grid.
+# The permuted twin is the same function with the hidden units renumbered at random, as training could have
+# numbered them: the residual stream (every reader's input columns, every writer's rows, the norms, the
+# embedding), the MLP's intermediate units, and each value head's dimensions. Column and row statistics are
+# unchanged; only the accidental alignment of the source grid with 32-weight row blocks is gone.
+PERMUTED_SEED = 0
+DEFAULT_PERMUTED_DIR = DEFAULT_FIXTURE_DIR.with_name(DEFAULT_FIXTURE_DIR.name + "-permuted")
+_RESIDUAL_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+_RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+_RESIDUAL_VECTORS = ("input_layernorm", "post_attention_layernorm")
+
+
+def permute_llama_state(state: dict[str, np.ndarray], config: dict, seed: int = PERMUTED_SEED) -> dict[str, np.ndarray]:
+    """A Llama state dict renumbered so the model computes the same function (pure; the input is not changed).
+
+    Residual dimension P: input columns of q/k/v/gate/up, rows of o/down, the norms, the embedding's columns
+    (and an untied head's). MLP units M: rows of gate/up, columns of down. Value head g, dimensions V_g: the
+    rows of v in head g and the columns of o in every query head that reads head g (h // (heads / kv heads)).
+    q/k rows keep their order: RoPE pairs them.
+    """
+    rng = np.random.default_rng(seed)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    P, M = rng.permutation(hidden), rng.permutation(inter)
+    value_perms = [rng.permutation(head_dim) for _ in range(kv_heads)]
+    v_rows = np.concatenate([g * head_dim + p for g, p in enumerate(value_perms)])
+    o_cols = np.concatenate([h * head_dim + value_perms[h // (heads // kv_heads)] for h in range(heads)])
+    out = {}
+    for name, w in state.items():
+        parts = name.split(".")
+        module = ".".join(parts[3:-1]) if parts[:2] == ["model", "layers"] else ".".join(parts[:-1])
+        if module in ("model.embed_tokens", "lm_head"):
+            w = w[:, P]
+        elif module in _RESIDUAL_VECTORS or module == "model.norm":
+            w = w[P]
+        elif module in _RESIDUAL_READERS:
+            w = w[:, P]
+            if module == "self_attn.v_proj":
+                w = w[v_rows]
+            elif module in ("mlp.gate_proj", "mlp.up_proj"):
+                w = w[M]
+        elif module in _RESIDUAL_WRITERS:
+            w = w[P][:, o_cols if module == "self_attn.o_proj" else M]
+        else:
+            raise FixtureError(f"no permutation rule for {name!r}; the permuted twin is defined for Llama only")
+        out[name] = np.ascontiguousarray(w)
+    return out
+
+
+def build_permuted_fixture(out_dir: Path = DEFAULT_PERMUTED_DIR, source_dir: Path = DEFAULT_FIXTURE_DIR,
+                           seed: int = PERMUTED_SEED, force: bool = False) -> Path:
+    """The permuted twin of the fixture (built first if missing) as its own HF directory; idempotent."""
+    from safetensors.numpy import load_file, save_file
+
+    out_dir = Path(out_dir)
+    marker = out_dir / "claq_fixture.json"
+    if marker.is_file() and not force:
+        return out_dir
+    source_dir = build_fixture(source_dir)
+    config = json.loads((source_dir / "config.json").read_text())
+    state = permute_llama_state(load_file(str(source_dir / "model.safetensors")), config, seed)
+    record = json.loads((source_dir / "claq_fixture.json").read_text())
+    record.update(permuted={"seed": seed, "of": str(source_dir),
+                            "note": "hidden units renumbered (residual, MLP, value-head dims); same function"})
+
+    def write(tmp: Path) -> None:
+        for item in source_dir.iterdir():
+            if item.name not in ("model.safetensors", "claq_fixture.json"):
+                shutil.copy2(item, tmp / item.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "claq_fixture.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    _write_directory(out_dir, write)
+    return out_dir
+
+
+def _write_directory(out_dir: Path, write) -> None:
+    """`write(tmp)` fills a sibling temp dir, renamed to out_dir at the end: an interrupted build never looks complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fixture-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        write(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir

@@ -26,13 +26,15 @@ class QuantizedWeight:
     method: str                       # "codebook" or "uniform"
     bits: np.ndarray                  # uint8 [in]
     codes: np.ndarray                 # uint8 [out, in]
-    column_codebooks: np.ndarray      # float16 [in, 16]; column j uses its first 2**bits[j] entries
+    column_codebooks: np.ndarray      # float16, or float32 on grids, [in, 256]; column j uses its first 2**bits[j]
     outlier_counts: np.ndarray        # int64 [in]
     outlier_rows: np.ndarray          # int64, sorted within each column, columns in order
     outlier_values: np.ndarray        # float16, aligned with outlier_rows
     scale: Optional[np.ndarray] = None   # float32 [groups, out] (uniform only; one group without --group-size)
     zero: Optional[np.ndarray] = None    # float32 [groups, out] (uniform only)
     group: Optional[np.ndarray] = None   # int64 [in]: the group of each column (uniform only)
+    codebook_levels: Optional[np.ndarray] = None  # uint8 [in, 256]: grid codebooks' levels (MODE_GRID only)
+    codebook_grid: Optional[np.ndarray] = None    # float16 [in, 2]: each column's (offset, step) (MODE_GRID only)
     loss: float = 0.0
     relative_error: float = 0.0
     info: dict = field(default_factory=dict)
@@ -78,10 +80,11 @@ class GPTQ:
         return perm, Hinv
 
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
-                 fit_all: bool = False, max_iter: int = 0, group_size: int = 0) -> QuantizedWeight:
+                 fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
-        order from the already-updated weights, as the reference does with act-order groups."""
+        order from the already-updated weights, as the reference does with act-order groups. `grid`:
+        codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         W = self.W.clone()
@@ -100,9 +103,11 @@ class GPTQ:
         codes = np.zeros((cols, rows), np.uint8)
         reserved = np.zeros((cols, rows), np.uint8)
         codebooks = np.zeros((cols, MAX_CODEBOOK), np.float32)
+        levels = np.zeros((cols, MAX_CODEBOOK), np.uint8)
+        grids = np.zeros((cols, 2), np.float64)
         Q = np.zeros((cols, rows), np.float32)
         loss = 0.0
-        mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_CODEBOOK
+        mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             if uniform and group_size:
@@ -116,7 +121,7 @@ class GPTQ:
             tick = time.perf_counter()
             loss += kernels.gptq_block(W1, Hinv1, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
                                        scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
-                                       Q[i1:i2], Err1)
+                                       Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2])
             kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
                 W[:, i2:] -= torch.from_numpy(Err1).to(W.device).T @ Hinv[i1:i2, i2:]
@@ -124,11 +129,13 @@ class GPTQ:
         inv = np.argsort(p)
         group = (np.arange(cols) // blocksize if group_size else np.zeros(cols, np.int64))[inv]
         codes, reserved, codebooks, Q = codes[inv], reserved[inv], codebooks[inv], Q[inv]
+        levels, grids = levels[inv], grids[inv]
         col_idx, row_idx = np.nonzero(reserved)  # column-major order: columns ascending, rows sorted
         result = QuantizedWeight(
             shape=(rows, cols), method="uniform" if uniform else "codebook",
             bits=bits.astype(np.uint8), codes=np.ascontiguousarray(codes.T),
-            column_codebooks=codebooks.astype(np.float16),
+            column_codebooks=codebooks if grid else codebooks.astype(np.float16),
+            codebook_levels=levels if grid else None, codebook_grid=grids.astype(np.float16) if grid else None,
             outlier_counts=np.bincount(col_idx, minlength=cols).astype(np.int64),
             outlier_rows=row_idx.astype(np.int64), outlier_values=Q[col_idx, row_idx].astype(np.float16),
             scale=np.stack(scales[:1] if not group_size else scales).astype(np.float32) if uniform else None,

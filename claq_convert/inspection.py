@@ -16,7 +16,7 @@ def safe_text(text: str) -> str:
 def summarize(cf) -> dict:
     tensors = {}
     histogram: dict[str, int] = {}
-    params = stored = outliers = all_params = 0
+    params = stored = outliers = all_params = codebook_bytes = 0
     for name, tensor in cf.tensors.items():
         entry = {"kind": tensor["kind"], "shape": tensor["shape"], "stored_bytes": cf.stored_bytes(name)}
         all_params += int(np.prod(tensor["shape"], dtype=np.int64))
@@ -29,6 +29,9 @@ def summarize(cf) -> dict:
                 histogram[w] = histogram.get(w, 0) + c
             entry["outliers"] = int(sections["outlier_rows"].size) if "outlier_rows" in sections else 0
             entry["bpw"] = entry["stored_bytes"] * 8 / (rows * cols)
+            entry["codebook_bytes"] = sum(spec.align(e["length"]) for s, e in tensor["sections"].items()
+                                          if s in ("codebooks", "codebook_grid"))
+            codebook_bytes += entry["codebook_bytes"]
             params += rows * cols
             stored += entry["stored_bytes"]
             outliers += entry["outliers"]
@@ -43,7 +46,8 @@ def summarize(cf) -> dict:
             "tensors": tensors, "files": sorted(cf.files),
             "quantized": {"tensors": sum(t["kind"] == spec.KIND_CLAQ for t in tensors.values()), "params": params,
                           "stored_bytes": stored, "honest_bpw": stored * 8 / params if params else None,
-                          "bits_histogram": dict(sorted(histogram.items())), "outliers": outliers},
+                          "bits_histogram": dict(sorted(histogram.items())), "outliers": outliers,
+                          "codebook_bytes": codebook_bytes, "codebook_bpw": codebook_bytes * 8 / params if params else None},
             "raw": {"tensors": sum(t["kind"] == spec.KIND_RAW for t in tensors.values()),
                     "stored_bytes": sum(t["stored_bytes"] for t in tensors.values() if t["kind"] == spec.KIND_RAW)},
             "conversion": {k: conversion.get(k) for k in ("tool", "quant", "calibration", "summary") if k in conversion}}
@@ -75,7 +79,8 @@ def render(summary: dict, per_tensor: bool = False) -> str:
              f"model: {safe_text(model['architectures'])} ({safe_text(model['model_type'])}), "
              f"{model['layers']} layers, hidden {model['hidden_size']}",
              f"quantized: {q['tensors']} tensors, {q['params']} weights, {q['stored_bytes']} bytes, "
-             + (f"honest {q['honest_bpw']:.4f} bpw (quantized tensors)" if q["honest_bpw"] else "no weights"),
+             + (f"honest {q['honest_bpw']:.4f} bpw (quantized tensors), codebooks {q['codebook_bpw']:.4f} of it"
+                if q["honest_bpw"] else "no weights"),
              "bit widths (columns): " + ", ".join(f"{b}-bit {n}" for b, n in q["bits_histogram"].items()),
              f"outliers: {q['outliers']}",
              f"raw: {raw['tensors']} tensors, {raw['stored_bytes']} bytes; files: {', '.join(map(safe_text, summary['files']))}"]

@@ -12,8 +12,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook (CLAQ, kmeans)
+MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook, fp16 entries (CLAQ, kmeans)
 MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
+MODE_GRID = 2      # per-column K-Means codebook whose entries are 8-bit levels on the column's fp16 grid
+GRID_TOP = 255     # the highest level of a codebook grid (levels are u8)
 
 
 @njit(cache=True)
@@ -38,6 +40,39 @@ def round_fp16(x):
     if abs(r) > 65504.0:
         return math.copysign(math.inf, x)
     return r
+
+
+@njit(cache=True)
+def fp16_at_least(x):
+    """The least binary16 value >= x (x >= 0, finite), as float64: round, then one fp16 step up if below."""
+    r = round_fp16(x)
+    if r >= x:
+        return r
+    if r < 6.103515625e-05:
+        return r + 5.960464477539063e-08  # 2**-24, the subnormal spacing
+    m, e = math.frexp(r)
+    return r + math.ldexp(1.0, e - 11)
+
+
+@njit(cache=True)
+def grid_codebook(centroids, levels_out, grid_out, codebook_out):
+    """Ascending centroids -> the codebook's 8-bit levels on the grid offset + step * level.
+
+    offset = fp16(first centroid), step = the least fp16 >= (last - offset) / 255, level = the nearest
+    grid point, clipped to 0..255. Each entry is float32(offset) + float32(step) * float32(level) in
+    binary32, product rounded before the sum (the decoders' rule); codebook_out gets those values.
+    """
+    k = centroids.shape[0]
+    offset = round_fp16(centroids[0])
+    span = centroids[k - 1] - offset
+    step = fp16_at_least(span / GRID_TOP) if span > 0.0 else 0.0
+    grid_out[0], grid_out[1] = offset, step
+    for c in range(k):
+        level = 0.0
+        if step > 0.0:
+            level = min(max(round_half_even((centroids[c] - offset) / step), 0.0), float(GRID_TOP))
+        levels_out[c] = np.uint8(level)
+        codebook_out[c] = np.float32(offset) + np.float32(step) * np.float32(level)
 
 
 @njit(cache=True)
@@ -198,11 +233,14 @@ def nearest_code(x, codebook):
 
 
 @njit(cache=True)
-def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out):
+def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out,
+                             grid, levels_out, grid_out):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
 
     The codebook is the exact K-Means optimum when max_iter == 0, else Lloyd's (at most max_iter).
-    Writes the fp16-rounded ascending codebook into codebook_out[:2**bits], each entry's code, a 0/1
+    Writes the ascending codebook into codebook_out[:2**bits]: the centroids rounded to fp16, or with
+    `grid` to 8-bit levels on the column's grid (levels_out[:2**bits], grid_out = offset, step; see
+    grid_codebook); then each entry's code, a 0/1
     reserved mask and the decoded value q (reserved entries keep fp16(w)). The reserved entries are
     the two tails of the sorted column, so the K-Means fits the contiguous middle (or everything
     when `fit_all`).
@@ -228,9 +266,12 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out
     else:
         centroids = kmeans_optimal_sorted(xs[a:b], prefix, prefix_sq, k)
     cb = np.empty(k, np.float64)
-    for c in range(k):
-        cb[c] = round_fp16(centroids[c])
-    cb.sort()  # rounding keeps the order; sorting makes it a guarantee
+    if grid:
+        grid_codebook(centroids, levels_out, grid_out, cb)  # ascending: levels follow the centroids' order
+    else:
+        for c in range(k):
+            cb[c] = round_fp16(centroids[c])
+        cb.sort()  # rounding keeps the order; sorting makes it a guarantee
     for c in range(k):
         codebook_out[c] = cb[c]
     for r in range(n):
@@ -247,14 +288,15 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out
 
 @njit(cache=True)
 def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1):
+               codebooks, codes, reserved, Q1, Err1, levels, grids):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
 
     W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
     place with each column's error, as in GPTQ. Hinv1 [cnt, cnt] is the block of the upper Cholesky
-    factor of H^-1. Mode MODE_CODEBOOK fits per-column codebooks; MODE_UNIFORM rounds to the per-row
-    grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 16], codes/reserved/Q1/Err1
-    [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2.
+    factor of H^-1. Mode MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
+    levels [cnt, 256] and (offset, step) [cnt, 2] written to levels/grids); MODE_UNIFORM rounds to the
+    per-row grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 256], codes/reserved/Q1/
+    Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2.
     """
     cnt, rows = W1.shape
     loss = 0.0
@@ -262,9 +304,9 @@ def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
         w = W1[i].astype(np.float64)
         d = Hinv1[i, i]
         q = np.empty(rows, np.float64)
-        if mode == MODE_CODEBOOK:
-            quantize_column_codebook(w, bits[i], n_reserve[i], fit_all, max_iter,
-                                     codebooks[i], codes[i], reserved[i], q)
+        if mode != MODE_UNIFORM:
+            quantize_column_codebook(w, bits[i], n_reserve[i], fit_all, max_iter, codebooks[i], codes[i],
+                                     reserved[i], q, mode == MODE_GRID, levels[i], grids[i])
         else:
             maxq = (1 << bits[i]) - 1
             for r in range(rows):

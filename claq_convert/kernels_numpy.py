@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import MODE_CODEBOOK
+from .kernels import GRID_TOP, MODE_GRID, MODE_UNIFORM
 
 
 def round_fp16(x: np.ndarray) -> np.ndarray:
@@ -87,8 +87,23 @@ def nearest_code(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return np.searchsorted(mids, x, side="left")
 
 
-def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter):
-    """Returns (codebook, codes, reserved, q) like the Numba kernel."""
+def fp16_at_least(x: float) -> float:
+    r = float(np.float16(x))
+    return r if r >= x else float(np.nextafter(np.float16(r), np.float16(np.inf)))
+
+
+def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(levels, (offset, step), float32 entries) like the Numba kernel."""
+    offset = float(round_fp16(np.float64(centroids[0])))
+    span = float(centroids[-1]) - offset
+    step = fp16_at_least(span / GRID_TOP) if span > 0 else 0.0
+    levels = np.clip(np.round((centroids - offset) / step), 0, GRID_TOP) if step > 0 else np.zeros(centroids.size)
+    values = np.float32(offset) + np.float32(step) * levels.astype(np.float32)
+    return levels.astype(np.uint8), np.array([offset, step]), values.astype(np.float64)
+
+
+def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False):
+    """Returns (codebook, codes, reserved, q, levels, (offset, step)) like the Numba kernel."""
     n = w.shape[0]
     order = np.argsort(w, kind="stable")
     xs = w[order].astype(np.float64)
@@ -100,27 +115,32 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter):
             hi -= 1
     a, b = (0, n) if fit_all else (lo, hi)
     fit = kmeans_sorted(xs[a:b], 1 << bits, max_iter) if max_iter > 0 else kmeans_optimal_sorted(xs[a:b], 1 << bits)
-    codebook = np.sort(round_fp16(fit))
+    levels, offset_step = np.zeros(1 << bits, np.uint8), np.zeros(2)
+    if grid:
+        levels, offset_step, codebook = grid_codebook(fit)
+    else:
+        codebook = np.sort(round_fp16(fit))
     codes = nearest_code(w, codebook)
     q = codebook[codes]
     reserved = np.zeros(n, np.uint8)
     tails = order[np.r_[0:lo, hi:n]]
     reserved[tails] = 1
     q[tails] = round_fp16(w[tails])
-    return codebook, codes.astype(np.uint8), reserved, q
+    return codebook, codes.astype(np.uint8), reserved, q, levels, offset_step
 
 
 def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1):
+               codebooks, codes, reserved, Q1, Err1, levels, grids):
     cnt, rows = W1.shape
     loss = 0.0
     for i in range(cnt):
         w = W1[i].astype(np.float64)
         d = float(Hinv1[i, i])
-        if mode == MODE_CODEBOOK:
-            cb, codes[i], reserved[i], q = quantize_column_codebook(w, int(bits[i]), int(n_reserve[i]),
-                                                                  fit_all, max_iter)
+        if mode != MODE_UNIFORM:
+            cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(
+                w, int(bits[i]), int(n_reserve[i]), fit_all, max_iter, mode == MODE_GRID)
             codebooks[i, : cb.shape[0]] = cb
+            levels[i, : lv.shape[0]] = lv
         else:
             maxq = float((1 << int(bits[i])) - 1)
             level = np.clip(np.round(w / scale) + zero, 0.0, maxq)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import spec
-from .columns import plan_columns
+from .columns import CODEBOOKS, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
 from .progress import Progress, no_progress
 from .source import ModelSource
@@ -46,6 +46,8 @@ class QuantConfig:
     group_size: int = 0               # uniform baselines: a grid per this many columns (0: per row)
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
     allocation: str = "relative"      # its loss per weight: "relative" to the weight's output energy, or "absolute"
+    codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
+                                      # or "auto": grid where every width is <= columns.GRID_MAX_BITS
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +69,8 @@ class QuantConfig:
             raise ValueError("--outlier-bits must be >= 0")
         if self.head_bits is not None and not 1 <= self.head_bits <= 8:
             raise ValueError("--head-bits must lie in 1..8")
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"unknown codebook storage {self.codebook!r}; choose one of {', '.join(CODEBOOKS)}")
         if self.ranking not in ("outlier", "random"):
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
@@ -87,7 +91,7 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig)
         bits, reserve = np.full(Wn.shape[1], int(qc.bits), np.int64), None
     gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
     return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
-                         group_size=qc.group_size)
+                         group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits))
 
 
 class _StopForward(Exception):

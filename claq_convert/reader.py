@@ -50,6 +50,10 @@ class BadTensorData(ClaqFormatError):
     pass
 
 
+class BadFileData(ClaqFormatError):
+    """An embedded file's stored bytes do not decode to its declared size."""
+
+
 def _strict_object(pairs):
     keys = [k for k, _ in pairs]
     if len(keys) != len(set(keys)):
@@ -65,11 +69,11 @@ def _is_uint(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _expected_dtypes(section: str) -> tuple[str, ...]:
+def _expected_dtypes(section: str, version: int) -> tuple[str, ...]:
     if spec.is_code_section(section):
         return ("U32",)
-    return {"bit_widths": ("U8",), "codebooks": ("F16",), "outlier_counts": ("U8", "U16"),
-            "outlier_rows": ("U16", "U32"), "outlier_values": ("F16",)}[section]
+    return {"bit_widths": ("U8",), "codebooks": spec.CODEBOOK_DTYPES[version], "codebook_grid": ("F16",),
+            "outlier_counts": ("U8", "U16"), "outlier_rows": ("U16", "U32"), "outlier_values": ("F16",)}[section]
 
 
 def parse_header(raw: bytes, version: int) -> dict:
@@ -93,17 +97,25 @@ def parse_header(raw: bytes, version: int) -> dict:
         if not isinstance(header[key], dict):
             raise BadHeader(f"header field {key!r} must be an object")
     for name, tensor in header["tensors"].items():
-        _check_tensor_schema(name, tensor, spec.WIDTHS_BY_VERSION[version])
+        _check_tensor_schema(name, tensor, version)
+    fields = spec.FILE_FIELDS_BY_VERSION[version]
     for name, entry in header["files"].items():
-        _check_section_entry(f"file {name!r}", entry)
+        _check_section_entry(f"file {name!r}", entry, fields)
         if entry["dtype"] != spec.FILE_DTYPE:
             raise BadHeader(f"file {name!r}: dtype must be {spec.FILE_DTYPE}")
+        if "encoding" in fields:
+            if entry["encoding"] not in spec.FILE_ENCODINGS:
+                raise BadHeader(f"file {name!r}: encoding must be one of {', '.join(spec.FILE_ENCODINGS)}")
+            if not _is_uint(entry["size"]) or not 0 < entry["size"] <= spec.MAX_FILE_BYTES:
+                raise BadHeader(f"file {name!r}: size must be an integer in 1..{spec.MAX_FILE_BYTES}")
+            if entry["encoding"] == "none" and entry["size"] != entry["length"]:
+                raise BadHeader(f"file {name!r}: an unencoded file's size must equal its length")
     return header
 
 
-def _check_section_entry(where: str, entry) -> None:
-    if not isinstance(entry, dict) or set(entry) != set(spec.SECTION_FIELDS):
-        raise BadHeader(f"{where}: a section needs exactly the fields {', '.join(spec.SECTION_FIELDS)}")
+def _check_section_entry(where: str, entry, fields: tuple = spec.SECTION_FIELDS) -> None:
+    if not isinstance(entry, dict) or set(entry) != set(fields):
+        raise BadHeader(f"{where}: needs exactly the fields {', '.join(fields)}")
     if entry["dtype"] not in spec.DTYPES:
         raise BadHeader(f"{where}: unknown dtype {entry['dtype']!r}")
     shape = entry["shape"]
@@ -122,7 +134,7 @@ def _check_section_entry(where: str, entry) -> None:
         raise BadHeader(f"{where}: length {entry['length']} does not match shape {shape} of {entry['dtype']}")
 
 
-def _check_tensor_schema(name: str, tensor, widths: tuple) -> None:
+def _check_tensor_schema(name: str, tensor, version: int) -> None:
     if not isinstance(tensor, dict) or set(tensor) != {"kind", "shape", "sections"}:
         raise BadHeader(f"tensor {name!r}: needs exactly kind, shape, sections")
     kind, shape, sections = tensor["kind"], tensor["shape"], tensor["sections"]
@@ -141,7 +153,9 @@ def _check_tensor_schema(name: str, tensor, widths: tuple) -> None:
     if len(shape) != 2:
         raise BadHeader(f"tensor {name!r}: a quantized weight is 2-D")
     allowed = {"bit_widths", "codebooks", "outlier_counts", "outlier_rows", "outlier_values"}
-    allowed |= {spec.code_section(b) for b in widths}
+    allowed |= {spec.code_section(b) for b in spec.WIDTHS_BY_VERSION[version]}
+    if "U8" in spec.CODEBOOK_DTYPES[version]:
+        allowed.add("codebook_grid")
     unknown = set(sections) - allowed
     if unknown:
         raise BadHeader(f"tensor {name!r}: unknown section {sorted(unknown)[0]!r}")
@@ -152,10 +166,15 @@ def _check_tensor_schema(name: str, tensor, widths: tuple) -> None:
     if present and len(present) != 3:
         raise BadHeader(f"tensor {name!r}: outlier sections must come together (counts, rows, values)")
     for section, entry in sections.items():
-        if entry["dtype"] not in _expected_dtypes(section):
-            raise BadHeader(f"tensor {name!r} section {section!r}: dtype must be {' or '.join(_expected_dtypes(section))}")
+        if entry["dtype"] not in _expected_dtypes(section, version):
+            raise BadHeader(f"tensor {name!r} section {section!r}: dtype must be "
+                            f"{' or '.join(_expected_dtypes(section, version))}")
     if sections["bit_widths"]["shape"] != [shape[1]]:
         raise BadHeader(f"tensor {name!r}: bit_widths must have one entry per column ({shape[1]})")
+    if ("codebook_grid" in sections) != (sections["codebooks"]["dtype"] == "U8"):
+        raise BadHeader(f"tensor {name!r}: section codebook_grid must exist exactly when codebooks is U8")
+    if "codebook_grid" in sections and sections["codebook_grid"]["shape"] != [2 * shape[1]]:
+        raise BadHeader(f"tensor {name!r}: codebook_grid must hold two entries per column ({2 * shape[1]})")
 
 
 def check_layout(header: dict, data_size: int) -> None:
@@ -180,7 +199,7 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
     """W[rows, in] float32 from a quantized weight's typed sections (the decoding rule of the spec)."""
     bits = sections["bit_widths"]
     cols = bits.size
-    codebooks = sections["codebooks"].astype(np.float32)
+    codebooks = spec.codebook_entries(sections["codebooks"], bits, sections.get("codebook_grid"))
     starts = spec.codebook_offsets(bits)
     W = np.empty((rows, cols), np.float32)
     for b in spec.ALLOWED_BITS:
@@ -206,7 +225,17 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
     if sections["codebooks"].size != spec.codebook_offsets(bits)[-1]:
         raise BadTensorData(f"tensor {name!r}: codebooks hold {sections['codebooks'].size} entries, "
                             f"the bit widths need {spec.codebook_offsets(bits)[-1]}")
-    if not np.isfinite(sections["codebooks"]).all():
+    grid = sections.get("codebook_grid")
+    if (grid is not None) != (sections["codebooks"].dtype == np.uint8):
+        raise BadTensorData(f"tensor {name!r}: codebook_grid must exist exactly when codebooks are u8 levels")
+    if grid is not None:
+        if grid.size != 2 * bits.size:
+            raise BadTensorData(f"tensor {name!r}: codebook_grid must hold two entries per column")
+        if not np.isfinite(grid).all():
+            raise BadTensorData(f"tensor {name!r}: codebook_grid contains a non-finite value")
+        if np.any(grid[1::2] < 0):
+            raise BadTensorData(f"tensor {name!r}: a codebook grid has a negative step")
+    if not np.isfinite(spec.codebook_entries(sections["codebooks"], bits, grid)).all():
         raise BadTensorData(f"tensor {name!r}: codebooks contain a non-finite value")
     for b in widths:
         n_codes = int(np.count_nonzero(bits == b)) * rows
@@ -235,6 +264,20 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
         first[starts[counts > 0]] = True
         if r.size > 1 and np.any((np.diff(r) <= 0) & ~first[1:]):
             raise BadTensorData(f"tensor {name!r}: outlier rows are not strictly ascending within a column")
+
+
+def decode_file(name: str, entry: dict, stored) -> bytes:
+    """An embedded file's bytes from its stored section: as is, or inflated to exactly its declared size."""
+    if entry.get("encoding", "none") == "none":
+        return bytes(stored)
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(bytes(stored), entry["size"] + 1)  # never more than declared (+1 to notice)
+    except zlib.error as exc:
+        raise BadFileData(f"file {name!r}: not a zlib stream ({exc})") from None
+    if len(data) != entry["size"] or not inflater.eof or inflater.unused_data:
+        raise BadFileData(f"file {name!r}: zlib data does not decode to exactly its {entry['size']} bytes")
+    return data
 
 
 def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray], copy: bool = True,
@@ -334,7 +377,8 @@ class ClaqFile:
     def file(self, name: str) -> bytes:
         if name not in self.files:
             raise KeyError(f"no embedded file {name!r} in {self.path}")
-        return self._section(f"file {name!r}", self.files[name]).tobytes()
+        entry = self.files[name]
+        return decode_file(name, entry, self._section(f"file {name!r}", entry))
 
     def stored_bytes(self, name: str) -> int:
         """Bytes a tensor occupies in the file, alignment padding included."""

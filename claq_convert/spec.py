@@ -33,17 +33,37 @@ KIND_CLAQ = "claq"    # a quantized weight W[out, in] made of the sections below
 KINDS = (KIND_RAW, KIND_CLAQ)
 SECTION_FIELDS = ("dtype", "shape", "offset", "length", "crc32")  # every section entry has exactly these
 FILE_DTYPE = "U8"     # embedded files (tokenizer, chat template) are byte sections
+# Version 2: a file's entry also says how its bytes are stored ("zlib": RFC 1950 stream, as zlib.compress)
+# and its decoded size, checked (and capped) before anything is decompressed.
+FILE_ENCODINGS = ("none", "zlib")
+FILE_FIELDS_BY_VERSION = {1: SECTION_FIELDS, 2: SECTION_FIELDS + ("encoding", "size")}
+MAX_FILE_BYTES = 1 << 28  # 256 MiB: embedded files are tokenizers and templates, never weights
 
 # Sections of a quantized weight: name -> dtype. codes_<b> exist for each width b in use;
 # the outlier sections exist only when the weight has outliers.
 CLAQ_SECTIONS = {
     "bit_widths": "U8",        # [in]: bits of column j
-    "codebooks": "F16",        # [sum_j 2**bits_j]: column j's ascending codebook, columns in order
+    "codebook_grid": "F16",    # [2 * in]: (offset, step) of column j's grid; present exactly when codebooks is U8
+    "codebooks": "F16",        # [sum_j 2**bits_j]: column j's ascending codebook, columns in order; or U8: the
+                               # entries' levels on that column's grid (v2 only, see codebook_entries)
     "outlier_counts": "U8",    # [in]: outliers of column j (U16 when one exceeds 255); offsets are their cumsum
     "outlier_rows": "U16",     # [n_outliers]: ascending within a column (U32 when out > 65536)
     "outlier_values": "F16",   # [n_outliers]: replaces the decoded value at (row, j)
 }
 CODES_PREFIX = "codes_"        # codes_<b>: U32 words, the packed codes of the columns of width b
+CODEBOOK_DTYPES = {1: ("F16",), 2: ("F16", "U8")}  # per version: fp16 entries, or u8 levels on a grid (v2)
+
+
+def codebook_entries(codebooks: np.ndarray, bit_widths: np.ndarray, grid: "np.ndarray | None" = None) -> np.ndarray:
+    """Every codebook entry as float32: the F16 entries, or for U8 levels l of column j on its grid
+    (offset_j, step_j) = grid[2j], grid[2j+1]: float32(offset_j) + float32(step_j) * float32(l), computed
+    in binary32 with the product rounded before the sum (no fused multiply-add)."""
+    if grid is None:
+        return np.asarray(codebooks).astype(np.float32)
+    column = np.repeat(np.arange(bit_widths.size), np.left_shift(1, bit_widths.astype(np.int64)))
+    pairs = np.asarray(grid).astype(np.float32).reshape(-1, 2)
+    product = pairs[column, 1] * np.asarray(codebooks).astype(np.float32)
+    return (pairs[column, 0] + product).astype(np.float32)
 
 
 def align(n: int, to: int = ALIGNMENT) -> int:
@@ -103,9 +123,13 @@ def outlier_count_dtype(max_count: int) -> str:
     return "U8" if max_count <= 255 else "U16"
 
 
-def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0) -> dict[str, int]:
-    """Byte length of every section of a quantized weight (before alignment padding)."""
-    lengths = {"bit_widths": bit_widths.size, "codebooks": 2 * int(codebook_offsets(bit_widths)[-1])}
+def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,
+                         grid: bool = False) -> dict[str, int]:
+    """Byte length of every section of a quantized weight (before alignment padding); `grid`: u8 codebooks."""
+    lengths = {"bit_widths": bit_widths.size}
+    if grid:
+        lengths["codebook_grid"] = 4 * bit_widths.size
+    lengths["codebooks"] = (1 if grid else 2) * int(codebook_offsets(bit_widths)[-1])
     for b in ALLOWED_BITS:
         n_cols = int(np.count_nonzero(bit_widths == b))
         if n_cols:
@@ -117,9 +141,10 @@ def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max
     return lengths
 
 
-def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0) -> int:
+def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,
+                      grid: bool = False) -> int:
     """Bytes the weight occupies in the file: its sections with their alignment padding."""
-    return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count).values())
+    return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count, grid).values())
 
 
 def is_code_section(name: str) -> bool:

@@ -63,8 +63,21 @@ class ClaqLayout:
     def __init__(self, bit_widths: np.ndarray, device):
         self.cols = int(bit_widths.size)
         self.starts = torch.from_numpy(spec.codebook_offsets(bit_widths)[:-1]).to(device)
+        sizes = np.left_shift(1, bit_widths.astype(np.int64))
+        self.entry_columns = torch.from_numpy(np.repeat(np.arange(self.cols), sizes)).to(device)  # grid codebooks
         self.columns = {b: torch.from_numpy(spec.columns_of_width(bit_widths, b)).to(device)
                         for b in spec.ALLOWED_BITS if np.any(bit_widths == b)}
+
+
+def codebook_values(sections: dict[str, torch.Tensor], layout: ClaqLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Every codebook entry (spec.codebook_entries): fp16 entries, or u8 levels on each column's grid,
+    offset + step * level in float32 with the product rounded first (two tensor ops, never fused)."""
+    codebooks = sections["codebooks"]
+    if "codebook_grid" not in sections:
+        return codebooks.to(dtype)
+    grid = sections["codebook_grid"].float().view(-1, 2)[layout.entry_columns]
+    product = grid[:, 1] * codebooks.float()
+    return (grid[:, 0] + product).to(dtype)
 
 
 def decode_claq(rows: int, sections: dict[str, torch.Tensor], layout: ClaqLayout,
@@ -74,7 +87,7 @@ def decode_claq(rows: int, sections: dict[str, torch.Tensor], layout: ClaqLayout
     Decoded column by column into W^T [in, rows] (each stream is column-major already) and returned as
     its transposed view, which F.linear takes without a copy.
     """
-    codebooks = sections["codebooks"].to(dtype)
+    codebooks = codebook_values(sections, layout, dtype)
     Wt = None
     for b, columns in layout.columns.items():
         codes = unpack_codes(sections[spec.code_section(b)], b, columns.numel() * rows).view(columns.numel(), rows)
@@ -159,7 +172,7 @@ class ClaqEmbedding(ClaqLinear):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] for a 1-D LongTensor of distinct, ascending row ids: [len(ids), hidden]."""
         sections = {name: getattr(self, name) for name in self.section_names}
-        codebooks = sections["codebooks"].to(self.compute_dtype)
+        codebooks = codebook_values(sections, self.layout, self.compute_dtype)
         out = torch.empty(ids.numel(), self.in_features, dtype=self.compute_dtype, device=ids.device)
         for b, columns in self.layout.columns.items():
             stream_col = torch.arange(columns.numel(), device=ids.device)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from claq_convert import reader, spec
 from claq_convert.cli import inspect_cmd
-from claq_convert.convert import ConvertOptions, run_conversion
+from claq_convert.convert import ConvertOptions, encode_result, run_conversion
 from claq_convert.calibration import calibration_set
 from claq_convert.gptq import GPTQ
 from claq_convert.pipeline import QuantConfig, quantize_model
@@ -18,21 +18,20 @@ from claq_convert.source import ModelSource
 from claq_convert.writer import ClaqWriter, encode_claq_sections
 
 
-def random_result(rows=37, cols=23, seed=0):
+def random_result(rows=37, cols=23, seed=0, grid=False):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
     bits = np.random.default_rng(seed).choice([1, 2, 3, 4], cols)
     reserve = np.random.default_rng(seed + 1).integers(0, 3, cols)
-    return GPTQ(W, None).quantize(bits, reserve)
+    return GPTQ(W, None).quantize(bits, reserve, grid=grid)
 
 
 def sections_of(r):
-    return encode_claq_sections(r.shape[0], r.bits, r.codes, r.column_codebooks, r.outlier_counts,
-                                r.outlier_rows, r.outlier_values)
+    return encode_result(r)
 
 
 def test_roundtrip_is_bit_exact_for_every_width_and_raw_dtype(tmp_path):
-    results = [random_result(seed=s) for s in range(3)]
+    results = [random_result(seed=s, grid=s == 1) for s in range(3)]  # fp16 and grid codebooks
     raw = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "f16": np.array([1.5, -2], np.float16),
            "i64": np.array([7, -1], np.int64)}
     bf16 = torch.tensor([1.0, -3.5, 0.15625], dtype=torch.bfloat16)
@@ -40,7 +39,7 @@ def test_roundtrip_is_bit_exact_for_every_width_and_raw_dtype(tmp_path):
     with ClaqWriter(path) as w:
         for i, r in enumerate(results):
             assert w.add_quantized(f"q{i}", r.shape[0], sections_of(r)) == spec.claq_stored_bytes(
-                r.shape[0], r.bits, int(r.outlier_counts.sum()), int(r.outlier_counts.max()))
+                r.shape[0], r.bits, int(r.outlier_counts.sum()), int(r.outlier_counts.max()), grid=i == 1)
         for name, array in raw.items():
             w.add_raw(name, array)
         w.add_raw("bf16", bf16.view(torch.int16).numpy().view(np.uint16), dtype="BF16")
@@ -228,8 +227,8 @@ ENTRY_MUTATIONS = {
 
 def test_every_section_kind_and_entry_field_mutated_is_rejected(converted, tmp_path):
     kinds = section_kinds(converted)
-    assert {s for _, _, s in kinds} >= {"bit_widths", "codebooks", "codes_2", "codes_3", "codes_4", "outlier_counts",
-                                        "outlier_rows", "outlier_values", "data", None}
+    assert {s for _, _, s in kinds} >= {"bit_widths", "codebooks", "codebook_grid", "codes_2", "codes_3", "codes_4",
+                                        "outlier_counts", "outlier_rows", "outlier_values", "data", None}
     for path, name, section in kinds:
         for label, fn in ENTRY_MUTATIONS.items():
             def mutate(h, name=name, section=section, fn=fn):
@@ -243,9 +242,10 @@ def test_every_section_kind_and_entry_field_mutated_is_rejected(converted, tmp_p
 def test_section_contents_are_validated(converted, tmp_path):
     path = converted["ap31"][0]
 
-    def poke(section, change):
+    def poke(section, change, dtype=None):
         def data_fn(header, data):
-            name = first_tensor(header, "claq")
+            name = next(n for n, t in header["tensors"].items() if section in t["sections"]
+                        and dtype in (None, t["sections"][section]["dtype"]))
             entry = header["tensors"][name]["sections"][section]
             start, end = entry["offset"], entry["offset"] + entry["length"]
             payload = bytearray(data[start:end])
@@ -259,12 +259,14 @@ def test_section_contents_are_validated(converted, tmp_path):
 
     cases = {
         "width": poke("bit_widths", lambda p, t: p.__setitem__(0, 7)),
-        "codebook_nan": poke("codebooks", lambda p, t: set_u16(p, 0, 0x7E00)),
+        "codebook_nan": poke("codebooks", lambda p, t: set_u16(p, 0, 0x7E00), "F16"),  # the 5/6-bit head
+        "grid_nan": poke("codebook_grid", lambda p, t: set_u16(p, 0, 0x7E00)),        # u8 levels: 3/4 bits
+        "grid_step": poke("codebook_grid", lambda p, t: set_u16(p, 1, 0xBC00)),       # step -1.0
         "row_range": poke("outlier_rows", lambda p, t: set_u16(p, 0, 65535)),
         "row_order": poke("outlier_rows", lambda p, t: (set_u16(p, 0, 5), set_u16(p, 1, 5))),
     }
     for label, data_fn in cases.items():
-        inspect_fails(rewrite(path, tmp_path / f"{label}.claq", data_fn=data_fn), "model.layers")
+        inspect_fails(rewrite(path, tmp_path / f"{label}.claq", data_fn=data_fn), "tensor 'model.")
 
 
 def test_nonzero_padding_bits_are_rejected(tmp_path):

@@ -106,15 +106,16 @@ def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0):
     W = W1.copy()
     out = dict(codebooks=np.zeros((cnt, 16), np.float32), codes=np.zeros((cnt, rows), np.uint8),
                reserved=np.zeros((cnt, rows), np.uint8), Q=np.zeros((cnt, rows), np.float32),
-               Err=np.zeros((cnt, rows), np.float32))
+               Err=np.zeros((cnt, rows), np.float32), levels=np.zeros((cnt, 16), np.uint8),
+               grids=np.zeros((cnt, 2), np.float64))
     scale, zero = np.full(rows, 0.03), np.full(rows, 7.0)
     loss = module.gptq_block(W, Hinv, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
-                             out["codes"], out["reserved"], out["Q"], out["Err"])
+                             out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"])
     return loss, W, out
 
 
 @pytest.mark.parametrize("mode,max_iter", [(kernels.MODE_CODEBOOK, 0), (kernels.MODE_CODEBOOK, 100),
-                                           (kernels.MODE_UNIFORM, 0)])
+                                           (kernels.MODE_GRID, 0), (kernels.MODE_UNIFORM, 0)])
 @pytest.mark.parametrize("fit_all", [False, True])
 def test_gptq_block_numba_equals_numpy_twin(mode, max_iter, fit_all):
     W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(7))
@@ -143,3 +144,27 @@ def test_gptq_block_reserves_the_largest_magnitudes_exactly():
         assert np.all(np.diff(cb) >= 0) and np.all(cb == cb.astype(np.float16))
         rest = np.setdiff1d(np.arange(W1.shape[1]), kept)
         assert np.array_equal(out["Q"][i, rest], cb[out["codes"][i, rest]])
+
+
+def test_grid_codebook_entries_follow_the_decoders_rule():
+    """Grid codebooks: entries are float32(offset) + float32(step) * level, ascending, near the centroids."""
+    W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(3))
+    _, _, out = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID)
+    _, _, fp16 = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_CODEBOOK)
+    for i, b in enumerate(bits):
+        k = 1 << int(b)
+        offset, step = out["grids"][i]
+        assert np.float16(offset) == offset and np.float16(step) == step and step >= 0
+        entries = np.float32(offset) + np.float32(step) * out["levels"][i, :k].astype(np.float32)
+        assert np.array_equal(entries, out["codebooks"][i, :k])
+        assert np.all(np.diff(entries) >= 0) and out["levels"][i, :k].max() <= kernels.GRID_TOP
+        if k > 1 and np.all(np.diff(fp16["codebooks"][i, :k]) > 0):  # the grid reaches the top centroid
+            assert entries[-1] >= fp16["codebooks"][i, k - 1] - step
+
+
+@pytest.mark.parametrize("x", [0.0, 1e-9, 3e-5, 6.103515625e-05, 0.1, 0.30004, 1.0, 1000.3])
+def test_fp16_at_least_is_the_least_fp16_not_below(x):
+    r = kernels.fp16_at_least(x)
+    assert r >= x and np.float16(r) == r and kernels_numpy.fp16_at_least(x) == r
+    below = np.nextafter(np.float16(r), np.float16(-np.inf))
+    assert r == 0 or float(below) < x

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from claq_convert import reader, spec, torch_decoder
 from claq_convert.cli import eval_cmd, generate_cmd
-from claq_convert.convert import ConvertOptions, apply_dequantized, run_conversion
+from claq_convert.convert import ConvertOptions, apply_dequantized, encode_result, run_conversion
 from claq_convert.gptq import GPTQ
 from claq_convert.pipeline import QuantConfig
 from claq_convert.runtime import load
@@ -36,15 +36,16 @@ def torch_decode(rows, sections, device):
     return torch_decoder.decode_claq(rows, tensors, layout).cpu().numpy()
 
 
+@pytest.mark.parametrize("grid", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoders_agree_bit_for_bit_on_random_weights(device):
+def test_decoders_agree_bit_for_bit_on_random_weights(device, grid):
     for seed in range(4):
         rows, cols = 29 + seed * 17, 40
         W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
         bits = np.random.default_rng(seed).choice(list(spec.ALLOWED_BITS), cols)
-        r = GPTQ(W, None).quantize(bits, np.random.default_rng(seed).integers(0, 3, cols))
-        sections = encode_claq_sections(rows, r.bits, r.codes, r.column_codebooks, r.outlier_counts,
-                                        r.outlier_rows, r.outlier_values)
+        r = GPTQ(W, None).quantize(bits, np.random.default_rng(seed).integers(0, 3, cols), grid=grid)
+        sections = encode_result(r)
+        assert ("codebook_grid" in sections) == grid
         expected = reader.decode_claq(rows, sections)
         assert np.array_equal(torch_decode(rows, sections, device), expected)
         assert np.array_equal(expected, r.dequantize())
@@ -140,14 +141,14 @@ def test_codes_at_reads_any_position_of_a_stream(device):
                            torch.tensor([codes[-1]]))
 
 
+@pytest.mark.parametrize("grid", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_claq_embedding_rows_equal_the_reference_decoder(device):
+def test_claq_embedding_rows_equal_the_reference_decoder(device, grid):
     rows, cols = 300, 24
     W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
     bits = np.random.default_rng(3).choice([2, 3, 4], cols)
-    r = GPTQ(W, None).quantize(bits, np.random.default_rng(3).integers(0, 4, cols))
-    sections = encode_claq_sections(rows, r.bits, r.codes, r.column_codebooks, r.outlier_counts,
-                                    r.outlier_rows, r.outlier_values)
+    r = GPTQ(W, None).quantize(bits, np.random.default_rng(3).integers(0, 4, cols), grid=grid)
+    sections = encode_result(r)
     expected = torch.from_numpy(reader.decode_claq(rows, sections))
     embedding = torch_decoder.ClaqEmbedding(rows, sections, device=device)
     ids = torch.tensor([[5, 299, 0, 5], [int(r.outlier_rows[0]), 17, 17, 2]], device=device)

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from claq_convert.cli import load_hf, machine_info  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
 from claq_convert.evaluate import perplexity  # noqa: E402
-from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture, hf_name, unpermute_qk  # noqa: E402
+from claq_convert.fixture import (DEFAULT_FIXTURE_DIR, DEFAULT_PERMUTED_DIR, build_fixture,  # noqa: E402
+                                  build_permuted_fixture, hf_name, unpermute_qk)
 
 VERSION = "0.3.36"  # of llama-cpp-python, whose sdist vendors llama.cpp
 PACKAGE = f"llama-cpp-python=={VERSION}"
@@ -50,7 +51,12 @@ SENTENCEPIECE = "sentencepiece==0.2.1"  # the converter imports it even for BPE 
 PEERS = DEFAULT_FIXTURE_DIR.parent / "peers"
 IMATRIX = {"ctx": 512, "chunks": 64}  # 32k tokens: twice what CLAQ calibrates on (32 x 512)
 # llama-quantize types; "-imat": quantized with the importance matrix (the IQ types refuse to run without one)
-TYPES = ("Q4_K_M", "Q3_K_M", "Q4_0", "Q3_K_S", "Q3_K_S-imat", "IQ3_S-imat", "Q4_K_M-imat")
+# Q4_1 is the source file's own type: on the original fixture it gives the weights back exactly (the grid check)
+TYPES = ("Q4_K_M", "Q3_K_M", "Q4_0", "Q3_K_S", "Q3_K_S-imat", "IQ3_S-imat", "Q4_K_M-imat", "Q4_1", "Q5_0")
+# original: the fixture itself, whose block linears lie on the Q4_1 grid of their 32-weight row blocks;
+# permuted: its renumbered twin (fixture.build_permuted_fixture), the same function without that alignment
+FIXTURES = {"original": (DEFAULT_FIXTURE_DIR, build_fixture, "peers.json", ""),
+            "permuted": (DEFAULT_PERMUTED_DIR, build_permuted_fixture, "peers-permuted.json", "-permuted")}
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -145,7 +151,10 @@ def evaluate(model, tokenizer, texts: dict) -> dict:
     return {name: perplexity(model, tokenizer, path).ppl for name, path in texts.items()}
 
 
-def measure(gguf_path: Path, model, tokenizer, texts: dict, fp32: dict) -> dict:
+SCOPES = ("block_linears", "whole_model")
+
+
+def measure(gguf_path: Path, model, tokenizer, texts: dict, fp32: dict, scopes=SCOPES) -> dict:
     """File size, ggml types, and for each scope: honest bpw, ppl per text, ratio to fp32 per text."""
     reader, cfg = GGUFReader(gguf_path), model.config
     linears = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.split(".")[2] in BLOCK_LINEARS]
@@ -158,6 +167,8 @@ def measure(gguf_path: Path, model, tokenizer, texts: dict, fp32: dict) -> dict:
     # whole model is the block-linears model, and its (deterministic) perplexity is not measured twice
     same = all(np.array_equal(w, params[k].detach().numpy()) for k, w in whole.items() if k not in block)
     for scope, state in (("block_linears", block), ("whole_model", whole)):
+        if scope not in scopes:
+            continue
         if not (same and scope == "whole_model"):
             log(f"  {gguf_path.name}: {scope}")
             with patched(model, state):
@@ -176,9 +187,9 @@ def make(target: Path, cmd: list, logfile: Path) -> None:
         os.replace(part, target)
 
 
-def prepare(model_dir: Path) -> dict:
+def prepare(model_dir: Path, suffix: str = "") -> dict:
     """Sources, build, F32 GGUF and imatrix, each made once and cached; returns paths and the commands used."""
-    (src, bin_dir), work = build_tools(), PEERS / f"gguf-{VERSION}"
+    (src, bin_dir), work = build_tools(), PEERS / f"gguf-{VERSION}{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     f32 = work / "model-f32.gguf"
     imatrix = work / f"imatrix-c{IMATRIX['ctx']}-n{IMATRIX['chunks']}.gguf"
@@ -192,7 +203,7 @@ def prepare(model_dir: Path) -> dict:
             "commands": {k: " ".join(map(str, v)) for k, v in commands.items()}}
 
 
-def quantize_and_measure(name: str, setup: dict, model, tokenizer, texts: dict, fp32: dict) -> dict:
+def quantize_and_measure(name: str, setup: dict, model, tokenizer, texts: dict, fp32: dict, scopes=SCOPES) -> dict:
     """One type: quantize (cached), then both scopes; a failure is recorded and the other types still run."""
     qtype, use_imatrix = name.removesuffix("-imat"), name.endswith("-imat")
     target, start = setup["work"] / f"{name}.gguf", time.perf_counter()
@@ -201,7 +212,7 @@ def quantize_and_measure(name: str, setup: dict, model, tokenizer, texts: dict, 
     record = {"type": qtype, "imatrix": use_imatrix, "quantize_command": " ".join(map(str, cmd))}
     try:
         make(target, cmd, setup["work"] / f"quantize-{name}.log")
-        record.update(measure(target, model, tokenizer, texts, fp32))
+        record.update(measure(target, model, tokenizer, texts, fp32, scopes))
     except Exception as exc:
         record["error"] = str(exc)
     return {**record, "seconds": time.perf_counter() - start}
@@ -214,18 +225,26 @@ def save(report: dict, out: Path) -> None:
 
 @click.command()
 @click.option("--only", multiple=True, help=f"Run just these types (repeatable): {', '.join(TYPES)}.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "bench" / "peers.json")
+@click.option("--fixture", "fixture_name", type=click.Choice(list(FIXTURES)), default="original", show_default=True,
+              help="The fixture, or its permuted twin (report: bench/peers-permuted.json).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Report (default: bench/peers.json, or bench/peers-permuted.json).")
 @click.option("--resume", is_flag=True, help="Skip types already measured in --out (failed ones are retried).")
-def main(only, out, resume):
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(SCOPES), default=SCOPES, show_default=True,
+              help="Which scopes to score (each costs one perplexity run per text).")
+def main(only, fixture_name, out, resume, scopes):
     names = list(only) or list(TYPES)
     if unknown := [n for n in names if n not in TYPES]:
         raise click.UsageError(f"unknown type(s) {unknown}; known: {', '.join(TYPES)}")
+    fixture_dir, build, report_name, suffix = FIXTURES[fixture_name]
+    out = out or ROOT / "bench" / report_name
     report = json.loads(out.read_text()) if resume and out.is_file() else {}
-    model_dir, texts, start = build_fixture(DEFAULT_FIXTURE_DIR), eval_texts(), time.perf_counter()
-    report.update(machine=machine_info(), model=str(model_dir), llama_cpp=PACKAGE, gguf_py=metadata.version("gguf"),
+    model_dir, texts, start = build(fixture_dir), eval_texts(), time.perf_counter()
+    report.update(machine=machine_info(), model=str(model_dir), fixture=fixture_name, llama_cpp=PACKAGE,
+                  gguf_py=metadata.version("gguf"),
                   imatrix=IMATRIX, protocol={"seqlen": 512, "windows": 40, "texts": {k: str(texts[k]) for k in texts}})
     try:
-        setup = prepare(model_dir)
+        setup = prepare(model_dir, suffix)
     except Exception as exc:  # recorded: the JSON says why there are no numbers
         save({**report, "setup_error": str(exc)}, out)
         raise click.ClickException(f"setup failed: {exc}")
@@ -241,7 +260,7 @@ def main(only, out, resume):
     for name in names:
         if resume and "scopes" in runs.get(name, {}):
             continue
-        runs[name] = quantize_and_measure(name, setup, model, tokenizer, texts, report["fp32"])
+        runs[name] = quantize_and_measure(name, setup, model, tokenizer, texts, report["fp32"], scopes)
         log(f"{name}: " + json.dumps(runs[name].get("scopes", runs[name].get("error"))))
         report["seconds_last_run"] = time.perf_counter() - start
         save(report, out)
