@@ -234,6 +234,15 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
                      quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
+    from .architectures import family_of
+    from .source import ModelSource
+
+    config = ModelSource(model_dir).config()
+    family_of(config)  # before any work: an unsupported family fails here, in one line
+    if as_gguf and not dry_run:
+        from .gguf_ext import check_gguf_model_type
+
+        check_gguf_model_type(config.model_type)
     claq_out = None if dry_run else (out.with_name(f".{out.name}.claq.tmp") if as_gguf else out)
     options = ConvertOptions(model_dir=model_dir, out=claq_out, quant=qc, calib=calib,
                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=resolve_device(device),

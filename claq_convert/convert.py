@@ -128,9 +128,12 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
 
     from .calibration import DEFAULT_CALIBRATION, calibration_set, describe
 
+    from .architectures import family_of
+
     qc = options.quant
     qc.validate()
     source = ModelSource(options.model_dir)
+    family_of(source.config())
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
     sources = tuple(options.calib) or DEFAULT_CALIBRATION
     start = time.perf_counter()

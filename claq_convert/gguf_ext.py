@@ -124,6 +124,15 @@ def tokenizer_json_rest(data: bytes, tokens: list[str], merges: list[str]) -> st
     return rest if rebuild_tokenizer_json(rest, tokens, merges) == data else None
 
 
+GGUF_MODEL_TYPES = ("llama",)  # families whose hyperparameters and tensor names the extension maps so far
+
+
+def check_gguf_model_type(model_type) -> None:
+    if model_type not in GGUF_MODEL_TYPES:
+        raise ValueError(f"the GGUF extension maps {', '.join(GGUF_MODEL_TYPES)} models so far; this one is "
+                         f"{model_type!r}: write a .claq file instead")
+
+
 def claq_to_gguf(claq_path, gguf_path) -> Path:
     """Lossless .claq -> .gguf: every section becomes a GGUF tensor with the same bytes."""
     import gguf
@@ -133,8 +142,7 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
         cf.validate()
         config = cf.metadata["config"]
         base = config.get("model_type", "llama")
-        if base != "llama":
-            raise ValueError(f"the GGUF extension maps llama-architecture models; this one is {base!r}")
+        check_gguf_model_type(base)
         tmp = gguf_path.with_name(f".{gguf_path.name}.tmp")
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         writer.add_uint32(KEY_VERSION, EXT_VERSION)

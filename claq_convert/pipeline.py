@@ -15,15 +15,13 @@ import numpy as np
 import torch
 
 from . import spec
+from .architectures import Resolved, inside, resolve, skeleton
 from .columns import CODEBOOKS, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
 from .progress import Progress, no_progress
 from .source import ModelSource
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
-# Llama-style groups: inputs of a group depend only on the groups before it.
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 @dataclass
@@ -127,29 +125,31 @@ def _layer_output(out):
 
 
 def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, batch_size: int):
-    """(model on the meta device, its config, the inputs of decoder layer 0 per batch, their kwargs)."""
-    from transformers import AutoModelForCausalLM
+    """(model skeleton, its config, its resolved family entry, the inputs of decoder layer 0 per batch, their kwargs).
 
+    Every parameter outside the decoder layers but the head (embeddings, positions, norms) is loaded for
+    the pass up to layer 0, then dropped again; the layers are loaded one at a time later.
+    """
     config = source.config()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    base = model.model
-    _materialise(base.embed_tokens, "model.embed_tokens.", source, device)
-    if hasattr(base, "rotary_emb"):
-        with torch.device(device):  # rebuilt: its buffers are computed, not stored
-            base.rotary_emb = type(base.rotary_emb)(config=config)
-    layers = base.layers
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    model = skeleton(config, device)
+    arch = resolve(model, config)
+    head = model.get_output_embeddings()
+    outside = [(n, m) for n, m in model.named_modules() if n and not inside(n, arch.family.layers)
+               and m is not head and not any(True for _ in m.children()) and any(True for _ in m.parameters())]
+    for name, module in outside:
+        _materialise(module, name + ".", source, device)
+    catcher = _Catcher(arch.layers[0])
+    arch.layers[0] = catcher
     for batch in calibration.split(batch_size):
         try:
             model(batch.to(device), use_cache=False)
         except _StopForward:
             pass
-    layers[0] = catcher.layer
-    base.embed_tokens.to("meta")
-    return model, config, [h for h, _ in catcher.records], [kw for _, kw in catcher.records]
+    arch.layers[0] = catcher.layer
+    for name, module in outside:
+        if module is not arch.final_norm:
+            module.to("meta")
+    return model, config, arch, [h for h, _ in catcher.records], [kw for _, kw in catcher.records]
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
     The diagonal of each weight's Hessian, from one pass through the unquantized model (each layer
     materialised in turn); the allocation weighs each column's quantization error by it.
     """
-    model, config, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
+    model, config, arch, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
     energies: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -169,20 +169,17 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
             energies[name] = energies.get(name, 0) + (x * x).sum(dim=0)
         return record
 
-    for index, layer in enumerate(model.model.layers):
-        prefix = f"model.layers.{index}."
+    for index, layer in enumerate(arch.layers):
+        prefix = f"{arch.family.layers}.{index}."
         _materialise(layer, prefix, source, device)
-        handles = [layer.get_submodule(n).register_forward_hook(hook(prefix + n + ".weight"))
-                   for group in SEQUENTIAL_GROUPS for n in group]
+        handles = [layer.get_submodule(n).register_forward_hook(hook(prefix + n + ".weight")) for n in arch.linears]
         states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
         for handle in handles:
             handle.remove()
         layer.to("meta")
     if quantize_embeddings:
         head_name, _ = head_and_embedding_names(model, config, set(source.names()))
-        norm = _final_norm(model)
-        if norm is not None:
-            _materialise(norm, _parameter_name(model, norm).removesuffix("weight"), source, device)
+        norm = arch.final_norm
         x = torch.cat([(norm(h) if norm is not None else h).reshape(-1, h.shape[-1]) for h in states]).double()
         energies[head_name] = (x * x).sum(dim=0)
     return {name: e.cpu().numpy() for name, e in energies.items()}
@@ -198,17 +195,17 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
     `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight.
     """
     qc.validate()
-    model, config, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
-    layers = model.model.layers
+    model, config, arch, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
+    layers = arch.layers
 
     needs_h = qc.method in ("claq", "gptq")
     for index in progress(range(len(layers)), "quantize layers", len(layers)):
         start = time.perf_counter()
         layer = layers[index]
-        prefix = f"model.layers.{index}."
+        prefix = f"{arch.family.layers}.{index}."
         _materialise(layer, prefix, source, device)
         errors = []
-        for group in SEQUENTIAL_GROUPS:
+        for group in arch.family.groups:
             linears = {name: layer.get_submodule(name) for name in group}
             hessians = _group_hessians(layer, linears, states, kwargs) if needs_h else {}
             for name, linear in linears.items():
@@ -222,7 +219,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
         log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
 
     if qc.quantize_embeddings:
-        yield from _quantize_head_and_embedding(model, config, source, states, qc, device, log, targets)
+        yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets)
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -268,15 +265,13 @@ def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantCo
     return replace(qc, bits=setting.target, ap_bits=(setting.low, setting.high), bpw=None)
 
 
-def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig, device, log, targets=None):
+def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, qc: QuantConfig, device, log,
+                                 targets=None):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
     end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
     head_qc = _with_target(end_qc, targets, head_name)
     start = time.perf_counter()
-    norm = _final_norm(model)
-    norm_prefix = _parameter_name(model, norm).removesuffix("weight") if norm is not None else None
-    if norm is not None:
-        _materialise(norm, norm_prefix, source, device)
+    norm = arch.final_norm
     if qc.method in ("claq", "gptq"):  # H of the head's input: the final normed hidden states
         total = None
         count = 0
@@ -297,12 +292,6 @@ def _quantize_head_and_embedding(model, config, source, states, qc: QuantConfig,
                                  _with_target(end_qc, targets, embedding_name))
         log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
         yield embedding_name, result
-
-
-def _final_norm(model):
-    """The norm applied to the last hidden states before the head (Llama-style `model.norm`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model.model
-    return getattr(base, "norm", None)
 
 
 def _group_hessians(layer, linears: dict, states, kwargs) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from . import spec
+from .architectures import family_of, skeleton
 from .gguf_ext import open_model_file
 from .reader import check_claq_contents, decode_tensor
 from .torch_decoder import ClaqEmbedding, ClaqLinear, ClaqTiedHead
@@ -32,14 +33,14 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
     `dtype` is the compute dtype of the raw tensors and of decoded weights. `cache` keeps each decoded
     weight after its first use (faster, but resident memory grows to the unquantized size).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     device = torch.device(device)
     with open_model_file(path) as cf:
         meta = dict(cf.metadata["config"])
         config = AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        family_of(config)  # an unsupported family fails here, in one line
+        model = skeleton(config, device, dtype)
         for name, tensor in cf.tensors.items():
             sections = cf.sections(name, copy=True)  # owned arrays: nothing of the map stays resident
             if tensor["kind"] == spec.KIND_RAW:
@@ -51,7 +52,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
             check_claq_contents(name, tensor["shape"][0], sections, cf.widths)
             if isinstance(target, torch.nn.Embedding):
                 replacement = ClaqEmbedding(tensor["shape"][0], sections, device=device, compute_dtype=dtype,
-                                            cache=cache)
+                                            cache=cache, scale=getattr(target, "embed_scale", None))
                 expected = (target.num_embeddings, target.embedding_dim)
             else:
                 bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
@@ -68,10 +69,6 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
                 model.set_output_embeddings(ClaqTiedHead(embedding))
             else:
                 model.get_output_embeddings().weight = embedding.weight
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model.model
-        if hasattr(base, "rotary_emb"):
-            with torch.device(device):  # computed buffers are not stored in the file
-                base.rotary_emb = type(base.rotary_emb)(config=config)
         missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
         if missing:
             raise ValueError(f"the file lacks tensors the model needs: {', '.join(missing[:5])}")

@@ -28,6 +28,19 @@ class ModelSource:
         else:
             raise SourceError(f"{self.dir} has no model.safetensors (pickle checkpoints are not read)")
         self._handles = {}
+        # names as the model's modules have them (transformers renames some checkpoint keys on load)
+        from .architectures import module_names
+
+        try:
+            model_type = json.loads((self.dir / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            raise SourceError(f"{self.dir / 'config.json'} is not a JSON object") from None
+        renames = module_names(model_type)
+        self._stored = {}
+        for name in list(self.files):
+            module = next((new + name[len(old):] for old, new in renames.items() if name.startswith(old)), name)
+            self._stored[module] = name
+            self.files[module] = self.files.pop(name)
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -40,7 +53,7 @@ class ModelSource:
             raise SourceError(f"tensor {name!r} not found in {self.dir}")
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path].get_tensor(self._stored[name])
 
     def config(self):
         from transformers import AutoConfig

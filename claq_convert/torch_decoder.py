@@ -165,9 +165,11 @@ class ClaqEmbedding(ClaqLinear):
     """
 
     def __init__(self, rows: int, sections: dict[str, np.ndarray], device="cpu",
-                 compute_dtype: torch.dtype = torch.float32, cache: bool = False):
+                 compute_dtype: torch.dtype = torch.float32, cache: bool = False, scale: Optional[torch.Tensor] = None):
         super().__init__(rows, sections, None, device, compute_dtype, cache)
         self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
+        # a scaled embedding (Gemma's: rows times sqrt(hidden)) keeps its scale; the tied head reads unscaled rows
+        self.register_buffer("embed_scale", None if scale is None else scale.to(device), persistent=False)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] for a 1-D LongTensor of distinct, ascending row ids: [len(ids), hidden]."""
@@ -188,9 +190,11 @@ class ClaqEmbedding(ClaqLinear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._weight is not None:
-            return torch.nn.functional.embedding(ids, self._weight)
-        unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
-        return self.rows(unique)[inverse].view(*ids.shape, self.in_features)
+            out = torch.nn.functional.embedding(ids, self._weight)
+        else:
+            unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+            out = self.rows(unique)[inverse].view(*ids.shape, self.in_features)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, " + super().extra_repr()

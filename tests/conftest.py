@@ -11,19 +11,31 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 20 +
         "Column level adaptive quantization keeps outliers in half precision. " * 20)
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer LlamaForCausalLM with random weights and a byte-level BPE tokenizer, saved as safetensors."""
+# Tiny configs of every supported family (2 layers, hidden 64), built offline from transformers' configs.
+FAMILY_CONFIGS = {
+    "llama": dict(tie_word_embeddings=True),
+    "llama-untied": dict(model_type="llama", tie_word_embeddings=False),
+    "mistral": dict(), "qwen2": dict(), "qwen3": dict(head_dim=16),
+    "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16),
+    "phi3": dict(), "gpt_neox": dict(), "opt": dict(ffn_dim=160, word_embed_proj_dim=64),
+}
+
+
+def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> Path:
+    """A 2-layer model of `family` with random weights and a byte-level BPE tokenizer, saved as safetensors."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    extra = dict(FAMILY_CONFIGS[family])
+    config = AutoConfig.for_model(extra.pop("model_type", family), vocab_size=len(tokenizer), hidden_size=64,
+                                  intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+                                  pad_token_id=1, **extra)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # heavier tails than the init, so Outlier Order has something to rank
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from claq_convert import kernels  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
 from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture  # noqa: E402
-from claq_convert.pipeline import SEQUENTIAL_GROUPS  # noqa: E402
+from claq_convert.architectures import FAMILIES  # noqa: E402
 from claq_convert.source import ModelSource  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def timed(fn, columns, k):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "bench" / "kmeans.json")
 def main(columns, bit_list, out):
     source = ModelSource(build_fixture(DEFAULT_FIXTURE_DIR))
-    names = [f"model.layers.{i}.{m}.weight" for i in range(30) for group in SEQUENTIAL_GROUPS for m in group]
+    names = [f"model.layers.{i}.{m}.weight" for i in range(30) for group in FAMILIES[0].groups for m in group]
     rng = np.random.default_rng(0)
     sample = []
     for name in rng.choice(names, 16, replace=False):

@@ -52,7 +52,8 @@ PEERS = DEFAULT_FIXTURE_DIR.parent / "peers"
 IMATRIX = {"ctx": 512, "chunks": 64}  # 32k tokens: twice what CLAQ calibrates on (32 x 512)
 # llama-quantize types; "-imat": quantized with the importance matrix (the IQ types refuse to run without one)
 # Q4_1 is the source file's own type: on the original fixture it gives the weights back exactly (the grid check)
-TYPES = ("Q4_K_M", "Q3_K_M", "Q4_0", "Q3_K_S", "Q3_K_S-imat", "IQ3_S-imat", "Q4_K_M-imat", "Q4_1", "Q5_0")
+TYPES = ("Q4_K_M", "Q3_K_M", "Q4_0", "Q3_K_S", "Q3_K_S-imat", "IQ3_S-imat", "Q4_K_M-imat", "Q4_1", "Q5_0",
+         "IQ4_NL", "IQ4_NL-imat")
 # original: the fixture itself, whose block linears lie on the Q4_1 grid of their 32-weight row blocks;
 # permuted: its renumbered twin (fixture.build_permuted_fixture), the same function without that alignment
 FIXTURES = {"original": (DEFAULT_FIXTURE_DIR, build_fixture, "peers.json", ""),
@@ -161,6 +162,7 @@ def measure(gguf_path: Path, model, tokenizer, texts: dict, fp32: dict, scopes=S
     result = {"file_bytes": gguf_path.stat().st_size, "tensor_types": tensor_classes(reader), "scopes": {}}
     bpw = {"block_linears": sum(int(t.n_bytes) for t in linears) * 8 / sum(int(t.n_elements) for t in linears),
            "whole_model": result["file_bytes"] * 8 / sum(int(t.n_elements) for t in reader.tensors)}
+    result["file_bits_per_parameter"] = bpw["whole_model"]
     whole, params = hf_weights(reader, cfg.num_attention_heads, cfg.num_key_value_heads), dict(model.named_parameters())
     block = {k: whole[k] for k in map(hf_name, (t.name for t in linears))}
     # token_embd and norms often come back bit exact (F32, or Q8_0 of a table already on a Q8_0 grid): then the

@@ -38,6 +38,8 @@ CONFIGS = {
     "kmeans-4": dict(method="kmeans", bits=4),
     "claq-4": dict(bits=4), "claq-4-wikicalib": dict(bits=4, calib="wikitext-valid"),
     "claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
+    "claq-ap-4.5-fp32-embedding": dict(bits=4.5, ap_bits=(4, 5), quantize_embeddings=False),
+    "claq-5-fp32-embedding": dict(bits=5, quantize_embeddings=False),
     "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
     "claq-ap-3.5": dict(bits=3.5), "claq-ap-3.1": dict(bits=3.1), "claq-3": dict(bits=3),
     "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
@@ -56,12 +58,14 @@ CONFIGS = {
 @click.option("--resume", is_flag=True, help="Skip configurations already in --out.")
 @click.option("--table", "table_only", is_flag=True, help="Run nothing: print the table of --out.")
 @click.option("--readme", is_flag=True, help="Also write the table into README.md between its markers.")
-def main(model, only, out, nsamples, resume, table_only, readme):
+@click.option("--peers", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --table: a bench_peers.py report of the same model; its block-linear rows join the table.")
+def main(model, only, out, nsamples, resume, table_only, readme, peers):
     from claq_convert.data import default_text
     from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
 
     if table_only:
-        return emit_table(json.loads(out.read_text()), readme)
+        return emit_table(json.loads(out.read_text()), readme, json.loads(peers.read_text()) if peers else None)
     model = model or build_fixture(DEFAULT_FIXTURE_DIR)
     names = selected(only, CONFIGS)
     texts = eval_texts()
@@ -110,36 +114,48 @@ def main(model, only, out, nsamples, resume, table_only, readme):
 
 
 README_MARKERS = ("<!-- quality-table: written by tools/bench_quality.py --readme -->", "<!-- /quality-table -->")
+PERMUTED_MARKERS = ("<!-- quality-table-permuted: written by tools/bench_quality.py --readme -->",
+                    "<!-- /quality-table-permuted -->")
 
 
-def emit_table(report: dict, readme: bool) -> None:
-    table = markdown_table(report)
+def emit_table(report: dict, readme: bool, peers: dict = None) -> None:
+    table = markdown_table(report, peers)
     click.echo(table)
     if readme:
         path = ROOT / "README.md"
         text = path.read_text()
-        start, end = (text.find(m) for m in README_MARKERS)
+        markers = README_MARKERS if "permuted" not in report["model"] else PERMUTED_MARKERS
+        start, end = (text.find(m) for m in markers)
         if start < 0 or end < start:
-            raise click.ClickException(f"README.md lacks the markers {README_MARKERS}")
-        path.write_text(text[:start + len(README_MARKERS[0])] + "\n" + table + "\n" + text[end:])
+            raise click.ClickException(f"README.md lacks the markers {markers}")
+        path.write_text(text[:start + len(markers[0])] + "\n" + table + "\n" + text[end:])
 
 
-def markdown_table(report: dict) -> str:
-    """One row per configuration, in the order of CONFIGS: ppl and its loss against fp32 on every text."""
+def markdown_table(report: dict, peers: dict = None) -> str:
+    """One row per configuration, by scope then honest bpw: ppl and its loss against fp32 on every text.
+    With `peers`, llama.cpp's types join the block-linears rows (their token_embd kept as in the source)."""
     runs, fp32 = report["runs"], report["ppl_fp32"]
     texts = list(fp32)
     lines = ["| configuration | quantized | honest bpw | file MB | file bits/param | "
              + " | ".join(texts) + " | worst loss |",
              "|---|---|---:|---:|---:|" + "---:|" * len(texts) + "---:|",
              "| fp32 | | 32 | | | " + " | ".join(f"{fp32[t]['ppl']:.2f}" for t in texts) + " | |"]
-    for name in sorted(runs, key=lambda n: list(CONFIGS).index(n) if n in CONFIGS else len(CONFIGS)):
-        r = runs[name]
+    rows = []
+    for name, r in runs.items():
         scope = "blocks+head" if r["config"].get("quantize_embeddings", False) else "blocks"
         size = f"{r['file_bytes'] / 1e6:.1f}" if r.get("file_bytes") else "—"
         whole = f"{r['file_bits_per_parameter']:.3f}" if r.get("file_bits_per_parameter") else "—"
-        cells = [f"{r['ppl'][t]:.2f} ({r['ratio_to_fp32'][t] - 1:+.1%})" for t in texts]
-        lines.append(f"| {name} | {scope} | {r['honest_bpw']:.3f} | {size} | {whole} | " + " | ".join(cells)
-                     + f" | {max(r['ratio_to_fp32'].values()) - 1:+.1%} |")
+        rows.append((scope, r["honest_bpw"], name, size, whole, r["ppl"], r["ratio_to_fp32"]))
+    for name, r in (peers or {}).get("runs", {}).items():
+        block = r.get("scopes", {}).get("block_linears")
+        if block:
+            whole = r.get("file_bits_per_parameter") or r["scopes"].get("whole_model", {}).get("bpw")
+            rows.append(("blocks", block["bpw"], f"llama.cpp {name}", f"{r['file_bytes'] / 1e6:.1f}",
+                         f"{whole:.3f}" if whole else "—", block["ppl"], block["ratio"]))
+    for scope, bpw, name, size, whole, ppl, ratio in sorted(rows, key=lambda row: (row[0] != "blocks", row[1])):
+        cells = [f"{ppl[t]:.2f} ({ratio[t] - 1:+.1%})" for t in texts]
+        lines.append(f"| {name} | {scope} | {bpw:.3f} | {size} | {whole} | " + " | ".join(cells)
+                     + f" | {max(ratio.values()) - 1:+.1%} |")
     return "\n".join(lines)
 
 

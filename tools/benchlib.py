@@ -39,10 +39,17 @@ def open_report(out: Path, resume: bool, model, texts: dict) -> dict:
     return report
 
 
+def _model_tag(model) -> str:
+    """'' for the fixture (the cache files made before the permuted twin existed), else '-<dir name>'."""
+    from claq_convert.fixture import DEFAULT_FIXTURE_DIR
+
+    return "" if Path(model).resolve() == DEFAULT_FIXTURE_DIR.resolve() else f"-{Path(model).name}"
+
+
 def self_pool(model, tokenizer, count: int, seqlen: int, device) -> torch.Tensor:
     """`count` self-sampled windows (seed 0), sampled once and kept as .npy. The first n of them are
     exactly what calibration_set samples for n windows: one seeded stream, drawn batch after batch."""
-    path = CACHE / f"self-{count}x{seqlen}-seed0.npy"
+    path = CACHE / f"self-{count}x{seqlen}-seed0{_model_tag(model)}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, allow_pickle=False))
     windows = calibration_set((SELF,), tokenizer, lambda: load_sampler(model, device), count, seqlen, 0)

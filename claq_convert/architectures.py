@@ -1,0 +1,142 @@
+"""What claq-convert knows about model families, in one table, checked against the real module graph.
+
+Per family: where the decoder layers are, the true-sequential groups of linears inside a layer (linears
+of one group read the same input, and a group's input depends only on the groups before it), and the
+norm applied before the head. Everything else is found in the module graph of the model itself: the
+embeddings and the head (transformers' get_input/output_embeddings), the parameters outside the layers.
+`resolve` builds the model on the meta device and checks the entry against it, so a wrong entry or an
+unexpected variant fails with one line before any work is done.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]              # config.model_type values served by this entry
+    layers: str                               # dotted path of the ModuleList of decoder layers
+    groups: tuple[tuple[str, ...], ...]       # linears of one layer, in true-sequential groups
+    final_norm: Optional[str]                 # the norm before the head (None: the head reads the last layer)
+    renames: tuple[tuple[str, str], ...] = () # (checkpoint prefix, module prefix) where the two differ
+
+
+FAMILIES = (
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), "model.layers",
+           _LLAMA_GROUPS, "model.norm"),
+    # fused projections: one linear per group
+    Family("phi3", ("phi3",), "model.layers",
+           (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)), "model.norm"),
+    # parallel attention and MLP: both read the layer input (through their own norms), so the MLP's
+    # input group follows the attention's only in order, not in data
+    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
+           (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+           "gpt_neox.final_layer_norm", renames=(("embed_out.", "lm_head."),)),  # transformers renames on load
+    Family("opt", ("opt",), "model.decoder.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+           "model.decoder.final_layer_norm"),
+)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+# Known and refused, with the reason (rather than "unsupported"):
+_REFUSED = {"gpt2": "its linears are transposed Conv1D modules, which this version does not quantize yet"}
+
+
+class ArchitectureError(ValueError):
+    """The model's family is unknown, or its module graph does not match its family's entry."""
+
+
+def module_names(model_type: Optional[str]) -> dict[str, str]:
+    """checkpoint prefix -> module prefix for this model type ({} when the names agree or it is unknown)."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    return dict(family.renames) if family else {}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type in _REFUSED:
+        raise ArchitectureError(f"model type {model_type!r} is not supported: {_REFUSED[model_type]}")
+    if model_type not in _BY_MODEL_TYPE:
+        raise ArchitectureError(f"model type {model_type!r} is not supported; supported: "
+                                f"{', '.join(supported_model_types())}")
+    return _BY_MODEL_TYPE[model_type]
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device but real buffers (rotary tables,
+    embedding scales are computed, not stored): the skeleton of a model of any size, at no memory cost."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def skeleton(config, device="cpu", dtype: torch.dtype = torch.float32):
+    """The model for `config`, parameters on the meta device, buffers computed and moved to `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != torch.device(device):
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, buffer.to(device), persistent=persistent)
+    return model.eval()
+
+
+def inside(name: str, prefix: str) -> bool:
+    """Whether the dotted `name` is `prefix` or lies below it."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+@dataclass
+class Resolved:
+    """A family entry checked against one model: its layer list and final norm, as modules."""
+    family: Family
+    layers: torch.nn.ModuleList
+    final_norm: Optional[torch.nn.Module]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.family.groups for name in group)
+
+
+def resolve(model, config) -> Resolved:
+    """Check the family entry against the model's module graph: the layer list exists, every grouped
+    name is an nn.Linear in every layer, and every nn.Linear of a layer is in exactly one group."""
+    family = family_of(config)
+    try:
+        layers = model.get_submodule(family.layers)
+        norm = model.get_submodule(family.final_norm) if family.final_norm else None
+    except AttributeError as exc:
+        raise ArchitectureError(f"{family.name} entry does not match this {config.model_type} model: {exc}") from None
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ArchitectureError(f"{family.name} entry: {family.layers} is not a non-empty list of layers")
+    grouped = [name for group in family.groups for name in group]
+    for index, layer in enumerate(layers):
+        found = sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+        if sorted(grouped) != found:
+            raise ArchitectureError(f"{family.name} entry: layer {index} has linears {found}, the entry names "
+                                    f"{sorted(grouped)}; a variant this version does not know")
+    return Resolved(family, layers, norm)
