@@ -12,6 +12,7 @@ import json
 import mmap
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -41,38 +42,46 @@ class GgufLimitError(ClaqFormatError):
     """The file breaks a limit of ggml's C reader (which gguf-py does not enforce)."""
 
 
-def gguf_name(hf_name: str, n_layers: int, base_arch: str = "llama") -> str:
-    """Standard GGUF tensor name of a Hugging Face parameter (gguf-py's own name map)."""
+# HF model_type -> llama.cpp's architecture name, whose tensor names and hyperparameter keys the file uses
+# (OPT has none in llama.cpp: its tensors keep their Hugging Face names, and no hyperparameter keys are written).
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox", "opt": None}
+
+
+def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:
+    """Standard GGUF tensor name of a Hugging Face parameter (gguf-py's own name map); a tensor the map does
+    not know (or an architecture llama.cpp lacks) keeps its Hugging Face name."""
     import gguf
 
-    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[base_arch]
-    mapping = gguf.get_tensor_name_map(arch, n_layers)
     stem, dot, suffix = hf_name.rpartition(".")
-    mapped = mapping.get_name(stem) if dot else None
-    if mapped is None:
-        raise ValueError(f"no GGUF name for tensor {hf_name!r} of a {base_arch} model")
-    return f"{mapped}.{suffix}"
+    if base_arch is not None and dot:
+        arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[base_arch]
+        mapped = gguf.get_tensor_name_map(arch, n_layers).get_name(stem)
+        if mapped is not None:
+            return f"{mapped}.{suffix}"
+    return hf_name
 
 
-def _llama_keys(config: dict) -> dict:
-    """llama.cpp's hyperparameter keys for a llama-architecture model, from its HF config."""
+def _arch_keys(config: dict, arch: Optional[str]) -> dict:
+    """llama.cpp's hyperparameter keys for the model, from its HF config (those the config has)."""
     import gguf
 
-    K, a = gguf.Keys, "llama"
-    heads = config["num_attention_heads"]
-    keys = {K.LLM.CONTEXT_LENGTH.format(arch=a): ("uint32", config["max_position_embeddings"]),
-            K.LLM.EMBEDDING_LENGTH.format(arch=a): ("uint32", config["hidden_size"]),
-            K.LLM.BLOCK_COUNT.format(arch=a): ("uint32", config["num_hidden_layers"]),
-            K.LLM.FEED_FORWARD_LENGTH.format(arch=a): ("uint32", config["intermediate_size"]),
-            K.Attention.HEAD_COUNT.format(arch=a): ("uint32", heads),
-            K.Attention.HEAD_COUNT_KV.format(arch=a): ("uint32", config.get("num_key_value_heads", heads)),
-            K.Attention.LAYERNORM_RMS_EPS.format(arch=a): ("float32", config["rms_norm_eps"]),
-            K.Rope.DIMENSION_COUNT.format(arch=a): ("uint32", config.get("head_dim") or config["hidden_size"] // heads),
-            K.LLM.VOCAB_SIZE.format(arch=a): ("uint32", config["vocab_size"])}
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
-    if theta:
-        keys[K.Rope.FREQ_BASE.format(arch=a)] = ("float32", theta)
-    return keys
+    if arch is None:
+        return {}
+    K = gguf.Keys
+    heads = config.get("num_attention_heads")
+    values = {K.LLM.CONTEXT_LENGTH: ("uint32", config.get("max_position_embeddings")),
+              K.LLM.EMBEDDING_LENGTH: ("uint32", config.get("hidden_size")),
+              K.LLM.BLOCK_COUNT: ("uint32", config.get("num_hidden_layers")),
+              K.LLM.FEED_FORWARD_LENGTH: ("uint32", config.get("intermediate_size")),
+              K.Attention.HEAD_COUNT: ("uint32", heads),
+              K.Attention.HEAD_COUNT_KV: ("uint32", config.get("num_key_value_heads", heads)),
+              K.Attention.LAYERNORM_RMS_EPS: ("float32", config.get("rms_norm_eps")),
+              K.Attention.LAYERNORM_EPS: ("float32", config.get("layer_norm_eps")),
+              K.Rope.DIMENSION_COUNT: ("uint32", config.get("head_dim") or (config["hidden_size"] // heads if heads else None)),
+              K.LLM.VOCAB_SIZE: ("uint32", config.get("vocab_size")),
+              K.Rope.FREQ_BASE: ("float32", config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta"))}
+    return {key.format(arch=arch): (kind, value) for key, (kind, value) in values.items() if value is not None}
 
 
 def _add_tokenizer(writer, files: dict[str, bytes]) -> tuple[list[str], list[str]]:
@@ -124,12 +133,9 @@ def tokenizer_json_rest(data: bytes, tokens: list[str], merges: list[str]) -> st
     return rest if rebuild_tokenizer_json(rest, tokens, merges) == data else None
 
 
-GGUF_MODEL_TYPES = ("llama",)  # families whose hyperparameters and tensor names the extension maps so far
-
-
 def check_gguf_model_type(model_type) -> None:
-    if model_type not in GGUF_MODEL_TYPES:
-        raise ValueError(f"the GGUF extension maps {', '.join(GGUF_MODEL_TYPES)} models so far; this one is "
+    if model_type not in GGUF_ARCH:
+        raise ValueError(f"the GGUF extension maps {', '.join(sorted(GGUF_ARCH))} models; this one is "
                          f"{model_type!r}: write a .claq file instead")
 
 
@@ -147,7 +153,7 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         writer.add_uint32(KEY_VERSION, EXT_VERSION)
         writer.add_string(KEY_BASE, base)
-        for key, (kind, value) in _llama_keys(config).items():
+        for key, (kind, value) in _arch_keys(config, GGUF_ARCH[base]).items():
             getattr(writer, f"add_{kind}")(key, value)
         writer.add_string(KEY_CONFIG, json.dumps(config))
         if cf.metadata.get("generation_config") is not None:
@@ -166,7 +172,7 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
                 writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
         table = []
         for name, tensor in cf.tensors.items():
-            stem = gguf_name(name, config["num_hidden_layers"], base)
+            stem = gguf_name(name, config["num_hidden_layers"], GGUF_ARCH[base])
             dtypes = {s: e["dtype"] for s, e in tensor["sections"].items()}
             table.append({"name": name, "gguf": stem, "kind": tensor["kind"], "shape": tensor["shape"], "dtypes": dtypes})
             for section, array in cf.sections(name).items():

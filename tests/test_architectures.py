@@ -78,3 +78,18 @@ def test_a_wrong_entry_fails_loudly():
             architectures.resolve(model, config)
     finally:
         architectures._BY_MODEL_TYPE["llama"] = original
+
+
+def test_family_gguf_round_trip_is_byte_exact(converted_family, tmp_path):
+    from claq_convert import gguf_ext
+
+    family, directory, path, _ = converted_family
+    gguf_path = gguf_ext.claq_to_gguf(path, tmp_path / "m.gguf")
+    back = gguf_ext.gguf_to_claq(gguf_path, tmp_path / "back.claq")
+    assert back.read_bytes() == path.read_bytes()
+    with reader.ClaqFile(path) as a, gguf_ext.GgufClaqFile(gguf_path) as g:
+        g.validate()
+        for name in a.tensors:
+            assert np.array_equal(a.decode(name), g.decode(name)), name
+    model, _ = load(gguf_path)
+    assert model.config.model_type == json.loads((directory / "config.json").read_text())["model_type"]
