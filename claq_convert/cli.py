@@ -86,7 +86,9 @@ def load_any(model: Path, device, cache: bool = False):
         from .runtime import load
 
         return load(model, device=device, cache=cache)
-    return load_hf(model, device)
+    from .source import resolve_model
+
+    return load_hf(resolve_model(model), device)
 
 
 def load_hf(model_dir: Path, device):
@@ -104,7 +106,7 @@ def load_hf(model_dir: Path, device):
 # --------------------------------------------------------------------------- claq-eval
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__)
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Evaluation text (default: the shared WikiText-2 test.txt).")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per window.")
@@ -164,7 +166,7 @@ def fixture_cmd(out, wheel, force, permuted):
 # --------------------------------------------------------------------------- claq-convert
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__)
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.option("--method", type=click.Choice(["claq", "kmeans", "gptq", "rtn"]), default="claq", show_default=True)
 @click.option("--bits", type=float, default=4.0, show_default=True,
@@ -205,7 +207,8 @@ def fixture_cmd(out, wheel, force, permuted):
 def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
                 nsamples, group_size, keep_embeddings, head_bits, raw_dtype, seqlen, seed, device, out_format, dry_run, run_eval,
                 json_path):
-    """Quantize every block linear of MODEL_DIR with CLAQ (or a baseline) and write OUT.
+    """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
+    with CLAQ (or a baseline) and write OUT.
 
     \b
     Examples:
@@ -216,9 +219,13 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
     """
     from .convert import ConvertOptions, run_conversion
     from .pipeline import QuantConfig
+    from .source import resolve_model
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT, or --dry-run to quantize in memory only")
+    if out is not None and not dry_run and not out.parent.is_dir():
+        raise click.ClickException(f"the output directory {out.parent} does not exist; create it first")
+    model_dir = resolve_model(model_dir)
     if not dry_run and method in ("rtn", "gptq"):
         raise click.UsageError(f"{method} is a baseline with per-row grids, which .claq files do not store; "
                                "evaluate it with --dry-run --eval")
@@ -314,7 +321,7 @@ def inspect_cmd(file, as_json, per_tensor, verify_dir):
 # --------------------------------------------------------------------------- claq-generate
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__)
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("--raw", is_flag=True, help="Continue PROMPT as plain text instead of a chat turn.")
 @click.option("--max-new-tokens", default=64, show_default=True)

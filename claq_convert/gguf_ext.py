@@ -84,24 +84,29 @@ def _arch_keys(config: dict, arch: Optional[str]) -> dict:
     return {key.format(arch=arch): (kind, value) for key, (kind, value) in values.items() if value is not None}
 
 
-def _add_tokenizer(writer, files: dict[str, bytes]) -> tuple[list[str], list[str]]:
-    """tokenizer.ggml.* (tokens, types, merges, special ids, chat template) from the HF tokenizer files.
-
-    Returns the token list and the merges as written, from which `tokenizer_json_rest` works."""
+def _read_vocab(files: dict[str, bytes]):
+    """(tokens, token types, gguf-py's SpecialVocab) from the HF tokenizer files; raises what gguf-py raises
+    for a tokenizer it cannot read (the caller then stores tokenizer.json whole)."""
     from gguf.vocab import BpeVocab, SpecialVocab
 
     with tempfile.TemporaryDirectory(prefix="claq-gguf-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        vocab = BpeVocab(Path(tmp))
-        tokens, _, types = zip(*vocab.all_tokens())
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")  # llama.cpp's pre-tokenizer ids are hashes we do not guess
-        writer.add_token_list(list(tokens))
-        writer.add_token_types([int(t) for t in types])
-        special = SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens))
-        special.add_to_gguf(writer, quiet=True)
-        return list(tokens), list(special.merges)
+        tokens, _, types = zip(*BpeVocab(Path(tmp)).all_tokens())
+        return list(tokens), [int(t) for t in types], SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens))
+
+
+def _add_tokenizer(writer, vocab) -> tuple[list[str], list[str]]:
+    """tokenizer.ggml.* (tokens, types, merges, special ids, chat template) from `_read_vocab`'s result.
+
+    Returns the token list and the merges as written, from which `tokenizer_json_rest` works."""
+    tokens, types, special = vocab
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")  # llama.cpp's pre-tokenizer ids are hashes we do not guess
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special.add_to_gguf(writer, quiet=True)
+    return tokens, list(special.merges)
 
 
 # tokenizer.json's vocabulary and merges are the bulk of it, and tokenizer.ggml.tokens/merges already
@@ -150,51 +155,66 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
         base = config.get("model_type", "llama")
         check_gguf_model_type(base)
         tmp = gguf_path.with_name(f".{gguf_path.name}.tmp")
-        writer = gguf.GGUFWriter(str(tmp), ARCH)
-        writer.add_uint32(KEY_VERSION, EXT_VERSION)
-        writer.add_string(KEY_BASE, base)
-        for key, (kind, value) in _arch_keys(config, GGUF_ARCH[base]).items():
-            getattr(writer, f"add_{kind}")(key, value)
-        writer.add_string(KEY_CONFIG, json.dumps(config))
-        if cf.metadata.get("generation_config") is not None:
-            writer.add_string(KEY_GENERATION, json.dumps(cf.metadata["generation_config"]))
-        writer.add_string(KEY_CONVERSION, json.dumps(cf.metadata.get("conversion", {})))
-        files = {name: cf.file(name) for name in cf.files}
-        if HF_TOKENIZER_FILE in files:
-            tokens, merges = _add_tokenizer(writer, files)
-            rest = tokenizer_json_rest(files[HF_TOKENIZER_FILE], tokens, merges)
-            if rest is not None:
-                writer.add_string(KEY_TOKENIZER_REST, rest)
-            else:  # not rebuilt exactly: the whole file, under gguf-py's standard key
-                writer.add_string(gguf.Keys.Tokenizer.HF_JSON, files[HF_TOKENIZER_FILE].decode("utf-8"))
-        for name, data in files.items():
-            if name != HF_TOKENIZER_FILE:
-                writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
-        table = []
-        for name, tensor in cf.tensors.items():
-            stem = gguf_name(name, config["num_hidden_layers"], GGUF_ARCH[base])
-            dtypes = {s: e["dtype"] for s, e in tensor["sections"].items()}
-            table.append({"name": name, "gguf": stem, "kind": tensor["kind"], "shape": tensor["shape"], "dtypes": dtypes})
-            for section, array in cf.sections(name).items():
-                target = stem if tensor["kind"] == spec.KIND_RAW else f"{stem}.{section}"
-                if len(target.encode()) > GGML_NAME_MAX:
-                    raise ValueError(f"GGUF tensor name {target!r} is longer than ggml's {GGML_NAME_MAX} bytes")
-                ggml = _GGML_OF[dtypes[section]]
-                data = np.ascontiguousarray(array).view(spec.DTYPES[ggml] if ggml != "BF16" else np.uint16)
-                if tensor["kind"] == spec.KIND_RAW:
-                    data = data.reshape(tensor["shape"])
-                if ggml == "BF16":
-                    writer.add_tensor(target, data.view(np.uint8), raw_shape=data.shape,
-                                      raw_dtype=gguf.GGMLQuantizationType.BF16)
-                else:
-                    writer.add_tensor(target, data)
-        writer.add_string(KEY_TENSORS, json.dumps(table))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            _write_gguf(gguf, cf, config, base, tmp)
+        except BaseException:  # an error or an interrupt leaves no partial file behind
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(gguf_path)
     return gguf_path
+
+
+def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
+    """Everything of the CLAQ GGUF file into `tmp` (the caller renames it or removes it)."""
+    writer = gguf.GGUFWriter(str(tmp), ARCH)
+    writer.add_uint32(KEY_VERSION, EXT_VERSION)
+    writer.add_string(KEY_BASE, base)
+    for key, (kind, value) in _arch_keys(config, GGUF_ARCH[base]).items():
+        getattr(writer, f"add_{kind}")(key, value)
+    writer.add_string(KEY_CONFIG, json.dumps(config))
+    if cf.metadata.get("generation_config") is not None:
+        writer.add_string(KEY_GENERATION, json.dumps(cf.metadata["generation_config"]))
+    writer.add_string(KEY_CONVERSION, json.dumps(cf.metadata.get("conversion", {})))
+    files = {name: cf.file(name) for name in cf.files}
+    if HF_TOKENIZER_FILE in files:
+        try:
+            vocab = _read_vocab(files)
+        except Exception:  # gguf-py cannot read this tokenizer (its errors vary): stored whole, below
+            vocab = None
+        rest = None
+        if vocab is not None:
+            tokens, merges = _add_tokenizer(writer, vocab)
+            rest = tokenizer_json_rest(files[HF_TOKENIZER_FILE], tokens, merges)
+        if rest is not None:
+            writer.add_string(KEY_TOKENIZER_REST, rest)
+        else:  # not rebuilt exactly: the whole file, under gguf-py's standard key
+            writer.add_string(gguf.Keys.Tokenizer.HF_JSON, files[HF_TOKENIZER_FILE].decode("utf-8"))
+    for name, data in files.items():
+        if name != HF_TOKENIZER_FILE:
+            writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
+    table = []
+    for name, tensor in cf.tensors.items():
+        stem = gguf_name(name, config["num_hidden_layers"], GGUF_ARCH[base])
+        dtypes = {s: e["dtype"] for s, e in tensor["sections"].items()}
+        table.append({"name": name, "gguf": stem, "kind": tensor["kind"], "shape": tensor["shape"], "dtypes": dtypes})
+        for section, array in cf.sections(name).items():
+            target = stem if tensor["kind"] == spec.KIND_RAW else f"{stem}.{section}"
+            if len(target.encode()) > GGML_NAME_MAX:
+                raise ValueError(f"GGUF tensor name {target!r} is longer than ggml's {GGML_NAME_MAX} bytes")
+            ggml = _GGML_OF[dtypes[section]]
+            data = np.ascontiguousarray(array).view(spec.DTYPES[ggml] if ggml != "BF16" else np.uint16)
+            if tensor["kind"] == spec.KIND_RAW:
+                data = data.reshape(tensor["shape"])
+            if ggml == "BF16":
+                writer.add_tensor(target, data.view(np.uint8), raw_shape=data.shape,
+                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                writer.add_tensor(target, data)
+    writer.add_string(KEY_TENSORS, json.dumps(table))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def gguf_to_claq(gguf_path, claq_path) -> Path:

@@ -7,6 +7,7 @@ Only the layer being quantized is materialised (RAM about one layer); weights st
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Optional
@@ -48,6 +49,11 @@ class QuantConfig:
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
 
     def validate(self) -> None:
+        numbers = {"bits": self.bits, "outlier_bits": self.outlier_bits, "outlier_threshold": self.outlier_threshold,
+                   "percdamp": self.percdamp, "bpw": self.bpw, "head_bits": self.head_bits}
+        for name, value in numbers.items():
+            if value is not None and not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number, not {value}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method != "claq" and (not float(self.bits).is_integer() or self.outlier_bits):

@@ -11,6 +11,48 @@ class SourceError(Exception):
     """The model directory cannot be used; the message says why."""
 
 
+HUB_CACHE_HINT = "download it first (huggingface-cli download NAME) or pass a model directory"
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A model directory, or a Hugging Face hub id ("org/name") resolved from the local hub cache (offline)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists():
+        raise SourceError(f"{text} is a file, not a model directory")
+    if text.count("/") != 1 or text.startswith((".", "/")) or not all(text.split("/")):
+        raise SourceError(f"{text}: no such model directory (a hub id looks like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise SourceError(f"{text}: no such directory, and huggingface_hub is not installed to look it up") from None
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise SourceError(f"{text} is not in the local Hugging Face cache; {HUB_CACHE_HINT}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the file holds every byte it declares (a truncated download fails here)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size or n > 100 * 1024 * 1024:
+            raise SourceError(f"{path} is not a safetensors file (bad header length); re-download it")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError):
+            raise SourceError(f"{path} has an unreadable safetensors header; re-download it") from None
+    if 8 + n + end > size:
+        raise SourceError(f"{path} is truncated: its header declares {8 + n + end} bytes, the file has {size}; "
+                          "re-download it")
+
+
 class ModelSource:
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
@@ -23,10 +65,15 @@ class ModelSource:
             from safetensors import safe_open
 
             path = self.dir / "model.safetensors"
+            _check_safetensors(path)
             with safe_open(str(path), framework="pt") as f:
                 self.files = {name: path for name in f.keys()}
         else:
             raise SourceError(f"{self.dir} has no model.safetensors (pickle checkpoints are not read)")
+        for path in set(self.files.values()):
+            if not path.is_file():
+                raise SourceError(f"{path} is listed in the index but missing; re-download the model")
+            _check_safetensors(path)
         self._handles = {}
         # names as the model's modules have them (transformers renames some checkpoint keys on load)
         from .architectures import module_names
