@@ -27,7 +27,8 @@ KEY_CONFIG = "claq.config"                   # the HF config.json (JSON text)
 KEY_GENERATION = "claq.generation_config"    # JSON text, or absent
 KEY_CONVERSION = "claq.conversion"           # the conversion record (JSON text)
 KEY_TENSORS = "claq.tensors"                 # JSON text: every tensor's source name, kind, shape, sections, dtypes
-KEY_FILE_PREFIX = "claq.file."               # embedded files other than tokenizer.json, as UTF-8 text
+KEY_FILE_PREFIX = "claq.file."               # embedded files other than tokenizer.json: UTF-8 text as a
+                                             # string, any other bytes (tokenizer.model) as an array of uint8
 KEY_TOKENIZER_REST = "claq.tokenizer_json"   # tokenizer.json less the vocab and merges that tokenizer.ggml.* hold
 HF_TOKENIZER_FILE = "tokenizer.json"         # rebuilt from KEY_TOKENIZER_REST, else under tokenizer.huggingface.json
 GGML_NAME_MAX = 63                           # ggml's GGML_MAX_NAME is 64 bytes including the NUL
@@ -191,7 +192,11 @@ def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
             writer.add_string(gguf.Keys.Tokenizer.HF_JSON, files[HF_TOKENIZER_FILE].decode("utf-8"))
     for name, data in files.items():
         if name != HF_TOKENIZER_FILE:
-            writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
+            try:
+                writer.add_string(KEY_FILE_PREFIX + name, data.decode("utf-8"))
+            except UnicodeDecodeError:  # a binary file (a sentencepiece model): its bytes, exactly
+                writer.add_key_value(KEY_FILE_PREFIX + name, list(data), gguf.GGUFValueType.ARRAY,
+                                     gguf.GGUFValueType.UINT8)
     table = []
     for name, tensor in cf.tensors.items():
         stem = gguf_name(name, config["num_hidden_layers"], GGUF_ARCH[base])
@@ -299,7 +304,7 @@ class GgufClaqFile:
             self.files[HF_TOKENIZER_FILE] = self._string(gguf.Keys.Tokenizer.HF_JSON).encode("utf-8")
         for key in fields:
             if key.startswith(KEY_FILE_PREFIX):
-                self.files[key[len(KEY_FILE_PREFIX):]] = self._string(key).encode("utf-8")
+                self.files[key[len(KEY_FILE_PREFIX):]] = self._file_bytes(key)
         self.alignment = int(self._scalar(gguf.Keys.General.ALIGNMENT)) if gguf.Keys.General.ALIGNMENT in fields else 32
 
     def _scalar(self, key):
@@ -313,6 +318,16 @@ class GgufClaqFile:
         if not isinstance(value, str):
             raise BadHeader(f"GGUF key {key!r} is not a string")
         return value
+
+    def _file_bytes(self, key) -> bytes:
+        import gguf
+
+        field = self._reader.fields[key]
+        if field.types == [gguf.GGUFValueType.STRING]:
+            return self._string(key).encode("utf-8")
+        if field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8]:
+            return bytes(np.concatenate([field.parts[i] for i in field.data]).astype(np.uint8)) if field.data else b""
+        raise BadHeader(f"GGUF key {key!r} is neither a string nor an array of uint8")
 
     def _strings(self, key) -> list[str]:
         value = self._scalar(key)

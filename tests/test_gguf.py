@@ -147,3 +147,21 @@ def test_ggml_limits_and_foreign_files_are_rejected(tmp_path):
     garbage.write_bytes(b"GGUF" + b"\xff" * 40)
     r = CliRunner().invoke(inspect_cmd, [str(garbage)])
     assert r.exit_code == 1 and r.output.startswith("invalid:")
+
+
+def test_binary_embedded_files_survive_the_round_trip(tmp_path):
+    """A sentencepiece tokenizer.model is not UTF-8: it travels as a uint8 array, byte for byte."""
+    from claq_convert.writer import ClaqWriter
+
+    claq = tmp_path / "x.claq"
+    blob = bytes(range(256)) * 3 + b"\xff\xfe"
+    with ClaqWriter(claq) as w:
+        w.add_raw("model.norm.weight", np.ones(4, np.float32))
+        w.add_file("tokenizer.model", blob)
+        w.add_file("chat_template.jinja", "{{ messages }}".encode())
+        w.metadata.update(config={"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 4,
+                                  "num_attention_heads": 1, "vocab_size": 8}, generation_config=None, conversion={})
+    gguf_path = gguf_ext.claq_to_gguf(claq, tmp_path / "x.gguf")
+    with gguf_ext.GgufClaqFile(gguf_path) as g:
+        assert g.file("tokenizer.model") == blob
+    assert gguf_ext.gguf_to_claq(gguf_path, tmp_path / "back.claq").read_bytes() == claq.read_bytes()
