@@ -58,9 +58,11 @@ CONFIGS = {
 @click.option("--resume", is_flag=True, help="Skip configurations already in --out.")
 @click.option("--table", "table_only", is_flag=True, help="Run nothing: print the table of --out.")
 @click.option("--readme", is_flag=True, help="Also write the table into README.md between its markers.")
+@click.option("--threads", type=int, default=None,
+              help="torch threads for the whole run (the results depend on it: float order of the matmuls).")
 @click.option("--peers", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --table: a bench_peers.py report of the same model; its block-linear rows join the table.")
-def main(model, only, out, nsamples, resume, table_only, readme, peers):
+def main(model, only, out, nsamples, resume, table_only, readme, threads, peers):
     from claq_convert.data import default_text
     from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
 
@@ -68,6 +70,10 @@ def main(model, only, out, nsamples, resume, table_only, readme, peers):
         return emit_table(json.loads(out.read_text()), readme, json.loads(peers.read_text()) if peers else None)
     model = model or build_fixture(DEFAULT_FIXTURE_DIR)
     names = selected(only, CONFIGS)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     texts = eval_texts()
     report = open_report(out, resume, model, texts)
     runs, fp32 = report["runs"], report["ppl_fp32"]
@@ -99,7 +105,7 @@ def main(model, only, out, nsamples, resume, table_only, readme, peers):
                                 calibration=calibration)
         fp32.update(record["ppl_before"])
         s = record["summary"]
-        runs[name] = {"config": qc.to_dict(), "calibration": record["calibration"],
+        runs[name] = {"config": qc.to_dict(), "calibration": record["calibration"], "threads": _threads(),
                       "ppl": {t: record["ppl_after"][t]["ppl"] for t in texts},
                       "ratio_to_fp32": {t: record["ppl_after"][t]["ppl"] / fp32[t]["ppl"] for t in texts},
                       "nominal_bits": s["nominal_bits"], "honest_bpw": s["honest_bpw"], "quantized_params": s["params"],
@@ -111,6 +117,12 @@ def main(model, only, out, nsamples, resume, table_only, readme, peers):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     emit_table(report, readme)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 README_MARKERS = ("<!-- quality-table: written by tools/bench_quality.py --readme -->", "<!-- /quality-table -->")
