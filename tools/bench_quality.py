@@ -38,6 +38,7 @@ CONFIGS = {
     "kmeans-4": dict(method="kmeans", bits=4),
     "claq-4": dict(bits=4), "claq-4-wikicalib": dict(bits=4, calib="wikitext-valid"),
     "claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
+    "claq-ap-4.2-fp32-embedding": dict(bits=4.2, ap_bits=(4, 5), quantize_embeddings=False),
     "claq-ap-4.5-fp32-embedding": dict(bits=4.5, ap_bits=(4, 5), quantize_embeddings=False),
     "claq-5-fp32-embedding": dict(bits=5, quantize_embeddings=False),
     "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
