@@ -192,7 +192,9 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--keep-embeddings", is_flag=True,
               help="Keep the input embedding and output head unquantized (stored raw).")
 @click.option("--head-bits", type=float, default=None,
-              help="Bit target of the output head / tied embedding (default: --bits).")
+              help="Bit target of the output head / tied embedding (default: --bits + 2, at most 8).")
+@click.option("--codebook", type=click.Choice(["auto", "grid", "f16"]), default="auto", show_default=True,
+              help="Codebook entries: u8 levels on a per-column fp16 grid, fp16 values, or auto (grid up to 5 bits).")
 @click.option("--raw-dtype", type=click.Choice(["F32", "F16", "BF16"], case_sensitive=False), default=None,
               help="Dtype of the tensors kept raw (default: each keeps its source dtype).")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window.")
@@ -205,8 +207,8 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
 def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
-                nsamples, group_size, keep_embeddings, head_bits, raw_dtype, seqlen, seed, device, out_format, dry_run, run_eval,
-                json_path):
+                nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, seqlen, seed, device, out_format,
+                dry_run, run_eval, json_path):
     """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
     with CLAQ (or a baseline) and write OUT.
 
@@ -238,7 +240,8 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
         pair = (low, high)
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
                      outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking,
-                     quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw)
+                     quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw,
+                     codebook=codebook)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     from .architectures import family_of

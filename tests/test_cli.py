@@ -70,3 +70,17 @@ def test_raw_tensors_keep_their_dtype_or_the_one_asked_for(tiny_model_dir, text_
         assert summary["parameters"] == params
         assert summary["file_bits_per_parameter"] == pytest.approx(out.stat().st_size * 8 / params)
         assert "bits per parameter (whole file)" in runner.invoke(inspect_cmd, [str(out)]).output
+
+
+def test_codebook_option_chooses_the_storage(tiny_model_dir, text_file, tmp_path):
+    from claq_convert import reader
+    from claq_convert.cli import convert_cmd
+
+    for codebook, dtypes in (("f16", {"F16"}), ("grid", {"U8"})):
+        out = tmp_path / f"{codebook}.claq"
+        r = CliRunner().invoke(convert_cmd, [str(tiny_model_dir), str(out), "--calib", str(text_file), "--nsamples", "2",
+                                             "--seqlen", "32", "--codebook", codebook])
+        assert r.exit_code == 0, r.output
+        with reader.ClaqFile(out) as cf:
+            cf.validate()
+            assert {t["sections"]["codebooks"]["dtype"] for t in cf.tensors.values() if t["kind"] == "claq"} == dtypes
