@@ -244,14 +244,13 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
                      codebook=codebook)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
-    from .architectures import family_of
-    from .source import ModelSource
-
-    config = ModelSource(model_dir).config()
-    family_of(config)  # before any work: an unsupported family fails here, in one line
-    if as_gguf and not dry_run:
+    if as_gguf and not dry_run:  # before any work (run_conversion checks the family itself first)
+        from .architectures import family_of
         from .gguf_ext import check_gguf_model_type
+        from .source import ModelSource
 
+        config = ModelSource(model_dir).config()
+        family_of(config)
         check_gguf_model_type(config.model_type)
     claq_out = None if dry_run else (out.with_name(f".{out.name}.claq.tmp") if as_gguf else out)
     options = ConvertOptions(model_dir=model_dir, out=claq_out, quant=qc, calib=calib,

@@ -126,9 +126,8 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     `calibration` given token windows (else they are made from options.calib)."""
     from transformers import AutoTokenizer
 
-    from .calibration import DEFAULT_CALIBRATION, calibration_set, describe
-
     from .architectures import family_of
+    from .calibration import DEFAULT_CALIBRATION, calibration_set, describe
 
     qc = options.quant
     qc.validate()

@@ -60,20 +60,20 @@ class ModelSource:
             raise SourceError(f"{self.dir} is not a Hugging Face model directory (no config.json)")
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            self.files = {name: self.dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+            files = {name: self.dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+            for path in set(files.values()):
+                if not path.is_file():
+                    raise SourceError(f"{path} is listed in the index but missing; re-download the model")
+                _check_safetensors(path)
         elif (self.dir / "model.safetensors").is_file():
             from safetensors import safe_open
 
             path = self.dir / "model.safetensors"
             _check_safetensors(path)
             with safe_open(str(path), framework="pt") as f:
-                self.files = {name: path for name in f.keys()}
+                files = {name: path for name in f.keys()}
         else:
             raise SourceError(f"{self.dir} has no model.safetensors (pickle checkpoints are not read)")
-        for path in set(self.files.values()):
-            if not path.is_file():
-                raise SourceError(f"{path} is listed in the index but missing; re-download the model")
-            _check_safetensors(path)
         self._handles = {}
         # names as the model's modules have them (transformers renames some checkpoint keys on load)
         from .architectures import module_names
@@ -83,11 +83,12 @@ class ModelSource:
         except (json.JSONDecodeError, AttributeError):
             raise SourceError(f"{self.dir / 'config.json'} is not a JSON object") from None
         renames = module_names(model_type)
-        self._stored = {}
-        for name in list(self.files):
-            module = next((new + name[len(old):] for old, new in renames.items() if name.startswith(old)), name)
-            self._stored[module] = name
-            self.files[module] = self.files.pop(name)
+
+        def module_name(stored: str) -> str:
+            return next((new + stored[len(old):] for old, new in renames.items() if stored.startswith(old)), stored)
+
+        self._stored = {module_name(name): name for name in files}  # module name -> checkpoint key
+        self.files = {name: files[stored] for name, stored in self._stored.items()}
 
     def names(self) -> list[str]:
         return list(self.files)
