@@ -1,4 +1,4 @@
-"""GGUF extension (formats/gguf-claq-v1.md): the .claq data as standard GGUF tensors and keys.
+"""GGUF extension (formats/gguf-claq.md): the .claq data as standard GGUF tensors and keys.
 
 A .claq section becomes one GGUF tensor of a standard GGML type with the same bytes: unsigned
 integers are stored in the signed type of the same width (U8 -> I8, U16 -> I16, U32 -> I32), so the
@@ -9,15 +9,18 @@ a file through gguf-py with the same interface as `reader.ClaqFile`, so the NumP
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import spec
-from .reader import BadHeader, ClaqFile, ClaqFormatError, check_claq_contents, decode_tensor
+from .reader import (BadHeader, BadLayout, BadMagic, ClaqFile, ClaqFormatError, TruncatedFile, UnsupportedVersion,
+                     brief_repr, check_claq_contents, check_file_name, check_tensor_entry,
+                     check_tensor_sections, decode_tensor, parse_json)
 
 ARCH = "claq"
 EXT_VERSION = 2                              # written; read: those of spec.WIDTHS_BY_VERSION (same widths)
@@ -33,6 +36,11 @@ KEY_TOKENIZER_REST = "claq.tokenizer_json"   # tokenizer.json less the vocab and
 HF_TOKENIZER_FILE = "tokenizer.json"         # rebuilt from KEY_TOKENIZER_REST, else under tokenizer.huggingface.json
 GGML_NAME_MAX = 63                           # ggml's GGML_MAX_NAME is 64 bytes including the NUL
 GGML_MAX_DIMS = 4
+MAX_LAYERS = 4096                            # gguf-py's tensor name map grows with the layer count
+GGUF_VERSIONS = (2, 3)                       # read (little-endian only); gguf-py writes 3
+GGUF_DEFAULT_ALIGNMENT = 32
+MAX_KV_ARRAY_ITEMS = 1 << 23                 # all KV arrays together: gguf-py spends ~10 us and ~0.7 KB on each
+MAX_KV_STRING_BYTES = spec.MAX_FILE_BYTES    # one string value (a whole tokenizer.json at most)
 
 # .claq dtype <-> GGML type with the same byte width and bit pattern.
 _GGML_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I64": "I64", "I32": "I32", "I16": "I16",
@@ -71,6 +79,8 @@ def _arch_keys(config: dict, arch: Optional[str]) -> dict:
         return {}
     K = gguf.Keys
     heads = config.get("num_attention_heads")
+    heads = heads if _is_count(heads) and heads else None
+    hidden = config.get("hidden_size") if _is_count(config.get("hidden_size")) else None
     values = {K.LLM.CONTEXT_LENGTH: ("uint32", config.get("max_position_embeddings")),
               K.LLM.EMBEDDING_LENGTH: ("uint32", config.get("hidden_size")),
               K.LLM.BLOCK_COUNT: ("uint32", config.get("num_hidden_layers")),
@@ -79,10 +89,25 @@ def _arch_keys(config: dict, arch: Optional[str]) -> dict:
               K.Attention.HEAD_COUNT_KV: ("uint32", config.get("num_key_value_heads", heads)),
               K.Attention.LAYERNORM_RMS_EPS: ("float32", config.get("rms_norm_eps")),
               K.Attention.LAYERNORM_EPS: ("float32", config.get("layer_norm_eps")),
-              K.Rope.DIMENSION_COUNT: ("uint32", config.get("head_dim") or (config["hidden_size"] // heads if heads else None)),
+              K.Rope.DIMENSION_COUNT: ("uint32", config.get("head_dim") or (hidden // heads if heads and hidden else None)),
               K.LLM.VOCAB_SIZE: ("uint32", config.get("vocab_size")),
-              K.Rope.FREQ_BASE: ("float32", config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta"))}
-    return {key.format(arch=arch): (kind, value) for key, (kind, value) in values.items() if value is not None}
+              K.Rope.FREQ_BASE: ("float32", config.get("rope_theta") or _rope_theta(config))}
+    ok = {"uint32": _is_count, "float32": _is_float32}
+    return {key.format(arch=arch): (kind, value) for key, (kind, value) in values.items() if ok[kind](value)}
+
+
+def _rope_theta(config: dict):
+    rope = config.get("rope_parameters")
+    return rope.get("rope_theta") if isinstance(rope, dict) else None
+
+
+def _is_count(value) -> bool:
+    """A config value llama.cpp stores as UINT32 (informative keys: others are left out)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 32
+
+
+def _is_float32(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= float(np.finfo(np.float32).max)
 
 
 def _read_vocab(files: dict[str, bytes]):
@@ -116,7 +141,10 @@ def _add_tokenizer(writer, vocab) -> tuple[list[str], list[str]]:
 
 def rebuild_tokenizer_json(rest: str, tokens: list[str], merges: list[str]) -> bytes:
     """tokenizer.json from `claq.tokenizer_json` and the tokenizer.ggml.tokens/merges lists."""
-    obj = json.loads(rest)
+    return _rebuild_tokenizer(json.loads(rest), tokens, merges)
+
+
+def _rebuild_tokenizer(obj: dict, tokens: list[str], merges: list[str]) -> bytes:
     model = obj["model"]
     form = model["merges"]
     model["vocab"] = {token: i for i, token in enumerate(tokens)}
@@ -140,9 +168,9 @@ def tokenizer_json_rest(data: bytes, tokens: list[str], merges: list[str]) -> st
 
 
 def check_gguf_model_type(model_type) -> None:
-    if model_type not in GGUF_ARCH:
+    if not isinstance(model_type, str) or model_type not in GGUF_ARCH:
         raise ValueError(f"the GGUF extension maps {', '.join(sorted(GGUF_ARCH))} models; this one is "
-                         f"{model_type!r}: write a .claq file instead")
+                         f"{brief_repr(model_type)}: write a .claq file instead")
 
 
 def claq_to_gguf(claq_path, gguf_path) -> Path:
@@ -152,9 +180,15 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
     gguf_path = Path(gguf_path)
     with ClaqFile(claq_path) as cf:
         cf.validate()
-        config = cf.metadata["config"]
+        config = cf.metadata.get("config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{claq_path} has no model config in its metadata, which a GGUF file needs")
         base = config.get("model_type", "llama")
         check_gguf_model_type(base)
+        layers = config.get("num_hidden_layers")
+        if not _is_count(layers) or layers > MAX_LAYERS:
+            raise ValueError(f"{claq_path}: the config's num_hidden_layers {brief_repr(layers)} is not a count of "
+                             f"layers (0 to {MAX_LAYERS})")
         tmp = gguf_path.with_name(f".{gguf_path.name}.tmp")
         try:
             _write_gguf(gguf, cf, config, base, tmp)
@@ -210,9 +244,8 @@ def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
             data = np.ascontiguousarray(array).view(spec.DTYPES[ggml] if ggml != "BF16" else np.uint16)
             if tensor["kind"] == spec.KIND_RAW:
                 data = data.reshape(tensor["shape"])
-            if ggml == "BF16":
-                writer.add_tensor(target, data.view(np.uint8), raw_shape=data.shape,
-                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
+            if ggml == "BF16":  # u16 bits: gguf-py keeps the shape (a u8 view would be read as a byte shape)
+                writer.add_tensor(target, data, raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 writer.add_tensor(target, data)
     writer.add_string(KEY_TENSORS, json.dumps(table))
@@ -248,75 +281,295 @@ def drop_mapped_pages(mapped: mmap.mmap | None, start: int, length: int) -> None
     mapped.madvise(mmap.MADV_DONTNEED, first, min(start + length, len(mapped)) - first)
 
 
+class GgufTensorInfo(NamedTuple):
+    name: str
+    ggml_type: str           # GGML type name (one of _GGML_OF's values)
+    dims: tuple[int, ...]    # as stored: fastest first
+    offset: int              # from the start of the data region
+    n_bytes: int
+
+
+class GgufLayout(NamedTuple):
+    version: int
+    alignment: int
+    data_offset: int
+    kv_types: dict           # key -> (value type,) or (ARRAY, item type)
+    tensors: list
+
+
+def scan_gguf(path) -> GgufLayout:
+    """Walk a GGUF header without trusting it, before gguf-py parses it: every count, length and type is
+    checked against the file size and the GGUF value types before anything is allocated or looped over.
+
+    gguf-py trusts them: a 2 KB file whose KV array claims 2**62 items keeps it looping, its memory
+    growing, until it is killed. Here that file fails at once. Strings must be UTF-8, arrays must not nest
+    (ggml refuses them), all arrays together hold at most MAX_KV_ARRAY_ITEMS items, tensors have at most
+    GGML_MAX_DIMS dimensions, a GGML type a CLAQ section can have, and data inside the file.
+    """
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 24:
+        raise TruncatedFile(f"{size} bytes is shorter than the 24-byte GGUF preamble")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _GgufScan(data, size, gguf).run()
+
+
+class _GgufScan:
+    """The cursor of scan_gguf: reads fields as bytes copied out of the map (no views outlive it)."""
+
+    def __init__(self, data, size: int, gguf):
+        V = gguf.GGUFValueType
+        self.data, self.size, self.pos, self.items = data, size, 0, 0
+        self.STRING, self.ARRAY, self.UINT32 = int(V.STRING), int(V.ARRAY), int(V.UINT32)
+        self.scalar = {int(v): n for v, n in ((V.UINT8, 1), (V.INT8, 1), (V.UINT16, 2), (V.INT16, 2), (V.UINT32, 4),
+                                              (V.INT32, 4), (V.FLOAT32, 4), (V.BOOL, 1), (V.UINT64, 8), (V.INT64, 8),
+                                              (V.FLOAT64, 8))}
+        self.types = set(self.scalar) | {self.STRING, self.ARRAY}
+        self.ggml = {int(gguf.GGMLQuantizationType[name]): name for name in set(_GGML_OF.values())}
+        self.item_size = {name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][1]
+                          for name in self.ggml.values()}
+
+    def take(self, n: int, what: str) -> int:
+        if n > self.size - self.pos:
+            raise TruncatedFile(f"GGUF {what} at byte {self.pos} runs past the end of the {self.size}-byte file")
+        self.pos += n
+        return self.pos - n
+
+    def uint(self, n: int, what: str) -> int:
+        start = self.take(n, what)
+        return int.from_bytes(self.data[start:start + n], "little")
+
+    def string(self, what: str) -> str:
+        n = self.uint(8, f"{what} length")
+        start = self.take(n, what)
+        if n > MAX_KV_STRING_BYTES:
+            raise BadHeader(f"GGUF {what} holds {n} bytes; at most {MAX_KV_STRING_BYTES} are allowed")
+        try:
+            return self.data[start:start + n].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadHeader(f"GGUF {what} is not UTF-8 ({exc.reason} at byte {start + exc.start})") from None
+
+    def value_type(self, what: str) -> int:
+        vtype = self.uint(4, what)
+        if vtype not in self.types:
+            raise BadHeader(f"GGUF {what} is {vtype}, not a GGUF value type")
+        return vtype
+
+    def value(self, vtype: int, what: str) -> tuple[tuple[int, ...], int]:
+        """Skip one value of type `vtype`: its (types, start)."""
+        start = self.pos
+        if vtype == self.STRING:
+            self.string(what)
+            return (vtype,), start
+        if vtype != self.ARRAY:
+            self.take(self.scalar[vtype], what)
+            return (vtype,), start
+        itype = self.value_type(f"item type of {what}")
+        if itype == self.ARRAY:
+            raise GgufLimitError(f"{what} is a nested array, which ggml's reader refuses")
+        count = self.uint(8, f"item count of {what}")
+        least = 8 if itype == self.STRING else self.scalar[itype]
+        if count > (self.size - self.pos) // least:
+            raise TruncatedFile(f"GGUF {what} claims {count} items, more than the rest of the file holds")
+        self.items += count
+        if self.items > MAX_KV_ARRAY_ITEMS:
+            raise BadHeader(f"GGUF key arrays hold more than {MAX_KV_ARRAY_ITEMS} items (bulk data belongs in tensors)")
+        if itype == self.STRING:
+            for _ in range(count):
+                self.string(f"item of {what}")
+        else:
+            self.take(count * least, what)
+        return (vtype, itype), start
+
+    def run(self) -> GgufLayout:
+        magic = self.data[:4]
+        if magic != b"GGUF":
+            raise BadMagic(f"not a GGUF file (magic {magic!r})")
+        self.pos = 4
+        version = self.uint(4, "version")
+        if version not in GGUF_VERSIONS:
+            endian = " (a big-endian file?)" if version and not version & 0xFFFF else ""
+            raise UnsupportedVersion(f"GGUF version {version}{endian}; this reader reads little-endian versions "
+                                     f"{' and '.join(map(str, GGUF_VERSIONS))}")
+        n_tensors, n_kv = self.uint(8, "tensor count"), self.uint(8, "key count")
+        if n_kv > (self.size - self.pos) // 13 or n_tensors > (self.size - self.pos) // 24:
+            raise TruncatedFile(f"GGUF header claims {n_kv} keys and {n_tensors} tensors, more than the "
+                                f"{self.size}-byte file holds")
+        kv_types, starts = {}, {}
+        for _ in range(n_kv):
+            key = self.string("key name")
+            if key in kv_types:
+                raise BadHeader(f"GGUF key {brief_repr(key)} appears twice")
+            what = f"key {brief_repr(key)}"
+            kv_types[key], starts[key] = self.value(self.value_type(f"type of {what}"), what)
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        if "general.alignment" in kv_types:
+            if kv_types["general.alignment"] != (self.UINT32,):
+                raise BadHeader("GGUF key 'general.alignment' must be a UINT32")
+            at = starts["general.alignment"]
+            alignment = int.from_bytes(self.data[at:at + 4], "little")
+            if alignment == 0 or alignment & (alignment - 1):
+                raise BadHeader(f"GGUF general.alignment {alignment} is not a power of two")
+        tensors, names = [], set()
+        for _ in range(n_tensors):
+            name = self.string("tensor name")
+            if name in names:
+                raise BadHeader(f"GGUF tensor {brief_repr(name)} appears twice")
+            names.add(name)
+            what = f"tensor {brief_repr(name)}"
+            n_dims = self.uint(4, f"dimension count of {what}")
+            if n_dims > GGML_MAX_DIMS:
+                raise GgufLimitError(f"{what} has {n_dims} dimensions; ggml allows {GGML_MAX_DIMS}")
+            dims = tuple(self.uint(8, f"dimensions of {what}") for _ in range(n_dims))
+            ggml = self.uint(4, f"type of {what}")
+            if ggml not in self.ggml:
+                raise BadHeader(f"GGUF {what} has GGML type {ggml}; CLAQ sections and raw tensors use "
+                                f"{', '.join(sorted(self.ggml.values()))}")
+            offset = self.uint(8, f"data offset of {what}")
+            type_name = self.ggml[ggml]
+            tensors.append(GgufTensorInfo(name, type_name, dims, offset, math.prod(dims) * self.item_size[type_name]))
+        data_offset = spec.align(self.pos, alignment)
+        for t in tensors:
+            if data_offset + t.offset + t.n_bytes > self.size:
+                raise BadLayout(f"GGUF tensor {brief_repr(t.name)}: {t.n_bytes} bytes at data offset {t.offset} run past "
+                                f"the end of the {self.size}-byte file")
+        return GgufLayout(version, alignment, data_offset, kv_types, tensors)
+
+
+_TABLE_KEYS = ("name", "gguf", "kind", "shape", "dtypes")
+
+
 class GgufClaqFile:
-    """A CLAQ GGUF file read through gguf-py, with the interface of reader.ClaqFile."""
+    """A CLAQ GGUF file read through gguf-py, with the interface of reader.ClaqFile.
+
+    The header is scanned first (scan_gguf); gguf-py parses only a file that passed. Opening checks every
+    claq.* key and the tensor table against the GGUF tensors, as ClaqFile checks a .claq header."""
 
     def __init__(self, path):
         import gguf
 
         self.path = Path(path)
         self.size = self.path.stat().st_size
+        self.layout = scan_gguf(self.path)
         try:
             self._reader = gguf.GGUFReader(str(self.path), "r")
-        except (ValueError, IndexError, OSError, KeyError) as exc:  # gguf-py's own parse errors
-            raise BadHeader(f"not a readable GGUF file: {exc}") from None
-        fields = self._reader.fields
+        except (ValueError, IndexError, OSError, KeyError) as exc:  # not expected after the scan: kept as a net
+            raise BadHeader(f"not a readable GGUF file: {brief_repr(str(exc))}") from None
         arch = self._string(gguf.Keys.General.ARCHITECTURE)
         if arch != ARCH:
-            raise BadHeader(f"general.architecture is {arch!r}, not {ARCH!r}: not a CLAQ GGUF file")
-        version = self._scalar(KEY_VERSION)
+            raise BadHeader(f"general.architecture is {brief_repr(arch)}, not {ARCH!r}: not a CLAQ GGUF file")
+        version = self._scalar(KEY_VERSION, gguf.GGUFValueType.UINT32)
         if version not in spec.WIDTHS_BY_VERSION:
             raise BadHeader(f"CLAQ GGUF extension version {version}; this reader reads "
                             f"{', '.join(map(str, spec.WIDTHS_BY_VERSION))}")
-        self.widths = spec.WIDTHS_BY_VERSION[version]
-        try:
-            table = json.loads(self._string(KEY_TENSORS))
-            config = json.loads(self._string(KEY_CONFIG))
-        except json.JSONDecodeError as exc:
-            raise BadHeader(f"a claq.* key is not valid JSON: {exc.msg}") from None
-        self.metadata = {"config": config,
-                         "generation_config": json.loads(self._string(KEY_GENERATION)) if KEY_GENERATION in fields else None,
-                         "conversion": json.loads(self._string(KEY_CONVERSION)) if KEY_CONVERSION in fields else {}}
-        by_name = {t.name: t for t in self._reader.tensors}
+        self.version, self.widths = version, spec.WIDTHS_BY_VERSION[version]
+        fields = self._reader.fields
+        self.metadata = {"config": self._json_object(KEY_CONFIG),
+                         "generation_config": self._json_object(KEY_GENERATION, null=True) if KEY_GENERATION in fields
+                         else None,
+                         "conversion": self._json_object(KEY_CONVERSION) if KEY_CONVERSION in fields else {}}
         self._arrays, self.tensors = {}, {}
-        for entry in table:
-            name, stem, kind = entry["name"], entry["gguf"], entry["kind"]
-            sections = {}
-            for section, dtype in entry["dtypes"].items():
+        self._read_table(parse_json(self._string(KEY_TENSORS), f"GGUF key {KEY_TENSORS!r}"), version)
+        self.files = self._read_files(gguf)
+        self.alignment = self.layout.alignment
+
+    def _read_table(self, table, version: int) -> None:
+        """claq.tensors against the GGUF tensors: each entry's sections are GGUF tensors of the GGML type of
+        their dtype and of the entry's shape; every GGUF tensor belongs to exactly one entry."""
+        if not isinstance(table, list):
+            raise BadHeader(f"GGUF key {KEY_TENSORS!r} must hold a JSON array")
+        by_name = {t.name: t for t in self._reader.tensors}
+        owner: dict[str, str] = {}
+        for index, entry in enumerate(table):
+            if not isinstance(entry, dict) or set(entry) != set(_TABLE_KEYS):
+                raise BadHeader(f"{KEY_TENSORS}[{index}]: needs exactly the keys {', '.join(_TABLE_KEYS)}")
+            name, stem, kind, shape, dtypes = (entry[k] for k in _TABLE_KEYS)
+            if not isinstance(name, str) or not isinstance(stem, str):
+                raise BadHeader(f"{KEY_TENSORS}[{index}]: name and gguf must be strings")
+            if name in self.tensors:
+                raise BadHeader(f"tensor {brief_repr(name)} is listed twice in {KEY_TENSORS}")
+            check_tensor_entry(name, kind, shape)
+            if not isinstance(dtypes, dict) or not dtypes:
+                raise BadHeader(f"tensor {brief_repr(name)}: dtypes must be an object naming its sections")
+            if kind == spec.KIND_RAW and set(dtypes) != {"data"}:
+                raise BadHeader(f"tensor {brief_repr(name)}: a raw tensor has one section 'data' of the tensor's shape")
+            sections, schema = {}, {}
+            for section, dtype in dtypes.items():
+                where = f"tensor {brief_repr(name)} section {brief_repr(section)}"
+                if not isinstance(dtype, str) or dtype not in spec.DTYPES:
+                    raise BadHeader(f"{where}: unknown dtype {brief_repr(dtype)}")
                 target = stem if kind == spec.KIND_RAW else f"{stem}.{section}"
-                if target not in by_name or dtype not in spec.DTYPES or _GGML_OF[dtype] != by_name[target].tensor_type.name:
-                    raise BadHeader(f"tensor {name!r}: GGUF tensor {target!r} missing or of the wrong type")
-                t = by_name[target]
+                t = by_name.get(target)
+                if t is None:
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} is missing")
+                if target in owner:
+                    raise BadHeader(f"GGUF tensor {brief_repr(target)} belongs to {brief_repr(owner[target])} and {brief_repr(name)}")
+                owner[target] = name
+                if t.tensor_type.name != _GGML_OF[dtype]:
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} is {t.tensor_type.name}; a {dtype} section "
+                                    f"is stored as {_GGML_OF[dtype]}")
+                dims = [int(d) for d in t.shape]
+                if kind == spec.KIND_RAW and dims != shape[::-1]:
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} has dimensions {dims}; the tensor's shape "
+                                    f"{shape} needs {shape[::-1]} (fastest first)")
+                if kind != spec.KIND_RAW and len(dims) != 1:
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} must be 1-D, it has dimensions {dims}")
                 array = np.asarray(t.data).reshape(-1).view(spec.DTYPES[dtype])
+                section_shape = shape if kind == spec.KIND_RAW else dims
+                if array.size != math.prod(section_shape):  # the scan bounds the bytes; this is the view's count
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} holds {array.size} values, "
+                                    f"not {section_shape}")
                 self._arrays[(name, section)] = (array, t)
-                sections[section] = {"dtype": dtype, "shape": [int(array.size)] if kind != spec.KIND_RAW else entry["shape"],
-                                     "length": int(t.n_bytes)}
-            self.tensors[name] = {"kind": kind, "shape": entry["shape"], "sections": sections}
-        self.files = {}
+                sections[section] = {"dtype": dtype, "shape": section_shape, "length": int(t.n_bytes)}
+                schema[section] = (dtype, section_shape)
+            check_tensor_sections(name, kind, shape, schema, version)
+            self.tensors[name] = {"kind": kind, "shape": shape, "sections": sections}
+        for t in self._reader.tensors:
+            if t.name not in owner:
+                raise BadHeader(f"GGUF tensor {brief_repr(t.name)} belongs to no {KEY_TENSORS} entry")
+
+    def _read_files(self, gguf) -> dict[str, bytes]:
+        fields, files = self._reader.fields, {}
         if KEY_TOKENIZER_REST in fields:
             merges = self._strings(gguf.Keys.Tokenizer.MERGES) if gguf.Keys.Tokenizer.MERGES in fields else []
-            try:
-                self.files[HF_TOKENIZER_FILE] = rebuild_tokenizer_json(
-                    self._string(KEY_TOKENIZER_REST), self._strings(gguf.Keys.Tokenizer.LIST), merges)
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise BadHeader(f"{KEY_TOKENIZER_REST!r} is not a tokenizer.json object with a model") from None
+            rest = parse_json(self._string(KEY_TOKENIZER_REST), f"GGUF key {KEY_TOKENIZER_REST!r}")
+            model = rest.get("model") if isinstance(rest, dict) else None
+            if not isinstance(model, dict) or model.get("merges") not in ("pairs", "strings"):
+                raise BadHeader(f"GGUF key {KEY_TOKENIZER_REST!r} is not a tokenizer.json object whose model's merges "
+                                "say 'pairs' or 'strings'")
+            files[HF_TOKENIZER_FILE] = _rebuild_tokenizer(rest, self._strings(gguf.Keys.Tokenizer.LIST), merges)
         elif gguf.Keys.Tokenizer.HF_JSON in fields:
-            self.files[HF_TOKENIZER_FILE] = self._string(gguf.Keys.Tokenizer.HF_JSON).encode("utf-8")
+            files[HF_TOKENIZER_FILE] = self._string(gguf.Keys.Tokenizer.HF_JSON).encode("utf-8")
         for key in fields:
             if key.startswith(KEY_FILE_PREFIX):
-                self.files[key[len(KEY_FILE_PREFIX):]] = self._file_bytes(key)
-        self.alignment = int(self._scalar(gguf.Keys.General.ALIGNMENT)) if gguf.Keys.General.ALIGNMENT in fields else 32
+                name = key[len(KEY_FILE_PREFIX):]
+                check_file_name(name)
+                if name in files:
+                    raise BadHeader(f"GGUF key {brief_repr(key)} repeats the embedded file {brief_repr(name)}")
+                files[name] = self._file_bytes(key)
+                if not files[name]:
+                    raise BadHeader(f"GGUF key {brief_repr(key)} holds an empty file")
+        return files
 
-    def _scalar(self, key):
+    def _scalar(self, key, vtype):
         field = self._reader.fields.get(key)
         if field is None:
             raise BadHeader(f"missing GGUF key {key!r}")
+        if field.types != [vtype]:
+            raise BadHeader(f"GGUF key {key!r} must be a {vtype.name}")
         return field.contents()
 
     def _string(self, key) -> str:
-        value = self._scalar(key)
-        if not isinstance(value, str):
-            raise BadHeader(f"GGUF key {key!r} is not a string")
+        import gguf
+
+        return self._scalar(key, gguf.GGUFValueType.STRING)
+
+    def _json_object(self, key, null: bool = False):
+        value = parse_json(self._string(key), f"GGUF key {key!r}")
+        if not isinstance(value, dict) and not (null and value is None):
+            raise BadHeader(f"GGUF key {key!r} must hold a JSON object{' or null' if null else ''}")
         return value
 
     def _file_bytes(self, key) -> bytes:
@@ -325,15 +578,22 @@ class GgufClaqFile:
         field = self._reader.fields[key]
         if field.types == [gguf.GGUFValueType.STRING]:
             return self._string(key).encode("utf-8")
-        if field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8]:
-            return bytes(np.concatenate([field.parts[i] for i in field.data]).astype(np.uint8)) if field.data else b""
-        raise BadHeader(f"GGUF key {key!r} is neither a string nor an array of uint8")
+        if field.types in ([gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8], [gguf.GGUFValueType.ARRAY]) \
+                and all(field.parts[i].dtype == np.uint8 for i in field.data):
+            return bytes(np.concatenate([field.parts[i] for i in field.data])) if field.data else b""
+        raise BadHeader(f"GGUF key {brief_repr(key)} is neither a string nor an array of uint8")
 
     def _strings(self, key) -> list[str]:
-        value = self._scalar(key)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        import gguf
+
+        field = self._reader.fields.get(key)
+        if field is None:
+            raise BadHeader(f"missing GGUF key {key!r}")
+        if field.types == [gguf.GGUFValueType.ARRAY] and not field.data:  # empty: gguf-py records no item type
+            return []
+        if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
             raise BadHeader(f"GGUF key {key!r} is not an array of strings")
-        return value
+        return field.contents()
 
     def sections(self, name: str, check_crc: bool = True, copy: bool = False) -> dict[str, np.ndarray]:
         """As ClaqFile.sections (GGUF has no checksums); `copy` also drops the mapped pages afterwards."""

@@ -1,6 +1,7 @@
 """What claq-inspect reports: a summary of a validated file, and its error against the source model."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,19 @@ import numpy as np
 from . import spec
 
 
-def safe_text(text: str) -> str:
-    """Names come from the file: escape control characters before they reach a terminal."""
+def safe_text(text) -> str:
+    """Text from the file (names, config values): control characters escaped before they reach a terminal,
+    so a value can neither forge an output line nor send escape sequences."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def _field(obj, *keys):
+    """obj[k1][k2]... where each step is an object holding the key, else None (metadata is free-form JSON)."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
 
 
 def summarize(cf) -> dict:
@@ -19,7 +30,7 @@ def summarize(cf) -> dict:
     params = stored = outliers = all_params = codebook_bytes = 0
     for name, tensor in cf.tensors.items():
         entry = {"kind": tensor["kind"], "shape": tensor["shape"], "stored_bytes": cf.stored_bytes(name)}
-        all_params += int(np.prod(tensor["shape"], dtype=np.int64))
+        all_params += math.prod(tensor["shape"])
         if tensor["kind"] == spec.KIND_CLAQ:
             rows, cols = tensor["shape"]
             sections = cf.sections(name, check_crc=False)
@@ -36,13 +47,14 @@ def summarize(cf) -> dict:
             stored += entry["stored_bytes"]
             outliers += entry["outliers"]
         tensors[name] = entry
-    config = cf.metadata.get("config") or {}
-    conversion = cf.metadata.get("conversion") or {}
+    config = _field(cf.metadata, "config")
+    conversion = _field(cf.metadata, "conversion")
+    conversion = conversion if isinstance(conversion, dict) else {}
     fmt = "gguf" if type(cf).__name__ == "GgufClaqFile" else "claq"
     return {"file": str(cf.path), "bytes": cf.size, "format": fmt, "version": getattr(cf, "version", spec.VERSION),
             "parameters": all_params, "file_bits_per_parameter": cf.size * 8 / all_params if all_params else None,
-            "model": {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
-                      "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size")},
+            "model": {"architectures": _field(config, "architectures"), "model_type": _field(config, "model_type"),
+                      "layers": _field(config, "num_hidden_layers"), "hidden_size": _field(config, "hidden_size")},
             "tensors": tensors, "files": sorted(cf.files),
             "quantized": {"tensors": sum(t["kind"] == spec.KIND_CLAQ for t in tensors.values()), "params": params,
                           "stored_bytes": stored, "honest_bpw": stored * 8 / params if params else None,
@@ -70,14 +82,23 @@ def verify(cf, model_dir: Path) -> dict:
     return report
 
 
+def _sources(calib) -> list:
+    sources = _field(calib, "sources")
+    if isinstance(sources, list) and sources:
+        return sources
+    return [sources] if sources else [_field(calib, "text")]
+
+
 def render(summary: dict, per_tensor: bool = False) -> str:
+    """The human summary: one line per item; every value that comes from the file goes through safe_text."""
     q, raw, model = summary["quantized"], summary["raw"], summary["model"]
-    kind = "CLAQ GGUF (extension v1)" if summary["format"] == "gguf" else f".claq v{summary['version']}"
+    version = summary["version"]
+    kind = f"CLAQ GGUF (extension v{version})" if summary["format"] == "gguf" else f".claq v{version}"
     whole = summary["file_bits_per_parameter"]
     lines = [f"{safe_text(summary['file'])}: valid {kind}, {summary['bytes']} bytes, {summary['parameters']} parameters"
              + (f", {whole:.4f} bits per parameter (whole file)" if whole else ""),
              f"model: {safe_text(model['architectures'])} ({safe_text(model['model_type'])}), "
-             f"{model['layers']} layers, hidden {model['hidden_size']}",
+             f"{safe_text(model['layers'])} layers, hidden {safe_text(model['hidden_size'])}",
              f"quantized: {q['tensors']} tensors, {q['params']} weights, {q['stored_bytes']} bytes, "
              + (f"honest {q['honest_bpw']:.4f} bpw (quantized tensors), codebooks {q['codebook_bpw']:.4f} of it"
                 if q["honest_bpw"] else "no weights"),
@@ -86,12 +107,13 @@ def render(summary: dict, per_tensor: bool = False) -> str:
              f"raw: {raw['tensors']} tensors, {raw['stored_bytes']} bytes; files: {', '.join(map(safe_text, summary['files']))}"]
     conv = summary["conversion"]
     if conv:
-        quant = conv.get("quant", {})
-        calib = conv.get("calibration", {})
-        lines.append(f"conversion: {safe_text(conv.get('tool'))}, method {safe_text(quant.get('method'))} "
-                     f"bits {quant.get('bits')} outlier_bits {quant.get('outlier_bits')} S {quant.get('outlier_threshold')}; "
-                     f"calibration {calib.get('nsamples')}x{calib.get('seqlen')} seed {calib.get('seed')} "
-                     f"from {', '.join(safe_text(Path(str(s)).name) for s in calib.get('sources') or [calib.get('text')])}")
+        quant, calib = _field(conv, "quant"), _field(conv, "calibration")
+        values = {k: safe_text(_field(quant, k)) for k in ("method", "bits", "outlier_bits", "outlier_threshold")}
+        values.update({k: safe_text(_field(calib, k)) for k in ("nsamples", "seqlen", "seed")})
+        lines.append(f"conversion: {safe_text(conv.get('tool'))}, method {values['method']} bits {values['bits']} "
+                     f"outlier_bits {values['outlier_bits']} S {values['outlier_threshold']}; calibration "
+                     f"{values['nsamples']}x{values['seqlen']} seed {values['seed']} "
+                     f"from {', '.join(safe_text(Path(str(s)).name) for s in _sources(calib))}")
     if not per_tensor:
         return "\n".join(lines)
     lines.append("per tensor:")

@@ -8,7 +8,9 @@ message names the tensor or section.
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import re
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -54,15 +56,82 @@ class BadFileData(ClaqFormatError):
     """An embedded file's stored bytes do not decode to its declared size."""
 
 
+# Limits of the JSON a reader parses (.claq headers, the claq.* keys of a GGUF file): deeper nesting or
+# larger numbers than any metadata needs are refused before they cost time or memory (claq-v2.md, 1).
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 20                    # 2**64 - 1 has 20 digits; the value range is checked after
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FILE_NAME_BAD = re.compile(r"[/\\]")
+
+
+def brief_repr(value, limit: int = 120) -> str:
+    """repr of a value read from a file, cut short: error messages stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _strict_object(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        raise BadHeader(f"duplicate key in header object: {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r}")
-    return dict(pairs)
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadHeader(f"duplicate key in a JSON object: {brief_repr(key)}")
+            seen.add(key)
+    return obj
 
 
 def _reject_constant(name):
-    raise BadHeader(f"header has non-standard JSON constant {name}")
+    raise BadHeader(f"non-standard JSON constant {name}")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadHeader(f"a JSON integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    value = int(text)
+    if not -(1 << 63) <= value < 1 << 64:
+        raise BadHeader(f"the JSON integer {value} is outside [-2**63, 2**64)")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadHeader(f"the JSON number {brief_repr(text)} is outside the range of a double")
+    return value
+
+
+def _check_json_tree(value, what: str) -> None:
+    """Nesting depth and text (no lone surrogates) of parsed JSON, walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise BadHeader(f"{what} has a string with a lone surrogate escape, which is not Unicode text")
+        elif isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BadHeader(f"{what} nests arrays and objects deeper than {MAX_JSON_DEPTH}")
+            if isinstance(node, dict):
+                stack.extend((key, depth) for key in node)
+                node = node.values()
+            stack.extend((child, depth + 1) for child in node)
+
+
+def parse_json(text: str, what: str = "header"):
+    """Strict JSON: no duplicate keys, no NaN/Infinity, integers in [-2**63, 2**64), finite numbers, nesting
+    at most MAX_JSON_DEPTH deep, no lone surrogates. Every failure is a one-line BadHeader naming `what`."""
+    try:
+        value = json.loads(text, object_pairs_hook=_strict_object, parse_constant=_reject_constant,
+                           parse_int=_parse_int, parse_float=_parse_float)
+    except json.JSONDecodeError as exc:
+        raise BadHeader(f"{what} is not valid JSON: {exc.msg} at offset {exc.pos}") from None
+    except RecursionError:  # the parser's own stack ends far above MAX_JSON_DEPTH
+        raise BadHeader(f"{what} nests arrays and objects deeper than {MAX_JSON_DEPTH}") from None
+    except BadHeader as exc:
+        raise BadHeader(f"{what}: {exc}") from None
+    _check_json_tree(value, what)
+    return value
 
 
 def _is_uint(value) -> bool:
@@ -76,6 +145,22 @@ def _expected_dtypes(section: str, version: int) -> tuple[str, ...]:
             "outlier_counts": ("U8", "U16"), "outlier_rows": ("U16", "U32"), "outlier_values": ("F16",)}[section]
 
 
+def check_metadata(metadata: dict, where: str = "metadata") -> None:
+    """config and conversion are objects, generation_config an object or null (where present)."""
+    for key, types, what in (("config", dict, "an object"), ("conversion", dict, "an object"),
+                             ("generation_config", (dict, type(None)), "an object or null")):
+        if key in metadata and not isinstance(metadata[key], types):
+            raise BadHeader(f"{where} {key!r} must be {what}, not {type(metadata[key]).__name__}")
+
+
+def check_file_name(name: str) -> None:
+    """An embedded file's name is a plain file name (it becomes one when a tokenizer is loaded)."""
+    if not name or name in (".", "..") or len(name.encode("utf-8")) > 255 or not name.isprintable() \
+            or _FILE_NAME_BAD.search(name):
+        raise BadHeader(f"embedded file name {brief_repr(name)} is not a plain file name "
+                        "(1 to 255 bytes of printable text, no '/' or '\\', not '.' or '..')")
+
+
 def parse_header(raw: bytes, version: int) -> dict:
     """Decode and schema-check the header (no section placement yet)."""
     try:
@@ -84,40 +169,43 @@ def parse_header(raw: bytes, version: int) -> dict:
         raise BadHeader(f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not text.startswith("{"):
         raise BadHeader("header must start with '{'")
-    try:
-        header = json.loads(text, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise BadHeader(f"header is not valid JSON: {exc.msg} at offset {exc.pos}") from None
+    header = parse_json(text)
     if not isinstance(header, dict) or set(header) != {"format", "version", "metadata", "tensors", "files"}:
         raise BadHeader("header keys must be exactly format, version, metadata, tensors, files")
-    if header["format"] != "claq" or header["version"] != version:
-        raise BadHeader(f"header says format {header['format']!r} version {header['version']!r}; "
+    if header["format"] != "claq" or type(header["version"]) is not int or header["version"] != version:
+        raise BadHeader(f"header says format {brief_repr(header['format'])} version {brief_repr(header['version'])}; "
                         f"the preamble says claq version {version}")
     for key in ("metadata", "tensors", "files"):
         if not isinstance(header[key], dict):
             raise BadHeader(f"header field {key!r} must be an object")
+    check_metadata(header["metadata"])
     for name, tensor in header["tensors"].items():
         _check_tensor_schema(name, tensor, version)
     fields = spec.FILE_FIELDS_BY_VERSION[version]
     for name, entry in header["files"].items():
-        _check_section_entry(f"file {name!r}", entry, fields)
+        check_file_name(name)
+        _check_section_entry(f"file {brief_repr(name)}", entry, fields)
         if entry["dtype"] != spec.FILE_DTYPE:
-            raise BadHeader(f"file {name!r}: dtype must be {spec.FILE_DTYPE}")
+            raise BadHeader(f"file {brief_repr(name)}: dtype must be {spec.FILE_DTYPE}")
         if "encoding" in fields:
-            if entry["encoding"] not in spec.FILE_ENCODINGS:
-                raise BadHeader(f"file {name!r}: encoding must be one of {', '.join(spec.FILE_ENCODINGS)}")
+            if not isinstance(entry["encoding"], str) or entry["encoding"] not in spec.FILE_ENCODINGS:
+                raise BadHeader(f"file {brief_repr(name)}: encoding must be one of {', '.join(spec.FILE_ENCODINGS)}")
             if not _is_uint(entry["size"]) or not 0 < entry["size"] <= spec.MAX_FILE_BYTES:
-                raise BadHeader(f"file {name!r}: size must be an integer in 1..{spec.MAX_FILE_BYTES}")
+                raise BadHeader(f"file {brief_repr(name)}: size must be an integer in 1..{spec.MAX_FILE_BYTES}")
             if entry["encoding"] == "none" and entry["size"] != entry["length"]:
-                raise BadHeader(f"file {name!r}: an unencoded file's size must equal its length")
+                raise BadHeader(f"file {brief_repr(name)}: an unencoded file's size must equal its length")
     return header
+
+
+def _check_dtype(where: str, dtype) -> None:
+    if not isinstance(dtype, str) or dtype not in spec.DTYPES:
+        raise BadHeader(f"{where}: unknown dtype {brief_repr(dtype)}")
 
 
 def _check_section_entry(where: str, entry, fields: tuple = spec.SECTION_FIELDS) -> None:
     if not isinstance(entry, dict) or set(entry) != set(fields):
         raise BadHeader(f"{where}: needs exactly the fields {', '.join(fields)}")
-    if entry["dtype"] not in spec.DTYPES:
-        raise BadHeader(f"{where}: unknown dtype {entry['dtype']!r}")
+    _check_dtype(where, entry["dtype"])
     shape = entry["shape"]
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_uint(d) for d in shape):
         raise BadHeader(f"{where}: shape must be a list of at most 8 non-negative integers")
@@ -130,58 +218,69 @@ def _check_section_entry(where: str, entry, fields: tuple = spec.SECTION_FIELDS)
         raise BadHeader(f"{where}: empty sections are not allowed")
     if entry["offset"] % spec.ALIGNMENT:
         raise BadLayout(f"{where}: offset {entry['offset']} is not {spec.ALIGNMENT}-byte aligned")
-    if entry["length"] != int(np.prod(shape, dtype=object)) * spec.DTYPES[entry["dtype"]].itemsize:
+    if entry["length"] != math.prod(shape) * spec.DTYPES[entry["dtype"]].itemsize:
         raise BadHeader(f"{where}: length {entry['length']} does not match shape {shape} of {entry['dtype']}")
 
 
-def _check_tensor_schema(name: str, tensor, version: int) -> None:
-    if not isinstance(tensor, dict) or set(tensor) != {"kind", "shape", "sections"}:
-        raise BadHeader(f"tensor {name!r}: needs exactly kind, shape, sections")
-    kind, shape, sections = tensor["kind"], tensor["shape"], tensor["sections"]
-    if kind not in spec.KINDS:
-        raise BadHeader(f"tensor {name!r}: unknown kind {kind!r} (this reader knows {', '.join(spec.KINDS)})")
+def check_tensor_entry(name: str, kind, shape) -> None:
+    """A tensor's kind (one this reader knows) and shape (1 to 8 positive integers): both readers."""
+    if not isinstance(kind, str) or kind not in spec.KINDS:
+        raise BadHeader(f"tensor {brief_repr(name)}: unknown kind {brief_repr(kind)} (this reader knows {', '.join(spec.KINDS)})")
     if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_uint(d) and d > 0 for d in shape):
-        raise BadHeader(f"tensor {name!r}: shape must list 1 to 8 positive integers")
-    if not isinstance(sections, dict):
-        raise BadHeader(f"tensor {name!r}: sections must be an object")
-    for section, entry in sections.items():
-        _check_section_entry(f"tensor {name!r} section {section!r}", entry)
+        raise BadHeader(f"tensor {brief_repr(name)}: shape must list 1 to 8 positive integers")
+
+
+def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, version: int) -> None:
+    """The sections a tensor of this kind and shape needs, as {section: (dtype, shape)}: spec sections 4
+    and 5 (both readers; the dtypes are known ones, checked before)."""
     if kind == spec.KIND_RAW:
-        if set(sections) != {"data"} or sections["data"]["shape"] != shape:
-            raise BadHeader(f"tensor {name!r}: a raw tensor has one section 'data' of the tensor's shape")
+        if set(sections) != {"data"} or sections["data"][1] != shape:
+            raise BadHeader(f"tensor {brief_repr(name)}: a raw tensor has one section 'data' of the tensor's shape")
         return
     if len(shape) != 2:
-        raise BadHeader(f"tensor {name!r}: a quantized weight is 2-D")
+        raise BadHeader(f"tensor {brief_repr(name)}: a quantized weight is 2-D")
     allowed = {"bit_widths", "codebooks", "outlier_counts", "outlier_rows", "outlier_values"}
     allowed |= {spec.code_section(b) for b in spec.WIDTHS_BY_VERSION[version]}
     if "U8" in spec.CODEBOOK_DTYPES[version]:
         allowed.add("codebook_grid")
     unknown = set(sections) - allowed
     if unknown:
-        raise BadHeader(f"tensor {name!r}: unknown section {sorted(unknown)[0]!r}")
+        raise BadHeader(f"tensor {brief_repr(name)}: unknown section {brief_repr(sorted(unknown)[0])}")
     for required in ("bit_widths", "codebooks"):
         if required not in sections:
-            raise BadHeader(f"tensor {name!r}: missing section {required!r}")
+            raise BadHeader(f"tensor {brief_repr(name)}: missing section {required!r}")
     present = {"outlier_counts", "outlier_rows", "outlier_values"} & set(sections)
     if present and len(present) != 3:
-        raise BadHeader(f"tensor {name!r}: outlier sections must come together (counts, rows, values)")
-    for section, entry in sections.items():
-        if entry["dtype"] not in _expected_dtypes(section, version):
-            raise BadHeader(f"tensor {name!r} section {section!r}: dtype must be "
+        raise BadHeader(f"tensor {brief_repr(name)}: outlier sections must come together (counts, rows, values)")
+    for section, (dtype, _) in sections.items():
+        if dtype not in _expected_dtypes(section, version):
+            raise BadHeader(f"tensor {brief_repr(name)} section {section!r}: dtype must be "
                             f"{' or '.join(_expected_dtypes(section, version))}")
-    if sections["bit_widths"]["shape"] != [shape[1]]:
-        raise BadHeader(f"tensor {name!r}: bit_widths must have one entry per column ({shape[1]})")
-    if ("codebook_grid" in sections) != (sections["codebooks"]["dtype"] == "U8"):
-        raise BadHeader(f"tensor {name!r}: section codebook_grid must exist exactly when codebooks is U8")
-    if "codebook_grid" in sections and sections["codebook_grid"]["shape"] != [2 * shape[1]]:
-        raise BadHeader(f"tensor {name!r}: codebook_grid must hold two entries per column ({2 * shape[1]})")
+    if sections["bit_widths"][1] != [shape[1]]:
+        raise BadHeader(f"tensor {brief_repr(name)}: bit_widths must have one entry per column ({shape[1]})")
+    if ("codebook_grid" in sections) != (sections["codebooks"][0] == "U8"):
+        raise BadHeader(f"tensor {brief_repr(name)}: section codebook_grid must exist exactly when codebooks is U8")
+    if "codebook_grid" in sections and sections["codebook_grid"][1] != [2 * shape[1]]:
+        raise BadHeader(f"tensor {brief_repr(name)}: codebook_grid must hold two entries per column ({2 * shape[1]})")
+
+
+def _check_tensor_schema(name: str, tensor, version: int) -> None:
+    if not isinstance(tensor, dict) or set(tensor) != {"kind", "shape", "sections"}:
+        raise BadHeader(f"tensor {brief_repr(name)}: needs exactly kind, shape, sections")
+    check_tensor_entry(name, tensor["kind"], tensor["shape"])
+    if not isinstance(tensor["sections"], dict):
+        raise BadHeader(f"tensor {brief_repr(name)}: sections must be an object")
+    for section, entry in tensor["sections"].items():
+        _check_section_entry(f"tensor {brief_repr(name)} section {brief_repr(section)}", entry)
+    check_tensor_sections(name, tensor["kind"], tensor["shape"],
+                          {s: (e["dtype"], e["shape"]) for s, e in tensor["sections"].items()}, version)
 
 
 def check_layout(header: dict, data_size: int) -> None:
     """Sections must tile the data region: first at 0, each next at the aligned end of the previous."""
-    entries = [(e["offset"], e["length"], f"tensor {t!r} section {s!r}")
+    entries = [(e["offset"], e["length"], f"tensor {brief_repr(t)} section {brief_repr(s)}")
                for t, tensor in header["tensors"].items() for s, e in tensor["sections"].items()]
-    entries += [(e["offset"], e["length"], f"file {f!r}") for f, e in header["files"].items()]
+    entries += [(e["offset"], e["length"], f"file {brief_repr(f)}") for f, e in header["files"].items()]
     entries.sort()
     expected = 0
     for offset, length, where in entries:
@@ -220,50 +319,50 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
     bits = sections["bit_widths"]
     bad = ~np.isin(bits, widths)
     if bad.any():
-        raise BadTensorData(f"tensor {name!r}: column {int(np.flatnonzero(bad)[0])} has bit width "
+        raise BadTensorData(f"tensor {brief_repr(name)}: column {int(np.flatnonzero(bad)[0])} has bit width "
                             f"{int(bits[bad][0])}, allowed {widths}")
     if sections["codebooks"].size != spec.codebook_offsets(bits)[-1]:
-        raise BadTensorData(f"tensor {name!r}: codebooks hold {sections['codebooks'].size} entries, "
+        raise BadTensorData(f"tensor {brief_repr(name)}: codebooks hold {sections['codebooks'].size} entries, "
                             f"the bit widths need {spec.codebook_offsets(bits)[-1]}")
     grid = sections.get("codebook_grid")
     if (grid is not None) != (sections["codebooks"].dtype == np.uint8):
-        raise BadTensorData(f"tensor {name!r}: codebook_grid must exist exactly when codebooks are u8 levels")
+        raise BadTensorData(f"tensor {brief_repr(name)}: codebook_grid must exist exactly when codebooks are u8 levels")
     if grid is not None:
         if grid.size != 2 * bits.size:
-            raise BadTensorData(f"tensor {name!r}: codebook_grid must hold two entries per column")
+            raise BadTensorData(f"tensor {brief_repr(name)}: codebook_grid must hold two entries per column")
         if not np.isfinite(grid).all():
-            raise BadTensorData(f"tensor {name!r}: codebook_grid contains a non-finite value")
+            raise BadTensorData(f"tensor {brief_repr(name)}: codebook_grid contains a non-finite value")
         if np.any(grid[1::2] < 0):
-            raise BadTensorData(f"tensor {name!r}: a codebook grid has a negative step")
+            raise BadTensorData(f"tensor {brief_repr(name)}: a codebook grid has a negative step")
     if not np.isfinite(spec.codebook_entries(sections["codebooks"], bits, grid)).all():
-        raise BadTensorData(f"tensor {name!r}: codebooks contain a non-finite value")
+        raise BadTensorData(f"tensor {brief_repr(name)}: codebooks contain a non-finite value")
     for b in widths:
         n_codes = int(np.count_nonzero(bits == b)) * rows
         words = sections.get(spec.code_section(b))
         if (words is None) != (n_codes == 0):
-            raise BadTensorData(f"tensor {name!r}: section codes_{b} must exist exactly when a column has {b} bits")
+            raise BadTensorData(f"tensor {brief_repr(name)}: section codes_{b} must exist exactly when a column has {b} bits")
         if words is None:
             continue
         if words.size != spec.code_words(n_codes, b):
-            raise BadTensorData(f"tensor {name!r}: codes_{b} has {words.size} words, expected {spec.code_words(n_codes, b)}")
+            raise BadTensorData(f"tensor {brief_repr(name)}: codes_{b} has {words.size} words, expected {spec.code_words(n_codes, b)}")
         if not spec.codes_padding_ok(words, b, n_codes):
-            raise BadTensorData(f"tensor {name!r}: codes_{b} has non-zero padding bits")
+            raise BadTensorData(f"tensor {brief_repr(name)}: codes_{b} has non-zero padding bits")
     if "outlier_counts" in sections:
         counts, out_rows, values = (sections[k] for k in ("outlier_counts", "outlier_rows", "outlier_values"))
         if counts.size != bits.size or int(counts.sum(dtype=np.int64)) != out_rows.size or out_rows.size != values.size:
-            raise BadTensorData(f"tensor {name!r}: outlier counts, rows and values disagree in size")
+            raise BadTensorData(f"tensor {brief_repr(name)}: outlier counts, rows and values disagree in size")
         if out_rows.size and int(out_rows.max()) >= rows:
-            raise BadTensorData(f"tensor {name!r}: an outlier row is out of range (rows {rows})")
+            raise BadTensorData(f"tensor {brief_repr(name)}: an outlier row is out of range (rows {rows})")
         if not np.isfinite(values).all():
-            raise BadTensorData(f"tensor {name!r}: an outlier value is not finite")
+            raise BadTensorData(f"tensor {brief_repr(name)}: an outlier value is not finite")
         if int(counts.max(initial=0)) > rows:
-            raise BadTensorData(f"tensor {name!r}: a column has more outliers than rows")
+            raise BadTensorData(f"tensor {brief_repr(name)}: a column has more outliers than rows")
         r = out_rows.astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(counts.astype(np.int64))[:-1]])
         first = np.zeros(r.size, bool)  # first outlier of each column: no order against the one before
         first[starts[counts > 0]] = True
         if r.size > 1 and np.any((np.diff(r) <= 0) & ~first[1:]):
-            raise BadTensorData(f"tensor {name!r}: outlier rows are not strictly ascending within a column")
+            raise BadTensorData(f"tensor {brief_repr(name)}: outlier rows are not strictly ascending within a column")
 
 
 def decode_file(name: str, entry: dict, stored) -> bytes:
@@ -274,9 +373,9 @@ def decode_file(name: str, entry: dict, stored) -> bytes:
     try:
         data = inflater.decompress(bytes(stored), entry["size"] + 1)  # never more than declared (+1 to notice)
     except zlib.error as exc:
-        raise BadFileData(f"file {name!r}: not a zlib stream ({exc})") from None
+        raise BadFileData(f"file {brief_repr(name)}: not a zlib stream ({exc})") from None
     if len(data) != entry["size"] or not inflater.eof or inflater.unused_data:
-        raise BadFileData(f"file {name!r}: zlib data does not decode to exactly its {entry['size']} bytes")
+        raise BadFileData(f"file {brief_repr(name)}: zlib data does not decode to exactly its {entry['size']} bytes")
     return data
 
 
@@ -362,12 +461,12 @@ class ClaqFile:
         """The typed arrays of a tensor's sections: read-only views of the map, or with `copy` arrays of
         their own read from the file (a loader's way: no mapped pages stay resident beside the copy)."""
         tensor = self._tensor(name)
-        return {s: self._section(f"tensor {name!r} section {s!r}", e, check_crc, copy)
+        return {s: self._section(f"tensor {brief_repr(name)} section {s!r}", e, check_crc, copy)
                 for s, e in tensor["sections"].items()}
 
     def _tensor(self, name: str) -> dict:
         if name not in self.tensors:
-            raise KeyError(f"no tensor {name!r} in {self.path}")
+            raise KeyError(f"no tensor {brief_repr(name)} in {self.path}")
         return self.tensors[name]
 
     def decode(self, name: str) -> np.ndarray:
@@ -376,9 +475,9 @@ class ClaqFile:
 
     def file(self, name: str) -> bytes:
         if name not in self.files:
-            raise KeyError(f"no embedded file {name!r} in {self.path}")
+            raise KeyError(f"no embedded file {brief_repr(name)} in {self.path}")
         entry = self.files[name]
-        return decode_file(name, entry, self._section(f"file {name!r}", entry))
+        return decode_file(name, entry, self._section(f"file {brief_repr(name)}", entry))
 
     def stored_bytes(self, name: str) -> int:
         """Bytes a tensor occupies in the file, alignment padding included."""
