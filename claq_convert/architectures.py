@@ -73,10 +73,25 @@ def family_of(config) -> Family:
     return _BY_MODEL_TYPE[model_type]
 
 
+class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """torch.empty allocates on the meta device: modules create their parameters with it, while buffers
+    are computed (arange, ones, tensor) and stay real."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def parameters_on_meta():
     """Modules built inside get their parameters on the meta device but real buffers (rotary tables,
-    embedding scales are computed, not stored): the skeleton of a model of any size, at no memory cost."""
+    embedding scales are computed, not stored): the skeleton of a model of any size, at no memory cost.
+
+    Parameters are never allocated for real (`_EmptyOnMeta`): a 7B model's embedding would cost
+    gigabytes for a moment, and a file's config claiming a huge vocabulary could ask for more than the
+    machine has. A parameter made some other way is moved to meta when registered."""
     original = torch.nn.Module.register_parameter
 
     def register(module, name, param):
@@ -86,7 +101,8 @@ def parameters_on_meta():
 
     torch.nn.Module.register_parameter = register
     try:
-        yield
+        with _EmptyOnMeta():
+            yield
     finally:
         torch.nn.Module.register_parameter = original
 

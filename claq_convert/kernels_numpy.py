@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels import GRID_TOP, MODE_GRID, MODE_UNIFORM
+from .spec import unpack_codes
 
 
 def round_fp16(x: np.ndarray) -> np.ndarray:
@@ -155,3 +156,19 @@ def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
             if h != 0.0:
                 W1[j] -= Err1[i] * h
     return loss
+
+
+def decode_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.ndarray, rows: int,
+                  out_t: np.ndarray, first: int = 0) -> None:
+    """Twin of kernels_decode.decode_stream: unpack every code of the stream, look each column's up."""
+    n = columns.size
+    codes = unpack_codes(np.asarray(words).view(np.uint32), bits, (first + n) * rows)[first * rows:]
+    out_t[columns] = np.take_along_axis(tables, codes.reshape(n, rows).astype(np.int64), axis=1)
+
+
+def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.ndarray, rows: int,
+                   x: np.ndarray, y: np.ndarray, parts: int = 1) -> None:
+    """Twin of kernels_decode.product_stream: the decoded stream as a matrix, times x (float64 sums)."""
+    values = np.empty((columns.size, rows), np.float32)
+    decode_stream(words, bits, tables, np.arange(columns.size), rows, values)
+    y += (x[:, columns].astype(np.float64) @ values.astype(np.float64)).astype(np.float32)

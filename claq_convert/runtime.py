@@ -10,7 +10,12 @@ from . import spec
 from .architectures import family_of, skeleton
 from .gguf_ext import open_model_file
 from .reader import check_claq_contents, decode_tensor
-from .torch_decoder import ClaqEmbedding, ClaqLinear, ClaqTiedHead
+from .modules import ClaqEmbedding, ClaqLinear, ClaqTiedHead
+
+
+def _brief(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def _tokenizer_from(cf):
@@ -19,7 +24,12 @@ def _tokenizer_from(cf):
     with tempfile.TemporaryDirectory(prefix="claq-tokenizer-") as tmp:
         for name in cf.files:
             (Path(tmp) / Path(name).name).write_bytes(cf.file(name))
-        return AutoTokenizer.from_pretrained(tmp)
+        try:
+            return AutoTokenizer.from_pretrained(tmp)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # the tokenizers library panics (a BaseException) on some bad files
+            raise ValueError(f"the file's tokenizer cannot be loaded ({_brief(error)})") from None
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -27,21 +37,56 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> No
     setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
 
 
-def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = False):
+def _config_from(meta):
+    from transformers import AutoConfig
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_type"), str):
+        raise ValueError("the file's metadata holds no model config with a model_type: it cannot be run")
+    meta = dict(meta)
+    try:
+        return AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
+    except Exception as error:
+        raise ValueError(f"the file's model config is not one transformers accepts ({_brief(error)})") from None
+
+
+def _skeleton(config, device, dtype):
+    family_of(config)  # an unsupported family fails here, in one line
+    try:
+        return skeleton(config, device, dtype)
+    except Exception as error:
+        raise ValueError(f"the file's model config does not build a model ({_brief(error)})") from None
+
+
+def config_of(path):
+    """The transformers config of a .claq/.gguf file (from its metadata) or of a Hugging Face directory."""
+    if Path(path).is_file():
+        with open_model_file(path) as cf:
+            return _config_from(cf.metadata["config"])
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
+
+
+def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = False, kernels: str = "auto"):
     """(model, tokenizer) from a .claq (or CLAQ .gguf) file; quantized linears become ClaqLinear modules on `device`.
 
     `dtype` is the compute dtype of the raw tensors and of decoded weights. `cache` keeps each decoded
-    weight after its first use (faster, but resident memory grows to the unquantized size).
+    weight after its first use (faster, but resident memory grows to the unquantized size). `kernels`:
+    "auto" multiplies with the device's kernels (Numba on the CPU, Triton on CUDA), "torch" with the
+    portable Torch decoder (modules.py).
     """
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     device = torch.device(device)
     with open_model_file(path) as cf:
-        meta = dict(cf.metadata["config"])
-        config = AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
-        family_of(config)  # an unsupported family fails here, in one line
-        model = skeleton(config, device, dtype)
+        config = _config_from(cf.metadata.get("config"))
+        model = _skeleton(config, device, dtype)
+        parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
         for name, tensor in cf.tensors.items():
+            if name not in parameters:
+                raise ValueError(f"{name}: a {config.model_type} model has no such tensor")
+            if tensor["kind"] == spec.KIND_RAW and tuple(tensor["shape"]) != tuple(parameters[name].shape):
+                raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {tuple(parameters[name].shape)}")
             sections = cf.sections(name, copy=True)  # owned arrays: nothing of the map stays resident
             if tensor["kind"] == spec.KIND_RAW:
                 values = decode_tensor(name, tensor, sections, copy=False)
@@ -49,15 +94,17 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
                 continue
             module_name = name.removesuffix(".weight")
             target = model.get_submodule(module_name)
+            if not isinstance(target, (torch.nn.Linear, torch.nn.Embedding)) or not name.endswith(".weight"):
+                raise ValueError(f"{name}: only the weight of a linear or an embedding can be quantized")
             check_claq_contents(name, tensor["shape"][0], sections, cf.widths)
             if isinstance(target, torch.nn.Embedding):
                 replacement = ClaqEmbedding(tensor["shape"][0], sections, device=device, compute_dtype=dtype,
-                                            cache=cache, scale=getattr(target, "embed_scale", None))
+                                            cache=cache, scale=getattr(target, "embed_scale", None), kernels=kernels)
                 expected = (target.num_embeddings, target.embedding_dim)
             else:
                 bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
                 replacement = ClaqLinear(tensor["shape"][0], sections, None if bias is None else torch.from_numpy(bias),
-                                         device=device, compute_dtype=dtype, cache=cache)
+                                         device=device, compute_dtype=dtype, cache=cache, kernels=kernels)
                 expected = (target.out_features, target.in_features)
             if expected != (replacement.out_features, replacement.in_features):
                 raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {module_name}")

@@ -1,12 +1,10 @@
 """Torch decoder: the decoding rule of formats/claq-v1.md with tensor operations, on any device.
 
-The twin of `reader.decode_claq` (NumPy); the tests check the two agree bit for bit. `ClaqLinear`
-keeps a weight's packed sections on the device and decodes them in `forward`, so resident weight
-memory stays close to the file's size.
+The twin of `reader.decode_claq` (NumPy); the tests check the two agree bit for bit. It runs on any
+device torch has and is the portable fallback and reference of the modules in `modules.py`, whose
+fast paths (Numba on the CPU, Triton on CUDA) are held to it.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import numpy as np
 import torch
@@ -115,102 +113,3 @@ def to_torch(array: np.ndarray, device) -> torch.Tensor:
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array).to(device)
-
-
-class ClaqLinear(torch.nn.Module):
-    """A Linear whose weight is decoded from CLAQ sections at each forward (or once, with cache=True)."""
-
-    def __init__(self, rows: int, sections: dict[str, np.ndarray], bias: Optional[torch.Tensor] = None,
-                 device="cpu", compute_dtype: torch.dtype = torch.float32, cache: bool = False):
-        super().__init__()
-        self.out_features, self.in_features = rows, int(sections["bit_widths"].size)
-        self.layout = ClaqLayout(np.asarray(sections["bit_widths"]), device)
-        self.section_names = list(sections)
-        for name, array in sections.items():
-            self.register_buffer(name, to_torch(array, device), persistent=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.to(device), requires_grad=False)
-        self.compute_dtype = compute_dtype
-        self.cache = cache
-        self._weight: Optional[torch.Tensor] = None
-
-    def dequantize(self) -> torch.Tensor:
-        sections = {name: getattr(self, name) for name in self.section_names}
-        return decode_claq(self.out_features, sections, self.layout, self.compute_dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        if self._weight is not None:
-            return self._weight
-        W = self.dequantize()
-        if self.cache:
-            self._weight = W
-        return W
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def packed_bytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.section_names)
-
-    def extra_repr(self) -> str:
-        widths = ",".join(str(b) for b in self.layout.columns)
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={widths}, cache={self.cache}"
-
-
-class ClaqEmbedding(ClaqLinear):
-    """An embedding table E[vocab, hidden] stored as a CLAQ weight: a lookup decodes only the rows it reads.
-
-    The whole table is still available as `weight` (and F.linear through ClaqTiedHead), so a tied
-    embedding is stored and kept on the device once.
-    """
-
-    def __init__(self, rows: int, sections: dict[str, np.ndarray], device="cpu",
-                 compute_dtype: torch.dtype = torch.float32, cache: bool = False, scale: Optional[torch.Tensor] = None):
-        super().__init__(rows, sections, None, device, compute_dtype, cache)
-        self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
-        # a scaled embedding (Gemma's: rows times sqrt(hidden)) keeps its scale; the tied head reads unscaled rows
-        self.register_buffer("embed_scale", None if scale is None else scale.to(device), persistent=False)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """E[ids] for a 1-D LongTensor of distinct, ascending row ids: [len(ids), hidden]."""
-        sections = {name: getattr(self, name) for name in self.section_names}
-        codebooks = codebook_values(sections, self.layout, self.compute_dtype)
-        out = torch.empty(ids.numel(), self.in_features, dtype=self.compute_dtype, device=ids.device)
-        for b, columns in self.layout.columns.items():
-            stream_col = torch.arange(columns.numel(), device=ids.device)
-            codes = codes_at(sections[spec.code_section(b)], b, stream_col[None, :] * self.out_features + ids[:, None])
-            out[:, columns] = codebooks[self.layout.starts[columns][None, :] + codes]
-        if "outlier_counts" in sections:
-            counts = sections["outlier_counts"].to(torch.int64)
-            col_of = torch.repeat_interleave(torch.arange(self.in_features, device=ids.device), counts)
-            row_of = sections["outlier_rows"].to(torch.int64)
-            hit = torch.isin(row_of, ids)
-            out[torch.searchsorted(ids, row_of[hit]), col_of[hit]] = sections["outlier_values"][hit].to(self.compute_dtype)
-        return out
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._weight is not None:
-            out = torch.nn.functional.embedding(ids, self._weight)
-        else:
-            unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
-            out = self.rows(unique)[inverse].view(*ids.shape, self.in_features)
-        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
-
-    def extra_repr(self) -> str:
-        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, " + super().extra_repr()
-
-
-class ClaqTiedHead(torch.nn.Module):
-    """The output head of a tied model: logits = x E^T with the CLAQ embedding's own decoded table."""
-
-    def __init__(self, embedding: ClaqEmbedding):
-        super().__init__()
-        self.embedding = embedding
-        self.in_features, self.out_features = embedding.in_features, embedding.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.embedding.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from claq_convert import reader, spec, torch_decoder
+from claq_convert import modules, reader, spec, torch_decoder
 from claq_convert.cli import eval_cmd, generate_cmd
 from claq_convert.convert import ConvertOptions, apply_dequantized, encode_result, run_conversion
 from claq_convert.gptq import GPTQ
@@ -68,7 +68,7 @@ def test_claq_linear_forward_and_cache():
                                     r.outlier_values)
     x = torch.randn(5, 16)
     for cache in (False, True):
-        layer = torch_decoder.ClaqLinear(24, sections, bias=torch.ones(24), cache=cache)
+        layer = modules.ClaqLinear(24, sections, bias=torch.ones(24), cache=cache)
         y = layer(x)
         assert torch.equal(layer.dequantize(), torch.from_numpy(r.dequantize()))
         # the decoded weight is a transposed view (no copy), so the matmul may sum in another order
@@ -101,8 +101,8 @@ def test_loaded_model_equals_the_in_memory_dequantized_model(tiny_claq, tiny_mod
     with torch.no_grad():  # equal weights; the matmuls may sum in another order (transposed view)
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     embedding = model.model.embed_tokens  # the tied table is quantized and kept once for both ends
-    assert isinstance(embedding, torch_decoder.ClaqEmbedding) and model.lm_head.embedding is embedding
-    assert isinstance(model.model.layers[0].mlp.down_proj, torch_decoder.ClaqLinear)
+    assert isinstance(embedding, modules.ClaqEmbedding) and model.lm_head.embedding is embedding
+    assert isinstance(model.model.layers[0].mlp.down_proj, modules.ClaqLinear)
 
 
 def test_cli_eval_and_generate_read_claq_files(tiny_claq, text_file, tmp_path):
@@ -150,10 +150,49 @@ def test_claq_embedding_rows_equal_the_reference_decoder(device, grid):
     r = GPTQ(W, None).quantize(bits, np.random.default_rng(3).integers(0, 4, cols), grid=grid)
     sections = encode_result(r)
     expected = torch.from_numpy(reader.decode_claq(rows, sections))
-    embedding = torch_decoder.ClaqEmbedding(rows, sections, device=device)
+    embedding = modules.ClaqEmbedding(rows, sections, device=device)
     ids = torch.tensor([[5, 299, 0, 5], [int(r.outlier_rows[0]), 17, 17, 2]], device=device)
     assert torch.equal(embedding(ids).cpu(), expected[ids.cpu()])  # only the looked-up rows are decoded
     assert torch.equal(embedding.weight.cpu(), expected)
-    head = torch_decoder.ClaqTiedHead(embedding)
+    head = modules.ClaqTiedHead(embedding)
     x = torch.randn(3, cols, device=device)
     torch.testing.assert_close(head(x).cpu(), x.cpu() @ expected.T)
+
+
+def rewritten(source, path, config=None, extra_raw=None, files=None, raw=None):
+    """A copy of the .claq file `source` with its config, embedded files or tensors changed."""
+    from claq_convert.writer import ClaqWriter
+
+    with reader.ClaqFile(source) as cf, ClaqWriter(path) as w:
+        w.metadata.update(cf.metadata)
+        if config is not None:
+            w.metadata["config"] = config
+        for name, tensor in cf.tensors.items():
+            if tensor["kind"] == "raw":
+                w.add_raw(name, (raw or {}).get(name, cf.decode(name)))
+            else:
+                w.add_quantized(name, tensor["shape"][0], {k: np.array(v) for k, v in cf.sections(name).items()})
+        for name, array in (extra_raw or {}).items():
+            w.add_raw(name, array)
+        for name in cf.files:
+            w.add_file(name, (files or {}).get(name, cf.file(name)))
+    return path
+
+
+def test_load_refuses_hostile_files_the_readers_accept_in_one_line(tiny_claq, tmp_path):
+    with reader.ClaqFile(tiny_claq) as cf:
+        config = dict(cf.metadata["config"])
+        tokenizer_name = next(n for n in cf.files if n.endswith("tokenizer.json"))
+    cases = {
+        "no model_type": (dict(config={k: v for k, v in config.items() if k != "model_type"}), "no model config"),
+        "bad value": (dict(config={**config, "hidden_size": "wide"}), "config"),
+        "huge vocabulary": (dict(config={**config, "vocab_size": 10 ** 12}), "does not fit"),
+        "unknown tensor": (dict(extra_raw={"model.layers.0.extra.weight": np.ones(3, np.float32)}), "no such tensor"),
+        "wrong raw shape": (dict(raw={"model.norm.weight": np.ones(5, np.float32)}), "does not fit"),
+        "bad tokenizer": (dict(files={tokenizer_name: b'{"model": {"type": "BPE", "vocab": 7}}'}), "tokenizer"),
+    }
+    for label, (change, message) in cases.items():
+        path = rewritten(tiny_claq, tmp_path / f"{label.replace(' ', '-')}.claq", **change)
+        with pytest.raises(ValueError, match=message) as caught:
+            load(path)
+        assert "\n" not in str(caught.value), label

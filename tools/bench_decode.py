@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Decode throughput of the NumPy and Torch decoders, and generation speed of a .claq model.
+"""Decode and product throughput of every decoder, and generation speed of a .claq model.
 
-Every quantized weight of FILE is decoded by each decoder; throughput is reported in GB/s of packed
-input (the sections' bytes) and of decoded output counted as fp16, beside a memcpy of the same sizes
-measured in the same run (the machine is shared: ratios are what to compare). Then greedy generation
-tokens/s of the .claq model (ClaqLinear decoding at every step, and with cache=True) against the fp32
-source model. JSON goes to bench/decode[-<device>].json with the machine.
+Every quantized weight of FILE (the tied embedding included) is decoded to float32 by the NumPy
+reference, the portable Torch decoder and the device's kernels (modules.ClaqLinear.decode); throughput
+is reported in GB/s of packed input and of decoded float32 output, beside a memcpy of the decoded
+size measured in the same run (the machine is shared: ratios are what to compare). Then one batch-1
+product through every weight (the kernels straight from the codes, against F.linear with the decoded
+fp32 weights in memory), and greedy generation tokens/s of the .claq model (kernels; the portable
+decoder; cache=True) against the fp32 source model, with each one's peak resident memory.
+JSON goes to bench/decode[-<device>].json with the machine.
 
     python tools/bench_decode.py out/smollm2-claq-4+0.claq [--source MODEL_DIR] [--device cuda]
 """
@@ -25,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from claq_convert.cli import load_hf, machine_info  # noqa: E402
 from claq_convert.gguf_ext import open_model_file  # noqa: E402
+from claq_convert.modules import ClaqLinear  # noqa: E402
 from claq_convert.reader import decode_claq  # noqa: E402
 from claq_convert.runtime import load  # noqa: E402
-from claq_convert.torch_decoder import ClaqLayout, decode_claq as torch_decode, to_torch  # noqa: E402
 
 
 def best_of(fn, repeat: int, sync=lambda: None) -> float:
@@ -41,19 +44,36 @@ def best_of(fn, repeat: int, sync=lambda: None) -> float:
     return min(times)
 
 
-def load_rss(path) -> int:
-    """Peak RSS of a fresh process that imports the stack, loads `path` and runs one short forward pass
-    (so lazily mapped weights are counted too); None: imports only."""
+def load_rss(path, skeleton_only: bool = False) -> int:
+    """Peak RSS of a fresh process that imports the stack, loads `path` and generates 8 tokens (so
+    lazily mapped weights and every transient of a generation step are counted). `skeleton_only`: the
+    baseline, a process that imports the same code and builds the model's skeleton (parameters on meta)
+    but loads no weight; transformers' model code alone is over 100 MiB."""
     import subprocess
 
-    code = ("import sys, torch, transformers, claq_convert.cli as c\n"
-            "p = sys.argv[1]\n"
-            "if p:\n"
-            "    m, t = c.load_any(__import__('pathlib').Path(p), torch.device('cpu'))\n"
-            "    with torch.no_grad(): m(t('Hello', return_tensors='pt')['input_ids'])\n"
+    code = ("import sys, torch, transformers, claq_convert.cli as c, claq_convert.kernels_decode\n"
+            "from pathlib import Path\n"
+            "p, only = Path(sys.argv[1]), sys.argv[2] == '1'\n"
+            "if only:\n"
+            "    from claq_convert.architectures import skeleton\n"
+            "    from claq_convert.runtime import config_of\n"
+            "    skeleton(config_of(p), 'cpu')\n"
+            "else:\n"
+            "    m, t = c.load_any(p, torch.device('cpu'))\n"
+            "    ids = t('Hello, my name is', return_tensors='pt')['input_ids']\n"
+            "    with torch.no_grad(): m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)\n"
             "print(c.peak_rss_bytes())")
-    out = subprocess.run([sys.executable, "-c", code, str(path or "")], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(path), "1" if skeleton_only else "0"],
+                         capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def held_bytes(model) -> int:
+    """Bytes of every tensor the model holds (parameters and buffers, packed sections and tables)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def tokens_per_second(model, tokenizer, device, new_tokens: int) -> float:
@@ -83,49 +103,68 @@ def main(file, source, device, repeat, new_tokens, out):
         source = source or Path(cf.metadata["conversion"]["model"])
     packed = sum(a.nbytes for s in sections.values() for a in s.values())
     params = sum(rows[n] * sections[n]["bit_widths"].size for n in names)
-    decoded_fp16 = 2 * params
-    on_device = {n: {k: to_torch(v, device) for k, v in s.items()} for n, s in sections.items()}
-    layouts = {n: ClaqLayout(sections[n]["bit_widths"], device) for n in names}
+    decoded = 4 * params  # float32
+    fast = {n: ClaqLinear(rows[n], sections[n], device=device) for n in names}
+    portable = {n: ClaqLinear(rows[n], sections[n], device=device, kernels="torch") for n in names}
+    for n in names[:3]:  # compile the kernels outside the timing, and check them on the way
+        assert torch.equal(fast[n].decode().cpu(), torch.from_numpy(decode_claq(rows[n], sections[n])))
 
-    t_numpy = best_of(lambda: [decode_claq(rows[n], sections[n]) for n in names], repeat)
-    t_torch = best_of(lambda: [torch_decode(rows[n], on_device[n], layouts[n], torch.float16) for n in names],
-                      repeat, sync)
-    src = torch.empty(decoded_fp16, dtype=torch.uint8, device=device)
+    timings = {"numpy": best_of(lambda: [decode_claq(rows[n], sections[n]) for n in names], repeat),
+               "torch": best_of(lambda: [portable[n].decode() for n in names], repeat, sync),
+               "kernels": best_of(lambda: [fast[n].decode() for n in names], repeat, sync)}
+    src = torch.empty(decoded, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t_copy = best_of(lambda: dst.copy_(src), repeat, sync)
     report = {"file": str(file), "device": str(device), "machine": machine_info(), "tensors": len(names),
-              "params": params, "packed_bytes": packed, "decoded_fp16_bytes": decoded_fp16,
-              "numpy": {"seconds": t_numpy, "packed_GBps": packed / t_numpy / 1e9, "decoded_GBps": decoded_fp16 / t_numpy / 1e9},
-              "torch": {"seconds": t_torch, "packed_GBps": packed / t_torch / 1e9, "decoded_GBps": decoded_fp16 / t_torch / 1e9},
-              "memcpy_fp16_size": {"seconds": t_copy, "GBps": decoded_fp16 / t_copy / 1e9}}
-    report["torch"]["over_memcpy"] = t_torch / t_copy
-    report["numpy"]["over_memcpy"] = t_numpy / t_copy
-    click.echo(f"{len(names)} weights, {params} params, {packed / 1e6:.1f} MB packed -> {decoded_fp16 / 1e6:.1f} MB fp16")
-    for key in ("numpy", "torch"):
-        r = report[key]
-        click.echo(f"{key:6s} decode {r['seconds']:.3f} s: {r['packed_GBps']:.2f} GB/s packed, "
-                   f"{r['decoded_GBps']:.2f} GB/s decoded ({r['over_memcpy']:.1f}x a memcpy of the decoded size)")
-    click.echo(f"memcpy {decoded_fp16 / 1e6:.0f} MB: {t_copy:.4f} s ({report['memcpy_fp16_size']['GBps']:.1f} GB/s)")
+              "params": params, "packed_bytes": packed, "decoded_fp32_bytes": decoded,
+              "memcpy_fp32_size": {"seconds": t_copy, "GBps": decoded / t_copy / 1e9}, "decode": {}}
+    click.echo(f"{len(names)} weights, {params} params, {packed / 1e6:.1f} MB packed -> {decoded / 1e6:.1f} MB fp32")
+    click.echo(f"memcpy {decoded / 1e6:.0f} MB: {t_copy:.4f} s ({decoded / t_copy / 1e9:.1f} GB/s)")
+    for key, t in timings.items():
+        r = report["decode"][key] = {"seconds": t, "packed_GBps": packed / t / 1e9, "decoded_GBps": decoded / t / 1e9,
+                                     "share_of_memcpy": t_copy / t}
+        click.echo(f"decode {key:8s} {t:.3f} s: {r['packed_GBps']:.2f} GB/s packed, {r['decoded_GBps']:.2f} GB/s "
+                   f"decoded = {100 * r['share_of_memcpy']:.1f}% of a memcpy of the decoded size")
 
-    report["peak_rss_bytes"] = {"python_torch_transformers": load_rss(None), "claq_load_and_forward": load_rss(file),
-                                "fp32_load_and_forward": load_rss(source)}
-    model, tokenizer = load(file, device=device)
-    report["generation"] = {"claq_tokens_per_s": tokens_per_second(model, tokenizer, device, new_tokens)}
-    del model
-    cached, _ = load(file, device=device, cache=True)
-    report["generation"]["claq_cached_tokens_per_s"] = tokens_per_second(cached, tokenizer, device, new_tokens)
-    del cached
+    xs = {n: torch.randn(1, sections[n]["bit_widths"].size, device=device) for n in names}
+    weights = {n: fast[n].decode().contiguous() for n in names}
+    with torch.no_grad():
+        t_product = best_of(lambda: [fast[n](xs[n]) for n in names], repeat, sync)
+        t_fp32 = best_of(lambda: [torch.nn.functional.linear(xs[n], weights[n]) for n in names], repeat, sync)
+    del weights
+    report["batch1_product"] = {"kernels_seconds": t_product, "fp32_matmul_seconds": t_fp32,
+                                "kernels_over_fp32_speed": t_fp32 / t_product}
+    click.echo(f"batch-1 product through every weight: kernels {t_product * 1e3:.1f} ms, fp32 F.linear "
+               f"{t_fp32 * 1e3:.1f} ms ({t_fp32 / t_product:.2f}x fp32's speed)")
+    del fast, portable
+
+    g = report["generation"] = {}
+    held = report["held_weight_bytes"] = {}
+    for key, options in (("claq", {}), ("claq_portable", {"kernels": "torch"}), ("claq_cached", {"cache": True})):
+        model, tokenizer = load(file, device=device, **options)
+        g[key + "_tokens_per_s"] = tokens_per_second(model, tokenizer, device, new_tokens)
+        held[key] = held_bytes(model) + sum(m._weight.numel() * 4 for m in model.modules()
+                                            if isinstance(m, ClaqLinear) and m._weight is not None)
+        del model
     fp32, _ = load_hf(source, device)
-    report["generation"]["fp32_tokens_per_s"] = tokens_per_second(fp32, tokenizer, device, new_tokens)
-    g = report["generation"]
-    report["fp32_weight_bytes"] = sum(p.numel() * p.element_size() for p in fp32.parameters())
-    click.echo(f"generation: claq {g['claq_tokens_per_s']:.1f} tok/s, claq cached {g['claq_cached_tokens_per_s']:.1f}, "
-               f"fp32 {g['fp32_tokens_per_s']:.1f} ({g['claq_tokens_per_s'] / g['fp32_tokens_per_s']:.2f}x)")
-    rss = {k: v / 2**20 for k, v in report["peak_rss_bytes"].items()}
-    click.echo(f"peak RSS of a process that loads nothing {rss['python_torch_transformers']:.0f} MiB; that loads "
-               f"and runs the .claq model {rss['claq_load_and_forward']:.0f} MiB, the fp32 model "
-               f"{rss['fp32_load_and_forward']:.0f} MiB; "
-               f"fp32 weights {report['fp32_weight_bytes'] / 2**20:.0f} MiB, file {Path(file).stat().st_size / 2**20:.0f} MiB")
+    g["fp32_tokens_per_s"] = tokens_per_second(fp32, tokenizer, device, new_tokens)
+    held["fp32"] = held_bytes(fp32)
+    del fp32
+    click.echo(f"generation tok/s: claq {g['claq_tokens_per_s']:.1f}, portable decoder {g['claq_portable_tokens_per_s']:.1f}, "
+               f"cached {g['claq_cached_tokens_per_s']:.1f}, fp32 {g['fp32_tokens_per_s']:.1f} "
+               f"({g['claq_tokens_per_s'] / g['fp32_tokens_per_s']:.2f}x fp32)")
+    click.echo("weights held: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in held.items())
+               + f" (claq {held['claq'] / held['fp32']:.2f}x fp32)")
+    if device.type == "cpu":
+        rss = report["peak_rss_bytes"] = {"claq_skeleton_only": load_rss(file, skeleton_only=True),
+                                          "claq_load_and_generate": load_rss(file),
+                                          "fp32_skeleton_only": load_rss(source, skeleton_only=True),
+                                          "fp32_load_and_generate": load_rss(source)}
+        claq = rss["claq_load_and_generate"] - rss["claq_skeleton_only"]
+        fp = rss["fp32_load_and_generate"] - rss["fp32_skeleton_only"]
+        report["peak_rss_above_skeleton_over_fp32"] = claq / fp
+        click.echo(f"peak RSS above a process that builds the skeleton only: .claq {claq / 2**20:.0f} MiB, "
+                   f"fp32 {fp / 2**20:.0f} MiB ({claq / fp:.2f}x); file {Path(file).stat().st_size / 2**20:.0f} MiB")
     out = out or ROOT / "bench" / ("decode.json" if device.type == "cpu" else f"decode-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,221 @@
+"""Triton kernels over one code stream of a CLAQ weight: decode it, or multiply by it without decoding.
+
+A quantized weight W[rows, C] keeps its columns grouped by bit width. One stream (`codes_<b>`) holds the
+n columns of width b, `columns[c]` being the input column of stream column c (ascending). The code of
+stream column c at row r sits at stream position p = c * rows + r and occupies bits [p*b, p*b + b) of
+the u32 words, LSB first (spec.pack_codes); `tables[c]` is that column's codebook in float32.
+
+- `decode_stream` writes W^T[columns[c], r] = tables[c, code(c, r)] into a [C, rows] tensor.
+- `lut_matmul_stream` adds x[:, columns] @ W_stream^T to an fp32 accumulator: each code picks an entry
+  of its column's codebook, scaled by the input value of that column; the codes are read once and no
+  decoded weight is written anywhere.
+
+Outliers are not handled here: they are a sparse correction the caller applies (a scatter into the
+decoded W^T, or outlier_values times x added to y). Neither kernel checks `columns` against C (that
+would cost a device synchronisation per call): the caller's layout guarantees it. Both run on CUDA, or
+on the CPU under TRITON_INTERPRET=1 (set before this module is imported: @triton.jit reads it then).
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+import triton
+import triton.language as tl
+
+from . import spec
+
+MAX_BATCH = 16        # rows of x one LUT launch takes; a larger batch is split into chunks of this many
+PROGRAMS_PER_SM = 4   # LUT launch: aim for a few resident programs per SM (132 on H100/H200)
+
+
+@triton.jit
+def _codes(words_ptr, c, r, rows, valid, BITS: tl.constexpr, ALIGNED: tl.constexpr):
+    """The int32 codes of stream columns c (a [BLOCK_C] vector) at rows r ([BLOCK_R]): a [BLOCK_C, BLOCK_R] tile.
+
+    A code is the low BITS bits of its word shifted right, plus, when it straddles into the next word,
+    that word's low bits shifted left. All in u32: a shift is never by 32, and only widths that do not
+    divide 32 can straddle, so the others never load a second word. A straddling code's second word is
+    inside the stream (the callers checked the stream's length), so it needs no bound.
+    """
+    row_bit = r * BITS  # int32: a column of codes is far below 2**31 bits
+    if ALIGNED:
+        # each column starts on a word boundary: word and shift depend on the row only, one vector for the tile
+        column_word = c.to(tl.int64) * ((rows * BITS) // 32)
+        word = column_word[:, None] + (row_bit >> 5)[None, :]
+        shift = (row_bit & 31)[None, :]
+    else:
+        bit = c.to(tl.int64)[:, None] * (rows * BITS) + row_bit[None, :]  # int64: whole streams pass 2**31 bits
+        word = bit >> 5
+        shift = (bit & 31).to(tl.int32)
+    low = tl.load(words_ptr + word, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    code = low >> shift.to(tl.uint32)
+    if 32 % BITS != 0:
+        straddles = valid & (shift + BITS > 32)
+        high = tl.load(words_ptr + word + 1, mask=straddles, other=0).to(tl.uint32, bitcast=True)
+        code = code | (high << ((32 - shift) & 31).to(tl.uint32))  # high is 0 wherever the shift would be 32
+    return (code & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _to_bf16(value):
+    """float32 -> bfloat16 rounded to nearest, ties to even, by integer arithmetic on the bits: the same
+    result as the GPU's cvt.rn, and as torch, where Triton's interpreter would truncate. Finite inputs."""
+    bits = value.to(tl.uint32, bitcast=True)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _decode_kernel(words_ptr, tables_ptr, columns_ptr, out_ptr, n, rows, BITS: tl.constexpr,
+                   ALIGNED: tl.constexpr, BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One [BLOCK_C, BLOCK_R] tile of W^T: stream columns on axis 0 of the grid, rows on axis 1."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    valid = (c < n)[:, None] & (r < rows)[None, :]
+    code = _codes(words_ptr, c, r, rows, valid, BITS, ALIGNED)
+    value = tl.load(tables_ptr + c[:, None] * (1 << BITS) + code, mask=valid, other=0.0)
+    column = tl.load(columns_ptr + c, mask=c < n, other=0)
+    if BF16:
+        value = _to_bf16(value)
+    tl.store(out_ptr + column[:, None] * rows + r[None, :], value.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _lut_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xm, stride_xc, y_ptr, n, rows, M,
+                columns_per_program, BITS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y[:M, rows block] += x[:M, columns] @ W^T over one slice of the stream's columns (grid axis 1).
+
+    BLOCK_M == 1 (a GEMV): products accumulate elementwise in a [BLOCK_C, BLOCK_R] tile and are summed
+    over columns once at the end. BLOCK_M == 16: the gathered entries are one operand of an fp32 dot
+    (IEEE, no TF32), the batch padded to 16. The slices' partial sums meet in y by atomic adds.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first = tl.program_id(1) * columns_per_program
+    m = tl.arange(0, BLOCK_M)
+    if BLOCK_M == 1:
+        partial = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for start in range(0, columns_per_program, BLOCK_C):
+        c = first + start + tl.arange(0, BLOCK_C)
+        in_stream = c < n
+        valid = in_stream[:, None] & (r < rows)[None, :]
+        code = _codes(words_ptr, c, r, rows, valid, BITS, ALIGNED)
+        entry = tl.load(tables_ptr + c[:, None] * (1 << BITS) + code, mask=valid, other=0.0)
+        column = tl.load(columns_ptr + c, mask=in_stream, other=0)
+        if BLOCK_M == 1:
+            xc = tl.load(x_ptr + column * stride_xc, mask=in_stream, other=0.0).to(tl.float32)
+            partial += entry * xc[:, None]
+        else:
+            xt = tl.load(x_ptr + m[:, None] * stride_xm + column[None, :] * stride_xc,
+                         mask=(m < M)[:, None] & in_stream[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(xt, entry, input_precision="ieee")
+    if BLOCK_M == 1:
+        acc = tl.sum(partial, axis=0)[None, :]
+    tl.atomic_add(y_ptr + m[:, None] * rows + r[None, :], acc, mask=(m < M)[:, None] & (r < rows)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: few programs, each a NumPy step
+
+
+def _check_stream(words, bits, tables, columns, rows) -> int:
+    """Shape, dtype and device checks that need no synchronisation; returns n, the stream's columns."""
+    if bits not in spec.ALLOWED_BITS:
+        raise ValueError(f"bits must be one of {spec.ALLOWED_BITS}, got {bits}")
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    if columns.dim() != 1 or columns.dtype != torch.int64:
+        raise ValueError("columns must be a 1-D int64 tensor")
+    n = columns.numel()
+    if tables.dtype != torch.float32 or tuple(tables.shape) != (n, 1 << bits) or not tables.is_contiguous():
+        raise ValueError(f"tables must be a contiguous float32 [{n}, {1 << bits}] tensor, got "
+                         f"{tables.dtype} {tuple(tables.shape)}")
+    if words.dtype != torch.int32 or not words.is_contiguous():
+        raise ValueError("words must be a contiguous int32 tensor (the u32 words' bits; see torch_decoder.to_torch)")
+    if words.numel() < spec.code_words(n * rows, bits):
+        raise ValueError(f"{words.numel()} words cannot hold {n} columns of {rows} {bits}-bit codes")
+    if not columns.is_contiguous():
+        raise ValueError("columns must be contiguous")
+    devices = {t.device for t in (words, tables, columns)}
+    if len(devices) != 1:
+        raise ValueError(f"words, tables and columns must be on one device, got {sorted(map(str, devices))}")
+    return n
+
+
+def _block(value, default: int, least: int = 1) -> int:
+    value = default if value is None else value
+    if value < least or value & (value - 1):
+        raise ValueError(f"a block size must be a power of two >= {least}, got {value}")
+    return value
+
+
+def decode_stream(words: torch.Tensor, bits: int, tables: torch.Tensor, columns: torch.Tensor, rows: int,
+                  out_t: torch.Tensor, *, block_c: int | None = None, block_r: int | None = None) -> None:
+    """Write out_t[columns[c], r] = tables[c, code(c, r)] for every stream column c and row r.
+
+    out_t: contiguous W^T [C, rows], float32 (then bit-exact) or float16/bfloat16 (the fp32 entry rounded
+    to nearest even). Rows of out_t (input columns) not in `columns` are left as they are: other
+    streams fill them.
+    """
+    bits, rows = operator.index(bits), operator.index(rows)
+    n = _check_stream(words, bits, tables, columns, rows)
+    if out_t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"out_t must be float32, float16 or bfloat16, got {out_t.dtype}")
+    if out_t.dim() != 2 or out_t.shape[1] != rows or not out_t.is_contiguous() or out_t.device != words.device:
+        raise ValueError(f"out_t must be a contiguous [C, {rows}] tensor on {words.device}")
+    if n == 0:
+        return
+    block_c, block_r = _block(block_c, 16), _block(block_r, 128)
+    grid = (triton.cdiv(n, block_c), triton.cdiv(rows, block_r))
+    _decode_kernel[grid](words, tables, columns, out_t, n, rows, BITS=bits, ALIGNED=rows * bits % 32 == 0,
+                         BF16=out_t.dtype == torch.bfloat16, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
+
+
+def lut_matmul_stream(words: torch.Tensor, bits: int, tables: torch.Tensor, columns: torch.Tensor, rows: int,
+                      x: torch.Tensor, y: torch.Tensor, *, split: int | None = None, block_c: int | None = None,
+                      block_r: int | None = None) -> None:
+    """y[m, r] += sum_c x[m, columns[c]] * tables[c, code(c, r)], in float32, without decoding W.
+
+    x: [M, C] float32/float16/bfloat16 (any strides); y: contiguous float32 [M, rows], accumulated into
+    (zero it for a plain product; call once per stream for a whole weight). `split`: how many programs
+    share a block of rows (default: enough for PROGRAMS_PER_SM programs per SM); their partial sums are
+    added atomically, so the last bits of y may vary from run to run when split > 1.
+    """
+    bits, rows = operator.index(bits), operator.index(rows)
+    n = _check_stream(words, bits, tables, columns, rows)
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.device != words.device:
+        raise ValueError(f"x must be a 2-D float32/float16/bfloat16 tensor on {words.device}")
+    if y.dtype != torch.float32 or tuple(y.shape) != (x.shape[0], rows) or not y.is_contiguous() \
+            or y.device != words.device:
+        raise ValueError(f"y must be a contiguous float32 [{x.shape[0]}, {rows}] tensor on {words.device}")
+    if n == 0 or x.shape[0] == 0:
+        return
+    for m0 in range(0, x.shape[0], MAX_BATCH):
+        _lut_launch(words, bits, tables, columns, rows, x[m0:m0 + MAX_BATCH], y[m0:m0 + MAX_BATCH], n,
+                    split, block_c, block_r)
+
+
+def _lut_launch(words, bits, tables, columns, rows, x, y, n, split, block_c, block_r) -> None:
+    M = x.shape[0]
+    gemv = M == 1
+    # tl.dot needs every side >= 16. Defaults: 32 x 128 (GEMV) and 32 x 64 (dot) tiles on 8 warps stay
+    # under ~110 registers a thread on sm_90 with no spills, so 2-3 programs share an SM.
+    block_c = _block(block_c, 32, 1 if gemv else 16)
+    block_r = _block(block_r, 128 if gemv else 64, 1 if gemv else 16)
+    row_blocks = triton.cdiv(rows, block_r)
+    column_blocks = triton.cdiv(n, block_c)
+    if split is None:
+        split = triton.cdiv(PROGRAMS_PER_SM * _sm_count(x.device), row_blocks)
+    split = max(1, min(split, column_blocks))
+    per_program = triton.cdiv(column_blocks, split) * block_c  # whole column blocks per program
+    grid = (row_blocks, triton.cdiv(n, per_program))
+    _lut_kernel[grid](words, tables, columns, x, x.stride(0), x.stride(1), y, n, rows, M,
+                      per_program, BITS=bits, ALIGNED=rows * bits % 32 == 0, BLOCK_M=1 if gemv else MAX_BATCH,
+                      BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8)

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""CLAQ weights on a CUDA GPU: the Triton LUT product and decode kernels against cuBLAS on the fp16 weight.
+
+For synthetic weights (random codes, random sorted fp16 codebooks per column) of 7B-class and SmolLM2
+shapes, each all 4-bit and mixed 3/4-bit (a quarter of the columns at 4 bits: two streams), and batches
+M = 1, 4, 16, it times in one run:
+
+- fp16_linear: F.linear(x, W) with the decoded fp16 weight (cuBLAS), the speed to beat;
+- lut: kernels_triton.lut_matmul_stream over every stream into a zeroed fp32 y (the zeroing included);
+- decode_linear: kernels_triton.decode_stream to fp16 W^T, then F.linear;
+- decode: the decode kernel alone; torch_decoder: torch_decoder.decode_claq to fp16;
+- copy: a device-to-device copy of the fp16 weight's bytes (the bandwidth ceiling of a decode).
+
+Each kernel is checked against the fp32 reference of spec.unpack_codes once before timing. Times are
+medians of triton.testing.do_bench in microseconds, which flushes L2 before every call (a decode step
+reads each layer's weight once, from HBM) and queues the call behind that flush (Python launch overhead
+is hidden unless it exceeds the flush). Effective GB/s count the bytes an ideal kernel must move:
+fp16_linear reads the fp16 weight; lut reads the packed weight (code words, fp16 codebooks, widths);
+decode reads it and writes the fp16 W^T; decode_linear writes and reads W^T once more; copy reads and writes.
+JSON goes to bench/decode-cuda.json with the machine. Only torch, triton, numpy and claq_convert's spec,
+torch_decoder and kernels_triton are imported: the GPU machine needs nothing else.
+
+    python tools/bench_decode_cuda.py [--out PATH]
+    TRITON_INTERPRET=1 python tools/bench_decode_cuda.py --smoke [--out PATH]   # tiny shapes, CPU, end to end
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from claq_convert import spec, torch_decoder  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "decode-cuda.json"
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008),  # 7B-class: q/k/v/o, gate/up, down (rows x C)
+          (576, 576), (1536, 576), (576, 1536)]        # SmolLM2-135M
+SMOKE_SHAPES = [(64, 48), (29, 40)]                    # aligned and unaligned code layouts
+BATCHES = (1, 4, 16)
+MIXES = ("4", "3/4")  # all columns at 4 bits; a quarter at 4 and the rest at 3
+
+
+class SyntheticWeight:
+    """A random CLAQ weight W[rows, C] without outliers: its streams on the device, the sections
+    torch_decoder.decode_claq reads, and the fp32 reference W^T from spec.unpack_codes (NumPy)."""
+
+    def __init__(self, rng: np.random.Generator, rows: int, C: int, mix: str, device: torch.device):
+        widths = np.full(C, 4, np.uint8)
+        if mix == "3/4":
+            widths[:] = 3
+            widths[rng.permutation(C)[: C // 4]] = 4
+        self.rows, self.C, self.widths = rows, C, widths
+        self.Wt = np.empty((C, rows), np.float32)
+        offsets = spec.codebook_offsets(widths)
+        codebooks = np.empty(offsets[-1], np.float16)
+        self.streams, self.sections = [], {}
+        for b in np.unique(widths).tolist():
+            columns = spec.columns_of_width(widths, b)
+            n_codes = columns.size * rows
+            words = rng.integers(0, 1 << 32, spec.code_words(n_codes, b), dtype=np.uint32)  # random bits: random codes
+            unused = words.size * spec.WORD_BITS - n_codes * b
+            words[-1] &= np.uint32((1 << (spec.WORD_BITS - unused)) - 1)  # the file's padding bits are zero
+            table = np.sort(rng.standard_normal((columns.size, 1 << b)) * 0.02, axis=1).astype(np.float16)
+            codes = spec.unpack_codes(words, b, n_codes).reshape(columns.size, rows)
+            self.Wt[columns] = np.take_along_axis(table.astype(np.float32), codes.astype(np.intp), 1)
+            codebooks[offsets[columns][:, None] + np.arange(1 << b)] = table
+            words_t = torch.from_numpy(words.view(np.int32)).to(device)
+            self.sections[spec.code_section(b)] = words_t
+            self.streams.append((words_t, b, torch.from_numpy(table.astype(np.float32)).to(device),
+                                 torch.from_numpy(columns).to(device), rows))
+        self.sections["codebooks"] = torch.from_numpy(codebooks).to(device)
+        self.layout = torch_decoder.ClaqLayout(widths, device)
+        self.packed_bytes = sum(spec.claq_section_lengths(rows, widths, 0).values())
+
+
+def check(name: str, ok: bool, failures: list[str], detail: str = "") -> bool:
+    if not ok:
+        failures.append(f"{name}: {detail}" if detail else name)
+    return ok
+
+
+def timer(device: torch.device, warmup_ms: int, rep_ms: int):
+    """fn -> median microseconds: do_bench on CUDA; on the CPU (smoke) a few wall-clock runs."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: 1e3 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+    def wall(fn, repeat=3):
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e6 * statistics.median(times)
+    return wall
+
+
+def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed: int) -> dict:
+    from claq_convert import kernels_triton as kt
+
+    rows, C = weight.rows, weight.C
+    label = f"{rows}x{C} {'+'.join(map(str, sorted(set(weight.widths.tolist()))))}-bit"
+    fp16_bytes = 2 * rows * C
+    W16 = torch.from_numpy(weight.Wt.T.copy()).to(device=device, dtype=torch.float16)  # nn.Linear's layout
+    out16 = torch.empty(C, rows, dtype=torch.float16, device=device)
+    copy_dst = torch.empty_like(W16)
+
+    def decode(out):
+        for s in weight.streams:
+            kt.decode_stream(*s, out)
+
+    def torch_decode():
+        return torch_decoder.decode_claq(rows, weight.sections, weight.layout, torch.float16)
+
+    # correctness, once: decode exact in fp32 and fp16, the torch decoder too, the LUT to fp32 rounding
+    out32 = torch.full((C, rows), float("nan"), device=device)
+    decode(out32)
+    check(f"{label} decode fp32", np.array_equal(out32.cpu().numpy(), weight.Wt), failures)
+    decode(out16)
+    check(f"{label} decode fp16", torch.equal(out16.cpu(), torch.from_numpy(weight.Wt).half()), failures)
+    check(f"{label} torch_decoder", torch.equal(torch_decode().T.cpu(), torch.from_numpy(weight.Wt).half()), failures)
+    del out32
+
+    g = torch.Generator().manual_seed(seed)
+    result = {"rows": rows, "C": C, "widths": {str(b): int(np.count_nonzero(weight.widths == b))
+                                               for b in np.unique(weight.widths).tolist()},
+              "packed_bytes": weight.packed_bytes, "fp16_bytes": fp16_bytes, "batches": {}}
+    us = {"decode": time_us(lambda: decode(out16)), "torch_decoder": time_us(torch_decode),
+          "copy": time_us(lambda: copy_dst.copy_(W16))}
+    result["us"] = us
+    result["gbps"] = {"decode": (weight.packed_bytes + fp16_bytes) / us["decode"] / 1e3,
+                      "torch_decoder": (weight.packed_bytes + fp16_bytes) / us["torch_decoder"] / 1e3,
+                      "copy": 2 * fp16_bytes / us["copy"] / 1e3}
+    result["ratios"] = {"decode/copy": us["decode"] / us["copy"],
+                        "torch_decoder/decode": us["torch_decoder"] / us["decode"]}
+    print(f"{label}: decode {us['decode']:.1f} us, torch_decoder {us['torch_decoder']:.1f} us, "
+          f"copy {us['copy']:.1f} us", flush=True)
+
+    Wt64 = weight.Wt.astype(np.float64)
+    for M in BATCHES:
+        x = torch.randn(M, C, generator=g).to(device=device, dtype=torch.float16)
+        y = torch.empty(M, rows, device=device)
+
+        def lut():
+            y.zero_()
+            for s in weight.streams:
+                kt.lut_matmul_stream(*s, x, y)
+
+        lut()
+        xs = x.cpu().double().numpy()
+        error = np.abs(y.cpu().numpy() - xs @ Wt64)
+        bound = 2 * C * 2.0 ** -24 * (np.abs(xs) @ np.abs(Wt64)) + 1e-30
+        check(f"{label} lut M={M}", bool(np.all(error <= bound)), failures,
+              f"error/bound {float((error / bound).max()):.3g}")
+
+        t = {"fp16_linear": time_us(lambda: torch.nn.functional.linear(x, W16)), "lut": time_us(lut),
+             "decode_linear": time_us(lambda: (decode(out16), torch.nn.functional.linear(x, out16.T)))}
+        result["batches"][str(M)] = {
+            "us": t,
+            "gbps": {"fp16_linear": fp16_bytes / t["fp16_linear"] / 1e3, "lut": weight.packed_bytes / t["lut"] / 1e3,
+                     "decode_linear": (weight.packed_bytes + 2 * fp16_bytes) / t["decode_linear"] / 1e3},
+            "ratios": {"lut/fp16_linear": t["lut"] / t["fp16_linear"],
+                       "decode_linear/fp16_linear": t["decode_linear"] / t["fp16_linear"],
+                       "lut/decode_linear": t["lut"] / t["decode_linear"]}}
+        print(f"  M={M:2d}: fp16_linear {t['fp16_linear']:.1f} us, lut {t['lut']:.1f} us "
+              f"({t['lut'] / t['fp16_linear']:.2f}x), decode+linear {t['decode_linear']:.1f} us", flush=True)
+    return result
+
+
+def machine(device: torch.device) -> dict:
+    import triton
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "triton": triton.__version__, "numpy": np.__version__, "cuda": torch.version.cuda, "device": str(device),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sms=props.multi_processor_count, gpu_memory_bytes=props.total_memory,
+                    capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU under TRITON_INTERPRET=1; writes to a temp file unless --out")
+    parser.add_argument("--warmup-ms", type=int, default=25)
+    parser.add_argument("--rep-ms", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        out = args.out or Path(tempfile.gettempdir()) / "decode-cuda-smoke.json"
+        if out.resolve() == DEFAULT_OUT.resolve():
+            print(f"--smoke never writes {DEFAULT_OUT.relative_to(ROOT)}: pass another --out", file=sys.stderr)
+            return 2
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels_triton's @triton.jit run
+        device, shapes = torch.device("cpu"), SMOKE_SHAPES
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: this benchmark needs one (--smoke checks the script on the CPU)", file=sys.stderr)
+            return 1
+        out, device, shapes = args.out or DEFAULT_OUT, torch.device("cuda"), SHAPES
+
+    time_us = timer(device, args.warmup_ms, args.rep_ms)
+    failures: list[str] = []
+    cases = []
+    started = time.perf_counter()
+    for i, (rows, C) in enumerate(shapes):
+        for j, mix in enumerate(MIXES):
+            weight = SyntheticWeight(np.random.default_rng([i, j]), rows, C, mix, device)
+            case = run_case(weight, device, time_us, failures, seed=10 * i + j)
+            cases.append(dict(case, mix=mix))
+            del weight
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report = {"machine": machine(device), "smoke": args.smoke, "seconds": time.perf_counter() - started,
+              "method": "medians of triton.testing.do_bench (L2 flushed before each call), microseconds; "
+                        "x fp16, y fp32; codebooks fp16 values read as fp32 tables; no outliers",
+              "failures": failures, "cases": cases}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out} in {report['seconds']:.0f} s", flush=True)
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
