@@ -58,8 +58,7 @@ class BadFileData(ClaqFormatError):
 
 # Limits of the JSON a reader parses (.claq headers, the claq.* keys of a GGUF file): deeper nesting or
 # larger numbers than any metadata needs are refused before they cost time or memory (claq-v2.md, 1).
-MAX_JSON_DEPTH = 64
-MAX_INT_DIGITS = 20                    # 2**64 - 1 has 20 digits; the value range is checked after
+MAX_JSON_DEPTH, MAX_INT_DIGITS = spec.MAX_JSON_DEPTH, spec.MAX_INT_DIGITS
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _FILE_NAME_BAD = re.compile(r"[/\\]")
 
