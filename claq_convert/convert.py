@@ -17,6 +17,7 @@ from .pipeline import QuantConfig, head_target, input_energies, quantize_model
 from .progress import Progress, no_progress
 from .reader import decode_claq
 from .source import ModelSource
+from .timing import NO_TIMER, Timer
 from .writer import ClaqWriter, encode_claq_sections
 
 
@@ -33,6 +34,7 @@ class ConvertOptions:
     evaluate: bool = False
     eval_texts: Optional[dict] = None  # name -> text file scored by --eval; None: WikiText-2 test only
     raw_dtype: Optional[str] = None    # F32/F16/BF16 for the tensors kept raw; None: each keeps its source dtype
+    threads: Optional[int] = None      # linears of one group quantized at once; None: torch.get_num_threads()
 
 
 def stored_bytes(result: QuantizedWeight) -> int:
@@ -121,9 +123,10 @@ def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, re
 
 def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                    log: Callable[[str], None] = lambda s: None, ppl_before: Optional[dict] = None,
-                   calibration: Optional[torch.Tensor] = None) -> dict:
+                   calibration: Optional[torch.Tensor] = None, timer: Timer = NO_TIMER) -> dict:
     """Quantize, account and (options.evaluate) evaluate; `ppl_before` reuses a known baseline and
-    `calibration` given token windows (else they are made from options.calib)."""
+    `calibration` given token windows (else they are made from options.calib). `timer` gets the
+    pipeline's sections and phases, plus "calibration", each weight's "write" and "rest" (timing.py)."""
     from transformers import AutoTokenizer
 
     from .architectures import family_of
@@ -137,8 +140,9 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     sources = tuple(options.calib) or DEFAULT_CALIBRATION
     start = time.perf_counter()
     if calibration is None:
-        calibration = calibration_set(sources, tokenizer, lambda: load_sampler(options.model_dir, options.device),
-                                      options.nsamples, options.seqlen, options.seed, progress=progress)
+        with timer.section("calibration"):
+            calibration = calibration_set(sources, tokenizer, lambda: load_sampler(options.model_dir, options.device),
+                                          options.nsamples, options.seqlen, options.seed, progress=progress)
     calib_seconds = time.perf_counter() - start
     record = {"tool": f"claq-convert {__version__}", "model": str(options.model_dir), "quant": qc.to_dict(),
               "calibration": {"sources": describe(sources), "nsamples": options.nsamples, "seqlen": options.seqlen,
@@ -152,22 +156,25 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     writer = ClaqWriter(options.out) if options.out is not None else None
     try:
         for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log,
-                                           targets=targets):
-            tensors[name] = tensor_record(result)
-            if writer is not None:
-                sections = encode_result(result)
-                # The file must hold exactly what the quantizer produced: decode what we are about to write.
-                if not np.array_equal(decode_claq(result.shape[0], sections), result.dequantize()):
-                    raise RuntimeError(f"{name}: encoded sections do not decode to the quantizer's result")
-                written = writer.add_quantized(name, result.shape[0], sections)
-                if written != tensors[name]["stored_bytes"]:
-                    raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) disagrees with the file ({written})")
+                                           targets=targets, threads=options.threads, timer=timer):
+            with timer.phase("write"):
+                tensors[name] = tensor_record(result)
+                if writer is not None:
+                    sections = encode_result(result)
+                    # The file must hold exactly what the quantizer produced: decode what we are about to write.
+                    if not np.array_equal(decode_claq(result.shape[0], sections), result.dequantize()):
+                        raise RuntimeError(f"{name}: encoded sections do not decode to the quantizer's result")
+                    written = writer.add_quantized(name, result.shape[0], sections)
+                    if written != tensors[name]["stored_bytes"]:
+                        raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) "
+                                           f"disagrees with the file ({written})")
             if options.evaluate:
                 results[name] = result
         record.update(tensors=tensors, summary=summarize(tensors))
         if writer is not None:
-            write_model_rest(writer, source, set(tensors), record, options.raw_dtype)
-            writer.close()
+            with timer.section("rest"), timer.phase("write"):
+                write_model_rest(writer, source, set(tensors), record, options.raw_dtype)
+                writer.close()
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from . import kernels
-
 from .spec import MAX_CODEBOOK  # 2**8 entries: the widest codebook the format holds
+from .timing import NO_TIMER, Timer
 
 
 @dataclass
@@ -80,23 +80,26 @@ class GPTQ:
         return perm, Hinv
 
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
-                 fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False) -> QuantizedWeight:
+                 fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False,
+                 timer: Timer = NO_TIMER) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
         order from the already-updated weights, as the reference does with act-order groups. `grid`:
-        codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID)."""
+        codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID).
+        `timer` gets the phases cholesky, kmeans, gptq_update and finish (timing.py)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
-        W = self.W.clone()
-        rows, cols = W.shape
-        reserve = np.zeros(cols, np.int64) if reserve is None else reserve
-        scale = zero = np.zeros(1)
-        scales, zeros = [], []
-        blocksize = group_size if uniform and group_size else self.blocksize  # one grid per block
-        if uniform and not group_size:
-            scale, zero = uniform_grid(W, int(bits[0]))
-        perm, Hinv = self._inverse_factor(W)
-        W = W[:, perm]
+        with timer.phase("cholesky"):
+            W = self.W.clone()
+            rows, cols = W.shape
+            reserve = np.zeros(cols, np.int64) if reserve is None else reserve
+            scale = zero = np.zeros(1)
+            scales, zeros = [], []
+            blocksize = group_size if uniform and group_size else self.blocksize  # one grid per block
+            if uniform and not group_size:
+                scale, zero = uniform_grid(W, int(bits[0]))
+            perm, Hinv = self._inverse_factor(W)
+            W = W[:, perm]
         p = perm.cpu().numpy()
         bits_p, reserve_p = np.ascontiguousarray(bits[p], np.int64), np.ascontiguousarray(reserve[p], np.int64)
 
@@ -110,39 +113,47 @@ class GPTQ:
         mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            if uniform and group_size:
-                scale, zero = uniform_grid(W[:, i1:i2], int(bits[0]))
-            if uniform:
-                scales.append(scale)
-                zeros.append(zero)
-            W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
-            Hinv1 = np.ascontiguousarray(Hinv[i1:i2, i1:i2].cpu().numpy())
-            Err1 = np.zeros((i2 - i1, rows), np.float32)
-            tick = time.perf_counter()
-            loss += kernels.gptq_block(W1, Hinv1, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
-                                       scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
-                                       Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2])
-            kernel_seconds += time.perf_counter() - tick
+            with timer.phase("gptq_update"):
+                if uniform and group_size:
+                    scale, zero = uniform_grid(W[:, i1:i2], int(bits[0]))
+                if uniform:
+                    scales.append(scale)
+                    zeros.append(zero)
+                W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
+                Hinv1 = np.ascontiguousarray(Hinv[i1:i2, i1:i2].cpu().numpy())
+                Err1 = np.zeros((i2 - i1, rows), np.float32)
+            with timer.phase("kmeans"):
+                tick = time.perf_counter()
+                loss += kernels.gptq_block(W1, Hinv1, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
+                                           scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
+                                           Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2])
+                kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
-                W[:, i2:] -= torch.from_numpy(Err1).to(W.device).T @ Hinv[i1:i2, i2:]
+                with timer.phase("gptq_update"):
+                    W[:, i2:] -= torch.from_numpy(Err1).to(W.device).T @ Hinv[i1:i2, i2:]
 
-        inv = np.argsort(p)
-        group = (np.arange(cols) // blocksize if group_size else np.zeros(cols, np.int64))[inv]
-        codes, reserved, codebooks, Q = codes[inv], reserved[inv], codebooks[inv], Q[inv]
-        levels, grids = levels[inv], grids[inv]
-        col_idx, row_idx = np.nonzero(reserved)  # column-major order: columns ascending, rows sorted
-        result = QuantizedWeight(
-            shape=(rows, cols), method="uniform" if uniform else "codebook",
-            bits=bits.astype(np.uint8), codes=np.ascontiguousarray(codes.T),
-            column_codebooks=codebooks if grid else codebooks.astype(np.float16),
-            codebook_levels=levels if grid else None, codebook_grid=grids.astype(np.float16) if grid else None,
-            outlier_counts=np.bincount(col_idx, minlength=cols).astype(np.int64),
-            outlier_rows=row_idx.astype(np.int64), outlier_values=Q[col_idx, row_idx].astype(np.float16),
-            scale=np.stack(scales[:1] if not group_size else scales).astype(np.float32) if uniform else None,
-            zero=np.stack(zeros[:1] if not group_size else zeros).astype(np.float32) if uniform else None,
-            group=group if uniform else None, loss=loss)
-        original = self.W.cpu().numpy()
-        result.relative_error = float(np.linalg.norm(result.dequantize() - original) / max(np.linalg.norm(original), 1e-30))
+        del W, Hinv  # the working copies: memory for the result
+        with timer.phase("finish"):
+            inv = np.argsort(p)
+            group = (np.arange(cols) // blocksize if group_size else np.zeros(cols, np.int64))[inv]
+            codes, reserved, codebooks = codes[inv], reserved[inv], codebooks[inv]
+            levels, grids = levels[inv], grids[inv]
+            col_idx, row_idx = np.nonzero(reserved)  # column-major order: columns ascending, rows sorted
+            del reserved
+            result = QuantizedWeight(
+                shape=(rows, cols), method="uniform" if uniform else "codebook",
+                bits=bits.astype(np.uint8), codes=np.ascontiguousarray(codes.T),
+                column_codebooks=codebooks if grid else codebooks.astype(np.float16),
+                codebook_levels=levels if grid else None, codebook_grid=grids.astype(np.float16) if grid else None,
+                outlier_counts=np.bincount(col_idx, minlength=cols).astype(np.int64),
+                outlier_rows=row_idx.astype(np.int64), outlier_values=Q[inv[col_idx], row_idx].astype(np.float16),
+                scale=np.stack(scales[:1] if not group_size else scales).astype(np.float32) if uniform else None,
+                zero=np.stack(zeros[:1] if not group_size else zeros).astype(np.float32) if uniform else None,
+                group=group if uniform else None, loss=loss)
+            original = self.W.cpu().numpy()
+            difference = result.dequantize()
+            difference -= original  # in place: one weight-sized temporary, not two
+            result.relative_error = float(np.linalg.norm(difference) / max(np.linalg.norm(original), 1e-30))
         result.info = {"seconds": time.perf_counter() - start, "kernel_seconds": kernel_seconds}
         return result
 

@@ -3,7 +3,8 @@
 All Numba code of the project sits here; `kernels_numpy.py` is its line-for-line NumPy twin, used by the
 tests to check these kernels exactly. The kernels are unchecked: callers (`quantize.py`) validate shapes
 and dtypes. Arithmetic is float64 inside; prefix sums are float64 because float32 loses the small
-differences Lloyd's update needs.
+differences Lloyd's update needs. Every kernel releases the GIL (nogil), so independent weights can be
+quantized in parallel threads (pipeline.quantize_group).
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ MODE_GRID = 2      # per-column K-Means codebook whose entries are 8-bit levels 
 GRID_TOP = 255     # the highest level of a codebook grid (levels are u8)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def round_half_even(x):
     return np.round(x)  # numpy rounds half to even
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def round_fp16(x):
     """x rounded to the nearest IEEE binary16 value (ties to even), returned as float64.
 
@@ -42,7 +43,7 @@ def round_fp16(x):
     return r
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def fp16_at_least(x):
     """The least binary16 value >= x (x >= 0, finite), as float64: round, then one fp16 step up if below."""
     r = round_fp16(x)
@@ -54,7 +55,7 @@ def fp16_at_least(x):
     return r + math.ldexp(1.0, e - 11)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def grid_codebook(centroids, levels_out, grid_out, codebook_out):
     """Ascending centroids -> the codebook's 8-bit levels on the grid offset + step * level.
 
@@ -75,7 +76,7 @@ def grid_codebook(centroids, levels_out, grid_out, codebook_out):
         codebook_out[c] = np.float32(offset) + np.float32(step) * np.float32(level)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kmeans_sorted(xs, prefix, k, max_iter):
     """Lloyd's 1-D K-Means on ascending `xs` with prefix[i] = sum(xs[:i]) (float64, len n + 1).
 
@@ -113,7 +114,7 @@ def kmeans_sorted(xs, prefix, k, max_iter):
     return centroids
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def segment_cost(prefix, prefix_sq, i, j):
     """Sum of squared deviations from their mean of sorted entries i..j-1."""
     n = j - i
@@ -123,7 +124,7 @@ def segment_cost(prefix, prefix_sq, i, j):
     return max(prefix_sq[j] - prefix_sq[i] - s * s / n, 0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kmeans_dp(prefix, prefix_sq, n, k, split, sse_out):
     """The dynamic programme of exact 1-D K-Means over n sorted entries (prefix sums of length n + 1).
 
@@ -163,7 +164,7 @@ def kmeans_dp(prefix, prefix_sq, n, k, split, sse_out):
         sse_out[m] = prev[n]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
     """Exact 1-D K-Means: the k contiguous segments of ascending `xs` with least total SSE (kmeans_dp).
 
@@ -190,7 +191,7 @@ def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
     return centroids
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def column_sse_by_width(Wt, max_bits):
     """Least K-Means SSE of every column at every width: out[j, b-1] for b = 1..max_bits.
 
@@ -218,7 +219,7 @@ def column_sse_by_width(Wt, max_bits):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def nearest_code(x, codebook):
     """Index of the nearest entry of an ascending codebook (the lower index on a tie)."""
     k = codebook.shape[0]
@@ -232,7 +233,7 @@ def nearest_code(x, codebook):
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out,
                              grid, levels_out, grid_out):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
@@ -286,7 +287,7 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out
             q_out[r] = round_fp16(w[r])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
                codebooks, codes, reserved, Q1, Err1, levels, grids):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).

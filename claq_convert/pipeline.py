@@ -4,11 +4,14 @@ The calibration batch runs through the model one decoder layer at a time; each l
 outputs of the already-quantized layers before it. Inside a layer the linears are quantized in
 true-sequential groups, the inputs of each group recomputed after the previous group is quantized.
 Only the layer being quantized is materialised (RAM about one layer); weights stream from safetensors.
+The linears of one group are independent of each other, so they are quantized in parallel threads
+(`quantize_group`), with results identical to the one-by-one order.
 """
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Optional
 
@@ -21,6 +24,7 @@ from .columns import CODEBOOKS, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
 from .progress import Progress, no_progress
 from .source import ModelSource
+from .timing import NO_TIMER, Timer
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
 
@@ -82,20 +86,61 @@ class QuantConfig:
         return asdict(self)
 
 
-def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig) -> QuantizedWeight:
+def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
+                    timer: Timer = NO_TIMER) -> QuantizedWeight:
     """One linear weight under the configured method (H None for the calibration-free methods)."""
-    Wn = W.detach().float().cpu().numpy()
     uniform = qc.method in ("gptq", "rtn")
     use_h = qc.method in ("claq", "gptq")
-    if qc.method == "claq":
-        plan = plan_columns(Wn, qc.bits, qc.outlier_bits, qc.outlier_threshold, qc.ap_bits,
-                            qc.or_top_fraction, qc.or_top_share, qc.ranking)
-        bits, reserve = plan.bits, plan.reserve
-    else:
-        bits, reserve = np.full(Wn.shape[1], int(qc.bits), np.int64), None
-    gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
+    with timer.phase("plan"):
+        Wn = W.detach().float().cpu().numpy()
+        if qc.method == "claq":
+            plan = plan_columns(Wn, qc.bits, qc.outlier_bits, qc.outlier_threshold, qc.ap_bits,
+                                qc.or_top_fraction, qc.or_top_share, qc.ranking)
+            bits, reserve = plan.bits, plan.reserve
+        else:
+            bits, reserve = np.full(Wn.shape[1], int(qc.bits), np.int64), None
+        del Wn
+        gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
     return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
-                         group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits))
+                         group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits), timer=timer)
+
+
+Job = tuple[str, torch.Tensor, Optional[torch.Tensor], QuantConfig]  # (name, W, H or None, its config)
+
+
+def worker_count(threads: Optional[int] = None) -> int:
+    """Threads that quantize a group's linears at once: `threads`, else torch's intra-op thread count."""
+    return max(1, torch.get_num_threads() if threads is None else int(threads))
+
+
+def _load_linalg(device: torch.device) -> None:
+    """One small Cholesky on `device` before threads start: torch loads its CUDA solver library lazily,
+    and two threads that make the first call at once fail ("lazy wrapper should be called at most once",
+    seen on an H200 with torch 2.11)."""
+    torch.linalg.cholesky(torch.eye(2, device=device))
+
+
+def quantize_group(jobs: list[Job], workers: int = 1, timer: Timer = NO_TIMER) -> Iterator[tuple[str, QuantizedWeight]]:
+    """(name, QuantizedWeight) for each job, in the jobs' order.
+
+    With workers > 1 up to that many jobs run at once in threads (the Numba kernels and torch release the
+    GIL). A job's result depends on its own W, H and config only (no random state, no shared buffers), so
+    it is the one-by-one result bit for bit. One by one (workers 1), each result is yielded before the
+    next job starts: memory for one result at a time.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        for name, W, H, qc in jobs:
+            yield name, quantize_weight(W, H, qc, timer)
+        return
+    _load_linalg(next((H.device for _, _, H, _ in jobs if H is not None), jobs[0][1].device))
+    with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="claq-quantize") as pool:
+        futures = [pool.submit(quantize_weight, W, H, qc, timer) for _, W, H, qc in jobs]
+        try:
+            for (name, *_), future in zip(jobs, futures):
+                yield name, future.result()
+        finally:  # an error or a consumer that stops early: start nothing more
+            for future in futures:
+                future.cancel()
 
 
 class _StopForward(Exception):
@@ -130,7 +175,8 @@ def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, batch_size: int):
+def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, batch_size: int,
+                        timer: Timer = NO_TIMER):
     """(model skeleton, its config, its resolved family entry, the inputs of decoder layer 0 per batch, their kwargs).
 
     Every parameter outside the decoder layers but the head (embeddings, positions, norms) is loaded for
@@ -142,15 +188,17 @@ def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, 
     head = model.get_output_embeddings()
     outside = [(n, m) for n, m in model.named_modules() if n and not inside(n, arch.family.layers)
                and m is not head and not any(True for _ in m.children()) and any(True for _ in m.parameters())]
-    for name, module in outside:
-        _materialise(module, name + ".", source, device)
+    with timer.phase("load"):
+        for name, module in outside:
+            _materialise(module, name + ".", source, device)
     catcher = _Catcher(arch.layers[0])
     arch.layers[0] = catcher
-    for batch in calibration.split(batch_size):
-        try:
-            model(batch.to(device), use_cache=False)
-        except _StopForward:
-            pass
+    with timer.phase("forward"):
+        for batch in calibration.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
     arch.layers[0] = catcher.layer
     for name, module in outside:
         if module is not arch.final_norm:
@@ -194,38 +242,50 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
 @torch.no_grad()
 def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConfig, device="cpu",
                    batch_size: int = 8, progress: Progress = no_progress,
-                   log: Callable[[str], None] = lambda s: None,
-                   targets: Optional[dict] = None) -> Iterator[tuple[str, QuantizedWeight]]:
+                   log: Callable[[str], None] = lambda s: None, targets: Optional[dict] = None,
+                   threads: Optional[int] = None, timer: Timer = NO_TIMER) -> Iterator[tuple[str, QuantizedWeight]]:
     """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer, then the head.
 
     `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight.
+    `threads`: how many linears of one group are quantized at once (None: torch.get_num_threads(); 1: one
+    by one); the results do not depend on it. `timer` gets a section per layer ("inputs", "layer N",
+    "head", "embedding") and the phases of timing.py.
     """
     qc.validate()
-    model, config, arch, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size)
+    with timer.section("inputs"):
+        model, config, arch, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size, timer)
     layers = arch.layers
+    workers = worker_count(threads)
 
     needs_h = qc.method in ("claq", "gptq")
     for index in progress(range(len(layers)), "quantize layers", len(layers)):
-        start = time.perf_counter()
-        layer = layers[index]
-        prefix = f"{arch.family.layers}.{index}."
-        _materialise(layer, prefix, source, device)
-        errors = []
-        for group in arch.family.groups:
-            linears = {name: layer.get_submodule(name) for name in group}
-            hessians = _group_hessians(layer, linears, states, kwargs) if needs_h else {}
-            for name, linear in linears.items():
-                result = quantize_weight(linear.weight, hessians.get(name), _with_target(qc, targets, prefix + name + ".weight"))
-                linear.weight.data = torch.from_numpy(result.dequantize()).to(device)
-                errors.append(result.relative_error)
-                yield prefix + name + ".weight", result
-            hessians.clear()
-        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
-        layer.to("meta")
-        log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
+        with timer.section(f"layer {index}"):
+            start = time.perf_counter()
+            layer = layers[index]
+            prefix = f"{arch.family.layers}.{index}."
+            with timer.phase("load"):
+                _materialise(layer, prefix, source, device)
+            errors = []
+            for group in arch.family.groups:
+                linears = {name: layer.get_submodule(name) for name in group}
+                with timer.phase("forward"):
+                    hessians = _group_hessians(layer, linears, states, kwargs, timer) if needs_h else {}
+                jobs = [(name, linear.weight, hessians.get(name), _with_target(qc, targets, prefix + name + ".weight"))
+                        for name, linear in linears.items()]
+                hessians.clear()  # the jobs hold them, and let them go with the jobs
+                for name, result in quantize_group(jobs, workers, timer):
+                    with timer.phase("finish"):
+                        linears[name].weight.data = torch.from_numpy(result.dequantize()).to(device)
+                    errors.append(result.relative_error)
+                    yield prefix + name + ".weight", result
+                jobs.clear()
+            with timer.phase("forward"):
+                states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
+            layer.to("meta")
+            log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
 
     if qc.quantize_embeddings:
-        yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets)
+        yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer)
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -272,52 +332,81 @@ def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantCo
 
 
 def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, qc: QuantConfig, device, log,
-                                 targets=None):
+                                 targets=None, timer: Timer = NO_TIMER):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
     end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
     head_qc = _with_target(end_qc, targets, head_name)
-    start = time.perf_counter()
-    norm = arch.final_norm
-    if qc.method in ("claq", "gptq"):  # H of the head's input: the final normed hidden states
-        total = None
-        count = 0
-        for h in states:
-            x = (norm(h) if norm is not None else h).reshape(-1, h.shape[-1]).float()
-            total = x.T @ x if total is None else total.addmm_(x.T, x)
-            count += x.shape[0]
-        H = total * (2.0 / count)
-    else:
-        H = None
-    W = source.tensor(head_name).float().to(device)
-    result = quantize_weight(W, H, head_qc)
-    log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
-    yield head_name, result
-    if embedding_name is not None:  # an untied input embedding has no Hessian: per-column K-Means, data-free
+    with timer.section("head"):
         start = time.perf_counter()
-        result = quantize_weight(source.tensor(embedding_name).float().to(device), None,
-                                 _with_target(end_qc, targets, embedding_name))
-        log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
-        yield embedding_name, result
+        norm = arch.final_norm
+        H = None
+        if qc.method in ("claq", "gptq"):  # H of the head's input: the final normed hidden states
+            with timer.phase("hessian"):
+                total = None
+                count = 0
+                for h in states:
+                    x = (norm(h) if norm is not None else h).reshape(-1, h.shape[-1]).float()
+                    total = x.T @ x if total is None else total.addmm_(x.T, x)
+                    count += x.shape[0]
+                H = total * (2.0 / count)
+        with timer.phase("load"):
+            W = source.tensor(head_name).float().to(device)
+        result = quantize_weight(W, H, head_qc, timer)
+        del W, H
+        log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
+        yield head_name, result
+    if embedding_name is not None:  # an untied input embedding has no Hessian: per-column K-Means, data-free
+        with timer.section("embedding"):
+            start = time.perf_counter()
+            with timer.phase("load"):
+                W = source.tensor(embedding_name).float().to(device)
+            result = quantize_weight(W, None, _with_target(end_qc, targets, embedding_name), timer)
+            del W
+            log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
+            yield embedding_name, result
 
 
-def _group_hessians(layer, linears: dict, states, kwargs) -> dict[str, torch.Tensor]:
-    """H = 2/n sum x x^T (float32) for each linear of the group, over all calibration tokens."""
-    sums = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in linears.items()}
+def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIMER) -> dict[str, torch.Tensor]:
+    """H = 2/n sum x x^T (float32) for each linear of the group, over all calibration tokens.
+
+    Pre-hooks read each linear's input before it runs, and the pass stops before the group's last linear
+    computes anything (nothing after it is needed). A linear that reads the very tensor an earlier one of
+    its group read (q/k/v, gate/up: what the family table promises, checked on every batch) shares that
+    one's sum instead of accumulating a copy: the same numbers, once.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    owners: dict[str, str] = {}  # linear -> the first linear of the group that reads its input
+    seen: dict[str, torch.Tensor] = {}  # this batch: linear -> its input
     count = [0]
     last = list(linears)[-1]
 
     def hook(name):
-        def record(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            sums[name].addmm_(x.T, x)
+        def record(module, inputs):
+            x = inputs[0]
+            owner = next((n for n, t in seen.items() if t is x), name)
+            if owners.setdefault(name, owner) != owner:
+                raise RuntimeError(f"{name} read the input of {owner} in one calibration batch but not in "
+                                   "another; the group's Hessians would be inconsistent")
+            seen[name] = x
+            if owner == name:
+                with timer.phase("hessian"):
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    if name not in sums:
+                        sums[name] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+                    sums[name].addmm_(x.T, x)
             if name == last:
-                count[0] += x.shape[0]
+                missing = [n for n in linears if n not in seen]
+                if missing:
+                    raise RuntimeError(f"{last} ran before {', '.join(missing)} of its group: the family table's "
+                                       "order differs from this model's forward pass")
+                count[0] += x.reshape(-1, x.shape[-1]).shape[0]
                 raise _StopForward  # the rest of the layer is not needed for this group
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
     try:
         for h, kw in zip(states, kwargs):
+            seen.clear()
             try:
                 layer(h, **kw)
             except _StopForward:
@@ -325,4 +414,6 @@ def _group_hessians(layer, linears: dict, states, kwargs) -> dict[str, torch.Ten
     finally:
         for handle in handles:
             handle.remove()
-    return {name: s * (2.0 / count[0]) for name, s in sums.items()}
+    seen.clear()
+    scaled = {name: total * (2.0 / count[0]) for name, total in sums.items()}
+    return {name: scaled[owners[name]] for name in linears}

@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""Can a 7B-class model be converted on this machine, and how long would it take?
+
+Builds a synthetic Llama with Llama-2-7B's shapes (hidden 4096, intermediate 11008, 32 heads, 32 KV
+heads) but only `--layers` decoder layers, random weights N(0, 0.02) stored as fp16 safetensors, one shard
+per layer, in a temporary directory. Its vocabulary is a real tokenizer's: the SmolLM2 fixture's when it is
+on this machine (49152 tokens), else a tokenizer.json found in the repository, else a byte-level BPE trained
+on README.md (the vocabulary then padded to Llama-2's 32000). It converts the layers with the real
+pipeline (convert.run_conversion, 4 bits by default) under a timing.PhaseTimer, records the seconds of
+every phase of every layer and each section's peak memory, and projects a full 32-layer conversion.
+
+Calibration is `--nsamples` windows of README.md's tokens: text shipped with the repository, the same on
+every machine, and next to free (self-sampling, the CLI default, runs the whole model for every token; it
+is not what is measured here). Forward and Hessian time grow with the calibration tokens; the projection
+is also given at the CLI's default of 64 windows, those phases scaled linearly.
+
+The head and the (untied, as in Llama-2) input embedding are quantized at 6 bits, one single-threaded
+K-Means per column over the whole vocabulary: too long to measure whole on a small machine. By default
+(`--head-rows 2048`) each is quantized on its first 2048 rows, all columns, the head with the full-size
+Hessian, and the per-row phases are scaled to the full vocabulary; `--head-rows 0` runs them whole, through
+the pipeline. `--speedup` also times layer 0's q/k/v group quantized one by one and in parallel threads,
+and checks the two agree bit for bit.
+
+    python tools/bench_scale.py                          # --layers 2 on the CPU -> bench/scale-cpu.json
+    python tools/bench_scale.py --device cuda            # -> bench/scale-cuda.json
+    python tools/bench_scale.py --smoke --out /tmp/s.json   # tiny shapes, seconds: the tool end to end
+
+Needs torch, transformers, numba, safetensors, numpy and click; not the gguf package.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from claq_convert.calibration import DEFAULT_NSAMPLES, read_text, text_windows  # noqa: E402
+from claq_convert.convert import TOKENIZER_FILES, ConvertOptions, run_conversion  # noqa: E402
+from claq_convert.data import tokenize_text  # noqa: E402
+from claq_convert.pipeline import QuantConfig, head_target, quantize_group, quantize_weight, worker_count  # noqa: E402
+from claq_convert.source import ModelSource  # noqa: E402
+from claq_convert.timing import PhaseTimer  # noqa: E402
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                 num_hidden_layers=32, rms_norm_eps=1e-5, max_position_embeddings=4096, vocab_size=32000)
+SMOKE = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4,
+             num_hidden_layers=32, rms_norm_eps=1e-5, max_position_embeddings=256, vocab_size=300)
+WEIGHT_STD = 0.02
+CALIBRATION_TEXT = ROOT / "README.md"
+ROW_PHASES = ("load", "plan", "kmeans", "gptq_update", "finish")  # grow with the head's rows; the others do not
+
+
+def echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def machine_info(device: torch.device) -> dict:
+    import numba
+    import transformers
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numba": numba.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device if device.type == "cuda" else 0)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device if device.type == "cuda" else 0).total_memory
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def _find_tokenizer_json() -> Path | None:
+    for directory, subdirs, files in os.walk(ROOT):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in ("build", "out", "bench"))
+        if "tokenizer.json" in files:
+            return Path(directory) / "tokenizer.json"
+    return None
+
+
+def write_tokenizer(directory: Path) -> str:
+    """Tokenizer files into `directory`; returns where they came from."""
+    from claq_convert.fixture import DEFAULT_FIXTURE_DIR
+
+    if (DEFAULT_FIXTURE_DIR / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (DEFAULT_FIXTURE_DIR / name).is_file():
+                shutil.copy2(DEFAULT_FIXTURE_DIR / name, directory / name)
+        return f"SmolLM2 fixture ({DEFAULT_FIXTURE_DIR})"
+    found = _find_tokenizer_json()
+    if found is not None:
+        shutil.copy2(found, directory / "tokenizer.json")
+        return str(found.relative_to(ROOT))
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([read_text(CALIBRATION_TEXT)], vocab_size=32000, min_frequency=2,
+                            special_tokens=["<s>", "</s>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(
+        str(directory))
+    return "byte-level BPE trained on README.md"
+
+
+def build_model(directory: Path, shape: dict, layers: int, seed: int = 0) -> dict:
+    """A Llama directory with `shape`'s sizes and `layers` decoder layers, fp16 N(0, WEIGHT_STD) weights
+    (norms 1) in one safetensors shard per layer, written tensor by tensor (memory: one layer)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_source = write_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    vocab = max(len(tokenizer), shape["vocab_size"])
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers, "vocab_size": vocab}, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.save_pretrained(str(directory))
+    with torch.device("meta"):
+        names = [(n, tuple(p.shape)) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()]
+
+    def shard_of(name: str) -> str:
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            return f"model-layer-{int(parts[2]):03d}.safetensors"
+        return "model-head.safetensors" if name.startswith("lm_head") else "model-outside.safetensors"
+
+    gen = torch.Generator().manual_seed(seed)
+    shards: dict[str, list] = {}
+    for name, size in names:
+        shards.setdefault(shard_of(name), []).append((name, size))
+    weight_map = {}
+    for shard, members in shards.items():
+        tensors = {}
+        for name, size in members:
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(size, dtype=torch.float16)
+            else:
+                tensors[name] = (torch.randn(size, generator=gen) * WEIGHT_STD).to(torch.float16)
+            weight_map[name] = shard
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    params = sum(math.prod(size) for _, size in names)
+    return {"layers": layers, "vocab_size": vocab, "tokenizer": tokenizer_source, "parameters": params,
+            "config": {k: v for k, v in shape.items() if k not in ("num_hidden_layers", "vocab_size")},
+            "dtype": "float16", "weight_std": WEIGHT_STD}
+
+
+def calibration_windows(model_dir: Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenize_text(tokenizer, read_text(CALIBRATION_TEXT))
+    while ids.numel() <= seqlen:  # a small tokenizer's windows may outgrow the text: repeat it
+        ids = torch.cat([ids, ids])
+    return text_windows(ids, nsamples, seqlen, seed, where=str(CALIBRATION_TEXT))
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def warm_up(qc: QuantConfig) -> float:
+    """Compile (or load from Numba's cache) every kernel the run uses, so no layer pays for it."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 48, generator=gen)
+    X = torch.randn(256, 48, generator=gen)
+    H = X.T @ X / 128
+    for config, h in ((qc, H), (replace(qc, bits=head_target(qc), ap_bits=None), H),
+                      (replace(qc, bits=head_target(qc), ap_bits=None), None)):
+        quantize_weight(W, h, config)
+    return time.perf_counter() - start
+
+
+def surrogate_hessian(tokens: int, hidden: int, seqlen: int, device, timer) -> torch.Tensor:
+    """H = 2/n X^T X of random N(0, 1) inputs: the head's Hessian at the real cost (one addmm per window)."""
+    gen = torch.Generator().manual_seed(1)
+    with timer.phase("hessian"):
+        total = torch.zeros(hidden, hidden, device=device)
+        for start in range(0, tokens, seqlen):
+            x = torch.randn(min(seqlen, tokens - start), hidden, generator=gen).to(device)
+            total.addmm_(x.T, x)
+        return total * (2.0 / tokens)
+
+
+def sample_head(source: ModelSource, qc: QuantConfig, rows: int, tokens: int, seqlen: int, device, timer) -> dict:
+    """The head (with a Hessian) and the input embedding (data-free) quantized on their first `rows` rows.
+
+    Sections "head" and "embedding" hold only what grows with the rows (reading them, quantizing them), so
+    their time and memory scale to the whole vocabulary; the head's Hessian is section "head hessian".
+    """
+    from safetensors import safe_open
+
+    end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
+    sampled = {}
+    for section, name in (("head", "lm_head.weight"), ("embedding", "model.embed_tokens.weight")):
+        with safe_open(str(source.files[name]), framework="pt") as f:
+            vocab, hidden = f.get_slice(name).get_shape()
+            H = None
+            if section == "head":
+                with timer.section("head hessian"):
+                    H = surrogate_hessian(tokens, hidden, seqlen, device, timer)
+            with timer.section(section):
+                with timer.phase("load"):
+                    W = f.get_slice(name)[:rows].float().to(device)
+                result = quantize_weight(W, H, end_qc, timer)
+                del W, H
+        sampled[section] = {"name": name, "rows_quantized": int(result.shape[0]), "rows": int(vocab),
+                            "bits": int(end_qc.bits), "relative_error": result.relative_error}
+    return sampled
+
+
+def group_speedup(source: ModelSource, qc: QuantConfig, tokens: int, seqlen: int, device, workers: int) -> dict:
+    """Layer 0's q/k/v quantized one by one, then `workers` at once: seconds of each, and whether they agree."""
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    weights = {name: source.tensor(name).float().to(device) for name in names}
+    H = surrogate_hessian(tokens, weights[names[0]].shape[1], seqlen, device, PhaseTimer())
+    jobs = [(name, W, H, qc) for name, W in weights.items()]
+    timings, results = {}, {}
+    for label, count in (("sequential", 1), ("parallel", workers)):
+        start = time.perf_counter()
+        results[label] = dict(quantize_group(jobs, count))
+        timings[label] = time.perf_counter() - start
+    fields = ("codes", "column_codebooks", "codebook_levels", "codebook_grid", "outlier_counts", "outlier_rows",
+              "outlier_values", "bits")
+    identical = all(np.array_equal(getattr(results["sequential"][n], f), getattr(results["parallel"][n], f))
+                    for n in names for f in fields if getattr(results["sequential"][n], f) is not None)
+    return {"group": [n.rsplit(".", 2)[-2] for n in names], "workers": min(workers, len(names)),
+            "sequential_seconds": timings["sequential"], "parallel_seconds": timings["parallel"],
+            "speedup": timings["sequential"] / timings["parallel"], "identical": identical}
+
+
+# ------------------------------------------------------------------------------------------------ projecting
+def _mean_phases(entries: list[dict]) -> dict:
+    names = sorted({p for e in entries for p in e["phases"]})
+    return {p: float(np.mean([e["phases"].get(p, 0.0) for e in entries])) for p in names}
+
+
+def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen: int, head_rows: int, model: dict,
+            target_nsamples: int = DEFAULT_NSAMPLES) -> dict:
+    """Seconds of a `target_layers`-layer conversion: the mean measured layer times `target_layers`, plus
+    the sections outside the layers (the head and embedding scaled to the whole vocabulary when sampled),
+    at the measured calibration size and at `target_nsamples` windows (forward and Hessian scaled; the
+    hidden states, held twice while a layer's outputs are computed, added to the peak memory)."""
+    sections = report["sections"]
+    measured = [sections[f"layer {i}"] for i in range(layers)]
+    layer = {"seconds": float(np.mean([e["seconds"] for e in measured])), "phases": _mean_phases(measured)}
+    token_scale = target_nsamples / nsamples
+
+    def tokens_extra(phases: dict) -> float:  # more calibration tokens: forward and Hessian grow linearly
+        return (token_scale - 1) * (phases.get("forward", 0.0) + phases.get("hessian", 0.0))
+
+    ends = {}
+    vocab, hidden = model["vocab_size"], model["config"]["hidden_size"]
+    rows = min(head_rows, vocab) if head_rows else vocab
+    linear = vocab / rows
+    # memory: the sampled sections grow by a per-weight working set (the lower of the two rates: the
+    # embedding's, which has no Hessian) plus, for the head, its H-sized extras, which do not grow with rows
+    grown = {name: max(sections[name].get("peak_rss_bytes", 0) - sections[name].get("rss_at_start_bytes", 0), 0)
+             for name in ("head", "embedding") if name in sections}
+    rate = min(grown.values(), default=0) / (rows * hidden)
+    for name in grown:
+        entry = sections[name]
+        if head_rows:  # scale the per-row phases to the whole vocabulary; the K-Means DP is n log n in rows
+            scale = {p: linear * (math.log2(vocab) / math.log2(rows) if p == "kmeans" else 1.0) for p in ROW_PHASES}
+            phases = {p: s * scale.get(p, 1.0) for p, s in entry["phases"].items()}
+            seconds = entry["seconds"] + sum(phases.values()) - sum(entry["phases"].values())
+            hessian = sections.get(f"{name} hessian")
+            if hessian is not None:  # measured whole: it does not grow with the rows
+                seconds += hessian["seconds"]
+                for p, s in hessian["phases"].items():
+                    phases[p] = phases.get(p, 0.0) + s
+            fixed_bytes = grown[name] - rate * rows * hidden
+            ends[name] = {"seconds": seconds, "phases": phases, "measured_rows": rows, "rows": vocab,
+                          "bytes_per_weight": rate, "fixed_bytes": int(fixed_bytes),
+                          "peak_rss_bytes": int(entry.get("rss_at_start_bytes", 0) + fixed_bytes + rate * vocab * hidden)}
+            if "cuda_peak_bytes" in entry:  # the device holds the rows' weights and their working copies
+                ends[name]["cuda_peak_bytes"] = int(entry["cuda_peak_bytes"] * linear)
+        else:
+            ends[name] = {key: entry[key] for key in ("seconds", "phases", "peak_rss_bytes", "cuda_peak_bytes")
+                          if key in entry}
+    fixed = {name: sections[name]["seconds"] for name in ("calibration", "inputs", "rest") if name in sections}
+    projected = set(ends) | {f"{name} hessian" for name in ends}
+    total = target_layers * layer["seconds"] + sum(e["seconds"] for e in ends.values()) + sum(fixed.values())
+    extra = (target_layers * tokens_extra(layer["phases"]) + sum(tokens_extra(e["phases"]) for e in ends.values())
+             + tokens_extra(sections.get("inputs", {"phases": {}})["phases"]))
+    parts = [e for name, e in sections.items() if name not in projected] + list(ends.values())
+    peaks = [e.get("peak_rss_bytes", 0) for e in parts]
+    cuda_peaks = [e["cuda_peak_bytes"] for e in parts if "cuda_peak_bytes" in e]
+    return {"layers": target_layers, "per_layer": layer, "head_and_embedding": ends, "other_seconds": fixed,
+            "total_seconds": total, "total_hours": total / 3600, "peak_rss_bytes": max(peaks),
+            **({"cuda_peak_bytes": max(cuda_peaks)} if cuda_peaks else {}),
+            f"total_seconds_at_nsamples_{target_nsamples}": total + extra,
+            f"peak_rss_bytes_at_nsamples_{target_nsamples}": max(peaks) + 2 * 4 * max(target_nsamples - nsamples, 0)
+            * seqlen * model["config"]["hidden_size"],
+            "note": ("mean measured layer x layers + sections outside the layers; self-sampled calibration "
+                     "(the CLI default) not included; the head/embedding per-row phases scaled to the vocabulary")}
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@click.command()
+@click.option("--layers", type=click.IntRange(1), default=2, show_default=True, help="Decoder layers built and converted.")
+@click.option("--nsamples", type=click.IntRange(1), default=None, help="Calibration windows [8; --smoke 4].")
+@click.option("--seqlen", type=click.IntRange(16), default=None, help="Tokens per window [512; --smoke 64].")
+@click.option("--bits", type=float, default=4.0, show_default=True, help="Bit target of the block linears.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when present).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Linears of one group quantized at once (default: torch.get_num_threads()).")
+@click.option("--head-rows", type=click.IntRange(0), default=None,
+              help="Quantize the head and embedding on this many rows and scale up; 0: whole, through the "
+                   "pipeline [2048; --smoke 512].")
+@click.option("--speedup/--no-speedup", default=True, show_default=True,
+              help="Also time layer 0's q/k/v one by one against in parallel threads.")
+@click.option("--smoke", is_flag=True, help="Tiny shapes (hidden 64): checks the tool end to end in seconds.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the temporary model and .claq go (default: the system's temp dir).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON report (default: bench/scale-cpu.json or bench/scale-cuda.json).")
+def main(layers, nsamples, seqlen, bits, device, threads, head_rows, speedup, smoke, workdir, out):
+    """Convert a few Llama-2-7B-shaped layers with the real pipeline and project a whole 7B conversion."""
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    out = out or ROOT / "bench" / f"scale-{device.type}.json"
+    shape = SMOKE if smoke else LLAMA2_7B
+    nsamples = nsamples or (4 if smoke else 8)
+    seqlen = seqlen or (64 if smoke else 512)
+    head_rows = head_rows if head_rows is not None else 512 if smoke else 2048
+    qc = QuantConfig(bits=bits, quantize_embeddings=head_rows == 0)
+    workers = worker_count(threads)
+    report = {"tool": "tools/bench_scale.py", "machine": machine_info(device),
+              "settings": {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "bits": bits,
+                           "head_bits": head_target(qc), "workers": workers, "head_rows": head_rows, "smoke": smoke,
+                           "calibration": f"{nsamples} windows of {CALIBRATION_TEXT.name}"}}
+    with tempfile.TemporaryDirectory(prefix="claq-scale-", dir=workdir) as tmp:
+        model_dir = Path(tmp) / "model"
+        start = time.perf_counter()
+        report["model"] = build_model(model_dir, shape, layers)
+        report["build_seconds"] = time.perf_counter() - start
+        echo(f"built {report['model']['parameters'] / 1e9:.2f} B parameters in {report['build_seconds']:.0f} s "
+             f"(vocabulary {report['model']['vocab_size']}, tokenizer: {report['model']['tokenizer']})")
+        report["warm_up_seconds"] = warm_up(qc)
+        timer = PhaseTimer(device, per_section_rss=True)
+        with timer.section("calibration"):
+            calibration = calibration_windows(model_dir, nsamples, seqlen)
+        options = ConvertOptions(model_dir=model_dir, out=Path(tmp) / "model.claq", quant=qc, nsamples=nsamples,
+                                 seqlen=seqlen, device=device, threads=workers)
+        start = time.perf_counter()
+        record = run_conversion(options, log=echo, calibration=calibration, timer=timer)
+        report["convert_seconds"] = time.perf_counter() - start
+        report["file_bytes"] = record["file_bytes"]
+        source = ModelSource(model_dir)
+        if head_rows:
+            echo(f"head and embedding on their first {head_rows} rows")
+            report["head_sample"] = sample_head(source, qc, head_rows, nsamples * seqlen, seqlen, device, timer)
+        report["timing"] = timer.report()
+        if speedup:
+            echo(f"q/k/v of layer 0: one by one, then {workers} at once")
+            report["group_speedup"] = group_speedup(source, qc, nsamples * seqlen, seqlen, device, max(workers, 2))
+    report["projection"] = project(report["timing"], layers, LLAMA2_7B["num_hidden_layers"], nsamples, seqlen,
+                                   head_rows, report["model"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    p = report["projection"]
+    click.echo(f"{device}: {p['per_layer']['seconds']:.1f} s a layer; {p['layers']} layers projected "
+               f"{p['total_hours']:.2f} h, peak RSS {p['peak_rss_bytes'] / 2**30:.2f} GiB -> {out}")
+
+
+if __name__ == "__main__":
+    main()
