@@ -3,7 +3,7 @@
 A ClaqLinear keeps its weight's packed sections on the device (resident memory close to the file's
 size) and multiplies by them with the fastest kernel the device has:
 
-| device | batch rows <= 16 (generation) | more rows (prompts, perplexity) |
+| device | batch 1 (generation) | more rows (prompts, perplexity) |
 |---|---|---|
 | CPU | Numba product straight from the codes (`kernels_decode`) | Numba decode of column chunks + matmul |
 | CUDA with Triton | Triton decode to the compute dtype + cuBLAS (the LUT product measured slower) | same |
@@ -24,7 +24,10 @@ import torch
 from . import spec
 from .torch_decoder import ClaqLayout, codebook_values, codes_at, decode_claq, to_torch
 
-PRODUCT_MAX_ROWS = 16           # CPU: batch rows up to which the Numba product beats decode + matmul
+# CPU: batch rows up to which the Numba product is used; from 2 rows on, decoding column chunks that
+# stay in cache and multiplying them measured faster (1536 x 576 4-bit, 2 cores: batch 8 1.5 ms by the
+# product, 0.13 ms decode + a small matmul)
+PRODUCT_MAX_ROWS = 1
 # CUDA: batch rows up to which the Triton LUT product is used. 0, because measured on an H200
 # (bench/decode-cuda.json), Triton decode + cuBLAS beat the LUT kernel at every shape and batch (4096 x
 # 4096 4-bit, batch 1: 62 against 86 us), so the LUT kernel is kept, tested, but not chosen.
@@ -33,12 +36,17 @@ CHUNK_PARAMS = 1 << 20          # decoded floats per chunk on the CPU decode pat
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
 
 
+_numba_threads_set = [0]
+
+
 def _numba_threads() -> int:
     """Numba's thread count made to follow torch's (never above what Numba started with)."""
     import numba
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    if threads != _numba_threads_set[0] or threads != numba.get_num_threads():
+        numba.set_num_threads(threads)
+        _numba_threads_set[0] = threads
     return threads
 
 
@@ -170,15 +178,24 @@ class ClaqLinear(torch.nn.Module):
         if self._has_outliers():
             y.index_add_(1, self.outlier_rows_long, xf[:, self.outlier_cols] * self.outlier_delta)
 
+    def _numpy_streams(self) -> list:
+        """(b, words, tables, columns) as NumPy views of the CPU buffers, made once (a generation step
+        calls every weight: per-call conversions cost more than a small weight's kernel)."""
+        views = getattr(self, "_numpy_views", None)
+        if views is None or views[0][1].ctypes.data != getattr(self, spec.code_section(views[0][0])).data_ptr():
+            views = [(b, w.numpy(), t.numpy(), c.cpu().numpy()) for b, w, t, c in self._streams()]
+            self._numpy_views = views
+        return views
+
     def _numba_matmul(self, xf: torch.Tensor) -> torch.Tensor:
         from .kernels_decode import decode_stream, product_stream
 
         threads = _numba_threads()
         y = torch.zeros(xf.shape[0], self.out_features, dtype=torch.float32)
         if xf.shape[0] <= PRODUCT_MAX_ROWS:
-            for b, words, tables, columns in self._streams():
-                product_stream(words.numpy(), b, tables.numpy(), columns.numpy(), self.out_features,
-                               xf.numpy(), y.numpy(), threads)
+            x_np, y_np = xf.numpy(), y.numpy()
+            for b, words, tables, columns in self._numpy_streams():
+                product_stream(words, b, tables, columns, self.out_features, x_np, y_np, threads)
         else:  # many rows: a matmul per chunk of decoded columns, the chunk small enough to stay in cache
             step = max(1, CHUNK_PARAMS // self.out_features)
             local = torch.arange(min(step, self.in_features))

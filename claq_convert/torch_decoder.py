@@ -46,13 +46,14 @@ def codes_at(words: torch.Tensor, bits: int, positions: torch.Tensor) -> torch.T
     """The codes at arbitrary stream positions (int64 tensor of any shape): random access into a stream.
 
     Code i starts at stream bit i*bits; it is read from its word and the next (clamped at the end,
-    where a code never straddles), as in spec.unpack_codes.
+    where a code never straddles), as in spec.unpack_codes. Only the words read are widened.
     """
-    w = words.reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    w = words.reshape(-1)
     start = positions * bits
     word = start >> 5
-    pair = w[word] | (w[torch.clamp(word + 1, max=w.numel() - 1)] << 32)
-    return (pair >> (start & 31)) & ((1 << bits) - 1)
+    low = w[word].to(torch.int64) & 0xFFFFFFFF
+    high = w[torch.clamp(word + 1, max=w.numel() - 1)].to(torch.int64) & 0xFFFFFFFF
+    return ((low | (high << 32)) >> (start & 31)) & ((1 << bits) - 1)
 
 
 class ClaqLayout:
