@@ -1,7 +1,8 @@
 """Numba kernels: 1-D K-Means on sorted prefix sums and the GPTQ inner block loop with codebooks.
 
-All Numba code of the project sits here; `kernels_numpy.py` is its line-for-line NumPy twin, used by the
-tests to check these kernels exactly. The kernels are unchecked: callers (`quantize.py`) validate shapes
+The quantization's Numba code sits here (the decode/product kernels of the runtime are in
+`kernels_decode.py`); `kernels_numpy.py` is the line-for-line NumPy twin of both, used by the
+tests to check these kernels exactly. The kernels are unchecked: callers (`gptq.py`) validate shapes
 and dtypes. Arithmetic is float64 inside; prefix sums are float64 because float32 loses the small
 differences Lloyd's update needs. Every kernel releases the GIL (nogil), so independent weights can be
 quantized in parallel threads (pipeline.quantize_group).

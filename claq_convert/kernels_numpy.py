@@ -1,6 +1,7 @@
-"""NumPy twin of `kernels.py`: the same algorithms, plainly written, for the tests to compare against.
+"""NumPy twin of `kernels.py` and `kernels_decode.py`: the same algorithms, plainly written, for the
+tests to compare against.
 
-Slow (a Python loop per column and per iteration); never used on the conversion path.
+Slow (a Python loop per column and per iteration); never used on the conversion or runtime path.
 """
 from __future__ import annotations
 
