@@ -129,19 +129,26 @@ class ClaqLinear(torch.nn.Module):
         """W[out, in] by the portable Torch decoder (the reference the kernels are tested against)."""
         return decode_claq(self.out_features, self._sections(), self.layout, self.compute_dtype)
 
-    def decode(self) -> torch.Tensor:
-        """W[out, in] in the compute dtype, by the device's decode kernel (bit for bit the reference)."""
+    def decode(self, out_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """W[out, in] in the compute dtype, by the device's decode kernel (bit for bit the reference).
+
+        `out_t`: a contiguous [in, out] buffer to decode into (float32 on the CPU kernels, else the
+        compute dtype), reused across calls instead of fresh memory; W is returned as its transposed view.
+        """
         path = self._path(self.bit_widths.device)
         if path == "torch":
             return self.dequantize()
         dtype = torch.float32 if path == "numba" else self.compute_dtype
-        Wt = torch.empty(self.in_features, self.out_features, dtype=dtype, device=self.bit_widths.device)
+        Wt = out_t if out_t is not None else torch.empty(self.in_features, self.out_features, dtype=dtype,
+                                                         device=self.bit_widths.device)
+        if Wt.shape != (self.in_features, self.out_features) or Wt.dtype != dtype or not Wt.is_contiguous():
+            raise ValueError(f"out_t must be a contiguous {dtype} [{self.in_features}, {self.out_features}] tensor")
         if path == "numba":
             from .kernels_decode import decode_stream
 
             _numba_threads()
-            for b, words, tables, columns in self._streams():
-                decode_stream(words.numpy(), b, tables.numpy(), columns.numpy(), self.out_features, Wt.numpy())
+            for b, words, tables, columns in self._numpy_streams():
+                decode_stream(words, b, tables, columns, self.out_features, Wt.numpy())
         else:
             from .kernels_triton import decode_stream
 

@@ -75,6 +75,10 @@ def test_claq_linear_kernels_match_the_reference_decoder(rows, grid, monkeypatch
     portable = modules.ClaqLinear(rows, sections, bias=torch.arange(rows, dtype=torch.float32), kernels="torch")
     assert torch.equal(fast.decode(), expected) and torch.equal(portable.decode(), expected)
     assert torch.equal(fast.weight, expected)
+    buffer = torch.full((cols, rows), float("nan"))
+    assert torch.equal(fast.decode(buffer), expected) and torch.equal(buffer.T, expected)  # decoded in place
+    with pytest.raises(ValueError, match="out_t must be"):
+        fast.decode(torch.empty(rows, cols))
     monkeypatch.setattr(modules, "CHUNK_PARAMS", rows * 7)  # several column chunks per stream
     with torch.no_grad():
         for batch in ((1, cols), (2, 3, cols), (16, cols), (2, 20, cols)):  # product kernel, then decode + matmul
