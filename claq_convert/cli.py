@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from .calibration import DEFAULT_NSAMPLES
 from .progress import click_progress
+from .timing import peak_rss_bytes
 
 
 def _echo_err(message: str) -> None:
@@ -59,25 +60,6 @@ def write_json(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory.
-
-    Linux: VmHWM of /proc/self/status. Not ru_maxrss, which a process started by another one inherits
-    from its parent at exec, so a small child reports its big parent's peak.
-    """
-    import resource
-    import sys
-
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def load_any(model: Path, device, cache: bool = False):

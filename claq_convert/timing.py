@@ -45,7 +45,8 @@ NO_TIMER = Timer()
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux: VmHWM, which `reset_peak_rss` can restart; else ru_maxrss)."""
+    """This process's peak resident memory (Linux: VmHWM, which `reset_peak_rss` can restart; else
+    ru_maxrss, which a process inherits from its parent at exec: a small child reports a big parent's peak)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
