@@ -186,6 +186,8 @@ def parse_header(raw: bytes, version: int) -> dict:
         _check_section_entry(f"file {brief_repr(name)}", entry, fields)
         if entry["dtype"] != spec.FILE_DTYPE:
             raise BadHeader(f"file {brief_repr(name)}: dtype must be {spec.FILE_DTYPE}")
+        if len(entry["shape"]) != 1:
+            raise BadHeader(f"file {brief_repr(name)}: shape must be [n]")
         if "encoding" in fields:
             if not isinstance(entry["encoding"], str) or entry["encoding"] not in spec.FILE_ENCODINGS:
                 raise BadHeader(f"file {brief_repr(name)}: encoding must be one of {', '.join(spec.FILE_ENCODINGS)}")
@@ -251,10 +253,14 @@ def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, ver
     present = {"outlier_counts", "outlier_rows", "outlier_values"} & set(sections)
     if present and len(present) != 3:
         raise BadHeader(f"tensor {brief_repr(name)}: outlier sections must come together (counts, rows, values)")
-    for section, (dtype, _) in sections.items():
+    for section, (dtype, section_shape) in sections.items():
         if dtype not in _expected_dtypes(section, version):
             raise BadHeader(f"tensor {brief_repr(name)} section {section!r}: dtype must be "
                             f"{' or '.join(_expected_dtypes(section, version))}")
+        if len(section_shape) != 1:
+            raise BadHeader(f"tensor {brief_repr(name)} section {section!r}: shape must be [n]")
+    if "outlier_rows" in sections and sections["outlier_rows"][0] == "U16" and shape[0] > 65536:
+        raise BadHeader(f"tensor {brief_repr(name)}: U16 outlier rows cannot address {shape[0]} rows (U32 needed)")
     if sections["bit_widths"][1] != [shape[1]]:
         raise BadHeader(f"tensor {brief_repr(name)}: bit_widths must have one entry per column ({shape[1]})")
     if ("codebook_grid" in sections) != (sections["codebooks"][0] == "U8"):
