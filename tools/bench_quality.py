@@ -41,6 +41,10 @@ CONFIGS = {
     "claq-ap-4.2-fp32-embedding": dict(bits=4.2, ap_bits=(4, 5), quantize_embeddings=False),
     "claq-ap-4.5-fp32-embedding": dict(bits=4.5, ap_bits=(4, 5), quantize_embeddings=False),
     "claq-5-fp32-embedding": dict(bits=5, quantize_embeddings=False),
+    # format v1 against v2: fp16 codebooks (v1's only kind), and v2's grid codebooks at the same honest bpw
+    "claq-4-f16-codebooks-fp32-embedding": dict(bits=4, codebook="f16", quantize_embeddings=False),
+    "claq-alloc-grid=claq-4-f16-codebooks": dict(bpw_of="claq-4-f16-codebooks-fp32-embedding",
+                                                 quantize_embeddings=False),
     "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
     "claq-ap-3.5": dict(bits=3.5), "claq-ap-3.1": dict(bits=3.1), "claq-3": dict(bits=3),
     "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
