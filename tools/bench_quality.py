@@ -45,6 +45,7 @@ CONFIGS = {
     "claq-4-f16-codebooks-fp32-embedding": dict(bits=4, codebook="f16", quantize_embeddings=False),
     "claq-alloc-grid=claq-4-f16-codebooks": dict(bpw_of="claq-4-f16-codebooks-fp32-embedding",
                                                  quantize_embeddings=False),
+    "claq-ap-4.1-fp32-embedding": dict(bits=4.1, ap_bits=(4, 5), quantize_embeddings=False),
     "claq-or-4+0.07": dict(bits=4, outlier_bits=0.07),
     "claq-ap-3.5": dict(bits=3.5), "claq-ap-3.1": dict(bits=3.1), "claq-3": dict(bits=3),
     "claq-ap-3.1-random": dict(bits=3.1, ranking="random"),
