@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import re
+import unicodedata
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -152,9 +153,19 @@ def check_metadata(metadata: dict, where: str = "metadata") -> None:
             raise BadHeader(f"{where} {key!r} must be {what}, not {type(metadata[key]).__name__}")
 
 
+_NOT_PRINTABLE = {"Cc", "Cf", "Cs", "Co", "Zl", "Zp", "Zs"}  # spec section 2; unassigned (Cn) is allowed
+
+
+def is_printable_text(text: str) -> bool:
+    """Section 2's "printable text": no code point of the categories Cc, Cf, Cs, Co, Zl, Zp, or Zs other
+    than the space. Not str.isprintable(), which also refuses unassigned code points, so its answer
+    changes with the Unicode version of the running Python."""
+    return all(ch == " " or unicodedata.category(ch) not in _NOT_PRINTABLE for ch in text)
+
+
 def check_file_name(name: str) -> None:
     """An embedded file's name is a plain file name (it becomes one when a tokenizer is loaded)."""
-    if not name or name in (".", "..") or len(name.encode("utf-8")) > 255 or not name.isprintable() \
+    if not name or name in (".", "..") or len(name.encode("utf-8")) > 255 or not is_printable_text(name) \
             or _FILE_NAME_BAD.search(name):
         raise BadHeader(f"embedded file name {brief_repr(name)} is not a plain file name "
                         "(1 to 255 bytes of printable text, no '/' or '\\', not '.' or '..')")

@@ -498,12 +498,7 @@ def build_file(tensors: dict, files: dict | None = None, version: int = 2) -> by
 
 EDGE_CASES = _edge_cases()
 # Where the Python reader's verdict differs from the C reader's on an edge case, and why (see README.md).
-KNOWN_EDGE_DISAGREEMENTS = {
-    # U+0378 is unassigned (Cn) in Unicode 14.0: Python's str.isprintable() says no, so the Python reader's verdict
-    # on such a name changes with the Python version's Unicode database; the C reader accepts unassigned code
-    # points (section 2 does not define "printable text").
-    "file_name_x\\u0378_2": "BadHeader",
-}
+KNOWN_EDGE_DISAGREEMENTS: dict[str, str] = {}  # none left: section 2 now defines "printable text"
 
 
 def test_header_edge_cases(claq_dump, tmp_path):
