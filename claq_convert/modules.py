@@ -16,6 +16,7 @@ x[col] * (value - decoded code value) at their rows.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -36,20 +37,17 @@ CHUNK_PARAMS = 1 << 20          # decoded floats per chunk on the CPU decode pat
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
 
 
-_numba_threads_set = [0]
-
-
 def _numba_threads() -> int:
     """Numba's thread count made to follow torch's (never above what Numba started with)."""
     import numba
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if threads != _numba_threads_set[0] or threads != numba.get_num_threads():
+    if threads != numba.get_num_threads():
         numba.set_num_threads(threads)
-        _numba_threads_set[0] = threads
     return threads
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
