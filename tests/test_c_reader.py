@@ -176,7 +176,10 @@ def compare_with_python(exe: Path, path: Path) -> dict:
 # ----------------------------------------------------------------------------------------- vectors
 
 GOOD = sorted(VECTORS.glob("*.claq"))
-EXPECTED_BAD = json.loads((BAD / "expected.json").read_text())
+EXPECTED = json.loads((BAD / "expected.json").read_text())  # file -> category, rule (claq-v2.md section 7), note
+EXPECTED_BAD = {name: e["category"] for name, e in EXPECTED.items() if not e.get("large")}
+LARGE_BAD = {name: e["category"] for name, e in EXPECTED.items() if e.get("large")}
+NEEDS_ZLIB = {name for name, category in EXPECTED_BAD.items() if category == "BadFileData"}  # the stream is inflated
 
 
 @pytest.mark.parametrize("path", GOOD, ids=lambda p: p.stem)
@@ -193,12 +196,26 @@ def test_good_vectors_decode_bit_for_bit(claq_dump, path):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_BAD))
 def test_bad_vectors_give_the_expected_category(claq_dump, have_zlib, name):
-    if not have_zlib and name in ("v2_file_size.claq", "v2_file_not_zlib.claq"):
+    if not have_zlib and name in NEEDS_ZLIB:
         pytest.skip("no zlib to build claq_dump with: this vector needs inflation")
     done = run(claq_dump, BAD / name)
     assert done.returncode == 1 and done.stderr == b""
     assert LINE.match(done.stdout.decode()), done.stdout
-    assert verdict(done) == EXPECTED_BAD[name], done.stdout
+    assert verdict(done) == EXPECTED_BAD[name], (EXPECTED[name]["rule"], done.stdout)
+
+
+def test_size_cap_vectors_give_the_expected_category(claq_dump, tmp_path):
+    """The vectors of the size caps (not committed; make_vectors.write_large writes them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_vectors", VECTORS / "make_vectors.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    paths = generator.write_large(tmp_path)
+    assert LARGE_BAD and set(LARGE_BAD) <= set(paths)
+    for name, category in LARGE_BAD.items():
+        done = run(claq_dump, paths[name], quiet=True)
+        assert done.returncode == 1 and verdict(done) == category, (name, done.stdout)
 
 
 def test_without_zlib_everything_but_inflation_works(claq_dump_nozlib):
@@ -208,7 +225,7 @@ def test_without_zlib_everything_but_inflation_works(claq_dump_nozlib):
             assert (content is None) == (encoding == "zlib")
     for name, category in EXPECTED_BAD.items():
         done = run(claq_dump_nozlib, BAD / name)
-        if name in ("v2_file_size.claq", "v2_file_not_zlib.claq"):  # CRC fine; the stream is not inflated
+        if name in NEEDS_ZLIB:  # CRC fine; the stream is not inflated
             assert done.returncode == 0 and done.stdout.startswith(b"ok ")
         else:
             assert verdict(done) == category
