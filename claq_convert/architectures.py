@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -27,6 +28,34 @@ class Family:
     groups: tuple[tuple[str, ...], ...]       # linears of one layer, in true-sequential groups
     final_norm: Optional[str]                 # the norm before the head (None: the head reads the last layer)
     renames: tuple[tuple[str, str], ...] = () # (checkpoint prefix, module prefix) where the two differ
+    conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
+                                              # quantized, written and run as W^T [out, in] like every other
+                                              # linear (llama.cpp's GGUF stores GPT-2 that way too)
+
+    def linear_type(self) -> type:
+        """The module class of this family's linears."""
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            return Conv1D
+        return torch.nn.Linear
+
+    def transposed(self, name: str) -> bool:
+        """Whether the checkpoint tensor `name` is a block linear's weight stored [in, out] (a Conv1D's)."""
+        if not self.conv1d or not name.startswith(self.layers + ".") or not name.endswith(".weight"):
+            return False
+        index, _, linear = name[len(self.layers) + 1:-len(".weight")].partition(".")
+        return index.isdigit() and any(linear in group for group in self.groups)
+
+    def layout(self, name: str, W):
+        """W (a tensor or an array) with its axes swapped where `name` is stored transposed, else W itself.
+
+        Quantization, the file and the runtime see every weight as [out, in]; the checkpoint and the
+        transformers module keep their own layout. The swap is its own inverse: it converts either way.
+        """
+        if not self.transposed(name):
+            return W
+        return W.T.contiguous() if isinstance(W, torch.Tensor) else np.ascontiguousarray(W.T)
 
 
 FAMILIES = (
@@ -43,10 +72,13 @@ FAMILIES = (
     Family("opt", ("opt",), "model.decoder.layers",
            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
            "model.decoder.final_layer_norm"),
+    # Conv1D linears; the head is tied to transformer.wte, the learned positions transformer.wpe stay raw
+    Family("gpt2", ("gpt2",), "transformer.h",
+           (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), "transformer.ln_f", conv1d=True),
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
-# Known and refused, with the reason (rather than "unsupported"):
-_REFUSED = {"gpt2": "its linears are transposed Conv1D modules, which this version does not quantize yet"}
+# Known and refused, with the reason (rather than "unsupported"); none at present:
+_REFUSED: dict[str, str] = {}
 
 
 class ArchitectureError(ValueError):
@@ -57,6 +89,12 @@ def module_names(model_type: Optional[str]) -> dict[str, str]:
     """checkpoint prefix -> module prefix for this model type ({} when the names agree or it is unknown)."""
     family = _BY_MODEL_TYPE.get(model_type)
     return dict(family.renames) if family else {}
+
+
+def transposed_weight(model_type: Optional[str], name: str) -> bool:
+    """Whether `name` of a `model_type` checkpoint is stored [in, out] (False for an unknown type)."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    return family is not None and family.transposed(name)
 
 
 def supported_model_types() -> list[str]:
@@ -140,7 +178,8 @@ class Resolved:
 
 def resolve(model, config) -> Resolved:
     """Check the family entry against the model's module graph: the layer list exists, every grouped
-    name is an nn.Linear in every layer, and every nn.Linear of a layer is in exactly one group."""
+    name is a linear of the family's type (nn.Linear, or Conv1D) in every layer, and every such linear of a
+    layer is in exactly one group."""
     family = family_of(config)
     try:
         layers = model.get_submodule(family.layers)
@@ -151,8 +190,12 @@ def resolve(model, config) -> Resolved:
         raise ArchitectureError(f"{family.name} entry: {family.layers} is not a non-empty list of layers")
     grouped = [name for group in family.groups for name in group]
     for index, layer in enumerate(layers):
-        found = sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+        found = sorted(n for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, family.linear_type())))
         if sorted(grouped) != found:
             raise ArchitectureError(f"{family.name} entry: layer {index} has linears {found}, the entry names "
                                     f"{sorted(grouped)}; a variant this version does not know")
+        other = [n for n in grouped if not isinstance(layer.get_submodule(n), family.linear_type())]
+        if other:  # a weight in the other layout would be quantized transposed
+            raise ArchitectureError(f"{family.name} entry: layer {index}'s {', '.join(other)} is not a "
+                                    f"{family.linear_type().__name__}; a variant this version does not know")
     return Resolved(family, layers, norm)

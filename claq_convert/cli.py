@@ -1,6 +1,7 @@
 """Command-line entry points: claq-convert, claq-eval, claq-fixture (and claq-inspect)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
@@ -185,12 +186,14 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--format", "out_format", type=click.Choice(["claq", "gguf"]), default=None,
               help="Output format (default: from OUT's extension, .gguf or else .claq).")
 @click.option("--dry-run", is_flag=True, help="Quantize in memory only; write no file.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted conversion from OUT.resume/ (the same arguments, plus this flag).")
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
 def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
                 nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, seqlen, seed, device, out_format,
-                dry_run, run_eval, json_path):
+                dry_run, resume, run_eval, json_path):
     """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
     with CLAQ (or a baseline) and write OUT.
 
@@ -200,6 +203,10 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
       claq-convert model/ out.claq --bits 2.1 --outlier-bits 0.07     # AP + OR
       claq-convert model/ out.gguf --bits 3                             # the GGUF extension
       claq-convert model/ --dry-run --eval --method gptq --bits 3      # baseline, in memory
+
+    While it runs, every finished decoder layer is kept in OUT.resume/ (removed once OUT is written). After
+    an interrupt (Ctrl-C, kill), the same command plus --resume continues from the last finished layer and
+    writes the very bytes an uninterrupted run writes. Without --resume an existing OUT.resume/ is refused.
     """
     from .convert import ConvertOptions, run_conversion
     from .pipeline import QuantConfig
@@ -238,16 +245,39 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
     options = ConvertOptions(model_dir=model_dir, out=claq_out, quant=qc, calib=calib,
                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=resolve_device(device),
                              evaluate=run_eval, raw_dtype=raw_dtype.upper() if raw_dtype else None)
-    record = run_conversion(options, progress=click_progress, log=_echo_err)
-    if as_gguf and not dry_run:
-        from .gguf_ext import claq_to_gguf
+    if resume and dry_run:
+        raise click.UsageError("--resume continues a conversion that writes OUT; a --dry-run keeps nothing to resume")
+    if not dry_run:
+        from .checkpoint import Checkpoint, checkpoint_dir
+        from .convert import fingerprint
 
+        place = checkpoint_dir(out)
+        options.checkpoint = Checkpoint.open(place, fingerprint(options), resume)
+        if resume and not options.checkpoint.resumed:
+            _echo_err(f"no checkpoint at {place}: starting from the beginning")
+    with _interrupts_as_keyboard_interrupt():
         try:
-            claq_to_gguf(claq_out, out)
-        finally:
-            claq_out.unlink(missing_ok=True)
-        record.update(out=str(out), file_bytes=out.stat().st_size)
-        record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
+            record = run_conversion(options, progress=click_progress, log=_echo_err)
+            if as_gguf and not dry_run:
+                from .gguf_ext import claq_to_gguf
+
+                try:
+                    claq_to_gguf(claq_out, out)
+                finally:
+                    claq_out.unlink(missing_ok=True)
+                record.update(out=str(out), file_bytes=out.stat().st_size)
+                record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
+        except BaseException as error:
+            checkpoint = options.checkpoint
+            if checkpoint is not None and checkpoint.empty():
+                checkpoint.remove()  # nothing to resume: not in the way of the next run
+            elif checkpoint is not None and isinstance(error, KeyboardInterrupt):
+                _echo_err(f"interrupted: the finished work stays in {checkpoint.path}; rerun the same "
+                          "command with --resume to continue")
+                raise SystemExit(130) from None  # the shell's code for a SIGINT
+            raise
+    if options.checkpoint is not None:
+        options.checkpoint.remove()  # OUT is in place
     s = record["summary"]
     target = f"--bpw {bpw:g}" if bpw is not None else f"{bits:g} bits"
     click.echo(f"{method} {target}: honest {s['honest_bpw']:.4f} bpw over {s['params']} weights, "
@@ -260,6 +290,25 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
         click.echo(f"ppl on {text}: before {before['ppl']:.4f}  after {after:.4f} ({after / before['ppl'] - 1:+.2%})")
     if json_path:
         write_json(json_path, {**record, "machine": machine_info()})
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt():
+    """SIGTERM (kill) unwinds like Ctrl-C: temporary files are removed, and the checkpoint says how to resume."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- claq-inspect

@@ -11,6 +11,7 @@ import torch
 
 from . import __version__, spec
 from .calibration import DEFAULT_NSAMPLES
+from .checkpoint import Checkpoint
 from .columns import grid_codebooks
 from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, head_target, input_energies, quantize_model
@@ -35,6 +36,7 @@ class ConvertOptions:
     eval_texts: Optional[dict] = None  # name -> text file scored by --eval; None: WikiText-2 test only
     raw_dtype: Optional[str] = None    # F32/F16/BF16 for the tensors kept raw; None: each keeps its source dtype
     threads: Optional[int] = None      # linears of one group quantized at once; None: torch.get_num_threads()
+    checkpoint: Optional[Checkpoint] = None  # finished work saved here, and continued from (checkpoint.py)
 
 
 def stored_bytes(result: QuantizedWeight) -> int:
@@ -139,10 +141,15 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
     sources = tuple(options.calib) or DEFAULT_CALIBRATION
     start = time.perf_counter()
+    checkpoint = options.checkpoint
+    if calibration is None and checkpoint is not None:
+        calibration = checkpoint.calibration()
     if calibration is None:
         with timer.section("calibration"):
             calibration = calibration_set(sources, tokenizer, lambda: load_sampler(options.model_dir, options.device),
                                           options.nsamples, options.seqlen, options.seed, progress=progress)
+    if checkpoint is not None:
+        checkpoint.save_calibration(calibration)
     calib_seconds = time.perf_counter() - start
     record = {"tool": f"claq-convert {__version__}", "model": str(options.model_dir), "quant": qc.to_dict(),
               "calibration": {"sources": describe(sources), "nsamples": options.nsamples, "seqlen": options.seqlen,
@@ -150,13 +157,15 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
               "device": str(options.device)}
     targets = None
     if qc.bpw is not None:
-        targets, record["allocation"] = allocate_bits(source, calibration, qc, options.device, log)
+        saved = checkpoint.allocation() if checkpoint is not None else None
+        targets, record["allocation"] = saved or allocate_bits(source, calibration, qc, options.device, log)
+        if checkpoint is not None and saved is None:
+            checkpoint.save_allocation(targets, record["allocation"])
     results: dict[str, QuantizedWeight] = {}
     tensors = {}
     writer = ClaqWriter(options.out) if options.out is not None else None
     try:
-        for name, result in quantize_model(source, calibration, qc, options.device, progress=progress, log=log,
-                                           targets=targets, threads=options.threads, timer=timer):
+        for name, result in _quantized(options, source, calibration, targets, progress, log, timer):
             with timer.phase("write"):
                 tensors[name] = tensor_record(result)
                 if writer is not None:
@@ -173,7 +182,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         record.update(tensors=tensors, summary=summarize(tensors))
         if writer is not None:
             with timer.section("rest"), timer.phase("write"):
-                write_model_rest(writer, source, set(tensors), record, options.raw_dtype)
+                write_model_rest(writer, source, set(tensors), without_wall_clock(record), options.raw_dtype)
                 writer.close()
     except BaseException:
         if writer is not None:
@@ -190,6 +199,66 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     return record
 
 
+def _quantized(options: ConvertOptions, source: ModelSource, calibration, targets, progress, log, timer):
+    """quantize_model's results; with a checkpoint, first those it holds, and each new one saved as it comes."""
+    checkpoint = options.checkpoint
+    if checkpoint is None:
+        yield from quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
+                                  targets=targets, threads=options.threads, timer=timer)
+        return
+    finished = checkpoint.finished(options.device)
+    if finished.layers or finished.ends:
+        log(f"resuming from {checkpoint.path}: layers done {finished.layers}"
+            + (f", and {', '.join(finished.ends)}" if finished.ends else ""))
+    yield from checkpoint.results()
+    ends = set(end_tensors(source)) if options.quant.quantize_embeddings else set()
+    for name, result in quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
+                                       targets=targets, threads=options.threads, timer=timer,
+                                       start_layer=finished.layers, start_states=finished.states, done=finished.ends,
+                                       on_layer=checkpoint.finish_layer):
+        checkpoint.save_result(name, result, end=name in ends)  # before the pipeline goes on
+        yield name, result
+
+
+# Wall-clock measurements stay out of the file: a file is a function of its inputs alone, so a resumed
+# conversion writes the very bytes of an uninterrupted one (they stay in the run record, --json).
+WALL_CLOCK_KEYS = ("seconds", "kernel_seconds")
+
+
+def without_wall_clock(value):
+    """`value` (a conversion record) less every WALL_CLOCK_KEYS entry, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_wall_clock(v) for k, v in value.items() if k not in WALL_CLOCK_KEYS}
+    if isinstance(value, list):
+        return [without_wall_clock(v) for v in value]
+    return value
+
+
+def fingerprint(options: ConvertOptions) -> dict:
+    """Everything that determines a conversion's output but its calibration token ids (which the checkpoint
+    keeps and hashes): a resumed conversion must match it. Model and text files by size and mtime
+    (hashing a 7B checkpoint would cost minutes); threads, as float sums may depend on them."""
+    from .calibration import DEFAULT_CALIBRATION, SELF
+    from .pipeline import worker_count
+
+    def stat(path: Path) -> list[int]:
+        info = Path(path).stat()
+        return [info.st_size, info.st_mtime_ns]
+
+    source = ModelSource(options.model_dir)
+    files = set(source.files.values()) | {source.dir / n for n in ("config.json", "generation_config.json",
+                                                                    "model.safetensors.index.json", *TOKENIZER_FILES)}
+    sources = tuple(options.calib) or DEFAULT_CALIBRATION
+    return {"tool": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "model": {"dir": str(options.model_dir),  # as the file's record has it
+                      "files": {p.name: stat(p) for p in sorted(files) if p.is_file()}},
+            "quant": options.quant.to_dict(),
+            "calibration": {"sources": [[str(s), SELF if str(s) == SELF else stat(s)] for s in sources],
+                            "nsamples": options.nsamples, "seqlen": options.seqlen, "seed": options.seed},
+            "raw_dtype": options.raw_dtype, "device": str(options.device),
+            "threads": {"torch": torch.get_num_threads(), "workers": worker_count(options.threads)}}
+
+
 def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, log) -> tuple[dict, dict]:
     """Bit settings per weight for the --bpw budget (allocation.py), and a record of what was chosen.
 
@@ -198,11 +267,19 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     blocks' (measured: allocated with them, the head fell to 1-2 bits and a relative error of 0.58).
     """
     from .allocation import allocate, candidates
+    from .architectures import family_of
 
     start = time.perf_counter()
     energies = input_energies(source, calibration, device, quantize_embeddings=False)
-    tables = {name: candidates(source.tensor(name).float().numpy(), energy, qc.outlier_threshold,
-                               relative=qc.allocation == "relative", codebook=qc.codebook)
+    family = family_of(source.config())
+    fisher = {}
+    if qc.allocation == "fisher":
+        from .sensitivity import FISHER_WINDOWS, column_fisher
+
+        fisher = column_fisher(load_sampler(source.dir, device), list(energies), calibration[:FISHER_WINDOWS],
+                               family.transposed)
+    tables = {name: candidates(family.layout(name, source.tensor(name).float().numpy()), energy, qc.outlier_threshold,
+                               relative=qc.allocation == "relative", codebook=qc.codebook, fisher=fisher.get(name))
               for name, energy in energies.items()}
     params = sum(int(np.prod(source.tensor(name).shape)) for name in tables)
     fixed, targets = 0, {}
@@ -277,6 +354,9 @@ def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedW
 @torch.no_grad()
 def apply_dequantized(model, results: dict[str, QuantizedWeight]) -> None:
     """Replace each quantized weight of an fp32 model by its dequantized values (in place)."""
+    from .architectures import family_of
+
+    family = family_of(model.config)
     params = dict(model.named_parameters())
     for name, result in results.items():
-        params[name].copy_(torch.from_numpy(result.dequantize()))
+        params[name].copy_(torch.from_numpy(family.layout(name, result.dequantize())))

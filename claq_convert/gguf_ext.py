@@ -51,10 +51,18 @@ class GgufLimitError(ClaqFormatError):
     """The file breaks a limit of ggml's C reader (which gguf-py does not enforce)."""
 
 
+# The rule (formats/gguf-claq.md section 5) a missing or mistyped value of each key breaks.
+_KEY_RULES = {"general.architecture": "GGUF-K01", KEY_VERSION: "GGUF-K02", KEY_CONFIG: "GGUF-K03",
+              KEY_GENERATION: "GGUF-K04", KEY_CONVERSION: "GGUF-K05", KEY_TENSORS: "GGUF-K06",
+              "tokenizer.ggml.merges": "GGUF-F01", KEY_TOKENIZER_REST: "GGUF-F02", "tokenizer.ggml.tokens": "GGUF-F03",
+              "tokenizer.huggingface.json": "GGUF-F04"}
+
+
 # HF model_type -> llama.cpp's architecture name, whose tensor names and hyperparameter keys the file uses
 # (OPT has none in llama.cpp: its tensors keep their Hugging Face names, and no hyperparameter keys are written).
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox", "opt": None}
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox", "gpt2": "gpt2",
+             "opt": None}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:
@@ -69,6 +77,16 @@ def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -
         if mapped is not None:
             return f"{mapped}.{suffix}"
     return hf_name
+
+
+def standard_config(config: dict) -> dict:
+    """The config with transformers' standard names filled in where the family's config class keeps its own
+    (GPT-2: n_layer, n_embd, n_head, n_positions), from that class's attribute_map."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    aliases = CONFIG_MAPPING[model_type].attribute_map if model_type in CONFIG_MAPPING else {}
+    return {**{std: config[own] for std, own in aliases.items() if own in config}, **config}
 
 
 def _arch_keys(config: dict, arch: Optional[str]) -> dict:
@@ -88,7 +106,7 @@ def _arch_keys(config: dict, arch: Optional[str]) -> dict:
               K.Attention.HEAD_COUNT: ("uint32", heads),
               K.Attention.HEAD_COUNT_KV: ("uint32", config.get("num_key_value_heads", heads)),
               K.Attention.LAYERNORM_RMS_EPS: ("float32", config.get("rms_norm_eps")),
-              K.Attention.LAYERNORM_EPS: ("float32", config.get("layer_norm_eps")),
+              K.Attention.LAYERNORM_EPS: ("float32", config.get("layer_norm_eps", config.get("layer_norm_epsilon"))),
               K.Rope.DIMENSION_COUNT: ("uint32", config.get("head_dim") or (hidden // heads if heads and hidden else None)),
               K.LLM.VOCAB_SIZE: ("uint32", config.get("vocab_size")),
               K.Rope.FREQ_BASE: ("float32", config.get("rope_theta") or _rope_theta(config))}
@@ -185,7 +203,7 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
             raise ValueError(f"{claq_path} has no model config in its metadata, which a GGUF file needs")
         base = config.get("model_type", "llama")
         check_gguf_model_type(base)
-        layers = config.get("num_hidden_layers")
+        layers = standard_config(config).get("num_hidden_layers")
         if not _is_count(layers) or layers > MAX_LAYERS:
             raise ValueError(f"{claq_path}: the config's num_hidden_layers {brief_repr(layers)} is not a count of "
                              f"layers (0 to {MAX_LAYERS})")
@@ -204,7 +222,8 @@ def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
     writer = gguf.GGUFWriter(str(tmp), ARCH)
     writer.add_uint32(KEY_VERSION, EXT_VERSION)
     writer.add_string(KEY_BASE, base)
-    for key, (kind, value) in _arch_keys(config, GGUF_ARCH[base]).items():
+    standard = standard_config(config)
+    for key, (kind, value) in _arch_keys(standard, GGUF_ARCH[base]).items():
         getattr(writer, f"add_{kind}")(key, value)
     writer.add_string(KEY_CONFIG, json.dumps(config))
     if cf.metadata.get("generation_config") is not None:
@@ -233,7 +252,7 @@ def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
                                      gguf.GGUFValueType.UINT8)
     table = []
     for name, tensor in cf.tensors.items():
-        stem = gguf_name(name, config["num_hidden_layers"], GGUF_ARCH[base])
+        stem = gguf_name(name, standard["num_hidden_layers"], GGUF_ARCH[base])
         dtypes = {s: e["dtype"] for s, e in tensor["sections"].items()}
         table.append({"name": name, "gguf": stem, "kind": tensor["kind"], "shape": tensor["shape"], "dtypes": dtypes})
         for section, array in cf.sections(name).items():
@@ -311,7 +330,7 @@ def scan_gguf(path) -> GgufLayout:
     path = Path(path)
     size = path.stat().st_size
     if size < 24:
-        raise TruncatedFile(f"{size} bytes is shorter than the 24-byte GGUF preamble")
+        raise TruncatedFile(f"{size} bytes is shorter than the 24-byte GGUF preamble", rule="GGUF-S01")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         return _GgufScan(data, size, gguf).run()
 
@@ -333,7 +352,8 @@ class _GgufScan:
 
     def take(self, n: int, what: str) -> int:
         if n > self.size - self.pos:
-            raise TruncatedFile(f"GGUF {what} at byte {self.pos} runs past the end of the {self.size}-byte file")
+            raise TruncatedFile(f"GGUF {what} at byte {self.pos} runs past the end of the {self.size}-byte file",
+                                rule="GGUF-S04")
         self.pos += n
         return self.pos - n
 
@@ -345,16 +365,17 @@ class _GgufScan:
         n = self.uint(8, f"{what} length")
         start = self.take(n, what)
         if n > MAX_KV_STRING_BYTES:
-            raise BadHeader(f"GGUF {what} holds {n} bytes; at most {MAX_KV_STRING_BYTES} are allowed")
+            raise BadHeader(f"GGUF {what} holds {n} bytes; at most {MAX_KV_STRING_BYTES} are allowed", rule="GGUF-S06")
         try:
             return self.data[start:start + n].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BadHeader(f"GGUF {what} is not UTF-8 ({exc.reason} at byte {start + exc.start})") from None
+            raise BadHeader(f"GGUF {what} is not UTF-8 ({exc.reason} at byte {start + exc.start})",
+                            rule="GGUF-S05") from None
 
     def value_type(self, what: str) -> int:
         vtype = self.uint(4, what)
         if vtype not in self.types:
-            raise BadHeader(f"GGUF {what} is {vtype}, not a GGUF value type")
+            raise BadHeader(f"GGUF {what} is {vtype}, not a GGUF value type", rule="GGUF-S07")
         return vtype
 
     def value(self, vtype: int, what: str) -> tuple[tuple[int, ...], int]:
@@ -368,14 +389,16 @@ class _GgufScan:
             return (vtype,), start
         itype = self.value_type(f"item type of {what}")
         if itype == self.ARRAY:
-            raise GgufLimitError(f"{what} is a nested array, which ggml's reader refuses")
+            raise GgufLimitError(f"{what} is a nested array, which ggml's reader refuses", rule="GGUF-S08")
         count = self.uint(8, f"item count of {what}")
         least = 8 if itype == self.STRING else self.scalar[itype]
         if count > (self.size - self.pos) // least:
-            raise TruncatedFile(f"GGUF {what} claims {count} items, more than the rest of the file holds")
+            raise TruncatedFile(f"GGUF {what} claims {count} items, more than the rest of the file holds",
+                                rule="GGUF-S04")
         self.items += count
         if self.items > MAX_KV_ARRAY_ITEMS:
-            raise BadHeader(f"GGUF key arrays hold more than {MAX_KV_ARRAY_ITEMS} items (bulk data belongs in tensors)")
+            raise BadHeader(f"GGUF key arrays hold more than {MAX_KV_ARRAY_ITEMS} items (bulk data belongs in tensors)",
+                            rule="GGUF-S09")
         if itype == self.STRING:
             for _ in range(count):
                 self.string(f"item of {what}")
@@ -386,47 +409,47 @@ class _GgufScan:
     def run(self) -> GgufLayout:
         magic = self.data[:4]
         if magic != b"GGUF":
-            raise BadMagic(f"not a GGUF file (magic {magic!r})")
+            raise BadMagic(f"not a GGUF file (magic {magic!r})", rule="GGUF-S02")
         self.pos = 4
         version = self.uint(4, "version")
         if version not in GGUF_VERSIONS:
             endian = " (a big-endian file?)" if version and not version & 0xFFFF else ""
             raise UnsupportedVersion(f"GGUF version {version}{endian}; this reader reads little-endian versions "
-                                     f"{' and '.join(map(str, GGUF_VERSIONS))}")
+                                     f"{' and '.join(map(str, GGUF_VERSIONS))}", rule="GGUF-S03")
         n_tensors, n_kv = self.uint(8, "tensor count"), self.uint(8, "key count")
         if n_kv > (self.size - self.pos) // 13 or n_tensors > (self.size - self.pos) // 24:
             raise TruncatedFile(f"GGUF header claims {n_kv} keys and {n_tensors} tensors, more than the "
-                                f"{self.size}-byte file holds")
+                                f"{self.size}-byte file holds", rule="GGUF-S04")
         kv_types, starts = {}, {}
         for _ in range(n_kv):
             key = self.string("key name")
             if key in kv_types:
-                raise BadHeader(f"GGUF key {brief_repr(key)} appears twice")
+                raise BadHeader(f"GGUF key {brief_repr(key)} appears twice", rule="GGUF-S10")
             what = f"key {brief_repr(key)}"
             kv_types[key], starts[key] = self.value(self.value_type(f"type of {what}"), what)
         alignment = GGUF_DEFAULT_ALIGNMENT
         if "general.alignment" in kv_types:
             if kv_types["general.alignment"] != (self.UINT32,):
-                raise BadHeader("GGUF key 'general.alignment' must be a UINT32")
+                raise BadHeader("GGUF key 'general.alignment' must be a UINT32", rule="GGUF-S11")
             at = starts["general.alignment"]
             alignment = int.from_bytes(self.data[at:at + 4], "little")
             if alignment == 0 or alignment & (alignment - 1):
-                raise BadHeader(f"GGUF general.alignment {alignment} is not a power of two")
+                raise BadHeader(f"GGUF general.alignment {alignment} is not a power of two", rule="GGUF-S11")
         tensors, names = [], set()
         for _ in range(n_tensors):
             name = self.string("tensor name")
             if name in names:
-                raise BadHeader(f"GGUF tensor {brief_repr(name)} appears twice")
+                raise BadHeader(f"GGUF tensor {brief_repr(name)} appears twice", rule="GGUF-S12")
             names.add(name)
             what = f"tensor {brief_repr(name)}"
             n_dims = self.uint(4, f"dimension count of {what}")
             if n_dims > GGML_MAX_DIMS:
-                raise GgufLimitError(f"{what} has {n_dims} dimensions; ggml allows {GGML_MAX_DIMS}")
+                raise GgufLimitError(f"{what} has {n_dims} dimensions; ggml allows {GGML_MAX_DIMS}", rule="GGUF-S13")
             dims = tuple(self.uint(8, f"dimensions of {what}") for _ in range(n_dims))
             ggml = self.uint(4, f"type of {what}")
             if ggml not in self.ggml:
                 raise BadHeader(f"GGUF {what} has GGML type {ggml}; CLAQ sections and raw tensors use "
-                                f"{', '.join(sorted(self.ggml.values()))}")
+                                f"{', '.join(sorted(self.ggml.values()))}", rule="GGUF-S14")
             offset = self.uint(8, f"data offset of {what}")
             type_name = self.ggml[ggml]
             tensors.append(GgufTensorInfo(name, type_name, dims, offset, math.prod(dims) * self.item_size[type_name]))
@@ -434,7 +457,7 @@ class _GgufScan:
         for t in tensors:
             if data_offset + t.offset + t.n_bytes > self.size:
                 raise BadLayout(f"GGUF tensor {brief_repr(t.name)}: {t.n_bytes} bytes at data offset {t.offset} run past "
-                                f"the end of the {self.size}-byte file")
+                                f"the end of the {self.size}-byte file", rule="GGUF-S15")
         return GgufLayout(version, alignment, data_offset, kv_types, tensors)
 
 
@@ -459,11 +482,12 @@ class GgufClaqFile:
             raise BadHeader(f"not a readable GGUF file: {brief_repr(str(exc))}") from None
         arch = self._string(gguf.Keys.General.ARCHITECTURE)
         if arch != ARCH:
-            raise BadHeader(f"general.architecture is {brief_repr(arch)}, not {ARCH!r}: not a CLAQ GGUF file")
+            raise BadHeader(f"general.architecture is {brief_repr(arch)}, not {ARCH!r}: not a CLAQ GGUF file",
+                            rule="GGUF-K01")
         version = self._scalar(KEY_VERSION, gguf.GGUFValueType.UINT32)
         if version not in spec.WIDTHS_BY_VERSION:
             raise BadHeader(f"CLAQ GGUF extension version {version}; this reader reads "
-                            f"{', '.join(map(str, spec.WIDTHS_BY_VERSION))}")
+                            f"{', '.join(map(str, spec.WIDTHS_BY_VERSION))}", rule="GGUF-K02")
         self.version, self.widths = version, spec.WIDTHS_BY_VERSION[version]
         fields = self._reader.fields
         self.metadata = {"config": self._json_object(KEY_CONFIG),
@@ -479,43 +503,48 @@ class GgufClaqFile:
         """claq.tensors against the GGUF tensors: each entry's sections are GGUF tensors of the GGML type of
         their dtype and of the entry's shape; every GGUF tensor belongs to exactly one entry."""
         if not isinstance(table, list):
-            raise BadHeader(f"GGUF key {KEY_TENSORS!r} must hold a JSON array")
+            raise BadHeader(f"GGUF key {KEY_TENSORS!r} must hold a JSON array", rule="GGUF-K06")
         by_name = {t.name: t for t in self._reader.tensors}
         owner: dict[str, str] = {}
         for index, entry in enumerate(table):
             if not isinstance(entry, dict) or set(entry) != set(_TABLE_KEYS):
-                raise BadHeader(f"{KEY_TENSORS}[{index}]: needs exactly the keys {', '.join(_TABLE_KEYS)}")
+                raise BadHeader(f"{KEY_TENSORS}[{index}]: needs exactly the keys {', '.join(_TABLE_KEYS)}",
+                                rule="GGUF-T01")
             name, stem, kind, shape, dtypes = (entry[k] for k in _TABLE_KEYS)
             if not isinstance(name, str) or not isinstance(stem, str):
-                raise BadHeader(f"{KEY_TENSORS}[{index}]: name and gguf must be strings")
+                raise BadHeader(f"{KEY_TENSORS}[{index}]: name and gguf must be strings", rule="GGUF-T02")
             if name in self.tensors:
-                raise BadHeader(f"tensor {brief_repr(name)} is listed twice in {KEY_TENSORS}")
+                raise BadHeader(f"tensor {brief_repr(name)} is listed twice in {KEY_TENSORS}", rule="GGUF-T03")
             check_tensor_entry(name, kind, shape)
             if not isinstance(dtypes, dict) or not dtypes:
-                raise BadHeader(f"tensor {brief_repr(name)}: dtypes must be an object naming its sections")
+                raise BadHeader(f"tensor {brief_repr(name)}: dtypes must be an object naming its sections",
+                                rule="GGUF-T04")
             if kind == spec.KIND_RAW and set(dtypes) != {"data"}:
-                raise BadHeader(f"tensor {brief_repr(name)}: a raw tensor has one section 'data' of the tensor's shape")
+                raise BadHeader(f"tensor {brief_repr(name)}: a raw tensor has one section 'data' of the tensor's shape",
+                                rule="CLAQ-H17")
             sections, schema = {}, {}
             for section, dtype in dtypes.items():
                 where = f"tensor {brief_repr(name)} section {brief_repr(section)}"
                 if not isinstance(dtype, str) or dtype not in spec.DTYPES:
-                    raise BadHeader(f"{where}: unknown dtype {brief_repr(dtype)}")
+                    raise BadHeader(f"{where}: unknown dtype {brief_repr(dtype)}", rule="CLAQ-H11")
                 target = stem if kind == spec.KIND_RAW else f"{stem}.{section}"
                 t = by_name.get(target)
                 if t is None:
-                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} is missing")
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} is missing", rule="GGUF-T05")
                 if target in owner:
-                    raise BadHeader(f"GGUF tensor {brief_repr(target)} belongs to {brief_repr(owner[target])} and {brief_repr(name)}")
+                    raise BadHeader(f"GGUF tensor {brief_repr(target)} belongs to {brief_repr(owner[target])} and {brief_repr(name)}",
+                                    rule="GGUF-T06")
                 owner[target] = name
                 if t.tensor_type.name != _GGML_OF[dtype]:
                     raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} is {t.tensor_type.name}; a {dtype} section "
-                                    f"is stored as {_GGML_OF[dtype]}")
+                                    f"is stored as {_GGML_OF[dtype]}", rule="GGUF-T07")
                 dims = [int(d) for d in t.shape]
                 if kind == spec.KIND_RAW and dims != shape[::-1]:
                     raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} has dimensions {dims}; the tensor's shape "
-                                    f"{shape} needs {shape[::-1]} (fastest first)")
+                                    f"{shape} needs {shape[::-1]} (fastest first)", rule="GGUF-T08")
                 if kind != spec.KIND_RAW and len(dims) != 1:
-                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} must be 1-D, it has dimensions {dims}")
+                    raise BadHeader(f"{where}: GGUF tensor {brief_repr(target)} must be 1-D, it has dimensions {dims}",
+                                    rule="GGUF-T09")
                 array = np.asarray(t.data).reshape(-1).view(spec.DTYPES[dtype])
                 section_shape = shape if kind == spec.KIND_RAW else dims
                 if array.size != math.prod(section_shape):  # the scan bounds the bytes; this is the view's count
@@ -528,7 +557,7 @@ class GgufClaqFile:
             self.tensors[name] = {"kind": kind, "shape": shape, "sections": sections}
         for t in self._reader.tensors:
             if t.name not in owner:
-                raise BadHeader(f"GGUF tensor {brief_repr(t.name)} belongs to no {KEY_TENSORS} entry")
+                raise BadHeader(f"GGUF tensor {brief_repr(t.name)} belongs to no {KEY_TENSORS} entry", rule="GGUF-T10")
 
     def _read_files(self, gguf) -> dict[str, bytes]:
         fields, files = self._reader.fields, {}
@@ -538,7 +567,7 @@ class GgufClaqFile:
             model = rest.get("model") if isinstance(rest, dict) else None
             if not isinstance(model, dict) or model.get("merges") not in ("pairs", "strings"):
                 raise BadHeader(f"GGUF key {KEY_TOKENIZER_REST!r} is not a tokenizer.json object whose model's merges "
-                                "say 'pairs' or 'strings'")
+                                "say 'pairs' or 'strings'", rule="GGUF-F02")
             files[HF_TOKENIZER_FILE] = _rebuild_tokenizer(rest, self._strings(gguf.Keys.Tokenizer.LIST), merges)
         elif gguf.Keys.Tokenizer.HF_JSON in fields:
             files[HF_TOKENIZER_FILE] = self._string(gguf.Keys.Tokenizer.HF_JSON).encode("utf-8")
@@ -547,18 +576,19 @@ class GgufClaqFile:
                 name = key[len(KEY_FILE_PREFIX):]
                 check_file_name(name)
                 if name in files:
-                    raise BadHeader(f"GGUF key {brief_repr(key)} repeats the embedded file {brief_repr(name)}")
+                    raise BadHeader(f"GGUF key {brief_repr(key)} repeats the embedded file {brief_repr(name)}",
+                                    rule="GGUF-F05")
                 files[name] = self._file_bytes(key)
                 if not files[name]:
-                    raise BadHeader(f"GGUF key {brief_repr(key)} holds an empty file")
+                    raise BadHeader(f"GGUF key {brief_repr(key)} holds an empty file", rule="GGUF-F07")
         return files
 
     def _scalar(self, key, vtype):
         field = self._reader.fields.get(key)
         if field is None:
-            raise BadHeader(f"missing GGUF key {key!r}")
+            raise BadHeader(f"missing GGUF key {key!r}", rule=_KEY_RULES.get(key))
         if field.types != [vtype]:
-            raise BadHeader(f"GGUF key {key!r} must be a {vtype.name}")
+            raise BadHeader(f"GGUF key {key!r} must be a {vtype.name}", rule=_KEY_RULES.get(key))
         return field.contents()
 
     def _string(self, key) -> str:
@@ -569,7 +599,8 @@ class GgufClaqFile:
     def _json_object(self, key, null: bool = False):
         value = parse_json(self._string(key), f"GGUF key {key!r}")
         if not isinstance(value, dict) and not (null and value is None):
-            raise BadHeader(f"GGUF key {key!r} must hold a JSON object{' or null' if null else ''}")
+            raise BadHeader(f"GGUF key {key!r} must hold a JSON object{' or null' if null else ''}",
+                            rule=_KEY_RULES.get(key))
         return value
 
     def _file_bytes(self, key) -> bytes:
@@ -581,18 +612,18 @@ class GgufClaqFile:
         if field.types in ([gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8], [gguf.GGUFValueType.ARRAY]) \
                 and all(field.parts[i].dtype == np.uint8 for i in field.data):
             return bytes(np.concatenate([field.parts[i] for i in field.data])) if field.data else b""
-        raise BadHeader(f"GGUF key {brief_repr(key)} is neither a string nor an array of uint8")
+        raise BadHeader(f"GGUF key {brief_repr(key)} is neither a string nor an array of uint8", rule="GGUF-F06")
 
     def _strings(self, key) -> list[str]:
         import gguf
 
         field = self._reader.fields.get(key)
         if field is None:
-            raise BadHeader(f"missing GGUF key {key!r}")
+            raise BadHeader(f"missing GGUF key {key!r}", rule=_KEY_RULES.get(key))
         if field.types == [gguf.GGUFValueType.ARRAY] and not field.data:  # empty: gguf-py records no item type
             return []
         if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
-            raise BadHeader(f"GGUF key {key!r} is not an array of strings")
+            raise BadHeader(f"GGUF key {key!r} is not an array of strings", rule=_KEY_RULES.get(key))
         return field.contents()
 
     def sections(self, name: str, check_crc: bool = True, copy: bool = False) -> dict[str, np.ndarray]:
@@ -647,16 +678,18 @@ def check_ggml_limits(reader, alignment: int) -> None:
     for key, field in reader.fields.items():
         if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.types) > 1 \
                 and field.types[1] == gguf.GGUFValueType.ARRAY:
-            raise GgufLimitError(f"key {key!r} is a nested array, which ggml's reader refuses")
+            raise GgufLimitError(f"key {key!r} is a nested array, which ggml's reader refuses", rule="GGUF-S08")
     expected = 0
     for t in reader.tensors:
         if len(t.name.encode()) > GGML_NAME_MAX:
-            raise GgufLimitError(f"tensor name {t.name!r} is longer than {GGML_NAME_MAX} bytes")
+            raise GgufLimitError(f"tensor name {t.name!r} is longer than {GGML_NAME_MAX} bytes", rule="GGUF-G01")
         if len(t.shape) > GGML_MAX_DIMS:
-            raise GgufLimitError(f"tensor {t.name!r} has {len(t.shape)} dimensions; ggml allows {GGML_MAX_DIMS}")
+            raise GgufLimitError(f"tensor {t.name!r} has {len(t.shape)} dimensions; ggml allows {GGML_MAX_DIMS}",
+                                 rule="GGUF-S13")
         relative = t.data_offset - reader.data_offset
         if relative != expected:
-            raise GgufLimitError(f"tensor {t.name!r} is at data offset {relative}, ggml expects {expected}")
+            raise GgufLimitError(f"tensor {t.name!r} is at data offset {relative}, ggml expects {expected}",
+                                 rule="GGUF-G02")
         expected = spec.align(relative + int(t.n_bytes), alignment)
 
 

@@ -54,7 +54,8 @@ def summarize(cf) -> dict:
     return {"file": str(cf.path), "bytes": cf.size, "format": fmt, "version": getattr(cf, "version", spec.VERSION),
             "parameters": all_params, "file_bits_per_parameter": cf.size * 8 / all_params if all_params else None,
             "model": {"architectures": _field(config, "architectures"), "model_type": _field(config, "model_type"),
-                      "layers": _field(config, "num_hidden_layers"), "hidden_size": _field(config, "hidden_size")},
+                      "layers": _field(config, "num_hidden_layers") or _field(config, "n_layer"),  # GPT-2's names
+                      "hidden_size": _field(config, "hidden_size") or _field(config, "n_embd")},
             "tensors": tensors, "files": sorted(cf.files),
             "quantized": {"tensors": sum(t["kind"] == spec.KIND_CLAQ for t in tensors.values()), "params": params,
                           "stored_bytes": stored, "honest_bpw": stored * 8 / params if params else None,
@@ -67,12 +68,16 @@ def summarize(cf) -> dict:
 
 def verify(cf, model_dir: Path) -> dict:
     """Decode every tensor and compare with the source checkpoint (relative Frobenius error)."""
+    from .architectures import transposed_weight
     from .source import ModelSource
 
     source = ModelSource(model_dir)
+    model_type = getattr(source.config(), "model_type", None)
     report = {}
     for name in cf.tensors:
         reference = source.tensor(name).float().numpy()
+        if cf.tensors[name]["kind"] == spec.KIND_CLAQ and transposed_weight(model_type, name):
+            reference = reference.T  # a Conv1D weight: stored [in, out], quantized as [out, in]
         decoded = cf.decode(name)
         if decoded.shape != reference.shape:
             report[name] = {"error": f"shape {list(decoded.shape)} vs source {list(reference.shape)}"}

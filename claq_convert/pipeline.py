@@ -9,11 +9,12 @@ The linears of one group are independent of each other, so they are quantized in
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from .source import ModelSource
 from .timing import NO_TIMER, Timer
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
+ALLOCATIONS = ("relative", "absolute", "fisher")
 
 
 @dataclass
@@ -48,7 +50,8 @@ class QuantConfig:
     head_bits: Optional[float] = None # target of the head/embedding; None: HEAD_EXTRA_BITS above `bits`
     group_size: int = 0               # uniform baselines: a grid per this many columns (0: per row)
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
-    allocation: str = "relative"      # its loss per weight: "relative" to the weight's output energy, or "absolute"
+    allocation: str = "relative"      # its loss per weight: "relative" to the weight's output energy, "absolute",
+                                      # or "fisher": the model loss it adds (sensitivity.py)
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
 
@@ -71,8 +74,8 @@ class QuantConfig:
         if self.bpw is not None and (self.method != "claq" or self.outlier_bits or not 1 < self.bpw <= 5):
             raise ValueError("--bpw (measured allocation) is a CLAQ option without --outlier-bits, "
                              "a budget in (1, 5] bits per weight")
-        if self.allocation not in ("relative", "absolute"):
-            raise ValueError(f"unknown allocation loss {self.allocation!r}; use relative or absolute")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation loss {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
         if self.outlier_bits < 0:
             raise ValueError("--outlier-bits must be >= 0")
         if self.head_bits is not None and not 1 <= self.head_bits <= 8:
@@ -156,8 +159,21 @@ class _Catcher(torch.nn.Module):
         self.records = []
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.records.append((hidden_states, kwargs))
+        self.records.append((hidden_states, _as_keywords(self.layer.forward, args, kwargs)))
         raise _StopForward
+
+
+def _as_keywords(forward, args: tuple, kwargs: dict) -> dict:
+    """A layer call's arguments after the hidden states, all as keywords (GPT-2 passes its causal mask
+    positionally), so every later call can be layer(h, **kwargs)."""
+    if not args:
+        return kwargs
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(forward).parameters.values() if p.kind in kinds][1:]
+    if len(args) > len(names):
+        raise ValueError(f"a decoder layer was called with {len(args) + 1} positional arguments, "
+                         f"its forward names {len(names) + 1}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _set_tensor(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:
@@ -243,22 +259,34 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
 def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConfig, device="cpu",
                    batch_size: int = 8, progress: Progress = no_progress,
                    log: Callable[[str], None] = lambda s: None, targets: Optional[dict] = None,
-                   threads: Optional[int] = None, timer: Timer = NO_TIMER) -> Iterator[tuple[str, QuantizedWeight]]:
+                   threads: Optional[int] = None, timer: Timer = NO_TIMER, start_layer: int = 0,
+                   start_states: Optional[list] = None, done: Collection[str] = (),
+                   on_layer: Optional[Callable[[int, list], None]] = None) -> Iterator[tuple[str, QuantizedWeight]]:
     """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer, then the head.
 
     `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight.
     `threads`: how many linears of one group are quantized at once (None: torch.get_num_threads(); 1: one
     by one); the results do not depend on it. `timer` gets a section per layer ("inputs", "layer N",
     "head", "embedding") and the phases of timing.py.
+
+    Resuming (checkpoint.py): `start_layer` > 0 skips the layers before it, whose outputs `start_states`
+    are (one tensor per calibration batch, exactly as this function produced them); `done` names the
+    head/embedding tensors already quantized. `on_layer(index, states)` is called when a layer is
+    finished, with its outputs, after its last result was consumed and before the next layer starts.
     """
     qc.validate()
     with timer.section("inputs"):
         model, config, arch, states, kwargs = _first_layer_inputs(source, calibration, device, batch_size, timer)
     layers = arch.layers
     workers = worker_count(threads)
+    if start_layer:
+        if start_states is None or len(start_states) != len(states) or not 0 < start_layer <= len(layers):
+            raise ValueError(f"cannot resume at layer {start_layer} of {len(layers)} from "
+                             f"{'no' if start_states is None else len(start_states)} calibration batches")
+        states = start_states
 
     needs_h = qc.method in ("claq", "gptq")
-    for index in progress(range(len(layers)), "quantize layers", len(layers)):
+    for index in progress(range(start_layer, len(layers)), "quantize layers", len(layers) - start_layer):
         with timer.section(f"layer {index}"):
             start = time.perf_counter()
             layer = layers[index]
@@ -270,12 +298,13 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 linears = {name: layer.get_submodule(name) for name in group}
                 with timer.phase("forward"):
                     hessians = _group_hessians(layer, linears, states, kwargs, timer) if needs_h else {}
-                jobs = [(name, linear.weight, hessians.get(name), _with_target(qc, targets, prefix + name + ".weight"))
-                        for name, linear in linears.items()]
+                jobs = [(name, arch.family.layout(prefix + name + ".weight", linear.weight), hessians.get(name),
+                         _with_target(qc, targets, prefix + name + ".weight")) for name, linear in linears.items()]
                 hessians.clear()  # the jobs hold them, and let them go with the jobs
                 for name, result in quantize_group(jobs, workers, timer):
                     with timer.phase("finish"):
-                        linears[name].weight.data = torch.from_numpy(result.dequantize()).to(device)
+                        dequantized = arch.family.layout(prefix + name + ".weight", result.dequantize())
+                        linears[name].weight.data = torch.from_numpy(dequantized).to(device)
                     errors.append(result.relative_error)
                     yield prefix + name + ".weight", result
                 jobs.clear()
@@ -283,9 +312,12 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
             layer.to("meta")
             log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
+        if on_layer is not None:
+            on_layer(index, states)
 
     if qc.quantize_embeddings:
-        yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer)
+        yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer,
+                                                done)
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -332,30 +364,31 @@ def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantCo
 
 
 def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, qc: QuantConfig, device, log,
-                                 targets=None, timer: Timer = NO_TIMER):
+                                 targets=None, timer: Timer = NO_TIMER, done: Collection[str] = ()):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
     end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
     head_qc = _with_target(end_qc, targets, head_name)
-    with timer.section("head"):
-        start = time.perf_counter()
-        norm = arch.final_norm
-        H = None
-        if qc.method in ("claq", "gptq"):  # H of the head's input: the final normed hidden states
-            with timer.phase("hessian"):
-                total = None
-                count = 0
-                for h in states:
-                    x = (norm(h) if norm is not None else h).reshape(-1, h.shape[-1]).float()
-                    total = x.T @ x if total is None else total.addmm_(x.T, x)
-                    count += x.shape[0]
-                H = total * (2.0 / count)
-        with timer.phase("load"):
-            W = source.tensor(head_name).float().to(device)
-        result = quantize_weight(W, H, head_qc, timer)
-        del W, H
-        log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
-        yield head_name, result
-    if embedding_name is not None:  # an untied input embedding has no Hessian: per-column K-Means, data-free
+    if head_name not in done:  # a resumed conversion may have it already
+        with timer.section("head"):
+            start = time.perf_counter()
+            norm = arch.final_norm
+            H = None
+            if qc.method in ("claq", "gptq"):  # H of the head's input: the final normed hidden states
+                with timer.phase("hessian"):
+                    total = None
+                    count = 0
+                    for h in states:
+                        x = (norm(h) if norm is not None else h).reshape(-1, h.shape[-1]).float()
+                        total = x.T @ x if total is None else total.addmm_(x.T, x)
+                        count += x.shape[0]
+                    H = total * (2.0 / count)
+            with timer.phase("load"):
+                W = source.tensor(head_name).float().to(device)
+            result = quantize_weight(W, H, head_qc, timer)
+            del W, H
+            log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
+            yield head_name, result
+    if embedding_name is not None and embedding_name not in done:  # no Hessian: per-column K-Means, data-free
         with timer.section("embedding"):
             start = time.perf_counter()
             with timer.phase("load"):

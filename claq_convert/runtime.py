@@ -81,6 +81,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
     with open_model_file(path) as cf:
         config = _config_from(cf.metadata.get("config"))
         model = _skeleton(config, device, dtype)
+        family = family_of(config)
         parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
         for name, tensor in cf.tensors.items():
             if name not in parameters:
@@ -94,18 +95,21 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
                 continue
             module_name = name.removesuffix(".weight")
             target = model.get_submodule(module_name)
-            if not isinstance(target, (torch.nn.Linear, torch.nn.Embedding)) or not name.endswith(".weight"):
+            linear_like = (torch.nn.Linear, family.linear_type(), torch.nn.Embedding)
+            if not isinstance(target, linear_like) or not name.endswith(".weight"):
                 raise ValueError(f"{name}: only the weight of a linear or an embedding can be quantized")
+            # the file holds every quantized weight as [out, in]; a Conv1D keeps its own as [in, out]
+            stored = tuple(parameters[name].shape)
+            expected = stored[::-1] if family.transposed(name) else stored
             check_claq_contents(name, tensor["shape"][0], sections, cf.widths)
             if isinstance(target, torch.nn.Embedding):
                 replacement = ClaqEmbedding(tensor["shape"][0], sections, device=device, compute_dtype=dtype,
                                             cache=cache, scale=getattr(target, "embed_scale", None), kernels=kernels)
-                expected = (target.num_embeddings, target.embedding_dim)
             else:
                 bias = cf.decode(module_name + ".bias") if module_name + ".bias" in cf.tensors else None
+                # x W^T + b with W [out, in]: a Conv1D's x @ W_stored + b as well
                 replacement = ClaqLinear(tensor["shape"][0], sections, None if bias is None else torch.from_numpy(bias),
                                          device=device, compute_dtype=dtype, cache=cache, kernels=kernels)
-                expected = (target.out_features, target.in_features)
             if expected != (replacement.out_features, replacement.in_features):
                 raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {module_name}")
             owner, _, leaf = module_name.rpartition(".")

@@ -18,6 +18,7 @@ FAMILY_CONFIGS = {
     "mistral": dict(), "qwen2": dict(), "qwen3": dict(head_dim=16),
     "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16),
     "phi3": dict(), "gpt_neox": dict(), "opt": dict(ffn_dim=160, word_embed_proj_dim=64),
+    "gpt2": dict(n_inner=160),  # Conv1D linears (weights stored [in, out]), learned positions
 }
 
 
@@ -25,6 +26,7 @@ def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> P
     """A 2-layer model of `family` with random weights and a byte-level BPE tokenizer, saved as safetensors."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.pytorch_utils import Conv1D
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
@@ -38,7 +40,7 @@ def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> P
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # heavier tails than the init, so Outlier Order has something to rank
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, (torch.nn.Linear, Conv1D)):
                 module.weight.mul_(1 + 3 * (torch.rand_like(module.weight) < 0.01))
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

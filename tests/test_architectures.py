@@ -6,11 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from claq_convert import architectures, reader
+from claq_convert import architectures, inspection, pipeline, reader
 from claq_convert.cli import convert_cmd, inspect_cmd
 from claq_convert.convert import ConvertOptions, run_conversion
 from claq_convert.pipeline import QuantConfig
 from claq_convert.runtime import load
+from transformers.pytorch_utils import Conv1D
 
 from conftest import FAMILY_CONFIGS, build_tiny_model
 
@@ -40,7 +41,14 @@ def test_family_converts_loads_and_matches_the_in_memory_model(converted_family)
         params = dict(reference.named_parameters())
         with torch.no_grad():
             for name in quantized:
-                params[name].copy_(torch.from_numpy(cf.decode(name)))
+                decoded = torch.from_numpy(cf.decode(name))
+                module = reference.get_submodule(name.removesuffix(".weight"))
+                if isinstance(module, Conv1D):
+                    decoded = decoded.T  # the file holds every quantized weight as [out, in]; Conv1D keeps [in, out]
+                assert tuple(cf.tensors[name]["shape"]) == out_in(module), name
+                params[name].copy_(decoded)
+        verified = inspection.verify(cf, directory)  # claq-inspect --verify compares like with like
+        assert all(0 <= verified[n].get("relative_error", -1) < 0.5 for n in quantized), verified
     ids = tokenizer("the quick brown fox jumps", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
@@ -48,15 +56,42 @@ def test_family_converts_loads_and_matches_the_in_memory_model(converted_family)
     assert out.shape[1] == ids.shape[1] + 3
 
 
-def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_file):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def out_in(module) -> tuple[int, int]:
+    """(outputs, inputs) of a linear-like module, read from its own attributes."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.nx
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
 
-    directory = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(str(directory))
+
+@pytest.mark.parametrize("converted_family", ["gpt2"], indirect=True)
+def test_gpt2_gguf_uses_llama_cpp_names(converted_family, tmp_path):
+    import gguf
+
+    from claq_convert import gguf_ext
+
+    _, _, path, _ = converted_family
+    names = {t.name for t in gguf.GGUFReader(str(gguf_ext.claq_to_gguf(path, tmp_path / "m.gguf"))).tensors}
+    stems = {n.split(".weight")[0].split(".bias")[0] for n in names}
+    for i in range(2):
+        layer = ("attn_qkv", "attn_output", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")
+        assert {f"blk.{i}.{t}" for t in layer} <= stems
+    assert {"token_embd", "position_embd", "output_norm"} <= stems
+    assert not any(n.startswith("transformer.") for n in names)
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields  # hyperparameters from GPT-2's own config names
+    assert fields["gpt2.block_count"].parts[-1][0] == 2 and fields["gpt2.embedding_length"].parts[-1][0] == 64
+
+
+def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_file):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    directory = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(str(directory))
     result = CliRunner().invoke(convert_cmd, [str(directory), str(tmp_path / "x.claq"), "--calib", str(text_file)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "gpt2" in result.output and "Conv1D" in result.output
-    assert not (tmp_path / "x.claq").exists()
+    assert "'bloom' is not supported" in result.output and "gpt2" in result.output  # the supported types
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom"]  # no output, no checkpoint
     config = json.loads((directory / "config.json").read_text())
     config["model_type"] = "rwkv"
     with pytest.raises(architectures.ArchitectureError, match="supported: .*llama"):
@@ -93,3 +128,32 @@ def test_family_gguf_round_trip_is_byte_exact(converted_family, tmp_path):
             assert np.array_equal(a.decode(name), g.decode(name)), name
     model, _ = load(gguf_path)
     assert model.config.model_type == json.loads((directory / "config.json").read_text())["model_type"]
+
+
+def test_conv1d_weights_are_quantized_and_applied_as_out_in(tmp_path, text_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from claq_convert.calibration import calibration_set
+    from claq_convert.convert import apply_dequantized
+    from claq_convert.pipeline import quantize_model
+    from claq_convert.source import ModelSource
+
+    directory = build_tiny_model(tmp_path / "gpt2", family="gpt2")
+    source = ModelSource(directory)
+    ids = calibration_set((text_file,), AutoTokenizer.from_pretrained(str(directory)), None, 4, 32)
+    # GPT-2's model passes the layer its causal mask positionally: recorded under the parameter's name
+    _, _, _, _, kwargs = pipeline._first_layer_inputs(source, ids, "cpu", 8)
+    assert {"cache", "attention_mask", "position_ids"} <= set(kwargs[0])
+    qc = QuantConfig(bits=4, quantize_embeddings=False)
+    results = dict(quantize_model(source, ids, qc))
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_dequantized(model, results)
+    params = dict(model.named_parameters())
+    assert len(results) == 8
+    for name, result in results.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(module, Conv1D) and result.shape == (module.nf, module.nx)
+        assert torch.equal(params[name], torch.from_numpy(result.dequantize()).T)
+        # quantized, not scrambled: close to the original stored [in, out] weight
+        assert torch.linalg.norm(params[name] - original[name]) < 0.2 * torch.linalg.norm(original[name])

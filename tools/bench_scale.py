@@ -19,7 +19,9 @@ K-Means per column over the whole vocabulary: too long to measure whole on a sma
 (`--head-rows 2048`) each is quantized on its first 2048 rows, all columns, the head with the full-size
 Hessian, and the per-row phases are scaled to the full vocabulary; `--head-rows 0` runs them whole, through
 the pipeline. `--speedup` also times layer 0's q/k/v group quantized one by one and in parallel threads,
-and checks the two agree bit for bit.
+and checks the two agree bit for bit. `--resume-check` converts twice more with a checkpoint (--resume):
+interrupted once layer 0 is saved, then resumed; it reports the checkpoint's cost (seconds spent saving,
+bytes on disk) and whether the resumed file is byte for byte the uninterrupted one.
 
     python tools/bench_scale.py                          # --layers 2 on the CPU -> bench/scale-cpu.json
     python tools/bench_scale.py --device cuda            # -> bench/scale-cuda.json
@@ -48,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from claq_convert.calibration import DEFAULT_NSAMPLES, read_text, text_windows  # noqa: E402
-from claq_convert.convert import TOKENIZER_FILES, ConvertOptions, run_conversion  # noqa: E402
+from claq_convert.checkpoint import Checkpoint, checkpoint_dir  # noqa: E402
+from claq_convert.convert import TOKENIZER_FILES, ConvertOptions, fingerprint, run_conversion  # noqa: E402
 from claq_convert.data import tokenize_text  # noqa: E402
 from claq_convert.pipeline import QuantConfig, head_target, quantize_group, quantize_weight, worker_count  # noqa: E402
 from claq_convert.source import ModelSource  # noqa: E402
@@ -245,6 +248,44 @@ def group_speedup(source: ModelSource, qc: QuantConfig, tokens: int, seqlen: int
             "speedup": timings["sequential"] / timings["parallel"], "identical": identical}
 
 
+class _TimedCheckpoint(Checkpoint):
+    """A checkpoint that counts the seconds spent saving, and stops the conversion after layer `stop_after`."""
+    seconds = 0.0
+    stop_after = None
+
+    def save_result(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().save_result(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+
+    def finish_layer(self, index, states):
+        start = time.perf_counter()
+        super().finish_layer(index, states)
+        self.seconds += time.perf_counter() - start
+        if index == self.stop_after:
+            raise KeyboardInterrupt
+
+
+def resume_check(options: ConvertOptions, calibration: torch.Tensor, reference: Path) -> dict:
+    """Convert with a checkpoint, interrupted once layer 0 is saved, then resume: cost and byte identity."""
+    out = options.out.with_name("resumed.claq")
+    place = checkpoint_dir(out)
+    report = {}
+    for run, resume in (("interrupted", False), ("resumed", True)):
+        checkpoint = _TimedCheckpoint.open(place, fingerprint(options), resume)
+        checkpoint.stop_after = None if resume else 0
+        start = time.perf_counter()
+        try:
+            run_conversion(replace(options, out=out, checkpoint=checkpoint), log=echo, calibration=calibration)
+        except KeyboardInterrupt:
+            report["checkpoint_bytes_after_layer_0"] = sum(p.stat().st_size for p in place.rglob("*") if p.is_file())
+        report[run] = {"seconds": time.perf_counter() - start, "saving_seconds": checkpoint.seconds}
+    checkpoint.remove()
+    report["identical"] = out.read_bytes() == reference.read_bytes()
+    out.unlink()
+    return report
+
+
 # ------------------------------------------------------------------------------------------------ projecting
 def _mean_phases(entries: list[dict]) -> dict:
     names = sorted({p for e in entries for p in e["phases"]})
@@ -326,12 +367,14 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
                    "pipeline [2048; --smoke 512].")
 @click.option("--speedup/--no-speedup", default=True, show_default=True,
               help="Also time layer 0's q/k/v one by one against in parallel threads.")
+@click.option("--resume-check", "resume_check_", is_flag=True,
+              help="Also convert with a checkpoint, interrupted after layer 0 and resumed (twice the layers' time).")
 @click.option("--smoke", is_flag=True, help="Tiny shapes (hidden 64): checks the tool end to end in seconds.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the temporary model and .claq go (default: the system's temp dir).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON report (default: bench/scale-cpu.json or bench/scale-cuda.json).")
-def main(layers, nsamples, seqlen, bits, device, threads, head_rows, speedup, smoke, workdir, out):
+def main(layers, nsamples, seqlen, bits, device, threads, head_rows, speedup, resume_check_, smoke, workdir, out):
     """Convert a few Llama-2-7B-shaped layers with the real pipeline and project a whole 7B conversion."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -368,6 +411,9 @@ def main(layers, nsamples, seqlen, bits, device, threads, head_rows, speedup, sm
             echo(f"head and embedding on their first {head_rows} rows")
             report["head_sample"] = sample_head(source, qc, head_rows, nsamples * seqlen, seqlen, device, timer)
         report["timing"] = timer.report()
+        if resume_check_:
+            echo("with a checkpoint: interrupted after layer 0, then resumed")
+            report["resume"] = resume_check(options, calibration, options.out)
         if speedup:
             echo(f"q/k/v of layer 0: one by one, then {workers} at once")
             report["group_speedup"] = group_speedup(source, qc, nsamples * seqlen, seqlen, device, max(workers, 2))
