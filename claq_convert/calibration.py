@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sysconfig
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -19,6 +20,10 @@ from .data import DataError, tokenize_text
 from .progress import Progress, no_progress
 
 SELF = "self"
+# Texts every Python has, read from the running interpreter (PSF licence; nothing is downloaded or shipped):
+PYTHON_CODE = "python-code"   # the standard library's top-level modules: source code
+PYTHON_DOCS = "python-docs"   # pydoc's topics, the language reference in English prose
+BUILTIN_TEXTS = (PYTHON_CODE, PYTHON_DOCS)
 Source = Union[str, Path]
 # What `claq-convert` calibrates on when no --calib is given (chosen by bench/calibration.json).
 DEFAULT_CALIBRATION: tuple[Source, ...] = (SELF,)
@@ -46,6 +51,49 @@ def read_text(path: Path) -> str:
             raise DataError(f"{path}:{number} has no string field \"text\"")
         texts.append(record["text"])
     return "\n\n".join(texts)
+
+
+def builtin_text(name: str) -> str:
+    """The text of a built-in calibration source (BUILTIN_TEXTS), from this Python installation."""
+    if name == PYTHON_DOCS:
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:
+            raise DataError("this Python has no pydoc_data (the python-docs text); give a text file instead") from None
+        return "\n\n".join(topics[key] for key in sorted(topics))
+    if name == PYTHON_CODE:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        modules = sorted(stdlib.glob("*.py"))
+        if not modules:
+            raise DataError(f"no standard-library modules in {stdlib} (the python-code text); give a text file instead")
+        return "\n\n".join(path.read_text(encoding="utf-8", errors="replace") for path in modules)
+    raise DataError(f"unknown built-in text {name!r}; known: {', '.join(BUILTIN_TEXTS)}")
+
+
+def parse_source(source: Source) -> tuple[Source, Optional[int]]:
+    """(source, its window count or None) from `--calib` syntax: SOURCE or SOURCE:N."""
+    text = str(source)
+    name, colon, count = text.rpartition(":")
+    if colon and count.isdigit() and name:
+        if int(count) == 0:
+            raise DataError(f"calibration source {text} asks for no windows")
+        return (name if name in (SELF, *BUILTIN_TEXTS) else Path(name)), int(count)
+    return source, None
+
+
+def window_counts(sources: Sequence[Source], nsamples: int) -> tuple[list[Source], list[int]]:
+    """The sources without counts, and the windows each gives: their own counts when every source has one
+    (nsamples is then their sum), else nsamples split evenly (the remainder to the first)."""
+    parsed = [parse_source(s) for s in sources]
+    counted = [count for _, count in parsed if count is not None]
+    if counted and len(counted) != len(parsed):
+        raise DataError("give every calibration source a window count (SOURCE:N) or none")
+    names = [source for source, _ in parsed]
+    if counted:
+        return names, counted
+    if nsamples < len(sources):
+        raise DataError(f"{nsamples} calibration windows cannot be split between {len(sources)} sources")
+    return names, split_counts(nsamples, len(sources))
 
 
 def text_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, where: str = "the text") -> torch.Tensor:
@@ -114,7 +162,8 @@ def describe(sources: Sequence[Source]) -> list[str]:
 def calibration_set(sources: Sequence[Source], tokenizer, load_model: Callable[[], torch.nn.Module],
                     nsamples: int = 128, seqlen: int = 512, seed: int = 0,
                     progress: Progress = no_progress, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """LongTensor [nsamples, seqlen] from the given sources, split evenly between them.
+    """LongTensor [windows, seqlen] from the given sources: `nsamples` split evenly between them, or the
+    count each names (SOURCE:N; window_counts). A source is a file, `self` or a built-in text (BUILTIN_TEXTS).
 
     `load_model` is called only when a source is `self` (the full model is needed to sample from it).
     Each source draws from its own seed (seed + its position), so adding a source does not change the
@@ -122,19 +171,26 @@ def calibration_set(sources: Sequence[Source], tokenizer, load_model: Callable[[
     """
     if not sources:
         raise DataError("no calibration source given")
-    if nsamples < len(sources):
-        raise DataError(f"{nsamples} calibration windows cannot be split between {len(sources)} sources")
+    sources, counts = window_counts(sources, nsamples)
+    texts = {}  # every text read before the minutes of sampling, so a bad source fails first
+    for position, source in enumerate(sources):
+        if str(source) in BUILTIN_TEXTS:
+            texts[position] = builtin_text(str(source))
+        elif str(source) != SELF:
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"calibration source {path} is not a file; give a text/JSONL file, 'self', "
+                                f"or one of {', '.join(BUILTIN_TEXTS)}")
+            texts[position] = read_text(path)
     parts = []
-    for position, (source, count) in enumerate(zip(sources, split_counts(nsamples, len(sources)))):
-        if str(source) == SELF:
+    for position, (source, count) in enumerate(zip(sources, counts)):
+        if position in texts:
+            where = f"the {source} text" if str(source) in BUILTIN_TEXTS else str(source)
+            parts.append(text_windows(tokenize_text(tokenizer, texts.pop(position)), count, seqlen, seed + position,
+                                      where=where))
+        else:
             model = load_model()
             vocab = vocab_size or model.get_output_embeddings().weight.shape[0]
             parts.append(sample_windows(model, first_token_candidates(tokenizer, vocab), count, seqlen,
                                         seed + position, progress=progress))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise DataError(f"calibration source {path} is not a file; give a text/JSONL file or 'self'")
-            ids = tokenize_text(tokenizer, read_text(path))
-            parts.append(text_windows(ids, count, seqlen, seed + position, where=str(path)))
     return torch.cat(parts)

@@ -157,6 +157,9 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--bpw", type=float, default=None,
               help="Measured allocation: choose each weight's bits so the quantized tensors, everything "
                    "counted, take at most this many bits per weight (e.g. 3.5). Replaces --bits.")
+@click.option("--allocation", type=click.Choice(["fisher", "relative", "absolute"]), default="fisher", show_default=True,
+              help="--bpw: a weight's loss is the model loss its errors add (fisher: squared loss gradients over "
+                   "16 calibration windows), or its layer output error, relative to its signal or absolute.")
 @click.option("--ap-bits", default=None, help="Explicit LOW,HIGH widths for adaptive precision, e.g. 2,4.")
 @click.option("--outlier-bits", type=float, default=0.0, show_default=True,
               help="Outlier-reservation budget in extra bits per weight (e.g. 0.07).")
@@ -166,9 +169,11 @@ def fixture_cmd(out, wheel, force, permuted):
               help="Fit K-Means on the whole column, or without its reserved outliers.")
 @click.option("--ranking", type=click.Choice(["outlier", "random"]), default="outlier", show_default=True,
               help="Column ranking for AP and OR; random (seeded) is an ablation of Outlier Order.")
-@click.option("--calib", multiple=True, metavar="FILE|self",
-              help="Calibration source, repeatable (windows split evenly): a text or JSONL file, or 'self' "
-                   "(text sampled from the model itself). Default: self.")
+@click.option("--calib", multiple=True, metavar="SOURCE[:N]",
+              help="Calibration source, repeatable: a text or JSONL file, 'self' (text sampled from the model "
+                   "itself), or a text of this Python: 'python-code' (its standard library), 'python-docs' (its "
+                   "language reference). --nsamples windows split evenly, or N windows each (every source "
+                   "then names its N). Default: self.")
 @click.option("--nsamples", default=DEFAULT_NSAMPLES, show_default=True, help="Calibration windows.")
 @click.option("--group-size", type=int, default=0, show_default=True,
               help="gptq/rtn baselines: one grid per this many columns (128 is the usual HF setting).")
@@ -191,7 +196,7 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
-def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
+def convert_cmd(model_dir, out, method, bits, bpw, allocation, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
                 nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, seqlen, seed, device, out_format,
                 dry_run, resume, run_eval, json_path):
     """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
@@ -230,6 +235,7 @@ def convert_cmd(model_dir, out, method, bits, bpw, ap_bits, outlier_bits, outlie
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
                      outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking,
                      quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw,
+                     allocation=allocation,
                      codebook=codebook)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))

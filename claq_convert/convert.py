@@ -152,7 +152,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         checkpoint.save_calibration(calibration)
     calib_seconds = time.perf_counter() - start
     record = {"tool": f"claq-convert {__version__}", "model": str(options.model_dir), "quant": qc.to_dict(),
-              "calibration": {"sources": describe(sources), "nsamples": options.nsamples, "seqlen": options.seqlen,
+              "calibration": {"sources": describe(sources), "nsamples": int(calibration.shape[0]), "seqlen": options.seqlen,
                               "seed": options.seed},
               "device": str(options.device)}
     targets = None
@@ -238,12 +238,18 @@ def fingerprint(options: ConvertOptions) -> dict:
     """Everything that determines a conversion's output but its calibration token ids (which the checkpoint
     keeps and hashes): a resumed conversion must match it. Model and text files by size and mtime
     (hashing a 7B checkpoint would cost minutes); threads, as float sums may depend on them."""
-    from .calibration import DEFAULT_CALIBRATION, SELF
+    import sys
+
+    from .calibration import BUILTIN_TEXTS, DEFAULT_CALIBRATION, SELF, parse_source
     from .pipeline import worker_count
 
     def stat(path: Path) -> list[int]:
         info = Path(path).stat()
         return [info.st_size, info.st_mtime_ns]
+
+    def identity(source) -> object:  # what a calibration source's windows depend on
+        name = str(parse_source(source)[0])
+        return SELF if name == SELF else sys.version if name in BUILTIN_TEXTS else stat(Path(name))
 
     source = ModelSource(options.model_dir)
     files = set(source.files.values()) | {source.dir / n for n in ("config.json", "generation_config.json",
@@ -253,7 +259,7 @@ def fingerprint(options: ConvertOptions) -> dict:
             "model": {"dir": str(options.model_dir),  # as the file's record has it
                       "files": {p.name: stat(p) for p in sorted(files) if p.is_file()}},
             "quant": options.quant.to_dict(),
-            "calibration": {"sources": [[str(s), SELF if str(s) == SELF else stat(s)] for s in sources],
+            "calibration": {"sources": [[str(s), identity(s)] for s in sources],
                             "nsamples": options.nsamples, "seqlen": options.seqlen, "seed": options.seed},
             "raw_dtype": options.raw_dtype, "device": str(options.device),
             "threads": {"torch": torch.get_num_threads(), "workers": worker_count(options.threads)}}

@@ -50,8 +50,8 @@ class QuantConfig:
     head_bits: Optional[float] = None # target of the head/embedding; None: HEAD_EXTRA_BITS above `bits`
     group_size: int = 0               # uniform baselines: a grid per this many columns (0: per row)
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
-    allocation: str = "relative"      # its loss per weight: "relative" to the weight's output energy, "absolute",
-                                      # or "fisher": the model loss it adds (sensitivity.py)
+    allocation: str = "fisher"        # its loss per weight: "fisher", the model loss it adds (sensitivity.py), or
+                                      # the layer output error "relative" to the weight's output energy, or "absolute"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
 

@@ -86,3 +86,35 @@ def test_sources_mix_evenly_and_self_loads_the_model_once(tiny_model_dir, text_f
     text_only = calibration.calibration_set([text_file], tokenizer, no_model, nsamples=2, seqlen=16, seed=1)
     assert mixed.shape == (5, 16) and len(loads) == 1
     assert torch.equal(mixed[3:], text_only)  # the text part: the same windows as that text alone at its seed
+
+
+def test_builtin_texts_come_from_this_python():
+    code, docs = calibration.builtin_text(calibration.PYTHON_CODE), calibration.builtin_text(calibration.PYTHON_DOCS)
+    assert "def " in code and "import " in code and len(code) > 100_000
+    assert "statement" in docs and len(docs) > 100_000
+    with pytest.raises(DataError, match="unknown built-in"):
+        calibration.builtin_text("python-poetry")
+
+
+def test_sources_may_name_their_window_counts(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(chr(97 + i % 26) for i in range(5000)))
+    assert calibration.parse_source("self:64") == ("self", 64)
+    assert calibration.parse_source(f"{path}:3") == (path, 3)
+    assert calibration.parse_source("python-code") == ("python-code", None)
+    assert calibration.window_counts(["self:5", f"{path}:2"], 64) == (["self", path], [5, 2])
+    assert calibration.window_counts(["self", path], 5) == (["self", path], [3, 2])
+    with pytest.raises(DataError, match="every calibration source"):
+        calibration.window_counts(["self:5", path], 64)
+    with pytest.raises(DataError, match="no windows"):
+        calibration.parse_source("self:0")
+    windows = calibration.calibration_set([f"{path}:3", "python-code:2"], CharTokenizer(), no_model, nsamples=64,
+                                          seqlen=50)
+    assert windows.shape == (5, 50)  # the counts, not nsamples
+    assert torch.all((windows[:3, 1:] - windows[:3, :-1]) % 26 == 1)  # the file's part first
+
+
+def test_a_bad_source_fails_before_the_model_is_sampled(tmp_path):
+    with pytest.raises(DataError, match="not a file"):
+        calibration.calibration_set([calibration.SELF, tmp_path / "missing.txt"], CharTokenizer(), no_model,
+                                    nsamples=4, seqlen=8)

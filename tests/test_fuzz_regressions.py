@@ -374,3 +374,5 @@ def test_a_short_seeded_fuzz_run_finds_only_library_errors(tmp_path):
     assert results["outcomes"]["library"] > 500 and results["outcomes"]["valid"] > 50
     assert results["per_format"] == {"claq": 750, "gguf": 750}
     assert time.perf_counter() - start < 60
+    memory = results["memory"]  # no case raises the worker's high-water mark by more than a few MiB
+    assert memory["worker_peak_rss"] > 0 and memory["largest_case_growth"]["bytes"] < 64 * 2**20, memory

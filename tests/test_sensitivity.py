@@ -73,3 +73,11 @@ def test_fisher_allocation_converts_within_the_budget(tiny_model_dir, text_file,
     assert 3.4 - 0.25 < s["honest_bpw"] <= 3.4
     for name, (low, high, _) in chosen["targets"].items():
         assert set(record["tensors"][name]["bits_histogram"]) <= {str(low), str(high)}
+
+
+def test_the_cli_offers_every_allocation_and_defaults_to_fisher():
+    from claq_convert.cli import convert_cmd
+    from claq_convert.pipeline import ALLOCATIONS, QuantConfig
+
+    option = next(p for p in convert_cmd.params if p.name == "allocation")
+    assert set(option.type.choices) == set(ALLOCATIONS) and option.default == QuantConfig().allocation == "fisher"

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import open_report, selected, self_pool  # noqa: E402
-from claq_convert.calibration import SELF, calibration_set, split_counts  # noqa: E402
+from claq_convert.calibration import SELF, calibration_set, window_counts  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
@@ -43,6 +43,11 @@ CONFIGS = {
     "self-128-damp0.1": ((SELF,), 128, 512, {"percdamp": 0.1}),
     "self-128-ap3.5": ((SELF,), 128, 512, {"bits": 3.5}),
     "wiki-32-ap3.5": ((WIKI_VALID,), 32, 512, {"bits": 3.5}),
+    # texts of the running Python (calibration.BUILTIN_TEXTS): its standard library's code, its reference's prose
+    "self+code-64": ((SELF, "python-code"), 64, 512, {}),
+    "self+docs+code-64": ((SELF, "python-docs", "python-code"), 64, 512, {}),
+    "self64+code16": (("self:64", "python-code:16"), 80, 512, {}),
+    "self64+docs16+code16": (("self:64", "python-docs:16", "python-code:16"), 96, 512, {}),
 }
 
 
@@ -51,9 +56,11 @@ def resolve_sources(sources) -> tuple:
 
 
 def calibration_for(sources, nsamples, seqlen, model, tokenizer, device) -> torch.Tensor:
-    """calibration_set's windows for these sources, the self-sampled part taken from the cached pool."""
+    """calibration_set's windows for these sources (SOURCE:N names a count), the self-sampled part taken
+    from the cached pool."""
+    sources, counts = window_counts(sources, nsamples)
     parts = []
-    for position, (source, count) in enumerate(zip(sources, split_counts(nsamples, len(sources)))):
+    for position, (source, count) in enumerate(zip(sources, counts)):
         if source == SELF:
             if position:
                 raise ValueError("the cached pool holds seed-0 samples: put self first")

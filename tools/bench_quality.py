@@ -52,6 +52,13 @@ CONFIGS = {
     "claq-alloc-absolute=claq-4": dict(bpw_of="claq-4", allocation="absolute"),
     "claq-alloc=claq-4": dict(bpw_of="claq-4"), "claq-alloc=claq-ap-3.5": dict(bpw_of="claq-ap-3.5"),
     "claq-alloc=claq-ap-3.1": dict(bpw_of="claq-ap-3.1"),
+    "claq-alloc-fisher=claq-ap-4.2-fp32-embedding": dict(bpw_of="claq-ap-4.2-fp32-embedding", allocation="fisher",
+                                                         quantize_embeddings=False),
+    "claq-alloc-fisher=claq-4-fp32-embedding": dict(bpw_of="claq-4-fp32-embedding", allocation="fisher",
+                                                    quantize_embeddings=False),
+    "claq-ap-3.33-fp32-embedding": dict(bits=3.33, ap_bits=(3, 4), quantize_embeddings=False),
+    "claq-alloc-fisher=claq-ap-3.33-fp32-embedding": dict(bpw_of="claq-ap-3.33-fp32-embedding", allocation="fisher",
+                                                          quantize_embeddings=False),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import queue
 import random
 import struct
@@ -633,6 +634,9 @@ def run_case(path: Path, timeout: float, with_load: bool = False) -> dict:
     return outcome
 
 
+WARMUP_CASES = 200  # per worker, before its high-water mark counts as a case's memory
+
+
 def worker(args) -> None:
     """Cases [start, stop): one JSON line 'start' before each and one result after."""
     import resource
@@ -647,13 +651,18 @@ def worker(args) -> None:
     channel = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol; whatever the libraries print goes to stderr
     os.dup2(2, 1)
     target = Path(args.scratch) / f"case-{os.getpid()}"
-    for index in range(args.start, args.stop):
+    for number, index in enumerate(range(args.start, args.stop)):
         data, seed_name, what = make_case(args.seed, index, seeds, cache)
         target.write_bytes(data)
         print(json.dumps({"i": index, "status": "start"}), file=channel, flush=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result = run_case(target, args.timeout, args.load)
-        print(json.dumps({"i": index, "status": "done", "seed_file": seed_name, "mutation": what, **result}),
-              file=channel, flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the worker's high-water mark
+        memory = {"peak_rss": peak * 1024, "size": len(data)}
+        if number >= WARMUP_CASES:  # the first cases of a worker grow it by its imports and caches
+            memory["rss_growth"] = (peak - before) * 1024
+        print(json.dumps({"i": index, "status": "done", "seed_file": seed_name, "mutation": what, **result,
+                          **memory}), file=channel, flush=True)
     target.unlink(missing_ok=True)
 
 
@@ -753,10 +762,15 @@ def summarize_run(args, seeds, index_file: Path, scratch: Path) -> dict:
     errors: dict[str, int] = {}
     classes: dict[str, dict] = {}
     slowest = [0.0, None]
+    memory = {"worker_peak_rss": 0, "largest_case_growth": {"bytes": 0, "case": None, "file_bytes": None}}
     lock = threading.Lock()
 
     def record(event):
         with lock:
+            memory["worker_peak_rss"] = max(memory["worker_peak_rss"], event.get("peak_rss", 0))
+            if event.get("rss_growth", 0) > memory["largest_case_growth"]["bytes"]:
+                memory["largest_case_growth"] = {"bytes": event["rss_growth"], "case": event["i"],
+                                                 "file_bytes": event["size"]}
             counts[event["outcome"]] += 1
             if event.get("i") is not None:
                 by_format["claq" if event["i"] % 2 == 0 else "gguf"] += 1
@@ -790,6 +804,8 @@ def summarize_run(args, seeds, index_file: Path, scratch: Path) -> dict:
     return {"seed": args.seed, "first": args.first, "count": args.count, "per_format": by_format, "outcomes": counts,
             "library_errors": dict(sorted(errors.items())), "slowest_case": {"seconds": round(slowest[0], 3),
                                                                             "case": slowest[1]},
+            "memory": memory, "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                          "cpus": os.cpu_count(), "jobs": jobs},
             "failures": dict(sorted(classes.items(), key=lambda kv: -kv[1]["count"]))}
 
 
@@ -798,7 +814,10 @@ def report(results: dict) -> str:
     lines = [f"{results['count']} cases (seed {results['seed']}, {results['per_format']['claq']} .claq, "
              f"{results['per_format']['gguf']} .gguf) in {results.get('seconds', 0)} s: {o['valid']} valid, "
              f"{o['library']} library errors, {o['failure']} failures in {len(results['failures'])} classes; "
-             f"slowest case {results['slowest_case']['seconds']} s",
+             f"slowest case {results['slowest_case']['seconds']} s; worker peak RSS "
+             f"{results['memory']['worker_peak_rss'] / 2**20:.0f} MiB, largest growth in one case "
+             f"{results['memory']['largest_case_growth']['bytes'] / 2**20:.1f} MiB "
+             f"(file of {results['memory']['largest_case_growth']['file_bytes']} bytes)",
              "library errors: " + ", ".join(f"{k} {v}" for k, v in results["library_errors"].items())]
     for key, entry in results["failures"].items():
         lines.append(f"  {entry['count']:6d}  {key}  [case {entry['first_case']}: {entry['mutation']}] "
