@@ -1,10 +1,11 @@
 """Calibration token windows: from text files, sampled from the model itself, or a mix of both.
 
 `--calib` takes one or more sources; the windows are split evenly between them (the remainder to the
-first). A source is a text file (plain text, or JSONL with a "text" field) or `self`: sequences the
-model writes itself, LLM-QAT's data-free generation (a uniformly random first token, then plain
-sampling at temperature 1). Self-sampled text needs nothing beside the model and carries over to
-other domains better than any one text (README, "Calibration").
+first), or each names its count (SOURCE:N). A source is a text file (plain text, or JSONL with a "text"
+field), `self`: sequences the model writes itself, LLM-QAT's data-free generation (a uniformly random
+first token, then plain sampling at temperature 1), or a text every Python installation has
+(`python-code`, `python-docs`). The default mixes the three and needs nothing beside the model and
+Python: it carries over to other domains better than any one text (README, "Calibration").
 """
 from __future__ import annotations
 
@@ -25,9 +26,20 @@ PYTHON_CODE = "python-code"   # the standard library's top-level modules: source
 PYTHON_DOCS = "python-docs"   # pydoc's topics, the language reference in English prose
 BUILTIN_TEXTS = (PYTHON_CODE, PYTHON_DOCS)
 Source = Union[str, Path]
-# What `claq-convert` calibrates on when no --calib is given (chosen by bench/calibration.json).
-DEFAULT_CALIBRATION: tuple[Source, ...] = (SELF,)
-DEFAULT_NSAMPLES = 64
+# What `claq-convert` calibrates on when no --calib is given, in shares of the windows: chosen by
+# bench/calibration-permuted.json, where adding the two Python texts to 64 self-sampled windows cut the
+# worst loss over four texts of other domains from 13.1% to 11.6% and the mean from 10.8% to 9.1%.
+DEFAULT_SHARES = ((SELF, 4), (PYTHON_DOCS, 1), (PYTHON_CODE, 1))
+DEFAULT_NSAMPLES = 96
+
+
+def default_sources(nsamples: int = DEFAULT_NSAMPLES) -> tuple[str, ...]:
+    """The default calibration of `nsamples` windows as SOURCE:N: DEFAULT_SHARES of them, the remainder to
+    the first (96 windows: self:64, python-docs:16, python-code:16)."""
+    total = sum(share for _, share in DEFAULT_SHARES)
+    counts = [nsamples * share // total for _, share in DEFAULT_SHARES]
+    counts[0] += nsamples - sum(counts)
+    return tuple(f"{source}:{count}" for (source, _), count in zip(DEFAULT_SHARES, counts) if count > 0)
 
 
 def read_text(path: Path) -> str:

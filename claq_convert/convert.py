@@ -27,7 +27,7 @@ class ConvertOptions:
     model_dir: Path
     out: Optional[Path]
     quant: QuantConfig
-    calib: tuple = ()                  # calibration sources (files or "self"); () is DEFAULT_CALIBRATION
+    calib: tuple = ()                  # calibration sources (calibration.py); () is default_sources(nsamples)
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = 512
     seed: int = 0
@@ -132,14 +132,14 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     from transformers import AutoTokenizer
 
     from .architectures import family_of
-    from .calibration import DEFAULT_CALIBRATION, calibration_set, describe
+    from .calibration import calibration_set, default_sources, describe
 
     qc = options.quant
     qc.validate()
     source = ModelSource(options.model_dir)
     family_of(source.config())
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
-    sources = tuple(options.calib) or DEFAULT_CALIBRATION
+    sources = tuple(options.calib) or default_sources(options.nsamples)
     start = time.perf_counter()
     checkpoint = options.checkpoint
     if calibration is None and checkpoint is not None:
@@ -240,7 +240,7 @@ def fingerprint(options: ConvertOptions) -> dict:
     (hashing a 7B checkpoint would cost minutes); threads, as float sums may depend on them."""
     import sys
 
-    from .calibration import BUILTIN_TEXTS, DEFAULT_CALIBRATION, SELF, parse_source
+    from .calibration import BUILTIN_TEXTS, SELF, default_sources, parse_source
     from .pipeline import worker_count
 
     def stat(path: Path) -> list[int]:
@@ -254,7 +254,7 @@ def fingerprint(options: ConvertOptions) -> dict:
     source = ModelSource(options.model_dir)
     files = set(source.files.values()) | {source.dir / n for n in ("config.json", "generation_config.json",
                                                                     "model.safetensors.index.json", *TOKENIZER_FILES)}
-    sources = tuple(options.calib) or DEFAULT_CALIBRATION
+    sources = tuple(options.calib) or default_sources(options.nsamples)
     return {"tool": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "model": {"dir": str(options.model_dir),  # as the file's record has it
                       "files": {p.name: stat(p) for p in sorted(files) if p.is_file()}},

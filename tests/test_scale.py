@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from claq_convert import spec
-from claq_convert.convert import ConvertOptions, run_conversion
+from claq_convert.convert import ConvertOptions, run_conversion, without_wall_clock
 from claq_convert.pipeline import QuantConfig, quantize_group, quantize_model
 from claq_convert.source import ModelSource
 from claq_convert.timing import NO_TIMER, PhaseTimer
 
 ROOT = Path(__file__).resolve().parents[1]
-WALL_CLOCK_KEYS = {"seconds", "kernel_seconds"}
 RESULT_FIELDS = ("bits", "codes", "column_codebooks", "codebook_levels", "codebook_grid", "outlier_counts",
                  "outlier_rows", "outlier_values", "scale", "zero", "group")
 
@@ -25,14 +24,6 @@ def header_and_data(path: Path) -> tuple[dict, bytes]:
     _, _, length = spec.PREAMBLE.unpack_from(raw)
     end = spec.PREAMBLE.size + length
     return json.loads(raw[spec.PREAMBLE.size:end]), raw[end:]
-
-
-def without_wall_clock(value):
-    if isinstance(value, dict):
-        return {k: without_wall_clock(v) for k, v in value.items() if k not in WALL_CLOCK_KEYS}
-    if isinstance(value, list):
-        return [without_wall_clock(v) for v in value]
-    return value
 
 
 def test_parallel_and_sequential_group_quantization_write_the_same_file(tiny_model_dir, text_file, tmp_path):

@@ -35,7 +35,9 @@ def test_wheel_installs_and_every_command_runs_from_elsewhere(tiny_model_dir, te
     where = run([bin_dir / "python", "-c", "import claq_convert; print(claq_convert.__file__)"], elsewhere, env)
     assert str(venv) in where and str(ROOT) not in where
     out = elsewhere / "tiny.claq"
-    run([bin_dir / "claq-convert", tiny_model_dir, out, "--nsamples", "2", "--seqlen", "32"], elsewhere, env)  # calib: self
-    assert "valid .claq" in run([bin_dir / "claq-inspect", out], elsewhere, env)
+    # the default calibration at 6 windows: self:4, python-docs:1, python-code:1 (texts of the venv's Python)
+    run([bin_dir / "claq-convert", tiny_model_dir, out, "--nsamples", "6", "--seqlen", "32"], elsewhere, env)
+    inspected = run([bin_dir / "claq-inspect", out], elsewhere, env)
+    assert "valid .claq" in inspected and "from self:4, python-docs:1, python-code:1" in inspected
     run([bin_dir / "claq-eval", out, "--text", text_file, "--seqlen", "32", "--windows", "2"], elsewhere, env)
     run([bin_dir / "claq-generate", out, "quick brown", "--raw", "--max-new-tokens", "3"], elsewhere, env)

@@ -22,15 +22,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import open_report, selected, self_pool  # noqa: E402
-from claq_convert.calibration import SELF, calibration_set, window_counts  # noqa: E402
+from benchlib import calibration_for, open_report, selected  # noqa: E402
+from claq_convert.calibration import SELF  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
 
 WIKI_VALID = "wikitext-valid"
-SELF_POOL = 128
 # name -> (calibration sources, nsamples, seqlen, QuantConfig fields)
 CONFIGS = {
     "wiki-32": ((WIKI_VALID,), 32, 512, {}),
@@ -53,21 +52,6 @@ CONFIGS = {
 
 def resolve_sources(sources) -> tuple:
     return tuple(str(default_text("valid")) if s == WIKI_VALID else s for s in sources)
-
-
-def calibration_for(sources, nsamples, seqlen, model, tokenizer, device) -> torch.Tensor:
-    """calibration_set's windows for these sources (SOURCE:N names a count), the self-sampled part taken
-    from the cached pool."""
-    sources, counts = window_counts(sources, nsamples)
-    parts = []
-    for position, (source, count) in enumerate(zip(sources, counts)):
-        if source == SELF:
-            if position:
-                raise ValueError("the cached pool holds seed-0 samples: put self first")
-            parts.append(self_pool(model, tokenizer, SELF_POOL, seqlen, device)[:count])
-        else:
-            parts.append(calibration_set(resolve_sources((source,)), tokenizer, None, count, seqlen, position))
-    return torch.cat(parts)
 
 
 @click.command()
@@ -95,7 +79,7 @@ def main(model, only, out, resume, table_only):
         if name in runs:
             continue
         sources, nsamples, seqlen, fields = CONFIGS[name]
-        calibration = calibration_for(sources, nsamples, seqlen, model, tokenizer, device)
+        calibration = calibration_for(resolve_sources(sources), nsamples, seqlen, model, tokenizer, device)
         # the block linears only: the head/embedding is held at fp32 so only the calibration differs
         qc = QuantConfig(**{"bits": 4.0, "quantize_embeddings": False, **fields})
         options = ConvertOptions(model_dir=model, out=None, quant=qc, calib=resolve_sources(sources),

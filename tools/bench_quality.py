@@ -22,18 +22,19 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SELF_POOL = 128  # windows in the shared self-sampled pool (tools/benchlib.py)
 
-from benchlib import open_report, selected, self_pool  # noqa: E402
-from claq_convert.calibration import DEFAULT_CALIBRATION, SELF  # noqa: E402
+from benchlib import calibration_for, open_report, selected  # noqa: E402
+from claq_convert.calibration import DEFAULT_NSAMPLES, SELF, default_sources  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
 
-# name -> QuantConfig fields, plus "calib": sources other than the default, and "bpw_of": a budget equal to
-# that configuration's measured honest bpw (the measured allocation against the fixed rule at equal bits)
-CONFIGS = {
+# name -> QuantConfig fields, plus "calib": the calibration sources (calibration.py; "wikitext-valid": that
+# file; absent: claq-convert's default), and "bpw_of": a budget equal to that configuration's measured honest
+# bpw (the measured allocation against the fixed rule at equal bits). These were measured with 64
+# self-sampled windows, the default before the Python texts joined it:
+SELF_CALIBRATED = {
     "rtn-4": dict(method="rtn", bits=4), "gptq-4-g128": dict(method="gptq", bits=4, group_size=128),
     "kmeans-4": dict(method="kmeans", bits=4),
     "claq-4": dict(bits=4), "claq-4-wikicalib": dict(bits=4, calib="wikitext-valid"),
@@ -60,6 +61,12 @@ CONFIGS = {
     "claq-alloc-fisher=claq-ap-3.33-fp32-embedding": dict(bpw_of="claq-ap-3.33-fp32-embedding", allocation="fisher",
                                                           quantize_embeddings=False),
 }
+CONFIGS = {name: {"calib": (SELF,), **fields} for name, fields in SELF_CALIBRATED.items()}
+CONFIGS.update({  # the default calibration (self-sampled text and this Python's reference prose and code)
+    "default-claq-4": dict(bits=4),
+    "default-claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
+    "default-claq-ap-4.2-fp32-embedding": dict(bits=4.2, ap_bits=(4, 5), quantize_embeddings=False),
+})
 
 
 @click.command()
@@ -76,6 +83,8 @@ CONFIGS = {
 @click.option("--peers", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --table: a bench_peers.py report of the same model; its block-linear rows join the table.")
 def main(model, only, out, nsamples, resume, table_only, readme, threads, peers):
+    from transformers import AutoTokenizer
+
     from claq_convert.data import default_text
     from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture
 
@@ -102,18 +111,15 @@ def main(model, only, out, nsamples, resume, table_only, readme, threads, peers)
             fields["bpw"] = runs[reference]["honest_bpw"]
         qc = QuantConfig(**fields)
         stores = qc.method in ("claq", "kmeans")
-        defaults = ConvertOptions(model_dir=model, out=None, quant=qc)
+        count = nsamples or (64 if calib else DEFAULT_NSAMPLES)  # 64: what the self-only runs had
+        sources = ((str(default_text("valid")),) if calib == "wikitext-valid" else tuple(calib) if calib
+                   else default_sources(count))
         options = ConvertOptions(
             model_dir=model, out=ROOT / "out" / "quality" / f"{name}.claq" if stores else None, quant=qc,
-            calib=(default_text("valid"),) if calib == "wikitext-valid" else (), nsamples=nsamples or defaults.nsamples,
-            device=resolve_device("auto"), evaluate=True, eval_texts=texts)
-        # the default calibration (self, seed 0) is the first windows of the shared sampled pool
-        calibration = None
-        if not options.calib and DEFAULT_CALIBRATION == (SELF,) and options.nsamples <= SELF_POOL:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(model))
-            calibration = self_pool(model, tokenizer, SELF_POOL, 512, options.device)[:options.nsamples]
+            calib=sources, nsamples=count, device=resolve_device("auto"), evaluate=True, eval_texts=texts)
+        # claq-convert's windows, the self-sampled ones taken from the shared pool
+        calibration = calibration_for(sources, count, 512, model, AutoTokenizer.from_pretrained(str(model)),
+                                      options.device)
         record = run_conversion(options, ppl_before=fp32, log=lambda s: click.echo(s, err=True),
                                 calibration=calibration)
         fp32.update(record["ppl_before"])

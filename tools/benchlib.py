@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert.calibration import SELF, calibration_set  # noqa: E402
+from claq_convert.calibration import SELF, calibration_set, window_counts  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
 from claq_convert.convert import load_sampler  # noqa: E402
 
@@ -56,3 +56,21 @@ def self_pool(model, tokenizer, count: int, seqlen: int, device) -> torch.Tensor
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, windows.numpy(), allow_pickle=False)
     return windows
+
+
+SELF_POOL = 128  # self-sampled windows kept per model; a calibration takes the first of them
+
+
+def calibration_for(sources, nsamples: int, seqlen: int, model, tokenizer, device) -> torch.Tensor:
+    """calibration_set's windows for these sources (SOURCE:N names a count), the self-sampled part taken
+    from the cached pool: the same windows claq-convert makes for them (each source seeded by its position)."""
+    sources, counts = window_counts(sources, nsamples)
+    parts = []
+    for position, (source, count) in enumerate(zip(sources, counts)):
+        if str(source) == SELF:
+            if position or count > SELF_POOL or count % 32:
+                raise ValueError("the cached pool matches calibration_set for self first, in multiples of 32 windows")
+            parts.append(self_pool(model, tokenizer, SELF_POOL, seqlen, device)[:count])
+        else:
+            parts.append(calibration_set((source,), tokenizer, None, count, seqlen, position))
+    return torch.cat(parts)
