@@ -49,6 +49,18 @@ def _config_from(meta):
         raise ValueError(f"the file's model config is not one transformers accepts ({_brief(error)})") from None
 
 
+def _check_layer_count(config, family, names) -> None:
+    """The config's decoder layers are the layers the file's tensors name, 0..n-1: a config claiming 2**63
+    layers would otherwise build modules until memory runs out (found by the fuzzer)."""
+    prefix = family.layers + "."
+    indices = {n[len(prefix):].partition(".")[0] for n in names if n.startswith(prefix)}
+    numbered = sorted(int(i) for i in indices if i.isdigit() and len(i) <= 9)
+    claimed = getattr(config, "num_hidden_layers", None)
+    if numbered != list(range(len(numbered))) or len(numbered) != len(indices) or claimed != len(numbered):
+        raise ValueError(f"the file's config claims {str(claimed)[:30]} decoder layers but its tensors hold "
+                         f"{len(indices)}: the file lacks tensors, or its config is wrong")
+
+
 def _skeleton(config, device, dtype):
     family_of(config)  # an unsupported family fails here, in one line
     try:
@@ -80,8 +92,9 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
     device = torch.device(device)
     with open_model_file(path) as cf:
         config = _config_from(cf.metadata.get("config"))
-        model = _skeleton(config, device, dtype)
         family = family_of(config)
+        _check_layer_count(config, family, cf.tensors)
+        model = _skeleton(config, device, dtype)
         parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
         for name, tensor in cf.tensors.items():
             if name not in parameters:

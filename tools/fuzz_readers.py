@@ -809,15 +809,21 @@ def summarize_run(args, seeds, index_file: Path, scratch: Path) -> dict:
             "failures": dict(sorted(classes.items(), key=lambda kv: -kv[1]["count"]))}
 
 
+def _growth(memory: dict) -> str:
+    largest = memory["largest_case_growth"]
+    if not largest["bytes"]:
+        return "no case after the warm-up raised it"
+    return (f"largest rise in one case {largest['bytes'] / 2**20:.1f} MiB (case {largest['case']}, a file of "
+            f"{largest['file_bytes']} bytes)")
+
+
 def report(results: dict) -> str:
     o = results["outcomes"]
     lines = [f"{results['count']} cases (seed {results['seed']}, {results['per_format']['claq']} .claq, "
              f"{results['per_format']['gguf']} .gguf) in {results.get('seconds', 0)} s: {o['valid']} valid, "
              f"{o['library']} library errors, {o['failure']} failures in {len(results['failures'])} classes; "
              f"slowest case {results['slowest_case']['seconds']} s; worker peak RSS "
-             f"{results['memory']['worker_peak_rss'] / 2**20:.0f} MiB, largest growth in one case "
-             f"{results['memory']['largest_case_growth']['bytes'] / 2**20:.1f} MiB "
-             f"(file of {results['memory']['largest_case_growth']['file_bytes']} bytes)",
+             f"{results['memory']['worker_peak_rss'] / 2**20:.0f} MiB, " + _growth(results['memory']),
              "library errors: " + ", ".join(f"{k} {v}" for k, v in results["library_errors"].items())]
     for key, entry in results["failures"].items():
         lines.append(f"  {entry['count']:6d}  {key}  [case {entry['first_case']}: {entry['mutation']}] "
