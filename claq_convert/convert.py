@@ -280,9 +280,9 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     family = family_of(source.config())
     fisher = {}
     if qc.allocation == "fisher":
-        from .sensitivity import FISHER_WINDOWS, column_fisher
+        from .sensitivity import column_fisher, spread_windows
 
-        fisher = column_fisher(load_sampler(source.dir, device), list(energies), calibration[:FISHER_WINDOWS],
+        fisher = column_fisher(load_sampler(source.dir, device), list(energies), spread_windows(calibration),
                                family.transposed)
     tables = {name: candidates(family.layout(name, source.tensor(name).float().numpy()), energy, qc.outlier_threshold,
                                relative=qc.allocation == "relative", codebook=qc.codebook, fisher=fisher.get(name))

@@ -21,6 +21,15 @@ from .progress import Progress, no_progress
 FISHER_WINDOWS = 16
 
 
+def spread_windows(calibration: torch.Tensor, count: int = FISHER_WINDOWS) -> torch.Tensor:
+    """`count` windows evenly spaced over the calibration set: its sources are concatenated in order
+    (self-sampled first by default), so the first `count` would all come from one source."""
+    n = calibration.shape[0]
+    if n <= count:
+        return calibration
+    return calibration[[i * n // count for i in range(count)]]
+
+
 def column_fisher(model: torch.nn.Module, names: Sequence[str], windows: torch.Tensor,
                   transposed: Callable[[str], bool] = lambda name: False,
                   progress: Progress = no_progress) -> dict[str, np.ndarray]:

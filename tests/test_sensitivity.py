@@ -7,7 +7,7 @@ import torch
 
 from claq_convert import allocation
 from claq_convert.kernels import column_sse_by_width
-from claq_convert.sensitivity import column_fisher
+from claq_convert.sensitivity import FISHER_WINDOWS, column_fisher, spread_windows
 
 
 def _manual(model, name: str, windows: torch.Tensor, rows_axis: int) -> np.ndarray:
@@ -81,3 +81,14 @@ def test_the_cli_offers_every_allocation_and_defaults_to_fisher():
 
     option = next(p for p in convert_cmd.params if p.name == "allocation")
     assert set(option.type.choices) == set(ALLOCATIONS) and option.default == QuantConfig().allocation == "fisher"
+
+
+def test_fisher_windows_are_spread_over_every_calibration_source():
+    # 64 self-sampled windows, then 16 of docs and 16 of code, as the default calibration concatenates them
+    calibration = torch.arange(96).repeat_interleave(4).reshape(96, 4)
+    rows = spread_windows(calibration)[:, 0].tolist()
+    assert len(rows) == FISHER_WINDOWS == len(set(rows))
+    assert rows == [i * 6 for i in range(16)]
+    assert any(64 <= r < 80 for r in rows) and any(r >= 80 for r in rows)
+    small = calibration[:5]
+    assert torch.equal(spread_windows(small), small)

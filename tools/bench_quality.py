@@ -66,6 +66,9 @@ CONFIGS.update({  # the default calibration (self-sampled text and this Python's
     "default-claq-4": dict(bits=4),
     "default-claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
     "default-claq-ap-4.2-fp32-embedding": dict(bits=4.2, ap_bits=(4, 5), quantize_embeddings=False),
+    # the measured allocation at the fixed rule's size; its Fisher windows spread over all three sources
+    "default-claq-alloc-fisher=default-claq-ap-4.2-fp32-embedding": dict(
+        bpw_of="default-claq-ap-4.2-fp32-embedding", allocation="fisher", quantize_embeddings=False),
 })
 
 
