@@ -69,6 +69,8 @@ CONFIGS.update({  # the default calibration (self-sampled text and this Python's
     # the measured allocation at the fixed rule's size; its Fisher windows spread over all three sources
     "default-claq-alloc-fisher=default-claq-ap-4.2-fp32-embedding": dict(
         bpw_of="default-claq-ap-4.2-fp32-embedding", allocation="fisher", quantize_embeddings=False),
+    # the whole model at the default file's size: the head keeps its target, the blocks share the rest
+    "default-claq-alloc-fisher=default-claq-4": dict(bpw_of="default-claq-4", allocation="fisher"),
 })
 
 
