@@ -8,6 +8,7 @@ updates stay on the weight's device (CUDA when present).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -79,14 +80,35 @@ class GPTQ:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
         return perm, Hinv
 
+    def _independent_columns(self, W: torch.Tensor, workers: int, settings: tuple, outputs: tuple):
+        """Every column through gptq_block with no Hessian (an identity factor), in `workers` contiguous
+        runs of blocks at once; the block losses summed in column order. (loss, kernel seconds)."""
+        mode, bits, reserve, fit_all, max_iter, scale, zero = settings
+        cols = W.shape[1]
+        blocks = [(i1, min(i1 + self.blocksize, cols)) for i1 in range(0, cols, self.blocksize)]
+
+        def run(i1: int, i2: int) -> float:
+            W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
+            Err1 = np.zeros_like(W1)
+            return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), mode, bits[i1:i2], reserve[i1:i2],
+                                      fit_all, max_iter, scale, zero, *(o[i1:i2] for o in outputs[:4]), Err1,
+                                      *(o[i1:i2] for o in outputs[4:]))
+
+        tick = time.perf_counter()
+        with ThreadPoolExecutor(workers, thread_name_prefix="claq-columns") as pool:
+            losses = list(pool.map(lambda block: run(*block), blocks))
+        return float(sum(losses)), time.perf_counter() - tick
+
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
                  fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False,
-                 timer: Timer = NO_TIMER) -> QuantizedWeight:
+                 timer: Timer = NO_TIMER, workers: int = 1) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
         order from the already-updated weights, as the reference does with act-order groups. `grid`:
         codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID).
-        `timer` gets the phases cholesky, kmeans, gptq_update and finish (timing.py)."""
+        `timer` gets the phases cholesky, kmeans, gptq_update and finish (timing.py). Without a Hessian no
+        column's error moves another, so `workers` threads take contiguous runs of blocks at once (the
+        kernel releases the GIL); the result is the one-thread result bit for bit."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         with timer.phase("cholesky"):
@@ -111,7 +133,14 @@ class GPTQ:
         Q = np.zeros((cols, rows), np.float32)
         loss = 0.0
         mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK
-        for i1 in range(0, cols, blocksize):
+        independent = self.H is None and not group_size and workers > 1
+        if independent:
+            scales, zeros = [scale], [zero]  # uniform: the one per-row grid (unused otherwise)
+            with timer.phase("kmeans"):
+                loss, kernel_seconds = self._independent_columns(
+                    W, workers, (mode, bits_p, reserve_p, fit_all, max_iter, scale, zero),
+                    (codebooks, codes, reserved, Q, levels, grids))
+        for i1 in [] if independent else range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             with timer.phase("gptq_update"):
                 if uniform and group_size:

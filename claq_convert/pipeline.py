@@ -90,8 +90,9 @@ class QuantConfig:
 
 
 def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
-                    timer: Timer = NO_TIMER) -> QuantizedWeight:
-    """One linear weight under the configured method (H None for the calibration-free methods)."""
+                    timer: Timer = NO_TIMER, workers: int = 1) -> QuantizedWeight:
+    """One linear weight under the configured method (H None for the calibration-free methods; then
+    `workers` threads share its columns)."""
     uniform = qc.method in ("gptq", "rtn")
     use_h = qc.method in ("claq", "gptq")
     with timer.phase("plan"):
@@ -105,7 +106,8 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
         del Wn
         gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
     return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
-                         group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits), timer=timer)
+                         group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits), timer=timer,
+                         workers=workers)
 
 
 Job = tuple[str, torch.Tensor, Optional[torch.Tensor], QuantConfig]  # (name, W, H or None, its config)
@@ -317,7 +319,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
 
     if qc.quantize_embeddings:
         yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer,
-                                                done)
+                                                done, workers)
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -364,7 +366,7 @@ def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantCo
 
 
 def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, qc: QuantConfig, device, log,
-                                 targets=None, timer: Timer = NO_TIMER, done: Collection[str] = ()):
+                                 targets=None, timer: Timer = NO_TIMER, done: Collection[str] = (), workers: int = 1):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
     end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
     head_qc = _with_target(end_qc, targets, head_name)
@@ -384,7 +386,7 @@ def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, 
                     H = total * (2.0 / count)
             with timer.phase("load"):
                 W = source.tensor(head_name).float().to(device)
-            result = quantize_weight(W, H, head_qc, timer)
+            result = quantize_weight(W, H, head_qc, timer, workers)  # used without a Hessian (--method kmeans)
             del W, H
             log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
             yield head_name, result
@@ -393,7 +395,7 @@ def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, 
             start = time.perf_counter()
             with timer.phase("load"):
                 W = source.tensor(embedding_name).float().to(device)
-            result = quantize_weight(W, None, _with_target(end_qc, targets, embedding_name), timer)
+            result = quantize_weight(W, None, _with_target(end_qc, targets, embedding_name), timer, workers)
             del W
             log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
             yield embedding_name, result

@@ -84,3 +84,23 @@ def test_grouped_uniform_baseline_fits_a_grid_per_group_of_columns():
         levels = (Q[:, members] / grouped.scale[g][:, None]) + grouped.zero[g][:, None]
         assert np.allclose(levels, np.round(levels), atol=1e-3)
     assert output_error(W, torch.from_numpy(Q), X) < output_error(W, torch.from_numpy(whole.dequantize()), X)
+
+
+@pytest.mark.parametrize("kind", ["codebook", "grid", "uniform"])
+def test_without_hessian_threads_share_the_columns_with_the_one_thread_result(kind):
+    # 300 columns in blocks of 32: ten blocks, the last one short, shared by three threads
+    W, _, _ = layer_problem(rows=80, cols=300, seed=3)
+    bits = np.full(300, 3) if kind == "uniform" else np.arange(300) % 4 + 2
+    reserve = None if kind == "uniform" else np.arange(300) % 3
+    options = dict(uniform=kind == "uniform", grid=kind == "grid")
+    one = GPTQ(W, None, blocksize=32).quantize(bits, reserve, **options)
+    shared = GPTQ(W, None, blocksize=32).quantize(bits, reserve, workers=3, **options)
+    assert shared.loss == one.loss > 0
+    assert shared.relative_error == one.relative_error
+    for field in ("bits", "codes", "column_codebooks", "outlier_counts", "outlier_rows", "outlier_values",
+                  "scale", "zero", "codebook_levels", "codebook_grid"):
+        a, b = getattr(one, field), getattr(shared, field)
+        assert (a is None and b is None) or np.array_equal(a, b), field
+    assert np.array_equal(shared.dequantize(), one.dequantize())
+    if kind != "uniform":
+        assert one.outlier_counts.sum() == reserve.sum()
