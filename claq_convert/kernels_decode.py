@@ -19,18 +19,37 @@ decoding each column into a buffer and adding x_c times it (1536 x 576 at 4 bits
 and summing a group of 32 rows over all columns in registers 12% faster again than keeping per-thread
 accumulators of whole columns (2.7 G codes/s a thread).
 
+That kernel is bound by its lookups (scalar loads: LLVM does not vectorise them). Where Numba compiles
+for AVX-512F (`simd.available()`), batch 1 takes `_lookup_product1` instead: a codebook of 16 floats
+is one zmm register and `vpermps` looks 16 codes up at once (simd.py). Measured on one thread of this
+machine (AMD EPYC Zen 5), data in cache, against the kernel above: 1536 x 576 at 4 bits 20.7 against
+297 us (43 against 3.0 G codes/s), the 6-bit 49152 x 576 head 2.1 against 17.3 ms; widths 1 to 6
+bits 8x to 17x faster, 7 and 8 bits 6x and 2.2x. In generation the codes come from memory (74 MB a
+token for SmolLM2-135M at 4 bits, over the 32 MiB L3): 576 x 576 took 28 us after a cache flush
+against 10 all cached, so memory, not the lookups, now bounds those products. Generation from that
+model's 4-bit file on 2 cores: 58.0 tokens/s against the fp32 model's 25.0 in the same run (2.3x;
+the kernel above: 0.95x), bench/decode.json. Elsewhere, and for batches above 1, the kernels above.
+
 The kernels are unchecked (the caller, `modules.ClaqLinear`, builds consistent arrays); their
 NumPy twins are `kernels_numpy.decode_stream` / `product_stream`.
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 from numba import njit, prange
 
+from . import simd
+
 GROUP = 32          # codes per group: 32 codes of b bits fill exactly b words
 TILE_FLOATS = 8192  # product: the accumulator of one row tile (all batch rows), 32 KiB, stays in L1/L2
+# lookup product: packed bytes from which its row tiles are split over threads; below, one thread, as
+# starting a parallel region costs about what it saves (SmolLM2-135M 4-bit generation on 2 cores, median
+# tokens/s of 3: always parallel 57.0, from 256 KiB 57.0, from 4 MiB 53.8, never 50.6), and each region
+# stalls for milliseconds while another process holds the cores (there: never parallel did best)
+PARALLEL_BYTES = 1 << 18
 
 
 @lru_cache(maxsize=None)
@@ -107,6 +126,50 @@ def _aligned(bits: int):
     return decode, product1, product
 
 
+@lru_cache(maxsize=None)
+def _lookup_product1(bits: int, tile: int):
+    """Batch-1 product by AVX-512 table lookups (simd.py), rows % tile == 0: (parallel, serial) kernels.
+
+    Per tile of rows, the sum over all columns in registers, 16 codes at a time unpacked and looked
+    up by one vpermps (32-entry codebooks: vpermi2ps; more: several of them and selects). Codebooks
+    narrower than 16 entries are repeated to 16, so a code's unmasked high bits pick the same value.
+    Tiles of 64 rows: 32 measured 1.4x slower at 4 bits (1536 x 576, one thread: 28.4 against 20.7
+    us) and 1.5x at 6 bits. No fastmath: each row sums its columns in order, whichever thread runs
+    its tile, so both kernels (one code, inlined) give the same bits on any thread count."""
+    B, K, T = bits, 1 << bits, tile
+    E = max(16, K)
+
+    @njit(inline="always", nogil=True)
+    def scale(tables, columns, x):
+        scaled = np.empty((columns.size, E), np.float32)
+        for c in range(columns.size):
+            for e in range(E):
+                scaled[c, e] = x[columns[c]] * tables[c, e % K]
+        return scaled
+
+    @njit(inline="always", nogil=True)
+    def add_tile(words, scaled, rows, t, y):
+        acc = simd.zeros(T)
+        for c in range(scaled.shape[0]):
+            codes = simd.unpack(words, ((c * rows + t * T) * B) >> 3, B, T)
+            acc = simd.add(acc, simd.lookup(scaled, c, codes, E))
+        simd.add_to(y, t * T, acc, B)
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def product1(words, tables, columns, rows, x, y):
+        scaled = scale(tables, columns, x)
+        for t in prange(rows // T):
+            add_tile(words, scaled, rows, t, y)
+
+    @njit(nogil=True, cache=True)
+    def product1_serial(words, tables, columns, rows, x, y):
+        scaled = scale(tables, columns, x)
+        for t in range(rows // T):
+            add_tile(words, scaled, rows, t, y)
+
+    return product1, product1_serial
+
+
 @njit(inline="always", nogil=True)
 def _code_at(words, bits, position):
     start = position * bits
@@ -160,15 +223,24 @@ def decode_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.
 
 
 def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.ndarray, rows: int,
-                   x: np.ndarray, y: np.ndarray, parts: int) -> None:
+                   x: np.ndarray, y: np.ndarray, parts: int, avx512: Optional[bool] = None) -> None:
     """y[m, r] += sum_c x[m, columns[c]] * tables[c, code(c, r)] (x float32 [M, C], y float32 [M, rows]).
 
-    `parts` splits the columns into that many independent accumulators (one per thread).
+    `parts` splits the columns into that many independent accumulators (one per thread). `avx512`:
+    whether batch 1 takes the table-lookup kernel (None: where `simd.available()`; False: never).
     """
     if columns.size == 0:
         return
     parts = max(1, min(parts, columns.size))
-    if rows % GROUP == 0:
+    if avx512 is None:
+        avx512 = simd.available()
+    elif avx512 and not simd.available():
+        raise RuntimeError("avx512=True, but Numba does not compile for a CPU with AVX-512F")
+    if avx512 and x.shape[0] == 1 and rows % GROUP == 0:
+        parallel, serial = _lookup_product1(bits, 64 if rows % 64 == 0 else GROUP)
+        kernel = parallel if rows * columns.size * bits >= 8 * PARALLEL_BYTES else serial
+        kernel(words, tables, columns, rows, x[0], y[0])
+    elif rows % GROUP == 0:
         tile = max(GROUP, TILE_FLOATS // x.shape[0] // GROUP * GROUP)
         if x.shape[0] == 1:
             _aligned(bits)[1](words, tables, columns, rows, x[0], y[0])

@@ -9,6 +9,9 @@ size) and multiplies by them with the fastest kernel the device has:
 | CUDA with Triton | Triton decode to the compute dtype + cuBLAS (the LUT product measured slower) | same |
 | anything else | the portable Torch decoder (`torch_decoder.decode_claq`) + matmul | same |
 
+On a CPU with AVX-512 the batch-1 product looks up 16 codes per instruction (`simd`; generation at 2.3x
+the fp32 model's tokens/s on 2 cores, bench/decode.json); on other CPUs, the scalar-lookup Numba kernel.
+
 `kernels="torch"` forces the portable decoder everywhere; it is also the bit-exact reference the tests
 hold the kernels to ("numba" or "triton" force one kernel family; the tests run Triton's on the CPU
 under TRITON_INTERPRET=1). Outliers are a sparse correction: decoding writes their values, products add
@@ -112,7 +115,7 @@ class ClaqLinear(torch.nn.Module):
             yield b, getattr(self, spec.code_section(b)), getattr(self, f"tables_{b}"), self.layout.columns[b]
 
     def _has_outliers(self) -> bool:
-        return hasattr(self, "outlier_delta")
+        return "outlier_delta" in self._buffers  # hasattr would raise and catch inside Module.__getattr__: 1 us a call
 
     def _path(self, device: torch.device) -> str:
         if self.kernels != "auto":
@@ -185,12 +188,14 @@ class ClaqLinear(torch.nn.Module):
 
     def _numpy_streams(self) -> list:
         """(b, words, tables, columns) as NumPy views of the CPU buffers, made once (a generation step
-        calls every weight: per-call conversions cost more than a small weight's kernel)."""
-        views = getattr(self, "_numpy_views", None)
-        if views is None or views[0][1].ctypes.data != getattr(self, spec.code_section(views[0][0])).data_ptr():
-            views = [(b, w.numpy(), t.numpy(), c.cpu().numpy()) for b, w, t, c in self._streams()]
-            self._numpy_views = views
-        return views
+        calls every weight: per-call conversions cost more than a small weight's kernel), and again when
+        the buffers have moved."""
+        at = self._buffers[spec.code_section(self.widths[0])].data_ptr()
+        cached = self.__dict__.get("_numpy_views")
+        if cached is None or cached[0] != at:
+            cached = (at, [(b, w.numpy(), t.numpy(), c.cpu().numpy()) for b, w, t, c in self._streams()])
+            self._numpy_views = cached
+        return cached[1]
 
     def _numba_matmul(self, xf: torch.Tensor) -> torch.Tensor:
         from .kernels_decode import decode_stream, product_stream

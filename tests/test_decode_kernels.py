@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert import kernels_decode, kernels_numpy, modules, reader, spec
+from claq_convert import kernels_decode, kernels_numpy, modules, reader, simd, spec
 from claq_convert.convert import encode_result
 from claq_convert.gptq import GPTQ
 
@@ -35,11 +35,18 @@ def test_decode_stream_equals_the_twin_bit_for_bit(bits, rows):
     assert np.array_equal(chunk, expected[3:7])
 
 
+AVX512 = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not simd.available(), reason="the table-lookup kernel needs a CPU with AVX-512F; the fallback runs here"))]
+
+
+@pytest.mark.parametrize("avx512", AVX512)
 @pytest.mark.parametrize("bits", [1, 3, 4, 6, 8])
-@pytest.mark.parametrize("rows", [64, 33])
+@pytest.mark.parametrize("rows", [64, 33, 96])  # 96: tiles of 32 rows in the lookup kernel, 64: of 64
 @pytest.mark.parametrize("M", [1, 3, 16])
 @pytest.mark.parametrize("tile_floats", [kernels_decode.TILE_FLOATS, 64])  # 64: two row tiles of 32
-def test_product_stream_agrees_with_the_twin(bits, rows, M, tile_floats, monkeypatch):
+def test_product_stream_agrees_with_the_twin(bits, rows, M, tile_floats, avx512, monkeypatch):
+    """To fp32 rounding: each product within 1e-6 of sum |x| |w| (+ |y| it adds to) of the float64 sum,
+    a few ulps of float32 accumulation over n = 9 columns."""
     monkeypatch.setattr(kernels_decode, "TILE_FLOATS", tile_floats)
     rng = np.random.default_rng(bits * 1000 + rows + M)
     n, C = 9, 11
@@ -53,9 +60,55 @@ def test_product_stream_agrees_with_the_twin(bits, rows, M, tile_floats, monkeyp
     scale = np.abs(x[:, columns]).astype(np.float64) @ np.abs(np.take_along_axis(tables, codes, axis=1))
     for parts in (1, 2, 3):
         ours = start.copy()
-        kernels_decode.product_stream(words, bits, tables, columns, rows, x, ours, parts)
+        kernels_decode.product_stream(words, bits, tables, columns, rows, x, ours, parts, avx512=avx512)
         assert np.all(np.abs(ours - exact) <= 1e-6 * (scale + np.abs(start)) + 1e-7)
     assert np.all(np.abs(twin - exact) <= 1e-6 * (scale + np.abs(start)) + 1e-7)
+
+
+@pytest.mark.skipif(not simd.available(), reason="the table-lookup kernel needs a CPU with AVX-512F")
+@pytest.mark.parametrize("bits", list(spec.ALLOWED_BITS))
+def test_lookup_product_matches_the_twin_and_ignores_threads(bits, monkeypatch):
+    """Batch 1 by AVX-512 lookups, every width, rows of a real model's shapes (tiles of 64), many
+    columns: within 1e-6 * sum |x| |w| of the NumPy twin (float64 sums, so to fp32 rounding), and bit
+    for bit the same on 1 and 2 threads and by the serial kernel (each row sums its columns in one order)."""
+    import numba
+
+    monkeypatch.setattr(kernels_decode, "PARALLEL_BYTES", 0)  # the parallel kernel, whatever the size
+    rng = np.random.default_rng(bits)
+    n, rows = 200, 192
+    words, tables, codes = random_stream(rng, bits, n, rows)
+    columns = np.arange(n, dtype=np.int64)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    twin = np.zeros((1, rows), np.float32)
+    kernels_numpy.product_stream(words, bits, tables, columns, rows, x, twin)
+    scale = np.abs(x).astype(np.float64) @ np.abs(np.take_along_axis(tables, codes, axis=1))
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            ours = np.zeros((1, rows), np.float32)
+            kernels_decode.product_stream(words, bits, tables, columns, rows, x, ours, threads, avx512=True)
+            results.append(ours)
+    finally:
+        numba.set_num_threads(before)
+    monkeypatch.setattr(kernels_decode, "PARALLEL_BYTES", 1 << 60)
+    results.append(np.zeros((1, rows), np.float32))
+    kernels_decode.product_stream(words, bits, tables, columns, rows, x, results[-1], 1, avx512=True)
+    assert np.all(np.abs(results[0] - twin) <= 1e-6 * scale)
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_lookup_product_refused_without_avx512(monkeypatch):
+    monkeypatch.setattr(simd, "available", lambda: False)
+    words, tables, _ = random_stream(np.random.default_rng(0), 4, 2, 32)
+    x, y = np.ones((1, 2), np.float32), np.zeros((1, 32), np.float32)
+    with pytest.raises(RuntimeError, match="AVX-512F"):
+        kernels_decode.product_stream(words, 4, tables, np.arange(2), 32, x, y, 1, avx512=True)
+    kernels_decode.product_stream(words, 4, tables, np.arange(2), 32, x, y, 1)  # the default falls back
+    twin = np.zeros_like(y)
+    kernels_numpy.product_stream(words, 4, tables, np.arange(2), 32, x, twin)
+    np.testing.assert_allclose(y, twin, rtol=1e-6, atol=1e-6)
 
 
 def quantized_sections(rows, cols, seed, grid, widths=(2, 3, 4, 5)):
