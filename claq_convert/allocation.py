@@ -54,17 +54,21 @@ class Candidate:
 
 
 def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: bool = True,
-               codebook: str = "auto", fisher: Optional[np.ndarray] = None) -> list[Candidate]:
+               codebook: str = "auto", fisher: Optional[np.ndarray] = None,
+               row_weights: Optional[np.ndarray] = None) -> list[Candidate]:
     """Every setting of one weight W[out, in] with its exact stored bytes and its estimated loss.
 
     `relative` divides the loss by the weight's output energy sum_j E_j ||W[:, j]||^2, so each weight's
     loss is its error relative to its signal. Absolute errors grow with the residual stream along the
     depth and starve the early layers (measured: 4.72 bpw absolute, +27% ppl on WikiText where the
-    fixed rule loses 8%). With `fisher` (the column sums of sensitivity.column_fisher) the loss is
+    fixed rule loses 8%). With `fisher` (sensitivity.fisher_sums(...).columns) the loss is
     instead the model loss the errors are expected to add, sum_j fisher_j * SSE_j / 2 rows, one unit
-    for every weight (energy and `relative` are then unused)."""
+    for every weight (energy and `relative` are then unused). `row_weights` (mean 1): the SSE is the
+    weighted one the quantizer's K-Means minimizes (sensitivity.row_weights; then fisher_j / rows times
+    the row's weight is the Fisher of entry ij under a rank-one model of it)."""
     rows = W.shape[0]
-    exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS)
+    weights = np.ones(rows) if row_weights is None else np.ascontiguousarray(row_weights, np.float64)
+    exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS, weights)
     sse = np.concatenate([exact, exact[:, -1:] * 4.0 ** -np.arange(1, MAX_BITS - EXACT_BITS + 1)], axis=1)
     order = outlier_order(W, S)
     cols = np.arange(W.shape[1])

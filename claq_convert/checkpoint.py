@@ -6,6 +6,7 @@ A conversion to OUT keeps the directory OUT.resume/ (`checkpoint_dir`) while it 
     calibration.npz      the calibration token ids (self-sampled windows take minutes to make again) and
                          their sha256 in the manifest
     allocation.json      --bpw only: the per-weight targets and the allocation's record
+    row_weights.npz      --row-weights fisher: each block linear's row weights (sensitivity.row_weights)
     layer-00000/ ...     one per finished decoder layer: 0000.npz, 0001.npz ... every field of each
                          QuantizedWeight in the order the pipeline yielded them; the newest layer also
                          holds states.npz, the calibration hidden states after it (the next layer's inputs)
@@ -235,7 +236,7 @@ class Checkpoint:
     def _manifest(self) -> dict:
         return json.loads((self.path / MANIFEST).read_text())
 
-    # -- calibration and allocation: made once, reused on resume
+    # -- calibration, allocation and row weights: made once, reused on resume
     def calibration(self) -> Optional[torch.Tensor]:
         path = self.path / "calibration.npz"
         if not path.is_file():
@@ -267,6 +268,16 @@ class Checkpoint:
 
     def save_allocation(self, targets: dict, record: dict) -> None:
         _write_json(self.path / "allocation.json", {"targets": targets, "record": record})
+
+    def row_weights(self) -> Optional[dict[str, np.ndarray]]:
+        path = self.path / "row_weights.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
+    def save_row_weights(self, weights: dict[str, np.ndarray]) -> None:
+        _write_atomic(self.path / "row_weights.npz", lambda f: np.savez(f, **weights))
 
     # -- quantized results
     def _layer_dirs(self) -> list[Path]:

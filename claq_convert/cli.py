@@ -160,6 +160,10 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--allocation", type=click.Choice(["fisher", "relative", "absolute"]), default="fisher", show_default=True,
               help="--bpw: a weight's loss is the model loss its errors add (fisher: squared loss gradients over "
                    "16 calibration windows), or its layer output error, relative to its signal or absolute.")
+@click.option("--row-weights", "row_weighting", type=click.Choice(["fisher", "none"]), default="fisher",
+              show_default=True,
+              help="claq: weigh each row's error in the columns' K-Means by how much the loss cares about that "
+                   "output (fisher: squared loss gradients over 16 calibration windows), or equally (none).")
 @click.option("--ap-bits", default=None, help="Explicit LOW,HIGH widths for adaptive precision, e.g. 2,4.")
 @click.option("--outlier-bits", type=float, default=0.0, show_default=True,
               help="Outlier-reservation budget in extra bits per weight (e.g. 0.07).")
@@ -196,7 +200,7 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
-def convert_cmd(model_dir, out, method, bits, bpw, allocation, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
+def convert_cmd(model_dir, out, method, bits, bpw, allocation, row_weighting, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
                 nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, seqlen, seed, device, out_format,
                 dry_run, resume, run_eval, json_path):
     """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
@@ -235,8 +239,7 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, ap_bits, outlier_
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
                      outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking,
                      quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw,
-                     allocation=allocation,
-                     codebook=codebook)
+                     allocation=allocation, row_weighting=row_weighting, codebook=codebook)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     if as_gguf and not dry_run:  # before any work (run_conversion checks the family itself first)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,6 +17,7 @@ from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, head_target, input_energies, quantize_model
 from .progress import Progress, no_progress
 from .reader import decode_claq
+from .sensitivity import FISHER_WINDOWS, FisherSums, weights_by_name
 from .source import ModelSource
 from .timing import NO_TIMER, Timer
 from .writer import ClaqWriter, encode_claq_sections
@@ -155,17 +156,19 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
               "calibration": {"sources": describe(sources), "nsamples": int(calibration.shape[0]), "seqlen": options.seqlen,
                               "seed": options.seed},
               "device": str(options.device)}
+    saved = checkpoint.allocation() if checkpoint is not None and qc.bpw is not None else None
+    fisher, weights = _sensitivity(options, source, calibration, saved is not None, record, progress, timer)
     targets = None
     if qc.bpw is not None:
-        saved = checkpoint.allocation() if checkpoint is not None else None
-        targets, record["allocation"] = saved or allocate_bits(source, calibration, qc, options.device, log)
+        targets, record["allocation"] = saved or allocate_bits(source, calibration, qc, options.device, log, fisher,
+                                                               weights)
         if checkpoint is not None and saved is None:
             checkpoint.save_allocation(targets, record["allocation"])
     results: dict[str, QuantizedWeight] = {}
     tensors = {}
     writer = ClaqWriter(options.out) if options.out is not None else None
     try:
-        for name, result in _quantized(options, source, calibration, targets, progress, log, timer):
+        for name, result in _quantized(options, source, calibration, targets, weights, progress, log, timer):
             with timer.phase("write"):
                 tensors[name] = tensor_record(result)
                 if writer is not None:
@@ -199,12 +202,36 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     return record
 
 
-def _quantized(options: ConvertOptions, source: ModelSource, calibration, targets, progress, log, timer):
+def _sensitivity(options: ConvertOptions, source: ModelSource, calibration, allocated: bool, record: dict,
+                 progress, timer) -> tuple[Optional[FisherSums], Optional[dict]]:
+    """(Fisher sums if measured now, row weights if used): one backward pass serves the allocation and the
+    row weights; a resumed conversion reuses the checkpoint's weights (and allocation: `allocated`)."""
+    qc, checkpoint = options.quant, options.checkpoint
+    weights = checkpoint.row_weights() if checkpoint is not None else None
+    wants_weights = qc.method == "claq" and qc.row_weighting == "fisher"
+    wants_fisher = qc.bpw is not None and qc.allocation == "fisher"
+    if wants_fisher or wants_weights:  # the same record whether measured now or reused by --resume
+        record["sensitivity"] = {"windows": min(FISHER_WINDOWS, int(calibration.shape[0]))}
+    fisher = None
+    if (wants_fisher and not allocated) or (wants_weights and weights is None):
+        with timer.section("sensitivity"):
+            tick = time.perf_counter()
+            fisher = measure_fisher(source, calibration, options.device, progress,
+                                    head=wants_weights and qc.quantize_embeddings)
+            record["sensitivity"]["seconds"] = time.perf_counter() - tick
+    if wants_weights and weights is None:
+        weights = weights_by_name(fisher)
+        if checkpoint is not None:
+            checkpoint.save_row_weights(weights)
+    return fisher, weights if wants_weights else None
+
+
+def _quantized(options: ConvertOptions, source: ModelSource, calibration, targets, weights, progress, log, timer):
     """quantize_model's results; with a checkpoint, first those it holds, and each new one saved as it comes."""
     checkpoint = options.checkpoint
     if checkpoint is None:
         yield from quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
-                                  targets=targets, threads=options.threads, timer=timer)
+                                  targets=targets, threads=options.threads, timer=timer, row_weights=weights)
         return
     finished = checkpoint.finished(options.device)
     if finished.layers or finished.ends:
@@ -215,7 +242,7 @@ def _quantized(options: ConvertOptions, source: ModelSource, calibration, target
     for name, result in quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
                                        targets=targets, threads=options.threads, timer=timer,
                                        start_layer=finished.layers, start_states=finished.states, done=finished.ends,
-                                       on_layer=checkpoint.finish_layer):
+                                       on_layer=checkpoint.finish_layer, row_weights=weights):
         checkpoint.save_result(name, result, end=name in ends)  # before the pipeline goes on
         yield name, result
 
@@ -265,7 +292,25 @@ def fingerprint(options: ConvertOptions) -> dict:
             "threads": {"torch": torch.get_num_threads(), "workers": worker_count(options.threads)}}
 
 
-def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, log) -> tuple[dict, dict]:
+def measure_fisher(source: ModelSource, calibration: torch.Tensor, device, progress: Progress = no_progress,
+                   head: bool = False):
+    """sensitivity.FisherSums of every block linear (and with `head` of the weight quantized as the output
+    head), from the unquantized model over spread windows."""
+    from .architectures import resolve
+    from .pipeline import head_and_embedding_names
+    from .sensitivity import fisher_sums, spread_windows
+
+    model = load_sampler(source.dir, device)
+    arch = resolve(model, model.config)
+    names = [f"{arch.family.layers}.{i}.{n}.weight" for i in range(len(arch.layers)) for n in arch.linears]
+    head_name = head_and_embedding_names(model, model.config, set(source.names()))[0] if head else None
+    sums = fisher_sums(model, names + [head_name] * head, spread_windows(calibration), arch.family.transposed,
+                       progress)
+    return replace(sums, head=head_name)
+
+
+def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, log,
+                  fisher=None, weights: Optional[dict] = None) -> tuple[dict, dict]:
     """Bit settings per weight for the --bpw budget (allocation.py), and a record of what was chosen.
 
     The block linears compete for the budget. The head and an untied input embedding keep their fixed
@@ -278,14 +323,12 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     start = time.perf_counter()
     energies = input_energies(source, calibration, device, quantize_embeddings=False)
     family = family_of(source.config())
-    fisher = {}
+    columns = {}
     if qc.allocation == "fisher":
-        from .sensitivity import column_fisher, spread_windows
-
-        fisher = column_fisher(load_sampler(source.dir, device), list(energies), spread_windows(calibration),
-                               family.transposed)
+        columns = (fisher or measure_fisher(source, calibration, device)).columns
     tables = {name: candidates(family.layout(name, source.tensor(name).float().numpy()), energy, qc.outlier_threshold,
-                               relative=qc.allocation == "relative", codebook=qc.codebook, fisher=fisher.get(name))
+                               relative=qc.allocation == "relative", codebook=qc.codebook, fisher=columns.get(name),
+                               row_weights=(weights or {}).get(name))
               for name, energy in energies.items()}
     params = sum(int(np.prod(source.tensor(name).shape)) for name in tables)
     fixed, targets = 0, {}

@@ -80,7 +80,8 @@ class GPTQ:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
         return perm, Hinv
 
-    def _independent_columns(self, W: torch.Tensor, workers: int, settings: tuple, outputs: tuple):
+    def _independent_columns(self, W: torch.Tensor, workers: int, weights: np.ndarray, settings: tuple,
+                             outputs: tuple):
         """Every column through gptq_block with no Hessian (an identity factor), in `workers` contiguous
         runs of blocks at once; the block losses summed in column order. (loss, kernel seconds)."""
         mode, bits, reserve, fit_all, max_iter, scale, zero = settings
@@ -90,7 +91,7 @@ class GPTQ:
         def run(i1: int, i2: int) -> float:
             W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
             Err1 = np.zeros_like(W1)
-            return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), mode, bits[i1:i2], reserve[i1:i2],
+            return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2], reserve[i1:i2],
                                       fit_all, max_iter, scale, zero, *(o[i1:i2] for o in outputs[:4]), Err1,
                                       *(o[i1:i2] for o in outputs[4:]))
 
@@ -101,14 +102,16 @@ class GPTQ:
 
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
                  fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False,
-                 timer: Timer = NO_TIMER, workers: int = 1) -> QuantizedWeight:
+                 timer: Timer = NO_TIMER, workers: int = 1,
+                 row_weights: Optional[np.ndarray] = None) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
         order from the already-updated weights, as the reference does with act-order groups. `grid`:
         codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID).
         `timer` gets the phases cholesky, kmeans, gptq_update and finish (timing.py). Without a Hessian no
         column's error moves another, so `workers` threads take contiguous runs of blocks at once (the
-        kernel releases the GIL); the result is the one-thread result bit for bit."""
+        kernel releases the GIL); the result is the one-thread result bit for bit. `row_weights` [out] (> 0):
+        how much each output row's error counts in the codebooks' K-Means (None: equally)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         with timer.phase("cholesky"):
@@ -123,6 +126,7 @@ class GPTQ:
             perm, Hinv = self._inverse_factor(W)
             W = W[:, perm]
         p = perm.cpu().numpy()
+        weights = np.ones(rows) if row_weights is None else np.ascontiguousarray(row_weights, np.float64)
         bits_p, reserve_p = np.ascontiguousarray(bits[p], np.int64), np.ascontiguousarray(reserve[p], np.int64)
 
         codes = np.zeros((cols, rows), np.uint8)
@@ -138,7 +142,7 @@ class GPTQ:
             scales, zeros = [scale], [zero]  # uniform: the one per-row grid (unused otherwise)
             with timer.phase("kmeans"):
                 loss, kernel_seconds = self._independent_columns(
-                    W, workers, (mode, bits_p, reserve_p, fit_all, max_iter, scale, zero),
+                    W, workers, weights, (mode, bits_p, reserve_p, fit_all, max_iter, scale, zero),
                     (codebooks, codes, reserved, Q, levels, grids))
         for i1 in [] if independent else range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
@@ -153,7 +157,7 @@ class GPTQ:
                 Err1 = np.zeros((i2 - i1, rows), np.float32)
             with timer.phase("kmeans"):
                 tick = time.perf_counter()
-                loss += kernels.gptq_block(W1, Hinv1, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
+                loss += kernels.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
                                            scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
                                            Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2])
                 kernel_seconds += time.perf_counter() - tick

@@ -79,12 +79,20 @@ def grid_codebook(centroids, levels_out, grid_out, codebook_out):
 
 @njit(cache=True, nogil=True)
 def kmeans_sorted(xs, prefix, k, max_iter):
-    """Lloyd's 1-D K-Means on ascending `xs` with prefix[i] = sum(xs[:i]) (float64, len n + 1).
+    """Lloyd's 1-D K-Means on ascending `xs` with prefix[i] = sum(xs[:i]) (float64, len n + 1): every
+    entry weighs 1 (kmeans_sorted_weighted)."""
+    return kmeans_sorted_weighted(xs, np.arange(xs.shape[0] + 1).astype(np.float64), prefix, k, max_iter)
 
-    Deterministic quantile initialisation; each iteration finds the cluster boundaries (midpoints
-    between neighbouring centroids) by binary search and the means from the prefix sums, so an
-    iteration costs O(k log n). Stops when no boundary moves. Returns k ascending centroids
-    (duplicates when n < k or clusters coincide).
+
+@njit(cache=True, nogil=True)
+def kmeans_sorted_weighted(xs, prefix_w, prefix, k, max_iter):
+    """Lloyd's weighted 1-D K-Means on ascending `xs`: prefix_w[i] = sum(weights[:i]), prefix[i] =
+    sum(weights[:i] * xs[:i]) (float64, len n + 1; weights > 0).
+
+    Deterministic quantile initialisation (by count); each iteration finds the cluster boundaries
+    (midpoints between neighbouring centroids) by binary search and the weighted means from the prefix
+    sums, so an iteration costs O(k log n). Stops when no boundary moves. Returns k ascending
+    centroids (duplicates when n < k or clusters coincide).
     """
     n = xs.shape[0]
     centroids = np.empty(k, np.float64)
@@ -109,25 +117,27 @@ def kmeans_sorted(xs, prefix, k, max_iter):
         for c in range(k):
             lo, hi = bounds[c], bounds[c + 1]
             if hi > lo:
-                centroids[c] = (prefix[hi] - prefix[lo]) / (hi - lo)
+                centroids[c] = (prefix[hi] - prefix[lo]) / (prefix_w[hi] - prefix_w[lo])
         if not changed:
             break
     return centroids
 
 
 @njit(cache=True, nogil=True)
-def segment_cost(prefix, prefix_sq, i, j):
-    """Sum of squared deviations from their mean of sorted entries i..j-1."""
-    n = j - i
-    if n <= 0:
+def segment_cost(prefix_w, prefix, prefix_sq, i, j):
+    """Weighted sum of squared deviations from their weighted mean of sorted entries i..j-1 (prefix
+    sums of the weights, weight * x and weight * x**2)."""
+    n = prefix_w[j] - prefix_w[i]
+    if n <= 0.0:
         return 0.0
     s = prefix[j] - prefix[i]
     return max(prefix_sq[j] - prefix_sq[i] - s * s / n, 0.0)
 
 
 @njit(cache=True, nogil=True)
-def kmeans_dp(prefix, prefix_sq, n, k, split, sse_out):
-    """The dynamic programme of exact 1-D K-Means over n sorted entries (prefix sums of length n + 1).
+def kmeans_dp(prefix_w, prefix, prefix_sq, n, k, split, sse_out):
+    """The dynamic programme of exact weighted 1-D K-Means over n sorted entries (prefix sums of the
+    weights, weight * x and weight * x**2, length n + 1).
 
     D[m][j] = min_i D[m-1][i] + cost(i, j) is the least SSE of the first j entries in m+1 clusters;
     the optimal split point is monotone in j, so each row is solved by divide and conquer in
@@ -137,7 +147,7 @@ def kmeans_dp(prefix, prefix_sq, n, k, split, sse_out):
     prev = np.empty(n + 1, np.float64)
     cur = np.empty(n + 1, np.float64)
     for j in range(n + 1):
-        prev[j] = segment_cost(prefix, prefix_sq, 0, j)
+        prev[j] = segment_cost(prefix_w, prefix, prefix_sq, 0, j)
     sse_out[0] = prev[n]
     stack = np.empty((64, 4), np.int64)
     for m in range(1, k):
@@ -151,7 +161,7 @@ def kmeans_dp(prefix, prefix_sq, n, k, split, sse_out):
             mid = (jlo + jhi) // 2
             best, best_i = np.inf, ilo
             for i in range(max(ilo, m), min(ihi, mid - 1) + 1):
-                v = prev[i] + segment_cost(prefix, prefix_sq, i, mid)
+                v = prev[i] + segment_cost(prefix_w, prefix, prefix_sq, i, mid)
                 if v < best:
                     best, best_i = v, i
             cur[mid] = best
@@ -170,7 +180,16 @@ def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
     """Exact 1-D K-Means: the k contiguous segments of ascending `xs` with least total SSE (kmeans_dp).
 
     prefix/prefix_sq are float64 prefix sums of xs and xs**2 (length n + 1). Returns k ascending
-    centroids (the segment means; when n < k the last entry repeats).
+    centroids (the segment means; when n < k the last entry repeats). Every entry weighs 1.
+    """
+    return kmeans_optimal_weighted(xs, np.arange(xs.shape[0] + 1).astype(np.float64), prefix, prefix_sq, k)
+
+
+@njit(cache=True, nogil=True)
+def kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k):
+    """Exact weighted 1-D K-Means: the k contiguous segments of ascending `xs` with least total
+    weighted SSE. prefix_w/prefix/prefix_sq: float64 prefix sums of the weights (> 0), weight * xs and
+    weight * xs**2. Returns the k ascending weighted segment means (n < k: the last entry repeats).
     """
     n = xs.shape[0]
     centroids = np.empty(k, np.float64)
@@ -182,38 +201,43 @@ def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
             centroids[c] = xs[min(c, n - 1)]
         return centroids
     split = np.zeros((k, n + 1), np.int64)
-    kmeans_dp(prefix, prefix_sq, n, k, split, np.empty(k, np.float64))
+    kmeans_dp(prefix_w, prefix, prefix_sq, n, k, split, np.empty(k, np.float64))
     j = n
     for m in range(k - 1, 0, -1):
         i = split[m, j]
-        centroids[m] = (prefix[j] - prefix[i]) / (j - i)
+        centroids[m] = (prefix[j] - prefix[i]) / (prefix_w[j] - prefix_w[i])
         j = i
-    centroids[0] = prefix[j] / j
+    centroids[0] = prefix[j] / prefix_w[j]
     return centroids
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def column_sse_by_width(Wt, max_bits):
-    """Least K-Means SSE of every column at every width: out[j, b-1] for b = 1..max_bits.
+def column_sse_by_width(Wt, max_bits, weights):
+    """Least weighted K-Means SSE of every column at every width: out[j, b-1] for b = 1..max_bits.
 
-    Wt is W transposed ([in, out], a column per row). One DP with 2**max_bits clusters yields all
-    smaller counts on the way, so every width costs no more than the widest. A column with no more
-    entries than clusters has SSE 0.
+    Wt is W transposed ([in, out], a column per row); weights (float64 [out], > 0) weigh each row's
+    squared error (ones: the plain SSE). One DP with 2**max_bits clusters yields all smaller counts on
+    the way, so every width costs no more than the widest. A column with no more entries than
+    clusters has SSE 0.
     """
     cols, n = Wt.shape
     k = 1 << max_bits
     out = np.zeros((cols, max_bits), np.float64)
     for j in prange(cols):
-        xs = np.sort(Wt[j].astype(np.float64))
+        order = np.argsort(Wt[j], kind="mergesort")
+        prefix_w = np.zeros(n + 1, np.float64)
         prefix = np.zeros(n + 1, np.float64)
         prefix_sq = np.zeros(n + 1, np.float64)
         for i in range(n):
-            prefix[i + 1] = prefix[i] + xs[i]
-            prefix_sq[i + 1] = prefix_sq[i] + xs[i] * xs[i]
+            x = np.float64(Wt[j, order[i]])
+            u = weights[order[i]]
+            prefix_w[i + 1] = prefix_w[i] + u
+            prefix[i + 1] = prefix[i] + u * x
+            prefix_sq[i + 1] = prefix_sq[i] + u * x * x
         kdp = min(k, n - 1)  # the DP needs more entries than clusters; n clusters or more fit exactly
         sse = np.zeros(k, np.float64)
         if kdp >= 1:
-            kmeans_dp(prefix, prefix_sq, n, kdp, np.zeros((kdp, n + 1), np.int64), sse)
+            kmeans_dp(prefix_w, prefix, prefix_sq, n, kdp, np.zeros((kdp, n + 1), np.int64), sse)
         for b in range(1, max_bits + 1):
             clusters = 1 << b
             out[j, b - 1] = sse[clusters - 1] if clusters <= kdp else 0.0
@@ -235,9 +259,11 @@ def nearest_code(x, codebook):
 
 
 @njit(cache=True, nogil=True)
-def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out,
+def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out,
                              grid, levels_out, grid_out):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
+
+    `weights` (float64 [rows], > 0) weigh each row's squared error in the K-Means (ones: plain K-Means).
 
     The codebook is the exact K-Means optimum when max_iter == 0, else Lloyd's (at most max_iter).
     Writes the ascending codebook into codebook_out[:2**bits]: the centroids rounded to fp16, or with
@@ -258,15 +284,18 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out
         else:
             hi -= 1
     a, b = (0, n) if fit_all else (lo, hi)
+    prefix_w = np.zeros(b - a + 1, np.float64)
     prefix = np.zeros(b - a + 1, np.float64)
     prefix_sq = np.zeros(b - a + 1, np.float64)
     for i in range(a, b):
-        prefix[i - a + 1] = prefix[i - a] + xs[i]
-        prefix_sq[i - a + 1] = prefix_sq[i - a] + xs[i] * xs[i]
+        u = weights[order[i]]
+        prefix_w[i - a + 1] = prefix_w[i - a] + u
+        prefix[i - a + 1] = prefix[i - a] + u * xs[i]
+        prefix_sq[i - a + 1] = prefix_sq[i - a] + u * xs[i] * xs[i]
     if max_iter > 0:
-        centroids = kmeans_sorted(xs[a:b], prefix, k, max_iter)
+        centroids = kmeans_sorted_weighted(xs[a:b], prefix_w, prefix, k, max_iter)
     else:
-        centroids = kmeans_optimal_sorted(xs[a:b], prefix, prefix_sq, k)
+        centroids = kmeans_optimal_weighted(xs[a:b], prefix_w, prefix, prefix_sq, k)
     cb = np.empty(k, np.float64)
     if grid:
         grid_codebook(centroids, levels_out, grid_out, cb)  # ascending: levels follow the centroids' order
@@ -289,13 +318,14 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, codebook_out
 
 
 @njit(cache=True, nogil=True)
-def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
+def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
                codebooks, codes, reserved, Q1, Err1, levels, grids):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
 
     W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
     place with each column's error, as in GPTQ. Hinv1 [cnt, cnt] is the block of the upper Cholesky
-    factor of H^-1. Mode MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
+    factor of H^-1. `weights` (float64 [rows], > 0) weigh the rows in the codebooks' K-Means: GPTQ's
+    compensation is the same for every row, so a per-row weight changes only the codebooks. Mode MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
     levels [cnt, 256] and (offset, step) [cnt, 2] written to levels/grids); MODE_UNIFORM rounds to the
     per-row grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 256], codes/reserved/Q1/
     Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2.
@@ -307,7 +337,7 @@ def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
         d = Hinv1[i, i]
         q = np.empty(rows, np.float64)
         if mode != MODE_UNIFORM:
-            quantize_column_codebook(w, bits[i], n_reserve[i], fit_all, max_iter, codebooks[i], codes[i],
+            quantize_column_codebook(w, weights, bits[i], n_reserve[i], fit_all, max_iter, codebooks[i], codes[i],
                                      reserved[i], q, mode == MODE_GRID, levels[i], grids[i])
         else:
             maxq = (1 << bits[i]) - 1

@@ -16,11 +16,13 @@ def round_fp16(x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
 
 
-def kmeans_sorted(xs: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+def kmeans_sorted(xs: np.ndarray, k: int, max_iter: int, weights=None) -> np.ndarray:
     n = xs.shape[0]
     if n == 0:
         return np.zeros(k)
-    prefix = np.concatenate([[0.0], np.cumsum(xs, dtype=np.float64)])
+    u = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(u * xs, dtype=np.float64)])
+    prefix_w = np.concatenate([[0.0], np.cumsum(u)])
     centroids = xs[np.minimum(n - 1, ((2 * np.arange(k) + 1) * n) // (2 * k))].astype(np.float64)
     bounds = np.zeros(k + 1, np.int64)
     bounds[k] = n
@@ -29,28 +31,31 @@ def kmeans_sorted(xs: np.ndarray, k: int, max_iter: int) -> np.ndarray:
         new[1:k] = np.searchsorted(xs, 0.5 * (centroids[:-1] + centroids[1:]), side="right")
         changed = not np.array_equal(new, bounds)
         bounds = new
-        sizes = bounds[1:] - bounds[:-1]
+        sizes = prefix_w[bounds[1:]] - prefix_w[bounds[:-1]]
         sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
-        nonempty = sizes > 0
+        nonempty = bounds[1:] > bounds[:-1]
         centroids[nonempty] = sums[nonempty] / sizes[nonempty]
         if not changed:
             break
     return centroids
 
 
-def kmeans_optimal_sorted(xs: np.ndarray, k: int) -> np.ndarray:
-    """The exact optimum by the plain O(k n^2) dynamic programme (no divide and conquer)."""
+def kmeans_optimal_sorted(xs: np.ndarray, k: int, weights=None) -> np.ndarray:
+    """The exact (weighted) optimum by the plain O(k n^2) dynamic programme (no divide and conquer)."""
     n = xs.shape[0]
     if n == 0:
         return np.zeros(k)
     if n <= k:
         return xs[np.minimum(np.arange(k), n - 1)].astype(np.float64)
-    P = np.concatenate([[0.0], np.cumsum(xs, dtype=np.float64)])
-    S = np.concatenate([[0.0], np.cumsum(xs.astype(np.float64) ** 2)])
+    u = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    x = xs.astype(np.float64)
+    N = np.concatenate([[0.0], np.cumsum(u)])
+    P = np.concatenate([[0.0], np.cumsum(u * x)])
+    S = np.concatenate([[0.0], np.cumsum(u * x * x)])
 
     def cost(i, j):  # i: array of starts, j: one end
         s = P[j] - P[i]
-        return np.maximum(S[j] - S[i] - s * s / (j - i), 0.0)
+        return np.maximum(S[j] - S[i] - s * s / (N[j] - N[i]), 0.0)
 
     D = np.array([cost(np.array([0]), j)[0] if j else 0.0 for j in range(n + 1)])
     split = np.zeros((k, n + 1), np.int64)
@@ -66,21 +71,23 @@ def kmeans_optimal_sorted(xs: np.ndarray, k: int) -> np.ndarray:
     j = n
     for m in range(k - 1, 0, -1):
         i = split[m, j]
-        centroids[m] = (P[j] - P[i]) / (j - i)
+        centroids[m] = (P[j] - P[i]) / (N[j] - N[i])
         j = i
-    centroids[0] = P[j] / j
+    centroids[0] = P[j] / N[j]
     return centroids
 
 
-def column_sse_by_width(Wt: np.ndarray, max_bits: int) -> np.ndarray:
-    """Least SSE of every column (a row of Wt) at widths 1..max_bits, one plain DP per column and width."""
+def column_sse_by_width(Wt: np.ndarray, max_bits: int, weights=None) -> np.ndarray:
+    """Least (weighted) SSE of every column (a row of Wt) at widths 1..max_bits, one plain DP per column and width."""
+    u = np.ones(Wt.shape[1]) if weights is None else np.asarray(weights, np.float64)
     out = np.zeros((Wt.shape[0], max_bits))
     for j, column in enumerate(Wt):
-        xs = np.sort(column.astype(np.float64))
+        order = np.argsort(column, kind="stable")
+        xs, us = column[order].astype(np.float64), u[order]
         for b in range(1, max_bits + 1):
             if xs.size > (1 << b):
-                c = kmeans_optimal_sorted(xs, 1 << b)
-                out[j, b - 1] = np.sum(np.min((xs[:, None] - c[None, :]) ** 2, axis=1))
+                c = kmeans_optimal_sorted(xs, 1 << b, us)
+                out[j, b - 1] = np.sum(us * np.min((xs[:, None] - c[None, :]) ** 2, axis=1))
     return out
 
 
@@ -104,7 +111,7 @@ def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return levels.astype(np.uint8), np.array([offset, step]), values.astype(np.float64)
 
 
-def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False):
+def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, weights=None):
     """Returns (codebook, codes, reserved, q, levels, (offset, step)) like the Numba kernel."""
     n = w.shape[0]
     order = np.argsort(w, kind="stable")
@@ -116,7 +123,9 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False):
         else:
             hi -= 1
     a, b = (0, n) if fit_all else (lo, hi)
-    fit = kmeans_sorted(xs[a:b], 1 << bits, max_iter) if max_iter > 0 else kmeans_optimal_sorted(xs[a:b], 1 << bits)
+    u = None if weights is None else np.asarray(weights, np.float64)[order[a:b]]
+    fit = (kmeans_sorted(xs[a:b], 1 << bits, max_iter, u) if max_iter > 0
+           else kmeans_optimal_sorted(xs[a:b], 1 << bits, u))
     levels, offset_step = np.zeros(1 << bits, np.uint8), np.zeros(2)
     if grid:
         levels, offset_step, codebook = grid_codebook(fit)
@@ -131,7 +140,7 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False):
     return codebook, codes.astype(np.uint8), reserved, q, levels, offset_step
 
 
-def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
+def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
                codebooks, codes, reserved, Q1, Err1, levels, grids):
     cnt, rows = W1.shape
     loss = 0.0
@@ -140,7 +149,7 @@ def gptq_block(W1, Hinv1, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
         d = float(Hinv1[i, i])
         if mode != MODE_UNIFORM:
             cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(
-                w, int(bits[i]), int(n_reserve[i]), fit_all, max_iter, mode == MODE_GRID)
+                w, int(bits[i]), int(n_reserve[i]), fit_all, max_iter, mode == MODE_GRID, weights)
             codebooks[i, : cb.shape[0]] = cb
             levels[i, : lv.shape[0]] = lv
         else:

@@ -29,6 +29,7 @@ from .timing import NO_TIMER, Timer
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
 ALLOCATIONS = ("relative", "absolute", "fisher")
+ROW_WEIGHTINGS = ("fisher", "none")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class QuantConfig:
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
     allocation: str = "fisher"        # its loss per weight: "fisher", the model loss it adds (sensitivity.py), or
                                       # the layer output error "relative" to the weight's output energy, or "absolute"
+    row_weighting: str = "fisher"     # claq: the rows' weights in each column's K-Means, "fisher" (sensitivity.py) or "none"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
 
@@ -80,6 +82,8 @@ class QuantConfig:
             raise ValueError("--outlier-bits must be >= 0")
         if self.head_bits is not None and not 1 <= self.head_bits <= 8:
             raise ValueError("--head-bits must lie in 1..8")
+        if self.row_weighting not in ROW_WEIGHTINGS:
+            raise ValueError(f"unknown row weighting {self.row_weighting!r}; use one of {', '.join(ROW_WEIGHTINGS)}")
         if self.codebook not in CODEBOOKS:
             raise ValueError(f"unknown codebook storage {self.codebook!r}; choose one of {', '.join(CODEBOOKS)}")
         if self.ranking not in ("outlier", "random"):
@@ -90,9 +94,11 @@ class QuantConfig:
 
 
 def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
-                    timer: Timer = NO_TIMER, workers: int = 1) -> QuantizedWeight:
+                    timer: Timer = NO_TIMER, workers: int = 1,
+                    row_weights: Optional[np.ndarray] = None) -> QuantizedWeight:
     """One linear weight under the configured method (H None for the calibration-free methods; then
-    `workers` threads share its columns)."""
+    `workers` threads share its columns). `row_weights` [out]: the rows' weights in the codebooks'
+    K-Means (None: equal)."""
     uniform = qc.method in ("gptq", "rtn")
     use_h = qc.method in ("claq", "gptq")
     with timer.phase("plan"):
@@ -107,10 +113,11 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
         gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
     return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
                          group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits), timer=timer,
-                         workers=workers)
+                         workers=workers, row_weights=None if uniform else row_weights)
 
 
-Job = tuple[str, torch.Tensor, Optional[torch.Tensor], QuantConfig]  # (name, W, H or None, its config)
+# (name, W, H or None, its config, its row weights or None)
+Job = tuple[str, torch.Tensor, Optional[torch.Tensor], QuantConfig, Optional[np.ndarray]]
 
 
 def worker_count(threads: Optional[int] = None) -> int:
@@ -134,12 +141,12 @@ def quantize_group(jobs: list[Job], workers: int = 1, timer: Timer = NO_TIMER) -
     next job starts: memory for one result at a time.
     """
     if workers <= 1 or len(jobs) <= 1:
-        for name, W, H, qc in jobs:
-            yield name, quantize_weight(W, H, qc, timer)
+        for name, W, H, qc, weights in jobs:
+            yield name, quantize_weight(W, H, qc, timer, row_weights=weights)
         return
-    _load_linalg(next((H.device for _, _, H, _ in jobs if H is not None), jobs[0][1].device))
+    _load_linalg(next((H.device for _, _, H, _, _ in jobs if H is not None), jobs[0][1].device))
     with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="claq-quantize") as pool:
-        futures = [pool.submit(quantize_weight, W, H, qc, timer) for _, W, H, qc in jobs]
+        futures = [pool.submit(quantize_weight, W, H, qc, timer, row_weights=weights) for _, W, H, qc, weights in jobs]
         try:
             for (name, *_), future in zip(jobs, futures):
                 yield name, future.result()
@@ -263,10 +270,12 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                    log: Callable[[str], None] = lambda s: None, targets: Optional[dict] = None,
                    threads: Optional[int] = None, timer: Timer = NO_TIMER, start_layer: int = 0,
                    start_states: Optional[list] = None, done: Collection[str] = (),
-                   on_layer: Optional[Callable[[int, list], None]] = None) -> Iterator[tuple[str, QuantizedWeight]]:
+                   on_layer: Optional[Callable[[int, list], None]] = None,
+                   row_weights: Optional[dict] = None) -> Iterator[tuple[str, QuantizedWeight]]:
     """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer, then the head.
 
-    `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight.
+    `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight;
+    `row_weights` (name -> float [out], sensitivity.row_weights) weigh the rows in a weight's K-Means.
     `threads`: how many linears of one group are quantized at once (None: torch.get_num_threads(); 1: one
     by one); the results do not depend on it. `timer` gets a section per layer ("inputs", "layer N",
     "head", "embedding") and the phases of timing.py.
@@ -301,7 +310,8 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 with timer.phase("forward"):
                     hessians = _group_hessians(layer, linears, states, kwargs, timer) if needs_h else {}
                 jobs = [(name, arch.family.layout(prefix + name + ".weight", linear.weight), hessians.get(name),
-                         _with_target(qc, targets, prefix + name + ".weight")) for name, linear in linears.items()]
+                         _with_target(qc, targets, prefix + name + ".weight"),
+                         (row_weights or {}).get(prefix + name + ".weight")) for name, linear in linears.items()]
                 hessians.clear()  # the jobs hold them, and let them go with the jobs
                 for name, result in quantize_group(jobs, workers, timer):
                     with timer.phase("finish"):
@@ -319,7 +329,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
 
     if qc.quantize_embeddings:
         yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer,
-                                                done, workers)
+                                                done, workers, row_weights or {})
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -366,7 +376,8 @@ def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantCo
 
 
 def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, qc: QuantConfig, device, log,
-                                 targets=None, timer: Timer = NO_TIMER, done: Collection[str] = (), workers: int = 1):
+                                 targets=None, timer: Timer = NO_TIMER, done: Collection[str] = (), workers: int = 1,
+                                 row_weights: Optional[dict] = None):
     head_name, embedding_name = head_and_embedding_names(model, config, set(source.names()))
     end_qc = replace(qc, bits=head_target(qc), ap_bits=None)
     head_qc = _with_target(end_qc, targets, head_name)
@@ -386,7 +397,8 @@ def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, 
                     H = total * (2.0 / count)
             with timer.phase("load"):
                 W = source.tensor(head_name).float().to(device)
-            result = quantize_weight(W, H, head_qc, timer, workers)  # used without a Hessian (--method kmeans)
+            result = quantize_weight(W, H, head_qc, timer, workers,  # workers: without a Hessian (--method kmeans)
+                                     row_weights=(row_weights or {}).get(head_name))
             del W, H
             log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
             yield head_name, result

@@ -10,10 +10,11 @@ from click.testing import CliRunner
 
 from claq_convert import reader, spec
 from claq_convert.cli import inspect_cmd
-from claq_convert.convert import ConvertOptions, encode_result, run_conversion
+from claq_convert.convert import ConvertOptions, encode_result, measure_fisher, run_conversion
 from claq_convert.calibration import calibration_set
 from claq_convert.gptq import GPTQ
 from claq_convert.pipeline import QuantConfig, quantize_model
+from claq_convert.sensitivity import weights_by_name
 from claq_convert.source import ModelSource
 from claq_convert.writer import ClaqWriter, encode_claq_sections
 
@@ -110,7 +111,9 @@ def test_converted_file_decodes_to_the_quantizer_result_bit_for_bit(converted, t
 
     path, qc, record = converted["ap31"]
     calib = calibration_set([text_file], AutoTokenizer.from_pretrained(str(tiny_model_dir)), None, 4, 32, 0)
-    results = dict(quantize_model(ModelSource(tiny_model_dir), calib, qc))  # deterministic: same run again
+    source = ModelSource(tiny_model_dir)
+    weights = weights_by_name(measure_fisher(source, calib, torch.device("cpu"), head=True))  # what the conversion did
+    results = dict(quantize_model(source, calib, qc, row_weights=weights))  # deterministic: same run again
     with reader.ClaqFile(path) as cf:
         cf.validate()
         for name, r in results.items():

@@ -41,14 +41,40 @@ def test_optimal_kmeans_numba_equals_the_plain_dynamic_programme(k):
         assert sse(xs, ours) <= sse(xs, kernels.kmeans_sorted(xs, prefix, k, 100)) * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("k", [2, 4, 16])
+def test_weighted_kmeans_is_the_weighted_optimum(k):
+    """Weights pull the centroids: the DP's weighted SSE is the least over all contiguous splits (the
+    plain DP twin), beats the unweighted fit's weighted SSE, and unit weights give the unweighted fit."""
+    rng = np.random.default_rng(70 + k)
+    for n in (k + 1, 57, 300):
+        xs = np.sort(heavy_tailed_column(rng, n).astype(np.float64))
+        u = rng.lognormal(0.0, 1.5, n)
+        pw, p, psq = (np.concatenate([[0.0], np.cumsum(v)]) for v in (u, u * xs, u * xs * xs))
+        ours = kernels.kmeans_optimal_weighted(xs, pw, p, psq, k)
+        assert np.allclose(ours, kernels_numpy.kmeans_optimal_sorted(xs, k, u), rtol=0, atol=1e-12)
+        plain = kernels.kmeans_optimal_sorted(xs, np.cumsum(np.r_[0.0, xs]), np.cumsum(np.r_[0.0, xs * xs]), k)
+        assert wsse(xs, u, ours) <= wsse(xs, u, plain) * (1 + 1e-12)
+        ones = np.arange(n + 1.0)
+        assert np.array_equal(kernels.kmeans_optimal_weighted(xs, ones, np.cumsum(np.r_[0.0, xs]),
+                                                              np.cumsum(np.r_[0.0, xs * xs]), k), plain)
+        lloyd = kernels.kmeans_sorted_weighted(xs, pw, p, k, 100)
+        assert np.array_equal(lloyd, kernels_numpy.kmeans_sorted(xs, k, 100, u))
+        assert wsse(xs, u, ours) <= wsse(xs, u, lloyd) * (1 + 1e-12)
+
+
+def wsse(x, u, centroids):
+    return float(np.sum(u * np.min((x[:, None] - centroids[None, :]) ** 2, axis=1)))
+
+
 def test_column_sse_table_equals_the_plain_fits():
     rng = np.random.default_rng(9)
     for n in (3, 9, 17, 200):
         Wt = heavy_tailed_column(rng, 5 * n).reshape(5, n).astype(np.float32)
-        ours = kernels.column_sse_by_width(Wt, 4)
-        twin = kernels_numpy.column_sse_by_width(Wt, 4)
-        assert ours.shape == (5, 4) and np.allclose(ours, twin, rtol=1e-9, atol=1e-12)
-        assert np.all(np.diff(ours, axis=1) <= 1e-12)  # more bits never cost more error
+        for weights in (np.ones(n), rng.lognormal(0.0, 1.5, n)):
+            ours = kernels.column_sse_by_width(Wt, 4, weights)
+            twin = kernels_numpy.column_sse_by_width(Wt, 4, weights)
+            assert ours.shape == (5, 4) and np.allclose(ours, twin, rtol=1e-9, atol=1e-12)
+            assert np.all(np.diff(ours, axis=1) <= 1e-12)  # more bits never cost more error
 
 
 def sse(x, centroids):
@@ -101,15 +127,16 @@ def block_inputs(rng, rows=96, cnt=40):
     return W1, Hinv, bits, reserve
 
 
-def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0):
+def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, weights=None):
     cnt, rows = W1.shape
+    weights = np.ones(rows) if weights is None else weights
     W = W1.copy()
     out = dict(codebooks=np.zeros((cnt, 16), np.float32), codes=np.zeros((cnt, rows), np.uint8),
                reserved=np.zeros((cnt, rows), np.uint8), Q=np.zeros((cnt, rows), np.float32),
                Err=np.zeros((cnt, rows), np.float32), levels=np.zeros((cnt, 16), np.uint8),
                grids=np.zeros((cnt, 2), np.float64))
     scale, zero = np.full(rows, 0.03), np.full(rows, 7.0)
-    loss = module.gptq_block(W, Hinv, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
+    loss = module.gptq_block(W, Hinv, weights, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
                              out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"])
     return loss, W, out
 
@@ -117,12 +144,14 @@ def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0):
 @pytest.mark.parametrize("mode,max_iter", [(kernels.MODE_CODEBOOK, 0), (kernels.MODE_CODEBOOK, 100),
                                            (kernels.MODE_GRID, 0), (kernels.MODE_UNIFORM, 0)])
 @pytest.mark.parametrize("fit_all", [False, True])
-def test_gptq_block_numba_equals_numpy_twin(mode, max_iter, fit_all):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gptq_block_numba_equals_numpy_twin(mode, max_iter, fit_all, weighted):
     W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(7))
+    weights = np.random.default_rng(8).lognormal(0.0, 1.5, W1.shape[1]) if weighted else None
     if mode == kernels.MODE_UNIFORM:
         bits[:] = 4
-    loss_a, W_a, a = run_block(kernels, W1, Hinv, bits, reserve, mode, fit_all, max_iter)
-    loss_b, W_b, b = run_block(kernels_numpy, W1, Hinv, bits, reserve, mode, fit_all, max_iter)
+    loss_a, W_a, a = run_block(kernels, W1, Hinv, bits, reserve, mode, fit_all, max_iter, weights)
+    loss_b, W_b, b = run_block(kernels_numpy, W1, Hinv, bits, reserve, mode, fit_all, max_iter, weights)
     assert np.array_equal(W_a, W_b)
     for key in a:
         assert np.array_equal(a[key], b[key]), key

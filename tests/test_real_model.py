@@ -37,6 +37,8 @@ def test_decoders_agree_on_every_tensor_and_bytes_are_honest(smollm2_claq):
     assert record["summary"]["honest_bpw"] < 4.65  # 4-bit blocks (4.24 bpw, grid codebooks) and the 6-bit tied head
     # the default needs no text beside the model and Python
     assert record["calibration"]["sources"] == ["self:22", "python-docs:5", "python-code:5"]
+    # the rows' Fisher weights, from 16 windows spread over the three sources
+    assert record["quant"]["row_weighting"] == "fisher" and record["sensitivity"]["windows"] == 16
     assert path.stat().st_size < 80e6  # the whole file: 78.5 MB (83.1 with fp16 codebooks and a raw tokenizer.json)
     with reader.ClaqFile(path) as cf:
         assert cf.files["tokenizer.json"]["encoding"] == "zlib" and cf.files["tokenizer.json"]["length"] < 1e6

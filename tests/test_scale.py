@@ -45,10 +45,12 @@ def random_jobs():
     X = torch.randn(1024, 192, generator=g) @ (torch.eye(192) + 0.2 * torch.randn(192, 192, generator=g))
     H = 2.0 / X.shape[0] * X.T @ X
     W = lambda rows: torch.randn(rows, 192, generator=g) * 0.02
-    return [("claq-ap-or", W(160), H, QuantConfig(bits=3.3, outlier_bits=0.2)),
-            ("kmeans", W(96), None, QuantConfig(method="kmeans", bits=2)),
-            ("gptq", W(128), H, QuantConfig(method="gptq", bits=4, group_size=64)),
-            ("claq-f16", W(64), H, QuantConfig(bits=6))]
+    weights = torch.rand(160, generator=g).double().numpy() * 3
+    return [("claq-ap-or", W(160), H, QuantConfig(bits=3.3, outlier_bits=0.2), None),
+            ("claq-weighted", W(160), H, QuantConfig(bits=3), weights),
+            ("kmeans", W(96), None, QuantConfig(method="kmeans", bits=2), None),
+            ("gptq", W(128), H, QuantConfig(method="gptq", bits=4, group_size=64), None),
+            ("claq-f16", W(64), H, QuantConfig(bits=6), None)]
 
 
 def test_quantize_group_in_threads_gives_the_one_by_one_results_in_order():

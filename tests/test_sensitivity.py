@@ -1,4 +1,5 @@
-"""The column Fisher sums behind --allocation fisher, checked against autograd one window at a time."""
+"""The Fisher sums behind --allocation fisher (columns) and --row-weights fisher (rows), checked against
+autograd one window at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,23 +7,26 @@ import pytest
 import torch
 
 from claq_convert import allocation
+from claq_convert.pipeline import QuantConfig
 from claq_convert.kernels import column_sse_by_width
-from claq_convert.sensitivity import FISHER_WINDOWS, column_fisher, spread_windows
+from claq_convert.sensitivity import (FISHER_WINDOWS, ROW_WEIGHT_FLOOR, FisherSums, fisher_sums, row_weights,
+                                      spread_windows, weights_by_name)
 
 
 def _manual(model, name: str, windows: torch.Tensor, rows_axis: int) -> np.ndarray:
+    """The squared gradients summed over windows, [out, in] like the quantizer sees the weight."""
     weight = dict(model.named_parameters())[name]
-    total = torch.zeros(weight.shape[1 - rows_axis], dtype=torch.float64)
+    total = torch.zeros(weight.shape, dtype=torch.float64)
     for window in windows:
         logits = model(window[None], use_cache=False).logits[0, :-1]
         loss = torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum")
         (grad,) = torch.autograd.grad(loss, weight)
-        total += grad.double().square().sum(dim=rows_axis)
-    return total.numpy()
+        total += grad.double().square()
+    return (total.T if rows_axis else total).numpy()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_column_fisher_is_the_squared_gradient_summed_down_each_column(family, tmp_path):
+def test_fisher_sums_are_the_squared_gradient_summed_down_columns_and_along_rows(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from conftest import build_tiny_model
@@ -34,14 +38,26 @@ def test_column_fisher_is_the_squared_gradient_summed_down_each_column(family, t
     names = [n for n, _ in model.named_parameters() if entry.transposed(n) or n.endswith("proj.weight")]
     assert names
     windows = torch.randint(2, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
-    fisher = column_fisher(model, names, windows, entry.transposed)
+    fisher = fisher_sums(model, names, windows, entry.transposed)
     assert all(p.grad is None for p in model.parameters())  # nothing left behind
     for name in names[:3]:
-        expected = _manual(model, name, windows, 1 if entry.transposed(name) else 0)
-        assert fisher[name].shape == expected.shape and fisher[name].min() >= 0
-        np.testing.assert_allclose(fisher[name], expected, rtol=1e-4, atol=1e-12)
+        squared = _manual(model, name, windows, 1 if entry.transposed(name) else 0)  # [out, in]
+        for got, expected in ((fisher.columns[name], squared.sum(axis=0)), (fisher.rows[name], squared.sum(axis=1))):
+            assert got.shape == expected.shape and got.min() >= 0
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-12)
     with pytest.raises(ValueError, match="no parameter"):
-        column_fisher(model, ["not.a.weight"], windows)
+        fisher_sums(model, ["not.a.weight"], windows)
+
+
+def test_row_weights_have_mean_one_and_a_floor():
+    sums = np.array([0.0, 1e-9, 2.0, 6.0, 12.0])
+    weights = row_weights(sums)
+    np.testing.assert_allclose(weights[2:], sums[2:] / sums.mean())
+    assert weights[0] == weights[1] == ROW_WEIGHT_FLOOR
+    assert np.array_equal(row_weights(np.zeros(4)), np.ones(4))  # no gradient anywhere: plain K-Means
+    named = weights_by_name(FisherSums(columns={}, rows={"block": sums, "head": sums}, head="head"))
+    np.testing.assert_allclose(named["block"], weights)
+    np.testing.assert_allclose(named["head"], np.maximum(np.sqrt(sums) / np.sqrt(sums).mean(), ROW_WEIGHT_FLOOR))
 
 
 def test_fisher_losses_are_in_one_unit_and_drive_the_choice():
@@ -54,8 +70,12 @@ def test_fisher_losses_are_in_one_unit_and_drive_the_choice():
     for a, b in zip(tables["flat"], tables["steep"]):
         assert a.nbytes == b.nbytes and b.loss == pytest.approx(a.loss * 1e4)  # linear in the Fisher sums
     four = next(c for c in tables["flat"] if c.setting == allocation.Setting(4, 4, 0.0))
-    sse = column_sse_by_width(np.ascontiguousarray(W.T), 4)[:, 3]
+    sse = column_sse_by_width(np.ascontiguousarray(W.T), 4, np.ones(64))[:, 3]
     assert four.loss == pytest.approx(float(np.sum(flat * sse) / (2 * 64)))
+    weights = rng.lognormal(0.0, 1.0, 64)
+    weighted = allocation.candidates(W, energy, fisher=flat, row_weights=weights)
+    wsse = column_sse_by_width(np.ascontiguousarray(W.T), 4, weights)[:, 3]
+    assert next(c for c in weighted if c.setting == four.setting).loss == pytest.approx(float(np.sum(flat * wsse) / 128))
     budget = tables["flat"][1].nbytes + tables["flat"][3].nbytes
     choice = allocation.allocate(tables, budget)
     assert choice["steep"].setting.target > choice["flat"].setting.target
@@ -92,3 +112,46 @@ def test_fisher_windows_are_spread_over_every_calibration_source():
     assert any(64 <= r < 80 for r in rows) and any(r >= 80 for r in rows)
     small = calibration[:5]
     assert torch.equal(spread_windows(small), small)
+
+
+def test_weighted_codebooks_cost_the_weighted_rows_less():
+    """Without a Hessian every column is its own K-Means: weighting the rows can only lower the weighted error."""
+    from claq_convert.pipeline import QuantConfig, quantize_weight
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(256, 48, generator=g) * torch.linspace(0.2, 3.0, 256, dtype=torch.float32)[:, None]
+    weights = torch.rand(256, generator=g).double().numpy() ** 4 * 50 + 1e-3
+    qc = QuantConfig(bits=3, codebook="f16")
+    plain, weighted = (quantize_weight(W, None, qc, row_weights=w) for w in (None, weights))
+    error = {name: ((result.dequantize() - W.numpy()) ** 2) for name, result in (("plain", plain), ("weighted", weighted))}
+    per_column = {name: (weights[:, None] * e).sum(axis=0) for name, e in error.items()}
+    assert np.all(per_column["weighted"] <= per_column["plain"] * (1 + 1e-3))  # fp16 rounding of the entries
+    assert per_column["weighted"].sum() < 0.9 * per_column["plain"].sum()
+    assert error["weighted"].sum() > error["plain"].sum()  # paid for by the rows that matter less
+
+
+def test_conversion_weighs_rows_by_default_and_none_turns_it_off(tiny_model_dir, text_file):
+    from claq_convert.convert import ConvertOptions, run_conversion
+
+    records = {w: run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=None, quant=QuantConfig(bits=3, row_weighting=w),
+                                                calib=(text_file,), nsamples=4, seqlen=32)) for w in ("fisher", "none")}
+    assert records["fisher"]["sensitivity"]["windows"] == 4 and "sensitivity" not in records["none"]
+    assert records["fisher"]["quant"]["row_weighting"] == "fisher"
+    errors = {w: [t["relative_error"] for t in r["tensors"].values()] for w, r in records.items()}
+    assert errors["fisher"] != errors["none"]
+
+
+def test_measure_fisher_covers_every_block_linear_and_the_head(tiny_model_dir):
+    from claq_convert.convert import measure_fisher
+    from claq_convert.source import ModelSource
+
+    source = ModelSource(tiny_model_dir)
+    config = source.config()
+    windows = torch.randint(2, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    plain, with_head = (measure_fisher(source, windows, torch.device("cpu"), head=h) for h in (False, True))
+    linears = [n for n in source.names() if ".layers." in n and n.endswith("proj.weight")]
+    assert sorted(plain.rows) == sorted(linears) and plain.head is None
+    assert with_head.head in source.names() and with_head.head not in plain.rows
+    assert with_head.rows[with_head.head].shape == (config.vocab_size,)
+    for name in linears:
+        assert np.array_equal(plain.rows[name], with_head.rows[name])

@@ -72,6 +72,18 @@ CONFIGS.update({  # the default calibration (self-sampled text and this Python's
     # the whole model at the default file's size: the head keeps its target, the blocks share the rest
     "default-claq-alloc-fisher=default-claq-4": dict(bpw_of="default-claq-4", allocation="fisher"),
 })
+# Everything above was measured before the rows' Fisher weights entered the K-Means: plain K-Means.
+for fields in CONFIGS.values():
+    if fields.get("method", "claq") == "claq":
+        fields.setdefault("row_weighting", "none")
+CONFIGS.update({  # the K-Means weighted by each row's Fisher sum (--row-weights fisher, the default now)
+    "rows-claq-4": dict(bits=4),
+    "rows-claq-ap-4.2-fp32-embedding": dict(bits=4.2, ap_bits=(4, 5), quantize_embeddings=False),
+    "rows-claq-alloc-fisher=default-claq-ap-4.2-fp32-embedding": dict(
+        bpw_of="default-claq-ap-4.2-fp32-embedding", allocation="fisher", quantize_embeddings=False),
+    "rows-claq-alloc-fisher=default-claq-4": dict(bpw_of="default-claq-4", allocation="fisher"),
+    "rows-claq-ap-3.33-fp32-embedding": dict(bits=3.33, ap_bits=(3, 4), quantize_embeddings=False),
+})
 
 
 @click.command()

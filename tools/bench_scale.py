@@ -233,7 +233,7 @@ def group_speedup(source: ModelSource, qc: QuantConfig, tokens: int, seqlen: int
     names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
     weights = {name: source.tensor(name).float().to(device) for name in names}
     H = surrogate_hessian(tokens, weights[names[0]].shape[1], seqlen, device, PhaseTimer())
-    jobs = [(name, W, H, qc) for name, W in weights.items()]
+    jobs = [(name, W, H, qc, None) for name, W in weights.items()]
     timings, results = {}, {}
     for label, count in (("sequential", 1), ("parallel", workers)):
         start = time.perf_counter()
