@@ -303,9 +303,11 @@ def measure_fisher(source: ModelSource, calibration: torch.Tensor, device, progr
     model = load_sampler(source.dir, device)
     arch = resolve(model, model.config)
     names = [f"{arch.family.layers}.{i}.{n}.weight" for i in range(len(arch.layers)) for n in arch.linears]
-    head_name = head_and_embedding_names(model, model.config, set(source.names()))[0] if head else None
-    sums = fisher_sums(model, names + [head_name] * head, spread_windows(calibration), arch.family.transposed,
-                       progress)
+    head_name = None
+    if head:
+        head_name = head_and_embedding_names(model, model.config, set(source.names()))[0]
+        names.append(head_name)
+    sums = fisher_sums(model, names, spread_windows(calibration), arch.family.transposed, progress)
     return replace(sums, head=head_name)
 
 

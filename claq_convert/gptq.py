@@ -91,9 +91,9 @@ class GPTQ:
         def run(i1: int, i2: int) -> float:
             W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
             Err1 = np.zeros_like(W1)
-            return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2], reserve[i1:i2],
-                                      fit_all, max_iter, scale, zero, *(o[i1:i2] for o in outputs[:4]), Err1,
-                                      *(o[i1:i2] for o in outputs[4:]))
+            return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2],
+                                      reserve[i1:i2], fit_all, max_iter, scale, zero,
+                                      *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:]))
 
         tick = time.perf_counter()
         with ThreadPoolExecutor(workers, thread_name_prefix="claq-columns") as pool:
@@ -157,8 +157,8 @@ class GPTQ:
                 Err1 = np.zeros((i2 - i1, rows), np.float32)
             with timer.phase("kmeans"):
                 tick = time.perf_counter()
-                loss += kernels.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all, max_iter,
-                                           scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
+                loss += kernels.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
+                                           max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
                                            Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2])
                 kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:

@@ -211,6 +211,20 @@ def kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k):
     return centroids
 
 
+@njit(cache=True, nogil=True)
+def weighted_prefix_sums(xs, u):
+    """Prefix sums (length n + 1, float64) of the weights u, u * xs and u * xs**2 for ascending xs."""
+    n = xs.shape[0]
+    prefix_w = np.zeros(n + 1, np.float64)
+    prefix = np.zeros(n + 1, np.float64)
+    prefix_sq = np.zeros(n + 1, np.float64)
+    for i in range(n):
+        prefix_w[i + 1] = prefix_w[i] + u[i]
+        prefix[i + 1] = prefix[i] + u[i] * xs[i]
+        prefix_sq[i + 1] = prefix_sq[i] + u[i] * xs[i] * xs[i]
+    return prefix_w, prefix, prefix_sq
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def column_sse_by_width(Wt, max_bits, weights):
     """Least weighted K-Means SSE of every column at every width: out[j, b-1] for b = 1..max_bits.
@@ -225,15 +239,7 @@ def column_sse_by_width(Wt, max_bits, weights):
     out = np.zeros((cols, max_bits), np.float64)
     for j in prange(cols):
         order = np.argsort(Wt[j], kind="mergesort")
-        prefix_w = np.zeros(n + 1, np.float64)
-        prefix = np.zeros(n + 1, np.float64)
-        prefix_sq = np.zeros(n + 1, np.float64)
-        for i in range(n):
-            x = np.float64(Wt[j, order[i]])
-            u = weights[order[i]]
-            prefix_w[i + 1] = prefix_w[i] + u
-            prefix[i + 1] = prefix[i] + u * x
-            prefix_sq[i + 1] = prefix_sq[i] + u * x * x
+        prefix_w, prefix, prefix_sq = weighted_prefix_sums(Wt[j][order].astype(np.float64), weights[order])
         kdp = min(k, n - 1)  # the DP needs more entries than clusters; n clusters or more fit exactly
         sse = np.zeros(k, np.float64)
         if kdp >= 1:
@@ -259,8 +265,8 @@ def nearest_code(x, codebook):
 
 
 @njit(cache=True, nogil=True)
-def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out, q_out,
-                             grid, levels_out, grid_out):
+def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out,
+                             q_out, grid, levels_out, grid_out):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
 
     `weights` (float64 [rows], > 0) weigh each row's squared error in the K-Means (ones: plain K-Means).
@@ -284,14 +290,7 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
         else:
             hi -= 1
     a, b = (0, n) if fit_all else (lo, hi)
-    prefix_w = np.zeros(b - a + 1, np.float64)
-    prefix = np.zeros(b - a + 1, np.float64)
-    prefix_sq = np.zeros(b - a + 1, np.float64)
-    for i in range(a, b):
-        u = weights[order[i]]
-        prefix_w[i - a + 1] = prefix_w[i - a] + u
-        prefix[i - a + 1] = prefix[i - a] + u * xs[i]
-        prefix_sq[i - a + 1] = prefix_sq[i - a] + u * xs[i] * xs[i]
+    prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs[a:b], weights[order[a:b]])
     if max_iter > 0:
         centroids = kmeans_sorted_weighted(xs[a:b], prefix_w, prefix, k, max_iter)
     else:
@@ -325,7 +324,8 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
     W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
     place with each column's error, as in GPTQ. Hinv1 [cnt, cnt] is the block of the upper Cholesky
     factor of H^-1. `weights` (float64 [rows], > 0) weigh the rows in the codebooks' K-Means: GPTQ's
-    compensation is the same for every row, so a per-row weight changes only the codebooks. Mode MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
+    compensation is the same for every row, so a per-row weight changes only the codebooks. Mode
+    MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
     levels [cnt, 256] and (offset, step) [cnt, 2] written to levels/grids); MODE_UNIFORM rounds to the
     per-row grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 256], codes/reserved/Q1/
     Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2.

@@ -53,7 +53,8 @@ class QuantConfig:
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
     allocation: str = "fisher"        # its loss per weight: "fisher", the model loss it adds (sensitivity.py), or
                                       # the layer output error "relative" to the weight's output energy, or "absolute"
-    row_weighting: str = "fisher"     # claq: the rows' weights in each column's K-Means, "fisher" (sensitivity.py) or "none"
+    row_weighting: str = "fisher"     # claq: the rows' weights in each column's K-Means, "fisher"
+                                      # (sensitivity.py) or "none"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
 
