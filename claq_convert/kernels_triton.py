@@ -8,7 +8,8 @@ the u32 words, LSB first (spec.pack_codes); `tables[c]` is that column's codeboo
 - `decode_stream` writes W^T[columns[c], r] = tables[c, code(c, r)] into a [C, rows] tensor.
 - `lut_matmul_stream` adds x[:, columns] @ W_stream^T to an fp32 accumulator: each code picks an entry
   of its column's codebook, scaled by the input value of that column; the codes are read once and no
-  decoded weight is written anywhere.
+  decoded weight is written anywhere. A batch of one row (a GEMV, token-by-token generation) on a
+  word-aligned stream takes `_gemv_kernel`, which reads each code word once; other batches `_lut_kernel`.
 
 Outliers are not handled here: they are a sparse correction the caller applies (a scatter into the
 decoded W^T, or outlier_values times x added to y). Neither kernel checks `columns` against C (that
@@ -18,6 +19,7 @@ on the CPU under TRITON_INTERPRET=1 (set before this module is imported: @triton
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import torch
@@ -28,6 +30,12 @@ from . import spec
 
 MAX_BATCH = 16        # rows of x one LUT launch takes; a larger batch is split into chunks of this many
 PROGRAMS_PER_SM = 4   # LUT launch: aim for a few resident programs per SM (132 on H100/H200)
+# GEMV launch (batch 1, word-aligned streams): rows and columns of a program's tile, its warps, and the
+# programs per SM the columns are split for: the 4-bit best of the sweep in bench/decode-cuda.json (H100)
+GEMV_BLOCK_ROWS = 128
+GEMV_BLOCK_C = 8
+GEMV_WARPS = 4
+GEMV_PROGRAMS_PER_SM = 16
 
 
 @triton.jit
@@ -118,6 +126,56 @@ def _lut_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xm, stride_xc,
     tl.atomic_add(y_ptr + m[:, None] * rows + r[None, :], acc, mask=(m < M)[:, None] & (r < rows)[None, :])
 
 
+@triton.jit
+def _gemv_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, n, rows, words_per_column,
+                 columns_per_program, BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_U: tl.constexpr):
+    """y[rows block] += x[columns] . W^T over one slice of the stream's columns (grid axis 1), batch 1.
+
+    Every column starts on a word boundary, so it is a run of units: UNIT_WORDS words (BITS / gcd(BITS,
+    32)) holding K = 32 * UNIT_WORDS / BITS codes, the same bit pattern in every unit. Each word of a
+    [BLOCK_C, BLOCK_U] tile of units is loaded once; code k of a unit is then word (k * BITS) // 32
+    shifted by a constant (plus the next word's low bits where it straddles), so the [BLOCK_C, BLOCK_U,
+    K] tile of codes costs shifts and selects, not loads (Triton keeps a unit's K codes in one thread).
+    Products accumulate elementwise and are summed over columns once at the end; slices meet in y by
+    atomic adds. (Units leading the tile's axes, a warp's lanes along one column, measured slower: 1.96x
+    fp16's time at 4096 x 4096 on an H200, where this kernel took 0.94x on an H100.)
+    """
+    K: tl.constexpr = 32 * UNIT_WORDS // BITS
+    u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    k = tl.arange(0, K)
+    bit = k * BITS
+    word_of_code = (bit >> 5)[None, None, :]
+    shift = (bit & 31).to(tl.uint32)[None, None, :]
+    straddles = ((bit & 31) + BITS > 32)[None, None, :]
+    first = tl.program_id(1) * columns_per_program
+    partial = tl.zeros([BLOCK_C, BLOCK_U, K], tl.float32)
+    for start in range(0, columns_per_program, BLOCK_C):
+        c = first + start + tl.arange(0, BLOCK_C)
+        in_stream = c < n
+        c_safe = tl.minimum(c, n - 1)  # columns past the stream read the last one's table, times x = 0
+        unit_word = c_safe[:, None] * words_per_column + u[None, :] * UNIT_WORDS
+        if UNIT_WORDS == 1:
+            low = tl.load(words_ptr + unit_word, mask=(u < words_per_column)[None, :], other=0)
+            code = low.to(tl.uint32, bitcast=True)[:, :, None] >> shift
+        else:
+            low = tl.zeros([BLOCK_C, BLOCK_U, K], tl.uint32)
+            high = tl.zeros([BLOCK_C, BLOCK_U, K], tl.uint32)
+            for j in tl.static_range(UNIT_WORDS):
+                word = tl.load(words_ptr + unit_word + j, mask=(u * UNIT_WORDS + j < words_per_column)[None, :],
+                               other=0).to(tl.uint32, bitcast=True)[:, :, None]
+                low = tl.where(word_of_code == j, word, low)
+                high = tl.where(straddles & (word_of_code == j - 1), word, high)
+            code = (low >> shift) | (high << ((32 - shift) & 31))  # high is 0 wherever the shift would be 32
+        code = (code & ((1 << BITS) - 1)).to(tl.int32)
+        entry = tl.load(tables_ptr + c_safe[:, None, None] * (1 << BITS) + code)
+        column = tl.load(columns_ptr + c_safe)
+        xc = tl.load(x_ptr + column * stride_xc, mask=in_stream, other=0.0).to(tl.float32)
+        partial += entry * xc[:, None, None]
+    r = u[:, None] * K + k[None, :]
+    tl.atomic_add(y_ptr + r, tl.sum(partial, axis=0), mask=r < rows)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -197,6 +255,9 @@ def lut_matmul_stream(words: torch.Tensor, bits: int, tables: torch.Tensor, colu
         raise ValueError(f"y must be a contiguous float32 [{x.shape[0]}, {rows}] tensor on {words.device}")
     if n == 0 or x.shape[0] == 0:
         return
+    if x.shape[0] == 1 and rows * bits % spec.WORD_BITS == 0 and block_r is None:
+        _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, gemv_config(bits, block_c=block_c))
+        return
     for m0 in range(0, x.shape[0], MAX_BATCH):
         _lut_launch(words, bits, tables, columns, rows, x[m0:m0 + MAX_BATCH], y[m0:m0 + MAX_BATCH], n,
                     split, block_c, block_r)
@@ -219,3 +280,46 @@ def _lut_launch(words, bits, tables, columns, rows, x, y, n, split, block_c, blo
     _lut_kernel[grid](words, tables, columns, x, x.stride(0), x.stride(1), y, n, rows, M,
                       per_program, BITS=bits, ALIGNED=rows * bits % 32 == 0, BLOCK_M=1 if gemv else MAX_BATCH,
                       BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8)
+
+
+def lut_gemv_stream(words: torch.Tensor, bits: int, tables: torch.Tensor, columns: torch.Tensor, rows: int,
+                    x: torch.Tensor, y: torch.Tensor, *, split: int | None = None, **tuning) -> None:
+    """lut_matmul_stream for one row of x on a word-aligned stream (rows * bits a multiple of 32) by the
+    GEMV kernel, with its tile settings open (`tuning`: gemv_config's keywords), for benchmarks."""
+    bits, rows = operator.index(bits), operator.index(rows)
+    n = _check_stream(words, bits, tables, columns, rows)
+    if rows * bits % spec.WORD_BITS:
+        raise ValueError(f"the GEMV kernel needs word-aligned columns: rows * bits = {rows * bits} is not a "
+                         f"multiple of {spec.WORD_BITS}")
+    if x.dim() != 2 or x.shape[0] != 1 or x.device != words.device:
+        raise ValueError(f"x must be a [1, C] tensor on {words.device}")
+    if y.dtype != torch.float32 or tuple(y.shape) != (1, rows) or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous float32 [1, {rows}] tensor")
+    if n:
+        _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, gemv_config(bits, **tuning))
+
+
+def gemv_config(bits: int, block_rows=None, block_c=None, warps=None, programs_per_sm=None) -> dict:
+    """The GEMV launch's settings, defaults filled in. A unit is the fewest whole words that hold whole
+    codes: bits / gcd(bits, 32) words, 32 / gcd(bits, 32) rows (one word of 8 rows at 4 bits, three
+    words of 32 rows at 3); a tile spans whole units, at least one."""
+    unit_words = bits // math.gcd(bits, spec.WORD_BITS)
+    unit_rows = spec.WORD_BITS * unit_words // bits
+    block_rows = _block(block_rows, GEMV_BLOCK_ROWS)
+    return {"unit_words": unit_words, "block_u": max(1, block_rows // unit_rows), "block_rows": block_rows,
+            "block_c": _block(block_c, GEMV_BLOCK_C), "warps": _block(warps, GEMV_WARPS),
+            "programs_per_sm": programs_per_sm or GEMV_PROGRAMS_PER_SM}
+
+
+def _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, config: dict) -> None:
+    words_per_column = rows * bits // spec.WORD_BITS
+    unit_blocks = triton.cdiv(triton.cdiv(words_per_column, config["unit_words"]), config["block_u"])
+    column_blocks = triton.cdiv(n, config["block_c"])
+    if split is None:
+        split = triton.cdiv(config["programs_per_sm"] * _sm_count(x.device), unit_blocks)
+    split = max(1, min(split, column_blocks))
+    per_program = triton.cdiv(column_blocks, split) * config["block_c"]
+    grid = (unit_blocks, triton.cdiv(n, per_program))
+    _gemv_kernel[grid](words, tables, columns, x, x.stride(1), y, n, rows, words_per_column, per_program,
+                       BITS=bits, UNIT_WORDS=config["unit_words"], BLOCK_C=config["block_c"],
+                       BLOCK_U=config["block_u"], num_warps=config["warps"])

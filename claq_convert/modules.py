@@ -32,10 +32,10 @@ from .torch_decoder import ClaqLayout, codebook_values, codes_at, decode_claq, t
 # stay in cache and multiplying them measured faster (1536 x 576 4-bit, 2 cores: batch 8 1.5 ms by the
 # product, 0.13 ms decode + a small matmul)
 PRODUCT_MAX_ROWS = 1
-# CUDA: batch rows up to which the Triton LUT product is used. 0, because measured on an H200
-# (bench/decode-cuda.json), Triton decode + cuBLAS beat the LUT kernel at every shape and batch (4096 x
-# 4096 4-bit, batch 1: 62 against 86 us), so the LUT kernel is kept, tested, but not chosen.
-TRITON_PRODUCT_MAX_ROWS = 0
+# CUDA: batch rows up to which the Triton LUT product is used. Measured on an H100 (bench/decode-cuda.json,
+# batch 1): the GEMV kernel 21.8 us at 4096 x 4096 4-bit against 63.6 us for decode + cuBLAS (23.3 us for
+# cuBLAS on the fp16 weight), and ahead or level at every shape; from 4 rows on, decode + cuBLAS wins.
+TRITON_PRODUCT_MAX_ROWS = 1
 CHUNK_PARAMS = 1 << 20          # decoded floats per chunk on the CPU decode path (4 MiB, stays in cache)
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
 

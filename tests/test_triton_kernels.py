@@ -149,6 +149,34 @@ def test_lut_product_for_every_width(device, bits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", list(spec.ALLOWED_BITS))
+def test_gemv_for_every_width_and_launch_setting(device, bits):
+    """The batch-1 kernel on word-aligned columns: whole units, a partial last unit (40 rows of 4 or 8
+    bits: 5 or 10 words), tiles of one unit and of more rows than the weight, several column slices."""
+    rng = np.random.default_rng(20 + bits)
+    C = 45
+    for rows in (r for r in (32, 96, 40) if r * bits % 32 == 0):
+        stream = Stream(rng, bits, rows, np.sort(rng.choice(C, 38, replace=False)))
+        Wt = np.zeros((C, rows), np.float32)
+        Wt[stream.columns] = stream.values
+        x = torch.randn(1, C, generator=torch.Generator().manual_seed(bits + rows)).to(device)
+        y0 = rng.standard_normal((1, rows)).astype(np.float32)
+        for tuning in ({}, dict(block_rows=1, block_c=2, split=5), dict(block_rows=256, block_c=64, warps=1)):
+            y = torch.from_numpy(y0.copy()).to(device)
+            kt.lut_gemv_stream(*stream.tensors(device), x, y, **tuning)
+            assert_product(y, y0, x, Wt)
+
+
+def test_gemv_refuses_unaligned_columns_and_batches():
+    stream = Stream(np.random.default_rng(0), 3, 10, [0, 2])
+    with pytest.raises(ValueError, match="word-aligned"):
+        kt.lut_gemv_stream(*stream.tensors("cpu"), torch.ones(1, 3), torch.zeros(1, 10))
+    stream = Stream(np.random.default_rng(0), 4, 8, [0, 2])
+    with pytest.raises(ValueError, match=r"x must be a \[1, C\]"):
+        kt.lut_gemv_stream(*stream.tensors("cpu"), torch.ones(2, 3), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lut_product_takes_half_inputs_and_strided_and_large_batches(device, dtype):
     streams, Wt = mixed_weight(3, 40, 36)
@@ -195,7 +223,7 @@ def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, mon
     as a sparse correction) to fp32 rounding, for batches served by the LUT kernel and by decode + matmul."""
     from claq_convert import modules, reader
 
-    monkeypatch.setattr(modules, "TRITON_PRODUCT_MAX_ROWS", 16)  # not chosen by default (slower on an H200)
+    monkeypatch.setattr(modules, "TRITON_PRODUCT_MAX_ROWS", 16)  # batch 5 through the tile kernel too
     from claq_convert.convert import encode_result
     from claq_convert.gptq import GPTQ
 
@@ -215,3 +243,22 @@ def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, mon
             reference = x.double() @ expected.double().T
             scale = x.abs().double() @ expected.abs().double().T
             assert torch.all((y - reference).abs() <= 1e-5 * scale + 1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the smoke run is for the interpreter")
+def test_the_cuda_benchmark_runs_end_to_end_in_the_interpreter(tmp_path):
+    """tools/bench_decode_cuda.py --smoke --sweep: every kernel checked against the reference, JSON written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_decode_cuda.py"
+    spec_ = importlib.util.spec_from_file_location("bench_decode_cuda", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    out = tmp_path / "smoke.json"
+    assert bench.main(["--smoke", "--sweep", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["failures"] == [] and report["smoke"] is True
+    assert all(case["best"] is not None and len(case["settings"]) == 2 for case in report["sweep"])
+    assert all("lut_tiles" in case["batches"]["1"]["us"] for case in report["cases"])

@@ -7,6 +7,7 @@ M = 1, 4, 16, it times in one run:
 
 - fp16_linear: F.linear(x, W) with the decoded fp16 weight (cuBLAS), the speed to beat;
 - lut: kernels_triton.lut_matmul_stream over every stream into a zeroed fp32 y (the zeroing included);
+  at M = 1 that is the GEMV kernel; lut_tiles: the tile kernel it replaced there (block_r=128);
 - decode_linear: kernels_triton.decode_stream to fp16 W^T, then F.linear;
 - decode: the decode kernel alone; torch_decoder: torch_decoder.decode_claq to fp16;
 - copy: a device-to-device copy of the fp16 weight's bytes (the bandwidth ceiling of a decode).
@@ -20,7 +21,10 @@ decode reads it and writes the fp16 W^T; decode_linear writes and reads W^T once
 JSON goes to bench/decode-cuda.json with the machine. Only torch, triton, numpy and claq_convert's spec,
 torch_decoder and kernels_triton are imported: the GPU machine needs nothing else.
 
-    python tools/bench_decode_cuda.py [--out PATH]
+With --sweep it first times the GEMV kernel alone, stream by stream (4-bit and 3-bit, 7B shapes), over a
+grid of its launch settings (kernels_triton.gemv_config), and records every time and the best.
+
+    python tools/bench_decode_cuda.py [--out PATH] [--sweep]
     TRITON_INTERPRET=1 python tools/bench_decode_cuda.py --smoke [--out PATH]   # tiny shapes, CPU, end to end
 """
 from __future__ import annotations
@@ -169,6 +173,16 @@ def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed
 
         t = {"fp16_linear": time_us(lambda: torch.nn.functional.linear(x, W16)), "lut": time_us(lut),
              "decode_linear": time_us(lambda: (decode(out16), torch.nn.functional.linear(x, out16.T)))}
+        if M == 1:
+            def lut_tiles():
+                y.zero_()
+                for s in weight.streams:
+                    kt.lut_matmul_stream(*s, x, y, block_r=128)
+
+            lut_tiles()
+            error = np.abs(y.cpu().numpy() - xs @ Wt64)
+            check(f"{label} lut_tiles M=1", bool(np.all(error <= bound)), failures)
+            t["lut_tiles"] = time_us(lut_tiles)
         result["batches"][str(M)] = {
             "us": t,
             "gbps": {"fp16_linear": fp16_bytes / t["fp16_linear"] / 1e3, "lut": weight.packed_bytes / t["lut"] / 1e3,
@@ -177,8 +191,56 @@ def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed
                        "decode_linear/fp16_linear": t["decode_linear"] / t["fp16_linear"],
                        "lut/decode_linear": t["lut"] / t["decode_linear"]}}
         print(f"  M={M:2d}: fp16_linear {t['fp16_linear']:.1f} us, lut {t['lut']:.1f} us "
-              f"({t['lut'] / t['fp16_linear']:.2f}x), decode+linear {t['decode_linear']:.1f} us", flush=True)
+              f"({t['lut'] / t['fp16_linear']:.2f}x), decode+linear {t['decode_linear']:.1f} us"
+              + (f", lut_tiles {t['lut_tiles']:.1f} us" if "lut_tiles" in t else ""), flush=True)
     return result
+
+
+SWEEP_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SWEEP_GRID = {"block_rows": (64, 128, 256), "block_c": (8, 16, 32), "warps": (4, 8), "programs_per_sm": (4, 16)}
+SMOKE_GRID = {"block_rows": (8, 32), "block_c": (8,), "warps": (4,), "programs_per_sm": (4,)}
+
+
+def sweep(device, time_us, failures: list[str], shapes, grid: dict) -> list[dict]:
+    """The GEMV kernel on one stream (every column at 4 bits, or the 3-bit stream of the 3/4 mix) for
+    every launch setting in `grid`, checked once per setting; the fp16 matmul of the same weight beside it."""
+    import itertools
+
+    from claq_convert import kernels_triton as kt
+
+    results = []
+    for i, (rows, C) in enumerate(shapes):
+        for j, mix in enumerate(MIXES):
+            weight = SyntheticWeight(np.random.default_rng([100 + i, j]), rows, C, mix, device)
+            stream = min(weight.streams, key=lambda s: s[1])  # 4-bit alone, or the 3-bit stream of 3/4
+            words, bits, tables, columns, _ = stream
+            x = torch.randn(1, C, generator=torch.Generator().manual_seed(i)).to(device=device, dtype=torch.float16)
+            y = torch.empty(1, rows, device=device)
+            Wt = np.zeros((C, rows), np.float64)
+            Wt[columns.cpu().numpy()] = weight.Wt[columns.cpu().numpy()]
+            xs = x.cpu().double().numpy()
+            bound = 2 * C * 2.0 ** -24 * (np.abs(xs) @ np.abs(Wt)) + 1e-30
+            W16 = torch.from_numpy(Wt.T.copy()).to(device=device, dtype=torch.float16)
+            case = {"rows": rows, "C": C, "bits": bits, "columns": int(columns.numel()),
+                    "fp16_linear_us": time_us(lambda: torch.nn.functional.linear(x, W16)), "settings": []}
+            for values in itertools.product(*grid.values()):
+                tuning = dict(zip(grid, values))
+
+                def gemv():
+                    y.zero_()
+                    kt.lut_gemv_stream(words, bits, tables, columns, rows, x, y, **tuning)
+
+                gemv()
+                label = f"sweep {rows}x{C} {bits}-bit {tuning}"
+                if check(label, bool(np.all(np.abs(y.cpu().numpy() - xs @ Wt) <= bound)), failures):
+                    case["settings"].append(dict(tuning, us=time_us(gemv)))
+                    print(f"  {label}: {case['settings'][-1]['us']:.1f} us", flush=True)
+            case["best"] = min(case["settings"], key=lambda r: r["us"]) if case["settings"] else None
+            print(f"sweep {rows}x{C} {bits}-bit ({case['columns']} columns): fp16_linear "
+                  f"{case['fp16_linear_us']:.1f} us, best {case['best']}", flush=True)
+            results.append(case)
+            del weight, W16
+    return results
 
 
 def machine(device: torch.device) -> dict:
@@ -200,6 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(ROOT)})")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1; writes to a temp file unless --out")
+    parser.add_argument("--sweep", action="store_true", help="first time the GEMV kernel over its launch settings")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     args = parser.parse_args(argv)
@@ -221,6 +284,10 @@ def main(argv=None) -> int:
     failures: list[str] = []
     cases = []
     started = time.perf_counter()
+    swept = None
+    if args.sweep:
+        swept = sweep(device, timer(device, 5, 25), failures, SMOKE_SHAPES[:1] if args.smoke else SWEEP_SHAPES,
+                      SMOKE_GRID if args.smoke else SWEEP_GRID)
     for i, (rows, C) in enumerate(shapes):
         for j, mix in enumerate(MIXES):
             weight = SyntheticWeight(np.random.default_rng([i, j]), rows, C, mix, device)
@@ -233,6 +300,8 @@ def main(argv=None) -> int:
               "method": "medians of triton.testing.do_bench (L2 flushed before each call), microseconds; "
                         "x fp16, y fp32; codebooks fp16 values read as fp32 tables; no outliers",
               "failures": failures, "cases": cases}
+    if swept is not None:
+        report["sweep"] = swept
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out} in {report['seconds']:.0f} s", flush=True)
