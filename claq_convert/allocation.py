@@ -10,6 +10,11 @@ Order as in adaptive precision) two numbers are known before any GPTQ runs:
 The settings that minimise the summed loss with the summed bytes within the budget are found by a
 Lagrangian sweep (each weight independently minimises loss + lambda * bytes) followed by greedy
 upgrades with the bytes left over. Pure functions: the caller measures energies and reads weights.
+
+Per column (`column_losses`, `allocate_columns`): every column takes its own width, the one that
+minimises its loss + lambda * its bytes (codes and codebook), instead of a weight-wide setting whose
+extra bits go to the top columns by Outlier Order. On SmolLM2 at 4.47 bpw this lowers the summed
+loss the allocation predicts by a fifth at the same bytes (734 -> 585).
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from typing import Optional
 import numpy as np
 
 from . import kernels, spec
-from .columns import column_bits, grid_codebooks, outlier_order
+from .columns import GRID_MAX_BITS, column_bits, grid_codebooks, outlier_order
 
 EXACT_BITS = 4   # SSE from the exact DP up to 16 clusters (cheap for every column)
 MAX_BITS = 6     # beyond EXACT_BITS each bit is taken to divide the SSE by 4 (the high-rate rule):
                  # a 64-cluster DP on every column of a model costs minutes, this estimate nothing
 FRACTIONS = (0.25, 0.5, 0.75)
+MIN_COLUMN_BITS = 1  # the narrowest width a column allocation gives (3 measured the same at 4.47 bpw)
 
 
 @dataclass(frozen=True)
@@ -67,20 +73,79 @@ def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: boo
     weighted one the quantizer's K-Means minimizes (sensitivity.row_weights; then fisher_j / rows times
     the row's weight is the Fisher of entry ij under a rank-one model of it)."""
     rows = W.shape[0]
-    weights = np.ones(rows) if row_weights is None else np.ascontiguousarray(row_weights, np.float64)
-    exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS, weights)
-    sse = np.concatenate([exact, exact[:, -1:] * 4.0 ** -np.arange(1, MAX_BITS - EXACT_BITS + 1)], axis=1)
+    losses = column_losses(W, energy, relative, fisher, row_weights)
     order = outlier_order(W, S)
     cols = np.arange(W.shape[1])
     out = []
     for setting in SETTINGS:
         bits = column_bits(order, setting.target, setting.low, setting.high)
-        loss = float(np.sum((energy if fisher is None else fisher / (2 * rows)) * sse[cols, bits - 1]))
+        loss = float(np.sum(losses[cols, bits - 1]))
         out.append(Candidate(setting, spec.claq_stored_bytes(rows, bits, 0, grid=grid_codebooks(codebook, bits)), loss))
-    if relative and fisher is None:
-        signal = float(np.sum(energy * np.sum(W.astype(np.float64) ** 2, axis=0)))
-        out = [Candidate(c.setting, c.nbytes, c.loss / max(signal, 1e-300)) for c in out]
     return out
+
+
+def column_losses(W: np.ndarray, energy: Optional[np.ndarray], relative: bool = True,
+                  fisher: Optional[np.ndarray] = None, row_weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """[in, MAX_BITS]: the loss of each column of W at widths 1..MAX_BITS, as `candidates` sums it."""
+    rows = W.shape[0]
+    weights = np.ones(rows) if row_weights is None else np.ascontiguousarray(row_weights, np.float64)
+    exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS, weights)
+    sse = np.concatenate([exact, exact[:, -1:] * 4.0 ** -np.arange(1, MAX_BITS - EXACT_BITS + 1)], axis=1)
+    losses = (energy if fisher is None else fisher / (2 * rows))[:, None] * sse
+    if relative and fisher is None:
+        losses /= max(float(np.sum(energy * np.sum(W.astype(np.float64) ** 2, axis=0))), 1e-300)
+    return losses
+
+
+def column_bytes(rows: int, max_bits: int, grid: bool) -> np.ndarray:
+    """[max_bits]: bytes a column adds at widths 1..max_bits: its codes and its codebook (grid: a u8
+    level per entry and its fp16 offset and step; else fp16 entries). Padding and the width map, a
+    byte a column whatever its width, are left to the exact count."""
+    widths = np.arange(1, max_bits + 1)
+    return rows * widths / 8 + (2.0 ** widths + 4 if grid else 2 * 2.0 ** widths)
+
+
+def allocate_columns(tables: dict[str, np.ndarray], rows: dict[str, int], budget_bytes: int,
+                     codebook: str = "auto") -> dict[str, np.ndarray]:
+    """Widths per column (name -> int64 [in]) minimising the summed loss with the exact stored bytes
+    (spec.claq_stored_bytes) within budget_bytes. tables: name -> column_losses. Widths stop where grid
+    codebooks do (GRID_MAX_BITS) unless codebook is "f16", so every weight keeps its cheap codebooks."""
+    grid = codebook != "f16"
+    max_bits = min(GRID_MAX_BITS if grid else MAX_BITS, MAX_BITS)
+    prices = {name: column_bytes(rows[name], max_bits, grid) for name in tables}
+
+    low = MIN_COLUMN_BITS
+
+    def pick(lam: float) -> dict[str, np.ndarray]:
+        return {name: np.argmin(L[:, low - 1:max_bits] + lam * prices[name][None, low - 1:], axis=1).astype(np.int64)
+                + low for name, L in tables.items()}
+
+    def total(choice) -> int:
+        return sum(spec.claq_stored_bytes(rows[name], bits, 0, grid=grid_codebooks(codebook, bits))
+                   for name, bits in choice.items())
+
+    floor = total({name: np.full(L.shape[0], low, np.int64) for name, L in tables.items()})
+    if floor > budget_bytes:
+        raise ValueError(f"the budget ({budget_bytes} bytes) is below the smallest setting ({floor} bytes); "
+                         "raise --bpw")
+    return pick(_least_price(lambda lam: total(pick(lam)), budget_bytes, 60))
+
+
+def _least_price(bytes_at, budget_bytes: int, steps: int) -> float:
+    """The least price per byte (to `steps` bisections) at which bytes_at(price), which does not grow with
+    the price, fits the budget."""
+    lo, hi = 0.0, 1.0
+    while bytes_at(hi) > budget_bytes:  # find a price at which the budget holds
+        lo, hi = hi, hi * 16
+    if bytes_at(lo) <= budget_bytes:
+        return lo
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if bytes_at(mid) <= budget_bytes:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def allocate(tables: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, Candidate]:
@@ -96,18 +161,7 @@ def allocate(tables: dict[str, list[Candidate]], budget_bytes: int) -> dict[str,
     def total(choice) -> int:
         return sum(c.nbytes for c in choice.values())
 
-    lo, hi = 0.0, 1.0
-    while total(pick(hi)) > budget_bytes:  # find a price at which the budget holds
-        lo, hi = hi, hi * 16
-    if total(pick(lo)) <= budget_bytes:
-        hi = lo
-    for _ in range(100):  # the least price that keeps within the budget
-        mid = 0.5 * (lo + hi)
-        if total(pick(mid)) <= budget_bytes:
-            hi = mid
-        else:
-            lo = mid
-    choice = pick(hi)
+    choice = pick(_least_price(lambda lam: total(pick(lam)), budget_bytes, 100))
     left = budget_bytes - total(choice)
     while True:  # spend what is left on the upgrades with the most loss saved per byte
         best, best_gain = None, 0.0

@@ -160,6 +160,9 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--allocation", type=click.Choice(["fisher", "relative", "absolute"]), default="fisher", show_default=True,
               help="--bpw: a weight's loss is the model loss its errors add (fisher: squared loss gradients over "
                    "16 calibration windows), or its layer output error, relative to its signal or absolute.")
+@click.option("--allocation-unit", type=click.Choice(["column", "matrix"]), default="column", show_default=True,
+              help="--bpw: every column takes its own width (column), or each weight one setting whose extra "
+                   "bits go to its top columns by Outlier Order (matrix).")
 @click.option("--row-weights", "row_weighting", type=click.Choice(["fisher", "none"]), default="fisher",
               show_default=True,
               help="claq: weigh each row's error in the columns' K-Means by how much the loss cares about that "
@@ -200,7 +203,7 @@ def fixture_cmd(out, wheel, force, permuted):
 @click.option("--eval", "run_eval", is_flag=True, help="Perplexity before and after (protocol of claq-eval).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
-def convert_cmd(model_dir, out, method, bits, bpw, allocation, row_weighting, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
+def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, row_weighting, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
                 nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, seqlen, seed, device, out_format,
                 dry_run, resume, run_eval, json_path):
     """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
@@ -239,7 +242,8 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, row_weighting, ap
     qc = QuantConfig(method=method, bits=bits, ap_bits=pair, outlier_bits=outlier_bits,
                      outlier_threshold=outlier_threshold, fit_outliers=fit_outliers, ranking=ranking,
                      quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw,
-                     allocation=allocation, row_weighting=row_weighting, codebook=codebook)
+                     allocation=allocation, allocation_unit=allocation_unit, row_weighting=row_weighting,
+                     codebook=codebook)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     if as_gguf and not dry_run:  # before any work (run_conversion checks the family itself first)

@@ -319,7 +319,7 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     target (head_target) and are paid from the same budget first: their loss is not comparable with the
     blocks' (measured: allocated with them, the head fell to 1-2 bits and a relative error of 0.58).
     """
-    from .allocation import allocate, candidates
+    from .allocation import allocate, allocate_columns, candidates, column_losses
     from .architectures import family_of
 
     start = time.perf_counter()
@@ -331,11 +331,9 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         energies = {name: None for name in columns if name != fisher.head}  # the block linears, in order
     else:
         energies = input_energies(source, calibration, device, quantize_embeddings=False)
-    tables = {name: candidates(family.layout(name, source.tensor(name).float().numpy()), energy, qc.outlier_threshold,
-                               relative=qc.allocation == "relative", codebook=qc.codebook, fisher=columns.get(name),
-                               row_weights=(weights or {}).get(name))
-              for name, energy in energies.items()}
-    params = sum(int(np.prod(source.tensor(name).shape)) for name in tables)
+    weights = weights or {}
+    layouts = {name: family.layout(name, source.tensor(name).float().numpy()) for name in energies}
+    params = sum(W.size for W in layouts.values())
     fixed, targets = 0, {}
     width = int(round(head_target(qc)))
     for name in end_tensors(source) if qc.quantize_embeddings else ():
@@ -344,13 +342,30 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         params += rows * cols
         targets[name] = (width, width, 0.0)
     budget = int(qc.bpw * params // 8)
-    choice = allocate(tables, budget - fixed)
-    spent = sum(c.nbytes for c in choice.values()) + fixed
-    log(f"allocation: {spent} of {budget} bytes ({spent * 8 / params:.4f} bpw) over {len(tables)} weights, "
+    relative = qc.allocation == "relative"
+    if qc.allocation_unit == "column":
+        losses = {name: column_losses(W, energies[name], relative, columns.get(name), weights.get(name))
+                  for name, W in layouts.items()}
+        widths = allocate_columns(losses, {name: W.shape[0] for name, W in layouts.items()}, budget - fixed,
+                                  qc.codebook)
+        spent = fixed + sum(spec.claq_stored_bytes(layouts[name].shape[0], bits, 0,
+                                                   grid=grid_codebooks(qc.codebook, bits))
+                            for name, bits in widths.items())
+        targets.update({name: {"widths": bits.tolist()} for name, bits in widths.items()})
+    else:
+        tables = {name: candidates(W, energies[name], qc.outlier_threshold, relative=relative, codebook=qc.codebook,
+                                   fisher=columns.get(name), row_weights=weights.get(name))
+                  for name, W in layouts.items()}
+        choice = allocate(tables, budget - fixed)
+        spent = sum(c.nbytes for c in choice.values()) + fixed
+        targets.update({name: c.setting.as_tuple() for name, c in choice.items()})
+    log(f"allocation: {spent} of {budget} bytes ({spent * 8 / params:.4f} bpw) over {len(layouts)} weights, "
         f"{time.perf_counter() - start:.1f} s")
-    targets.update({name: c.setting.as_tuple() for name, c in choice.items()})
+    # the record (it goes into the file) names each weight's setting, or counts its columns per width 1..8
+    chosen = {name: np.bincount(t["widths"], minlength=9)[1:].tolist() if isinstance(t, dict) else t
+              for name, t in targets.items()}
     record = {"budget_bytes": budget, "allocated_bytes": spent, "seconds": time.perf_counter() - start,
-              "targets": targets}
+              "unit": qc.allocation_unit, "targets": chosen}
     return targets, record
 
 

@@ -13,7 +13,7 @@ import inspect
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Collection, Iterator, Optional
 
 import numpy as np
@@ -30,6 +30,7 @@ from .timing import NO_TIMER, Timer
 METHODS = ("claq", "kmeans", "gptq", "rtn")
 ALLOCATIONS = ("relative", "absolute", "fisher")
 ROW_WEIGHTINGS = ("fisher", "none")
+ALLOCATION_UNITS = ("column", "matrix")
 
 
 @dataclass
@@ -53,10 +54,13 @@ class QuantConfig:
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
     allocation: str = "fisher"        # its loss per weight: "fisher", the model loss it adds (sensitivity.py), or
                                       # the layer output error "relative" to the weight's output energy, or "absolute"
+    allocation_unit: str = "column"   # "column": every column its own width; "matrix": one setting a weight
     row_weighting: str = "fisher"     # claq: the rows' weights in each column's K-Means, "fisher"
                                       # (sensitivity.py) or "none"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
+    column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
+                                      # widths (set per weight from a column allocation; not a user option)
 
     def validate(self) -> None:
         numbers = {"bits": self.bits, "outlier_bits": self.outlier_bits, "outlier_threshold": self.outlier_threshold,
@@ -83,6 +87,8 @@ class QuantConfig:
             raise ValueError("--outlier-bits must be >= 0")
         if self.head_bits is not None and not 1 <= self.head_bits <= 8:
             raise ValueError("--head-bits must lie in 1..8")
+        if self.allocation_unit not in ALLOCATION_UNITS:
+            raise ValueError(f"unknown allocation unit {self.allocation_unit!r}; use one of {', '.join(ALLOCATION_UNITS)}")
         if self.row_weighting not in ROW_WEIGHTINGS:
             raise ValueError(f"unknown row weighting {self.row_weighting!r}; use one of {', '.join(ROW_WEIGHTINGS)}")
         if self.codebook not in CODEBOOKS:
@@ -91,7 +97,9 @@ class QuantConfig:
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["column_widths"]  # per weight, not the conversion's settings
+        return out
 
 
 def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
@@ -104,7 +112,11 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
     use_h = qc.method in ("claq", "gptq")
     with timer.phase("plan"):
         Wn = W.detach().float().cpu().numpy()
-        if qc.method == "claq":
+        if qc.method == "claq" and qc.column_widths is not None:
+            bits, reserve = np.asarray(qc.column_widths, np.int64), None
+            if bits.shape != (Wn.shape[1],):
+                raise ValueError(f"{bits.size} allocated widths for a weight of {Wn.shape[1]} columns")
+        elif qc.method == "claq":
             plan = plan_columns(Wn, qc.bits, qc.outlier_bits, qc.outlier_threshold, qc.ap_bits,
                                 qc.or_top_fraction, qc.or_top_share, qc.ranking)
             bits, reserve = plan.bits, plan.reserve
@@ -368,11 +380,17 @@ def head_target(qc: QuantConfig) -> float:
 
 
 def _with_target(qc: QuantConfig, targets: Optional[dict], name: str) -> QuantConfig:
+    """qc for one weight with its allocated target: a setting (low, high, fraction), or {"widths": [...]}
+    (allocation.allocate_columns), one width a column."""
     if not targets or name not in targets:
         return qc
     from .allocation import Setting
 
-    setting = Setting(*targets[name])
+    target = targets[name]
+    if isinstance(target, dict):
+        widths = tuple(int(b) for b in target["widths"])
+        return replace(qc, bits=float(np.mean(widths)), ap_bits=None, bpw=None, column_widths=widths)
+    setting = Setting(*target)
     return replace(qc, bits=setting.target, ap_bits=(setting.low, setting.high), bpw=None)
 
 

@@ -88,3 +88,25 @@ def test_allocation_prefers_driven_columns_and_respects_the_budget():
     assert choice["loud"].setting.target > choice["quiet"].setting.target
     with pytest.raises(ValueError, match="below the smallest"):
         allocation.allocate(tables, 10)
+
+
+def test_column_allocation_gives_bits_to_the_columns_that_need_them_within_the_exact_budget():
+    from claq_convert import allocation, spec
+
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((96, 40)).astype(np.float32)
+    fisher = np.where(np.arange(40) < 10, 1e3, 1.0)  # the first ten columns drive the loss
+    losses = allocation.column_losses(W, None, fisher=fisher)
+    assert losses.shape == (40, allocation.MAX_BITS) and np.all(np.diff(losses, axis=1) <= 0)
+    budget = spec.claq_stored_bytes(96, np.full(40, 3), 0, grid=True)  # 3 bits a column on average
+    widths = allocation.allocate_columns({"w": losses}, {"w": 96}, budget)["w"]
+    assert widths.dtype == np.int64 and widths.shape == (40,)
+    assert budget - 96 * 40 // 8 // 4 < spec.claq_stored_bytes(96, widths, 0, grid=True) <= budget
+    assert widths[:10].min() > widths[10:].max()  # the driven columns get the bits
+    assert widths.max() <= allocation.GRID_MAX_BITS  # grid codebooks throughout
+    # the matrix-level candidates sum the same per-column losses
+    table = allocation.candidates(W, None, fisher=fisher)
+    plain = next(c for c in table if c.setting == allocation.Setting(4, 4, 0.0))
+    assert plain.loss == pytest.approx(losses[:, 3].sum())
+    with pytest.raises(ValueError, match="below the smallest"):
+        allocation.allocate_columns({"w": losses}, {"w": 96}, 10)

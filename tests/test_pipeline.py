@@ -86,7 +86,8 @@ def test_measured_allocation_keeps_the_exact_budget_and_spends_it(tiny_model_dir
 
     for bpw in (2.6, 3.4):
         record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=tmp_path / f"a{bpw}.claq",
-                                               quant=QuantConfig(bpw=bpw, head_bits=3), calib=(text_file,), nsamples=4,
+                                               quant=QuantConfig(bpw=bpw, head_bits=3, allocation_unit="matrix"),
+                                               calib=(text_file,), nsamples=4,
                                                seqlen=32))
         s, allocation = record["summary"], record["allocation"]
         assert s["stored_bytes"] == allocation["allocated_bytes"] <= allocation["budget_bytes"]

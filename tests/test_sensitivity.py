@@ -86,7 +86,8 @@ def test_fisher_allocation_converts_within_the_budget(tiny_model_dir, text_file,
     from claq_convert.pipeline import QuantConfig
 
     record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=tmp_path / "f.claq",
-                                           quant=QuantConfig(bpw=3.4, head_bits=3, allocation="fisher"),
+                                           quant=QuantConfig(bpw=3.4, head_bits=3, allocation="fisher",
+                                                             allocation_unit="matrix"),
                                            calib=(text_file,), nsamples=4, seqlen=32))
     s, chosen = record["summary"], record["allocation"]
     assert s["stored_bytes"] == chosen["allocated_bytes"] <= chosen["budget_bytes"]
@@ -95,12 +96,37 @@ def test_fisher_allocation_converts_within_the_budget(tiny_model_dir, text_file,
         assert set(record["tensors"][name]["bits_histogram"]) <= {str(low), str(high)}
 
 
+def test_column_allocation_converts_within_the_budget_with_the_widths_it_chose(tiny_model_dir, text_file, tmp_path):
+    from claq_convert.convert import ConvertOptions, run_conversion
+    from claq_convert.pipeline import QuantConfig
+    from claq_convert.reader import ClaqFile
+
+    out = tmp_path / "c.claq"
+    record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=out,
+                                           quant=QuantConfig(bpw=3.4, head_bits=3),  # per column by default
+                                           calib=(text_file,), nsamples=4, seqlen=32))
+    s, chosen = record["summary"], record["allocation"]
+    assert chosen["unit"] == "column"
+    assert s["stored_bytes"] == chosen["allocated_bytes"] <= chosen["budget_bytes"]
+    assert 3.4 - 0.25 < s["honest_bpw"] <= 3.4
+    mixed, reader = 0, ClaqFile(out)
+    for name, counts in chosen["targets"].items():
+        histogram = record["tensors"][name]["bits_histogram"]
+        if isinstance(counts, list) and len(counts) == 8:  # a block linear: its columns per width 1..8
+            assert {str(b + 1): n for b, n in enumerate(counts) if n} == histogram
+            mixed += len(histogram) > 1
+            assert list(reader.decode(name).shape) == record["tensors"][name]["shape"]
+    assert mixed > 0  # columns of one weight took different widths
+
+
 def test_the_cli_offers_every_allocation_and_defaults_to_fisher():
     from claq_convert.cli import convert_cmd
-    from claq_convert.pipeline import ALLOCATIONS, QuantConfig
+    from claq_convert.pipeline import ALLOCATION_UNITS, ALLOCATIONS, QuantConfig
 
     option = next(p for p in convert_cmd.params if p.name == "allocation")
     assert set(option.type.choices) == set(ALLOCATIONS) and option.default == QuantConfig().allocation == "fisher"
+    unit = next(p for p in convert_cmd.params if p.name == "allocation_unit")
+    assert set(unit.type.choices) == set(ALLOCATION_UNITS) and unit.default == QuantConfig().allocation_unit == "column"
 
 
 def test_fisher_windows_are_spread_over_every_calibration_source():

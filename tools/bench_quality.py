@@ -84,6 +84,19 @@ CONFIGS.update({  # the K-Means weighted by each row's Fisher sum (--row-weights
     "rows-claq-alloc-fisher=default-claq-4": dict(bpw_of="default-claq-4", allocation="fisher"),
     "rows-claq-ap-3.33-fp32-embedding": dict(bits=3.33, ap_bits=(3, 4), quantize_embeddings=False),
 })
+# Everything above that allocates did it per weight (one setting each; the default was "matrix" then).
+for fields in CONFIGS.values():
+    if "bpw_of" in fields:
+        fields.setdefault("allocation_unit", "matrix")
+CONFIGS.update({  # every column its own width (--allocation-unit column, the default now)
+    "cols-claq-alloc-fisher=default-claq-ap-4.2-fp32-embedding": dict(
+        bpw_of="default-claq-ap-4.2-fp32-embedding", allocation="fisher", quantize_embeddings=False),
+    "cols-claq-alloc-fisher=default-claq-4": dict(bpw_of="default-claq-4", allocation="fisher"),
+    "cols-claq-alloc-fisher=claq-ap-3.33-fp32-embedding": dict(
+        bpw_of="claq-ap-3.33-fp32-embedding", allocation="fisher", quantize_embeddings=False),
+    # the whole model at just under the 80 MB (the file: 4.69 bpw of quantized tensors, 0.9 MB else)
+    "cols-claq-bpw-4.69": dict(bpw=4.69, allocation="fisher"),
+})
 
 
 @click.command()
