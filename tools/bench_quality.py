@@ -96,6 +96,8 @@ CONFIGS.update({  # every column its own width (--allocation-unit column, the de
         bpw_of="claq-ap-3.33-fp32-embedding", allocation="fisher", quantize_embeddings=False),
     # the whole model at just under the 80 MB (the file: 4.69 bpw of quantized tensors, 0.9 MB else)
     "cols-claq-bpw-4.69": dict(bpw=4.69, allocation="fisher"),
+    # the blocks at the 4.5 bpw
+    "cols-claq-bpw-4.5-fp32-embedding": dict(bpw=4.5, allocation="fisher", quantize_embeddings=False),
 })
 
 
