@@ -111,9 +111,8 @@ def allocate_columns(tables: dict[str, np.ndarray], rows: dict[str, int], budget
     (spec.claq_stored_bytes) within budget_bytes. tables: name -> column_losses. Widths stop where grid
     codebooks do (GRID_MAX_BITS) unless codebook is "f16", so every weight keeps its cheap codebooks."""
     grid = codebook != "f16"
-    max_bits = min(GRID_MAX_BITS if grid else MAX_BITS, MAX_BITS)
+    max_bits = GRID_MAX_BITS if grid else MAX_BITS
     prices = {name: column_bytes(rows[name], max_bits, grid) for name in tables}
-
     low = MIN_COLUMN_BITS
 
     def pick(lam: float) -> dict[str, np.ndarray]:

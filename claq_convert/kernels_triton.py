@@ -244,7 +244,8 @@ def lut_matmul_stream(words: torch.Tensor, bits: int, tables: torch.Tensor, colu
     x: [M, C] float32/float16/bfloat16 (any strides); y: contiguous float32 [M, rows], accumulated into
     (zero it for a plain product; call once per stream for a whole weight). `split`: how many programs
     share a block of rows (default: enough for PROGRAMS_PER_SM programs per SM); their partial sums are
-    added atomically, so the last bits of y may vary from run to run when split > 1.
+    added atomically, so the last bits of y may vary from run to run when split > 1. One row on a
+    word-aligned stream takes the GEMV kernel, unless `block_r` (a tile kernel setting) is given.
     """
     bits, rows = operator.index(bits), operator.index(rows)
     n = _check_stream(words, bits, tables, columns, rows)
@@ -306,7 +307,7 @@ def gemv_config(bits: int, block_rows=None, block_c=None, warps=None, programs_p
     unit_words = bits // math.gcd(bits, spec.WORD_BITS)
     unit_rows = spec.WORD_BITS * unit_words // bits
     block_rows = _block(block_rows, GEMV_BLOCK_ROWS)
-    return {"unit_words": unit_words, "block_u": max(1, block_rows // unit_rows), "block_rows": block_rows,
+    return {"unit_words": unit_words, "block_u": max(1, block_rows // unit_rows),
             "block_c": _block(block_c, GEMV_BLOCK_C), "warps": _block(warps, GEMV_WARPS),
             "programs_per_sm": programs_per_sm or GEMV_PROGRAMS_PER_SM}
 
