@@ -110,7 +110,9 @@ class GPTQ:
         codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID).
         `timer` gets the phases cholesky, kmeans, gptq_update and finish (timing.py). Without a Hessian no
         column's error moves another, so `workers` threads take contiguous runs of blocks at once (the
-        kernel releases the GIL); the result is the one-thread result bit for bit. `row_weights` [out] (> 0):
+        kernel releases the GIL); with one, columns go in order and workers > 1 lets each column's
+        K-Means share its DP among Numba's threads. Either way the result is the one-thread result bit
+        for bit. `row_weights` [out] (> 0):
         how much each output row's error counts in the codebooks' K-Means (None: equally)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
@@ -159,7 +161,7 @@ class GPTQ:
                 tick = time.perf_counter()
                 loss += kernels.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
                                            max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
-                                           Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2])
+                                           Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], workers > 1)
                 kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
                 with timer.phase("gptq_update"):

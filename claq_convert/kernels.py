@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# A kernel that reaches a parallel loop (gptq_block: kmeans_dp_parallel) segfaults when two threads call
+# it for the first time at once before Numba's threading layer has started (numba 0.68, omp; measured
+# 3 of 3 runs). Asking for the thread count starts the layer, here, before any caller has threads.
+numba.get_num_threads()
 
 MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook, fp16 entries (CLAQ, kmeans)
 MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
@@ -135,6 +141,45 @@ def segment_cost(prefix_w, prefix, prefix_sq, i, j):
 
 
 @njit(cache=True, nogil=True)
+def _dp_node(prev, cur, split_row, prefix_w, prefix, prefix_sq, m, jlo, jhi, ilo, ihi):
+    """One node of a DP row's divide and conquer: the best split of the middle entry of jlo..jhi among
+    ilo..ihi (ties to the smaller split). Writes cur/split_row there and returns (mid, best split)."""
+    mid = (jlo + jhi) // 2
+    best, best_i = np.inf, ilo
+    for i in range(max(ilo, m), min(ihi, mid - 1) + 1):
+        v = prev[i] + segment_cost(prefix_w, prefix, prefix_sq, i, mid)
+        if v < best:
+            best, best_i = v, i
+    cur[mid] = best
+    split_row[mid] = best_i
+    return mid, best_i
+
+
+@njit(cache=True, nogil=True)
+def _dp_range(prev, cur, split_row, prefix_w, prefix, prefix_sq, m, jlo, jhi, ilo, ihi):
+    """Row m of the DP for entries jlo..jhi, whose splits lie in ilo..ihi (explicit stack)."""
+    stack = np.empty((64, 4), np.int64)
+    top = 0
+    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = jlo, jhi, ilo, ihi
+    while top >= 0:
+        jlo, jhi, ilo, ihi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
+        top -= 1
+        if jlo > jhi:
+            continue
+        mid, best_i = _dp_node(prev, cur, split_row, prefix_w, prefix, prefix_sq, m, jlo, jhi, ilo, ihi)
+        top += 1
+        stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = jlo, mid - 1, ilo, best_i
+        top += 1
+        stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = mid + 1, jhi, best_i, ihi
+
+
+@njit(cache=True, nogil=True)
+def _dp_first_row(prev, prefix_w, prefix, prefix_sq, n):
+    for j in range(n + 1):
+        prev[j] = segment_cost(prefix_w, prefix, prefix_sq, 0, j)
+
+
+@njit(cache=True, nogil=True)
 def kmeans_dp(prefix_w, prefix, prefix_sq, n, k, split, sse_out):
     """The dynamic programme of exact weighted 1-D K-Means over n sorted entries (prefix sums of the
     weights, weight * x and weight * x**2, length n + 1).
@@ -146,30 +191,49 @@ def kmeans_dp(prefix_w, prefix, prefix_sq, n, k, split, sse_out):
     """
     prev = np.empty(n + 1, np.float64)
     cur = np.empty(n + 1, np.float64)
-    for j in range(n + 1):
-        prev[j] = segment_cost(prefix_w, prefix, prefix_sq, 0, j)
+    _dp_first_row(prev, prefix_w, prefix, prefix_sq, n)
     sse_out[0] = prev[n]
-    stack = np.empty((64, 4), np.int64)
     for m in range(1, k):
-        top = 0
-        stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = m + 1, n, m, n - 1
-        while top >= 0:
-            jlo, jhi, ilo, ihi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
-            top -= 1
-            if jlo > jhi:
-                continue
-            mid = (jlo + jhi) // 2
-            best, best_i = np.inf, ilo
-            for i in range(max(ilo, m), min(ihi, mid - 1) + 1):
-                v = prev[i] + segment_cost(prefix_w, prefix, prefix_sq, i, mid)
-                if v < best:
-                    best, best_i = v, i
-            cur[mid] = best
-            split[m, mid] = best_i
-            top += 1
-            stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = jlo, mid - 1, ilo, best_i
-            top += 1
-            stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = mid + 1, jhi, best_i, ihi
+        _dp_range(prev, cur, split[m], prefix_w, prefix, prefix_sq, m, m + 1, n, m, n - 1)
+        for j in range(m + 1, n + 1):
+            prev[j] = cur[j]
+        sse_out[m] = prev[n]
+
+
+DP_SERIAL_LEVELS = 2  # nodes solved in order before a row's subproblems go to threads: 2**2 = 4 of them
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kmeans_dp_parallel(prefix_w, prefix, prefix_sq, n, k, split, sse_out):
+    """kmeans_dp with each row's divide and conquer shared by threads, the same numbers: the top
+    DP_SERIAL_LEVELS levels of a row's recursion are solved in order, then the independent
+    subproblems below them (disjoint entries, each with its split range) in parallel. For long
+    columns (a vocabulary's rows): a short one costs more to hand out than to solve."""
+    prev = np.empty(n + 1, np.float64)
+    cur = np.empty(n + 1, np.float64)
+    _dp_first_row(prev, prefix_w, prefix, prefix_sq, n)
+    sse_out[0] = prev[n]
+    width = 1 << DP_SERIAL_LEVELS
+    for m in range(1, k):
+        nodes = np.empty((width, 4), np.int64)
+        nodes[0, 0], nodes[0, 1], nodes[0, 2], nodes[0, 3] = m + 1, n, m, n - 1
+        count = 1
+        for _ in range(DP_SERIAL_LEVELS):
+            children = np.empty((width, 4), np.int64)
+            made = 0
+            for t in range(count):
+                jlo, jhi, ilo, ihi = nodes[t, 0], nodes[t, 1], nodes[t, 2], nodes[t, 3]
+                if jlo > jhi:
+                    continue
+                mid, best_i = _dp_node(prev, cur, split[m], prefix_w, prefix, prefix_sq, m, jlo, jhi, ilo, ihi)
+                children[made, 0], children[made, 1], children[made, 2], children[made, 3] = jlo, mid - 1, ilo, best_i
+                children[made + 1, 0], children[made + 1, 1] = mid + 1, jhi
+                children[made + 1, 2], children[made + 1, 3] = best_i, ihi
+                made += 2
+            nodes, count = children, made
+        for t in prange(count):
+            _dp_range(prev, cur, split[m], prefix_w, prefix, prefix_sq, m, nodes[t, 0], nodes[t, 1], nodes[t, 2],
+                      nodes[t, 3])
         for j in range(m + 1, n + 1):
             prev[j] = cur[j]
         sse_out[m] = prev[n]
@@ -186,10 +250,11 @@ def kmeans_optimal_sorted(xs, prefix, prefix_sq, k):
 
 
 @njit(cache=True, nogil=True)
-def kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k):
+def kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k, parallel=False):
     """Exact weighted 1-D K-Means: the k contiguous segments of ascending `xs` with least total
     weighted SSE. prefix_w/prefix/prefix_sq: float64 prefix sums of the weights (> 0), weight * xs and
     weight * xs**2. Returns the k ascending weighted segment means (n < k: the last entry repeats).
+    `parallel`: the DP's rows shared by threads (kmeans_dp_parallel; the same result).
     """
     n = xs.shape[0]
     centroids = np.empty(k, np.float64)
@@ -201,7 +266,10 @@ def kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k):
             centroids[c] = xs[min(c, n - 1)]
         return centroids
     split = np.zeros((k, n + 1), np.int64)
-    kmeans_dp(prefix_w, prefix, prefix_sq, n, k, split, np.empty(k, np.float64))
+    if parallel:
+        kmeans_dp_parallel(prefix_w, prefix, prefix_sq, n, k, split, np.empty(k, np.float64))
+    else:
+        kmeans_dp(prefix_w, prefix, prefix_sq, n, k, split, np.empty(k, np.float64))
     j = n
     for m in range(k - 1, 0, -1):
         i = split[m, j]
@@ -266,7 +334,7 @@ def nearest_code(x, codebook):
 
 @njit(cache=True, nogil=True)
 def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out,
-                             q_out, grid, levels_out, grid_out):
+                             q_out, grid, levels_out, grid_out, parallel=False):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
 
     `weights` (float64 [rows], > 0) weigh each row's squared error in the K-Means (ones: plain K-Means).
@@ -277,7 +345,7 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
     grid_codebook); then each entry's code, a 0/1
     reserved mask and the decoded value q (reserved entries keep fp16(w)). The reserved entries are
     the two tails of the sorted column, so the K-Means fits the contiguous middle (or everything
-    when `fit_all`).
+    when `fit_all`). `parallel`: the exact K-Means's DP shared by threads (the same result).
     """
     n = w.shape[0]
     k = 1 << bits
@@ -294,7 +362,7 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
     if max_iter > 0:
         centroids = kmeans_sorted_weighted(xs[a:b], prefix_w, prefix, k, max_iter)
     else:
-        centroids = kmeans_optimal_weighted(xs[a:b], prefix_w, prefix, prefix_sq, k)
+        centroids = kmeans_optimal_weighted(xs[a:b], prefix_w, prefix, prefix_sq, k, parallel)
     cb = np.empty(k, np.float64)
     if grid:
         grid_codebook(centroids, levels_out, grid_out, cb)  # ascending: levels follow the centroids' order
@@ -318,7 +386,7 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
 
 @njit(cache=True, nogil=True)
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1, levels, grids):
+               codebooks, codes, reserved, Q1, Err1, levels, grids, parallel=False):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
 
     W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
@@ -328,7 +396,9 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
     MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
     levels [cnt, 256] and (offset, step) [cnt, 2] written to levels/grids); MODE_UNIFORM rounds to the
     per-row grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 256], codes/reserved/Q1/
-    Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2.
+    Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2. `parallel`: each
+    column's exact K-Means shares its DP among Numba's threads (for long columns, when no other thread
+    is quantizing; the same result).
     """
     cnt, rows = W1.shape
     loss = 0.0
@@ -338,7 +408,7 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
         q = np.empty(rows, np.float64)
         if mode != MODE_UNIFORM:
             quantize_column_codebook(w, weights, bits[i], n_reserve[i], fit_all, max_iter, codebooks[i], codes[i],
-                                     reserved[i], q, mode == MODE_GRID, levels[i], grids[i])
+                                     reserved[i], q, mode == MODE_GRID, levels[i], grids[i], parallel)
         else:
             maxq = (1 << bits[i]) - 1
             for r in range(rows):

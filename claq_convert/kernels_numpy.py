@@ -141,7 +141,8 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, 
 
 
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1, levels, grids):
+               codebooks, codes, reserved, Q1, Err1, levels, grids, parallel=False):
+    """Twin of kernels.gptq_block (`parallel` changes nothing there either: the twin has no threads)."""
     cnt, rows = W1.shape
     loss = 0.0
     for i in range(cnt):

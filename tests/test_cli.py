@@ -84,3 +84,21 @@ def test_codebook_option_chooses_the_storage(tiny_model_dir, text_file, tmp_path
         with reader.ClaqFile(out) as cf:
             cf.validate()
             assert {t["sections"]["codebooks"]["dtype"] for t in cf.tensors.values() if t["kind"] == "claq"} == dtypes
+
+
+def test_default_is_the_measured_allocation_and_bits_the_fixed_rule(tiny_model_dir, text_file, tmp_path):
+    from claq_convert.cli import DEFAULT_BPW
+
+    common = ["--dry-run", "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32"]
+    records = {}
+    for name, extra in (("default", []), ("bits", ["--bits", "4"])):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(convert_cmd, [str(tiny_model_dir), *common, *extra, "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        records[name] = json.loads(out.read_text())
+    default, fixed = records["default"], records["bits"]
+    assert default["quant"]["bpw"] == DEFAULT_BPW and default["allocation"]["unit"] == "column"
+    assert default["allocation"]["allocated_bytes"] <= default["allocation"]["budget_bytes"]
+    assert default["summary"]["honest_bpw"] <= DEFAULT_BPW
+    assert fixed["quant"]["bpw"] is None and "allocation" not in fixed
+    assert fixed["quant"]["bits"] == default["quant"]["bits"] == 4.0  # the head's target: 4 + 2 bits either way

@@ -197,3 +197,71 @@ def test_fp16_at_least_is_the_least_fp16_not_below(x):
     assert r >= x and np.float16(r) == r and kernels_numpy.fp16_at_least(x) == r
     below = np.nextafter(np.float16(r), np.float16(-np.inf))
     assert r == 0 or float(below) < x
+
+
+@pytest.mark.parametrize("n,k", [(9, 8), (40, 4), (700, 16), (5000, 64)])
+def test_parallel_dp_equals_serial_dp(n, k):
+    """kmeans_dp_parallel hands each DP row's subproblems to threads: every split and SSE as kmeans_dp."""
+    rng = np.random.default_rng(n)
+    xs = np.sort(rng.standard_t(3, n) * 0.1)
+    xs[n // 3: n // 3 + n // 10] = xs[n // 3]  # a run of equal entries: ties between splits
+    prefix_w, prefix, prefix_sq = kernels.weighted_prefix_sums(xs, rng.lognormal(0.0, 1.0, n))
+    k = min(k, n - 1)
+    serial, parallel = np.zeros((k, n + 1), np.int64), np.zeros((k, n + 1), np.int64)
+    sse_serial, sse_parallel = np.zeros(k), np.zeros(k)
+    kernels.kmeans_dp(prefix_w, prefix, prefix_sq, n, k, serial, sse_serial)
+    kernels.kmeans_dp_parallel(prefix_w, prefix, prefix_sq, n, k, parallel, sse_parallel)
+    assert np.array_equal(serial, parallel)
+    assert np.array_equal(sse_serial, sse_parallel)
+    assert np.all(np.diff(sse_serial) <= 0) and sse_serial[-1] < sse_serial[0]
+
+
+@pytest.mark.parametrize("mode", [kernels.MODE_CODEBOOK, kernels.MODE_GRID])
+def test_gptq_block_parallel_dp_is_the_serial_result(mode):
+    W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(11), rows=300, cnt=12)
+    weights = np.random.default_rng(12).lognormal(0.0, 1.0, W1.shape[1])
+    results = []
+    for parallel in (False, True):
+        cnt, rows = W1.shape
+        W = W1.copy()
+        out = [np.zeros((cnt, 16), np.float32), np.zeros((cnt, rows), np.uint8), np.zeros((cnt, rows), np.uint8),
+               np.zeros((cnt, rows), np.float32), np.zeros((cnt, rows), np.float32), np.zeros((cnt, 16), np.uint8),
+               np.zeros((cnt, 2), np.float64)]
+        loss = kernels.gptq_block(W, Hinv, weights, mode, bits, reserve, False, 0, np.zeros(1), np.zeros(1), *out,
+                                  parallel)
+        results.append((loss, W, out))
+    (loss_a, W_a, a), (loss_b, W_b, b) = results
+    assert loss_a == loss_b and np.array_equal(W_a, W_b)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert np.any(a[1])  # codes were written
+
+
+def test_first_calls_from_two_threads_at_once_do_not_crash():
+    """gptq_block reaches a parallel loop; its first calls from two threads at once crashed the process
+    before the threading layer was started at import (kernels.py). A fresh process, so the calls are first."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import threading
+        import numpy as np
+        from claq_convert import kernels
+
+        def run(seed):
+            rng = np.random.default_rng(seed)
+            cnt, rows = 32, 300
+            out = [np.zeros((cnt, 256), np.float32), np.zeros((cnt, rows), np.uint8), np.zeros((cnt, rows), np.uint8),
+                   np.zeros((cnt, rows), np.float32), np.zeros((cnt, rows), np.float32),
+                   np.zeros((cnt, 256), np.uint8), np.zeros((cnt, 2))]
+            kernels.gptq_block(rng.standard_normal((cnt, rows)).astype(np.float32), np.eye(cnt, dtype=np.float32),
+                               np.ones(rows), kernels.MODE_GRID, np.full(cnt, 4, np.int64), np.zeros(cnt, np.int64),
+                               False, 0, np.zeros(1), np.zeros(1), *out, False)
+
+        threads = [threading.Thread(target=run, args=(seed,)) for seed in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print("done")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]

@@ -146,3 +146,10 @@ def test_group_hessians_are_shared_between_linears_reading_one_input_and_equal_t
             assert all(hessians[n] is hessians[group[0]] for n in group)  # one input, one sum
             for n in group:
                 assert torch.allclose(hessians[n], reference[n] * (2.0 / tokens), rtol=1e-5, atol=1e-6)
+        # after the first batch showed q/k/v reading one tensor, the next stops before q_proj computes
+        q, k, v = arch.family.groups[0]
+        calls = []
+        handle = layer.get_submodule(k).register_forward_hook(lambda *args: calls.append(1))
+        _group_hessians(layer, {n: layer.get_submodule(n) for n in (q, k, v)}, states, kwargs)
+        handle.remove()
+        assert len(states) == 2 and len(calls) == 1
