@@ -218,7 +218,9 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
 
     \b
     Examples:
-      claq-convert model/ out.claq --bits 3
+      claq-convert model/ out.claq                                      # measured widths, --bpw 4.6
+      claq-convert model/ out.claq --bpw 3.9
+      claq-convert model/ out.claq --bits 3                             # the paper's fixed rule
       claq-convert model/ out.claq --bits 2.1 --outlier-bits 0.07     # AP + OR
       claq-convert model/ out.gguf --bits 3                             # the GGUF extension
       claq-convert model/ --dry-run --eval --method gptq --bits 3      # baseline, in memory

@@ -29,6 +29,7 @@ token for SmolLM2-135M at 4 bits, over the 32 MiB L3): 576 x 576 took 28 us afte
 against 10 all cached, so memory, not the lookups, now bounds those products. Generation from that
 model's 4-bit file on 2 cores: 58.0 tokens/s against the fp32 model's 25.0 in the same run (2.3x;
 the kernel above: 0.95x), bench/decode.json. Elsewhere, and for batches above 1, the kernels above.
+Decoding takes the same lookups there (`_lookup_decode`): a store instead of a sum.
 
 The kernels are unchecked (the caller, `modules.ClaqLinear`, builds consistent arrays); their
 NumPy twins are `kernels_numpy.decode_stream` / `product_stream`.
@@ -170,6 +171,31 @@ def _lookup_product1(bits: int, tile: int):
     return product1, product1_serial
 
 
+@lru_cache(maxsize=None)
+def _lookup_decode(bits: int, tile: int):
+    """Decode by AVX-512 table lookups (simd.py), rows % tile == 0: each column's codebook repeated to
+    16 entries (as the product's tables), then per tile of rows one unpack, one lookup and a store
+    back in row order; columns in parallel. The values are the codebook's own: bit for bit the
+    decoders. Measured at 3 and 5 bits, where codes straddle words and the kernel above slows most."""
+    B, K, T = bits, 1 << bits, tile
+    E = max(16, K)
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def decode(words, tables, columns, first, rows, out_t):
+        n = columns.size
+        padded = np.empty((n, E), np.float32)
+        for c in range(n):
+            for e in range(E):
+                padded[c, e] = tables[c, e % K]
+        for c in prange(n):
+            out = out_t[columns[c]]
+            for t in range(rows // T):
+                codes = simd.unpack(words, (((first + c) * rows + t * T) * B) >> 3, B, T)
+                simd.store_to(out, t * T, simd.lookup(padded, c, codes, E), B)
+
+    return decode
+
+
 @njit(inline="always", nogil=True)
 def _code_at(words, bits, position):
     start = position * bits
@@ -209,14 +235,21 @@ def _product_any(words, bits, tables, columns, rows, x, y, parts):
 
 
 def decode_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.ndarray, rows: int,
-                  out_t: np.ndarray, first: int = 0) -> None:
+                  out_t: np.ndarray, first: int = 0, avx512: Optional[bool] = None) -> None:
     """out_t[columns[c], r] = tables[c, code(first + c, r)]: stream columns first.. of a stream, decoded.
 
-    words int32 (the u32 bits), tables float32 [n, 2**bits], columns int64 [n], out_t float32 [*, rows].
+    words int32 (the u32 bits), tables float32 [n, 2**bits], columns int64 [n], out_t float32 [*, rows]
+    (rows contiguous). `avx512`: whether the table-lookup kernel decodes (None: where `simd.available()`).
     """
     if columns.size == 0:
         return
-    if rows % GROUP == 0:
+    if avx512 is None:
+        avx512 = simd.available()
+    elif avx512 and not simd.available():
+        raise RuntimeError("avx512=True, but Numba does not compile for a CPU with AVX-512F")
+    if avx512 and rows % GROUP == 0:
+        _lookup_decode(bits, 64 if rows % 64 == 0 else GROUP)(words, tables, columns, first, rows, out_t)
+    elif rows % GROUP == 0:
         _aligned(bits)[0](words, tables, columns, first, rows, out_t)
     else:
         _decode_any(words, bits, tables, columns, first, rows, out_t)

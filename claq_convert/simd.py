@@ -10,6 +10,7 @@ a Numba type of their own (`Lanes`, an LLVM vector: LLVM splits a long one into 
     codes = unpack(words, byte, 4, 64)               # 64 codes of 4 bits from 32 bytes
     acc = add(acc, lookup(tables, c, codes, 16))     # tables[c, codes[i]], 4 x vpermps
     add_to(y, r0, acc, 4)                            # y[r0:r0+64] += acc, back in row order
+    store_to(out, r0, lookup(tables, c, codes, 16), 4)   # out[r0:r0+64] = the entries (decoding)
 
 A lookup reads only the low log2(E) bits of each code (E entries in a table row); `unpack` leaves
 higher bits unmasked, so a narrower codebook is repeated to 16 entries by the caller. Tables of 64 to
@@ -227,6 +228,24 @@ def add_to(typingctx, y, start, values, bits):
                                          ir.Constant(ir.VectorType(_I32, len(rows)), lane_of_row))
         p = _address(context, builder, signature.args[0], args[0], args[1], ordered.type)
         builder.store(builder.fadd(builder.load(p, align=4), ordered), p, align=4)
+        return context.get_dummy_value()
+
+    return types.none(y, start, values, bits), codegen
+
+
+@intrinsic
+def store_to(typingctx, y, start, values, bits):
+    """y[start + lane_rows(bits, n)[i]] = values[i] (y float32, contiguous): add_to's store."""
+    _check_array(y, types.float32, "y")
+    if not (isinstance(values, Lanes) and values.kind == "f32"):
+        raise TypingError("store_to takes float Lanes")
+    rows = lane_rows(_literal(bits, "bits"), values.n)
+    lane_of_row = [rows.index(r) for r in range(values.n)]
+
+    def codegen(context, builder, signature, args):
+        ordered = builder.shuffle_vector(args[2], ir.Constant(args[2].type, None),
+                                         ir.Constant(ir.VectorType(_I32, len(rows)), lane_of_row))
+        builder.store(ordered, _address(context, builder, signature.args[0], args[0], args[1], ordered.type), align=4)
         return context.get_dummy_value()
 
     return types.none(y, start, values, bits), codegen

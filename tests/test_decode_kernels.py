@@ -15,15 +15,20 @@ def random_stream(rng, bits, n, rows):
     return spec.pack_codes(codes, bits).view(np.int32), tables, codes.reshape(n, rows)
 
 
+AVX512 = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not simd.available(), reason="the table-lookup kernels need a CPU with AVX-512F; the fallback runs here"))]
+
+
+@pytest.mark.parametrize("avx512", AVX512)
 @pytest.mark.parametrize("bits", list(spec.ALLOWED_BITS))
-@pytest.mark.parametrize("rows", [64, 29, 33])
-def test_decode_stream_equals_the_twin_bit_for_bit(bits, rows):
+@pytest.mark.parametrize("rows", [64, 29, 33, 96])  # 96: the lookup decode's tiles of 32 rows, 64: of 64
+def test_decode_stream_equals_the_twin_bit_for_bit(bits, rows, avx512):
     rng = np.random.default_rng(bits * 100 + rows)
     n, C = 7, 12
     words, tables, codes = random_stream(rng, bits, n, rows)
     columns = np.sort(rng.choice(C, n, replace=False)).astype(np.int64)  # a width's subset of the columns
     ours, twin = np.full((C, rows), np.nan, np.float32), np.full((C, rows), np.nan, np.float32)
-    kernels_decode.decode_stream(words, bits, tables, columns, rows, ours)
+    kernels_decode.decode_stream(words, bits, tables, columns, rows, ours, avx512=avx512)
     kernels_numpy.decode_stream(words, bits, tables, columns, rows, twin)
     expected = np.take_along_axis(tables, codes, axis=1)
     assert np.array_equal(ours[columns], expected) and np.array_equal(twin[columns], expected)
@@ -31,12 +36,8 @@ def test_decode_stream_equals_the_twin_bit_for_bit(bits, rows):
     assert np.all(np.isnan(ours[untouched]))
     # a chunk of stream columns (first = 3) decoded on its own, as the CPU matmul path does
     chunk = np.empty((4, rows), np.float32)
-    kernels_decode.decode_stream(words, bits, tables[3:7], np.arange(4), rows, chunk, first=3)
+    kernels_decode.decode_stream(words, bits, tables[3:7], np.arange(4), rows, chunk, first=3, avx512=avx512)
     assert np.array_equal(chunk, expected[3:7])
-
-
-AVX512 = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not simd.available(), reason="the table-lookup kernel needs a CPU with AVX-512F; the fallback runs here"))]
 
 
 @pytest.mark.parametrize("avx512", AVX512)
