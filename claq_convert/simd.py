@@ -214,38 +214,31 @@ def lookup(typingctx, tables, c, codes, entries):
     return Lanes("f32", N)(tables, c, codes, entries), codegen
 
 
-@intrinsic
-def add_to(typingctx, y, start, values, bits):
-    """y[start + lane_rows(bits, n)[i]] += values[i] (y float32, contiguous): values back in row order."""
-    _check_array(y, types.float32, "y")
-    if not (isinstance(values, Lanes) and values.kind == "f32"):
-        raise TypingError("add_to takes float Lanes")
-    rows = lane_rows(_literal(bits, "bits"), values.n)
-    lane_of_row = [rows.index(r) for r in range(values.n)]
+def _row_order_writer(accumulate: bool):
+    """The intrinsic that writes float Lanes back to y in row order (lane_rows): y[...] += values, or =."""
+    what = "add_to" if accumulate else "store_to"
 
-    def codegen(context, builder, signature, args):
-        ordered = builder.shuffle_vector(args[2], ir.Constant(args[2].type, None),
-                                         ir.Constant(ir.VectorType(_I32, len(rows)), lane_of_row))
-        p = _address(context, builder, signature.args[0], args[0], args[1], ordered.type)
-        builder.store(builder.fadd(builder.load(p, align=4), ordered), p, align=4)
-        return context.get_dummy_value()
+    def typer(typingctx, y, start, values, bits):
+        _check_array(y, types.float32, "y")
+        if not (isinstance(values, Lanes) and values.kind == "f32"):
+            raise TypingError(f"{what} takes float Lanes")
+        rows = lane_rows(_literal(bits, "bits"), values.n)
+        lane_of_row = [rows.index(r) for r in range(values.n)]
 
-    return types.none(y, start, values, bits), codegen
+        def codegen(context, builder, signature, args):
+            ordered = builder.shuffle_vector(args[2], ir.Constant(args[2].type, None),
+                                             ir.Constant(ir.VectorType(_I32, len(rows)), lane_of_row))
+            p = _address(context, builder, signature.args[0], args[0], args[1], ordered.type)
+            builder.store(builder.fadd(builder.load(p, align=4), ordered) if accumulate else ordered, p, align=4)
+            return context.get_dummy_value()
+
+        return types.none(y, start, values, bits), codegen
+
+    typer.__name__ = what
+    return intrinsic(typer)
 
 
-@intrinsic
-def store_to(typingctx, y, start, values, bits):
-    """y[start + lane_rows(bits, n)[i]] = values[i] (y float32, contiguous): add_to's store."""
-    _check_array(y, types.float32, "y")
-    if not (isinstance(values, Lanes) and values.kind == "f32"):
-        raise TypingError("store_to takes float Lanes")
-    rows = lane_rows(_literal(bits, "bits"), values.n)
-    lane_of_row = [rows.index(r) for r in range(values.n)]
-
-    def codegen(context, builder, signature, args):
-        ordered = builder.shuffle_vector(args[2], ir.Constant(args[2].type, None),
-                                         ir.Constant(ir.VectorType(_I32, len(rows)), lane_of_row))
-        builder.store(ordered, _address(context, builder, signature.args[0], args[0], args[1], ordered.type), align=4)
-        return context.get_dummy_value()
-
-    return types.none(y, start, values, bits), codegen
+# y[start + lane_rows(bits, n)[i]] += values[i] (y float32, contiguous): values back in row order
+add_to = _row_order_writer(accumulate=True)
+# y[start + lane_rows(bits, n)[i]] = values[i]: the same, stored (decoding)
+store_to = _row_order_writer(accumulate=False)
