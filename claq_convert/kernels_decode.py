@@ -234,6 +234,15 @@ def _product_any(words, bits, tables, columns, rows, x, y, parts):
         y += acc[p]
 
 
+def _lookups(avx512: Optional[bool]) -> bool:
+    """Whether the AVX-512 table-lookup kernels run: `avx512`, or None for where `simd.available()`."""
+    if avx512 is None:
+        return simd.available()
+    if avx512 and not simd.available():
+        raise RuntimeError("avx512=True, but Numba does not compile for a CPU with AVX-512F")
+    return avx512
+
+
 def decode_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.ndarray, rows: int,
                   out_t: np.ndarray, first: int = 0, avx512: Optional[bool] = None) -> None:
     """out_t[columns[c], r] = tables[c, code(first + c, r)]: stream columns first.. of a stream, decoded.
@@ -243,11 +252,7 @@ def decode_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.
     """
     if columns.size == 0:
         return
-    if avx512 is None:
-        avx512 = simd.available()
-    elif avx512 and not simd.available():
-        raise RuntimeError("avx512=True, but Numba does not compile for a CPU with AVX-512F")
-    if avx512 and rows % GROUP == 0:
+    if _lookups(avx512) and rows % GROUP == 0:
         _lookup_decode(bits, 64 if rows % 64 == 0 else GROUP)(words, tables, columns, first, rows, out_t)
     elif rows % GROUP == 0:
         _aligned(bits)[0](words, tables, columns, first, rows, out_t)
@@ -265,11 +270,7 @@ def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np
     if columns.size == 0:
         return
     parts = max(1, min(parts, columns.size))
-    if avx512 is None:
-        avx512 = simd.available()
-    elif avx512 and not simd.available():
-        raise RuntimeError("avx512=True, but Numba does not compile for a CPU with AVX-512F")
-    if avx512 and x.shape[0] == 1 and rows % GROUP == 0:
+    if _lookups(avx512) and x.shape[0] == 1 and rows % GROUP == 0:
         parallel, serial = _lookup_product1(bits, 64 if rows % 64 == 0 else GROUP)
         kernel = parallel if rows * columns.size * bits >= 8 * PARALLEL_BYTES else serial
         kernel(words, tables, columns, rows, x[0], y[0])
