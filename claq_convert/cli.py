@@ -148,7 +148,7 @@ def fixture_cmd(out, wheel, force, permuted):
 
 # --------------------------------------------------------------------------- claq-convert
 # Without --bits or --bpw, claq takes the measured per-column allocation at this budget, the head at its
-# 6-bit target included: on SmolLM2 a 78 MB file that beats the fixed 4-bit rule at its size on every text.
+# 5-bit target included: on SmolLM2 a 78 MB file that beats the fixed 4-bit rule at its size on every text.
 DEFAULT_BPW = 4.6
 
 
@@ -159,7 +159,7 @@ DEFAULT_BPW = 4.6
 @click.option("--method", type=click.Choice(["claq", "kmeans", "gptq", "rtn"]), default="claq", show_default=True)
 @click.option("--bits", type=float, default=None,
               help="The paper's fixed rule: this bit target for every weight (4 for the baselines); fractional "
-                   "(2.1, 3.1 ...) turns on adaptive precision. With --bpw it only sets --head-bits' default.")
+                   "(2.1, 3.1 ...) turns on adaptive precision.")
 @click.option("--bpw", type=float, default=None,
               help="Measured allocation: choose each weight's bits so the quantized tensors, everything "
                    "counted, take at most this many bits per weight (e.g. 3.5). The default for claq without "
@@ -194,7 +194,8 @@ DEFAULT_BPW = 4.6
 @click.option("--keep-embeddings", is_flag=True,
               help="Keep the input embedding and output head unquantized (stored raw).")
 @click.option("--head-bits", type=float, default=None,
-              help="Bit target of the output head / tied embedding (default: --bits + 2, at most 8).")
+              help="Bit target of the output head / tied embedding (default: --bpw rounded up, else --bits + "
+                   "2, at most 8).")
 @click.option("--codebook", type=click.Choice(["auto", "grid", "f16"]), default="auto", show_default=True,
               help="Codebook entries: u8 levels on a per-column fp16 grid, fp16 values, or auto (grid up to 5 bits).")
 @click.option("--raw-dtype", type=click.Choice(["F32", "F16", "BF16"], case_sensitive=False), default=None,
@@ -241,6 +242,8 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
     if not dry_run and method in ("rtn", "gptq"):
         raise click.UsageError(f"{method} is a baseline with per-row grids, which .claq files do not store; "
                                "evaluate it with --dry-run --eval")
+    if bits is not None and bpw is not None:
+        raise click.ClickException("--bits is the paper's fixed rule and --bpw the measured allocation: give one of them")
     if bits is None and bpw is None and method == "claq":
         bpw = DEFAULT_BPW
     bits = 4.0 if bits is None else bits

@@ -68,47 +68,70 @@ def weights_by_name(sums: FisherSums) -> dict[str, np.ndarray]:
     return {name: row_weights(rows, HEAD_ROW_POWER if name == sums.head else 1.0) for name, rows in sums.rows.items()}
 
 
+class SquaredGradients:
+    """Folds each weight's gradient, as soon as it is complete, into its squares summed down columns and
+    along rows, and lets it go, so at most one weight's gradient is held at a time. One backward pass is
+    one term of the sums (the gradient of one window's loss)."""
+
+    def __init__(self, transposed: Callable[[str], bool] = lambda name: False):
+        self.transposed = transposed
+        self.columns: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def watch(self, name: str, param: torch.nn.Parameter) -> "torch.utils.hooks.RemovableHandle":
+        """Start summing `param` (stored [out, in], or [in, out] where transposed(name)) under `name`."""
+        rows_axis = 1 if self.transposed(name) else 0
+        if name not in self.columns:
+            self.columns[name] = torch.zeros(param.shape[1 - rows_axis], dtype=torch.float64, device=param.device)
+            self.rows[name] = torch.zeros(param.shape[rows_axis], dtype=torch.float64, device=param.device)
+
+        def hook(p):
+            squared = p.grad.double().square()
+            self.columns[name] += squared.sum(dim=rows_axis)
+            self.rows[name] += squared.sum(dim=1 - rows_axis)
+            p.grad = None
+        param.requires_grad_(True)
+        return param.register_post_accumulate_grad_hook(hook)
+
+    def sums(self, head: Optional[str] = None, order: Optional[Sequence[str]] = None) -> FisherSums:
+        """The sums so far, named in `order` (default: as first watched)."""
+        names = list(self.columns) if order is None else list(order)
+        return FisherSums(columns={n: self.columns[n].cpu().numpy() for n in names},
+                          rows={n: self.rows[n].cpu().numpy() for n in names}, head=head)
+
+
+def window_loss(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """One window's summed next-token cross-entropy (logits [1, T, vocab], window [1, T])."""
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
+
+
 def fisher_sums(model: torch.nn.Module, names: Sequence[str], windows: torch.Tensor,
                 transposed: Callable[[str], bool] = lambda name: False,
                 progress: Progress = no_progress) -> FisherSums:
     """The squared gradient of each window's summed next-token loss, summed over windows, and then over
     rows (`columns`, [in]) or over columns (`rows`, [out]), for each named weight [out, in] of `model`
     (the model's own parameter names; `transposed(name)` says a parameter is stored [in, out], as GPT-2's
-    Conv1D weights are)."""
+    Conv1D weights are). The whole model at once: the reference for fisher_stream.streamed_fisher_sums,
+    which holds one decoder layer at a time."""
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"the model has no parameter {missing[0]}")
-    wanted = set(names)
     previous = {n: p.requires_grad for n, p in params.items()}
-    for n, p in params.items():
-        p.requires_grad_(n in wanted)
+    for p in params.values():
+        p.requires_grad_(False)
     device = next(model.parameters()).device
-    rows_axis = {n: 1 if transposed(n) else 0 for n in names}
-    column_sums = {n: torch.zeros(params[n].shape[1 - rows_axis[n]], dtype=torch.float64, device=device) for n in names}
-    row_sums = {n: torch.zeros(params[n].shape[rows_axis[n]], dtype=torch.float64, device=device) for n in names}
-
-    def accumulate(n):
-        def hook(param):  # as soon as the gradient is complete: fold it into the sums and let it go, so at
-            squared = param.grad.double().square()  # most one weight's gradient is held at a time
-            column_sums[n] += squared.sum(dim=rows_axis[n])
-            row_sums[n] += squared.sum(dim=1 - rows_axis[n])
-            param.grad = None
-        return hook
-
-    handles = [params[n].register_post_accumulate_grad_hook(accumulate(n)) for n in names]
+    squares = SquaredGradients(transposed)
+    handles = [squares.watch(n, params[n]) for n in names]
     try:
         for k in progress(range(windows.shape[0]), "measure sensitivity", windows.shape[0]):
             model.zero_grad(set_to_none=True)
             batch = windows[k:k + 1].to(device)
-            logits = model(batch, use_cache=False).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum")
-            loss.backward()
+            window_loss(model(batch, use_cache=False).logits, batch).backward()
     finally:
         for handle in handles:
             handle.remove()
         model.zero_grad(set_to_none=True)
         for n, p in params.items():
             p.requires_grad_(previous[n])
-    return FisherSums(columns={n: s.cpu().numpy() for n, s in column_sums.items()},
-                      rows={n: s.cpu().numpy() for n, s in row_sums.items()})
+    return squares.sums()

@@ -93,7 +93,7 @@ class ModelSource:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         from safetensors import safe_open
 
         path = self.files.get(name)
@@ -101,7 +101,14 @@ class ModelSource:
             raise SourceError(f"tensor {name!r} not found in {self.dir}")
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(self._stored[name])
+        return self._handles[path]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(self._stored[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored tensor's shape, from the file's header (nothing is read)."""
+        return tuple(self._handle(name).get_slice(self._stored[name]).get_shape())
 
     def config(self):
         from transformers import AutoConfig

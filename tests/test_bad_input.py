@@ -36,6 +36,13 @@ def test_non_finite_numbers_are_refused(tiny_model_dir, tmp_path, option):
     one_line_failure(result, "finite")
 
 
+def test_the_fixed_rule_and_the_allocation_are_not_mixed(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(convert_cmd, [str(tiny_model_dir), str(tmp_path / "x.claq"), "--bits", "4",
+                                              "--bpw", "4.6"])
+    one_line_failure(result, "give one of them")
+    assert not list(tmp_path.glob("*.claq*"))
+
+
 def test_missing_output_directory_is_not_created(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(convert_cmd, [str(tiny_model_dir), str(tmp_path / "no" / "such" / "x.claq")])
     one_line_failure(result, "does not exist")

@@ -118,3 +118,25 @@ def test_a_bad_source_fails_before_the_model_is_sampled(tmp_path):
     with pytest.raises(DataError, match="not a file"):
         calibration.calibration_set([calibration.SELF, tmp_path / "missing.txt"], CharTokenizer(), no_model,
                                     nsamples=4, seqlen=8)
+
+
+@pytest.mark.parametrize("stored, expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.bfloat16)])
+def test_the_sampler_keeps_the_checkpoints_size(tiny_model_dir, tmp_path, stored, expected):
+    """Self-sampling holds the whole model: in the checkpoint's own dtype, never upcast (fp16 as bfloat16 on
+    the CPU, the same size); and it samples ordinary tokens in that dtype."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from claq_convert.convert import load_sampler
+
+    directory = tmp_path / "model"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=stored).save_pretrained(str(directory))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, directory / name)
+    model = load_sampler(directory, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {expected}
+    first = calibration.first_token_candidates(AutoTokenizer.from_pretrained(str(directory)), model.config.vocab_size)
+    windows = calibration.sample_windows(model, first, nsamples=2, seqlen=8, seed=0)
+    assert windows.shape == (2, 8) and int(windows.min()) >= 0 and int(windows.max()) < model.config.vocab_size

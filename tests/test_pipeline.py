@@ -95,3 +95,12 @@ def test_measured_allocation_keeps_the_exact_budget_and_spends_it(tiny_model_dir
         assert len({tuple(t) for t in allocation["targets"].values()}) > 1  # weights differ in width
         for name, (low, high, fraction) in allocation["targets"].items():
             assert set(record["tensors"][name]["bits_histogram"]) <= {str(low), str(high)}
+
+
+def test_the_heads_default_width_follows_the_rule_in_force():
+    from claq_convert.pipeline import head_target
+
+    assert head_target(QuantConfig(bits=4)) == 6 and head_target(QuantConfig(bits=7)) == 8  # fixed rule: +2
+    assert head_target(QuantConfig(bpw=4.6)) == 5 and head_target(QuantConfig(bpw=3.7)) == 4  # --bpw rounded up
+    assert head_target(QuantConfig(bpw=3.0)) == 3 and head_target(QuantConfig(bpw=8.0)) == 8
+    assert head_target(QuantConfig(bpw=4.6, head_bits=6)) == 6

@@ -115,6 +115,10 @@ def test_bench_scale_smoke_runs_end_to_end_without_gguf(tmp_path):
     assert projection["layers"] == 32 and projection["total_seconds"] > 32 * projection["per_layer"]["seconds"]
     assert projection["head_and_embedding"]["head"]["rows"] == report["model"]["vocab_size"]
     assert report["group_speedup"]["identical"]
+    # the CLI's default path: the Fisher pass and the allocation, measured and scaled to 32 layers
+    assert report["settings"]["bpw"] is not None and {"sensitivity", "allocation"} <= set(sections)
+    for name in ("sensitivity", "allocation"):
+        assert projection["scaled_with_layers"][name]["seconds"] >= 16 * sections[name]["seconds"]
 
 
 def test_group_hessians_are_shared_between_linears_reading_one_input_and_equal_to_separate_sums(tiny_model_dir):

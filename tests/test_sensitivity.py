@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAMILY_CONFIGS, build_tiny_model
 from claq_convert import allocation
 from claq_convert.pipeline import QuantConfig
 from claq_convert.kernels import column_sse_by_width
@@ -29,7 +30,6 @@ def _manual(model, name: str, windows: torch.Tensor, rows_axis: int) -> np.ndarr
 def test_fisher_sums_are_the_squared_gradient_summed_down_columns_and_along_rows(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from conftest import build_tiny_model
     from claq_convert.architectures import family_of
 
     directory = build_tiny_model(tmp_path / family, family=family)
@@ -47,6 +47,37 @@ def test_fisher_sums_are_the_squared_gradient_summed_down_columns_and_along_rows
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-12)
     with pytest.raises(ValueError, match="no parameter"):
         fisher_sums(model, ["not.a.weight"], windows)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_streamed_fisher_sums_equal_the_whole_model_ones(family, tmp_path, monkeypatch):
+    """One decoder layer in memory at a time (fisher_stream.py), every family, its head included (a tied
+    one with its lookup's gradient): the same sums as autograd through the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    from claq_convert import convert
+    from claq_convert.architectures import resolve
+    from claq_convert.pipeline import head_and_embedding_names
+    from claq_convert.source import ModelSource
+
+    directory = build_tiny_model(tmp_path / family, family=family)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    arch = resolve(model, model.config)
+    source = ModelSource(directory)
+    head = head_and_embedding_names(model, model.config, set(source.names()))[0]
+    names = [f"{arch.family.layers}.{i}.{n}.weight" for i in range(len(arch.layers)) for n in arch.linears]
+    windows = torch.randint(2, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    expected = fisher_sums(model, names + [head], windows, arch.family.transposed)
+
+    def whole_model(*args, **kwargs):
+        raise AssertionError("the Fisher pass loaded the whole model")
+    monkeypatch.setattr(convert, "load_sampler", whole_model)
+    got = convert.measure_fisher(source, windows, torch.device("cpu"), head=True)
+    assert got.head == head and list(got.columns) == names + [head] and list(got.rows) == names + [head]
+    for name in names + [head]:
+        for a, b in ((got.columns[name], expected.columns[name]), (got.rows[name], expected.rows[name])):
+            assert a.shape == b.shape and b.max() > 0
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
 
 
 def test_row_weights_have_mean_one_and_a_floor():

@@ -98,10 +98,20 @@ CONFIGS.update({  # every column its own width (--allocation-unit column, the de
     "cols-claq-bpw-4.69": dict(bpw=4.69, allocation="fisher"),
     # the blocks at the 4.5 bpw
     "cols-claq-bpw-4.5-fp32-embedding": dict(bpw=4.5, allocation="fisher", quantize_embeddings=False),
-    # claq-convert's default setting (cli.DEFAULT_BPW): the whole model
+    # claq-convert's default setting (cli.DEFAULT_BPW) until the head's 5 bits: the whole model
     "cols-claq-bpw-4.6": dict(bpw=4.6, allocation="fisher"),
     # a 3-bit-class whole file under the 65 MB: 3.7 bpw of quantized tensors, the head at 5 bits
     "cols-claq-bpw-3.7-head-5": dict(bpw=3.7, head_bits=5, allocation="fisher"),
+})
+# Everything above that allocates over the whole model gave the head the fixed rule's 6 bits (4 + 2).
+for fields in CONFIGS.values():
+    if ("bpw" in fields or "bpw_of" in fields) and fields.get("quantize_embeddings", True):
+        fields.setdefault("head_bits", 6)
+CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its default now
+    # claq-convert's default setting (cli.DEFAULT_BPW): the whole model
+    "cols-claq-bpw-4.6-head-5": dict(bpw=4.6, allocation="fisher"),
+    "cols-claq-bpw-4.69-head-5": dict(bpw=4.69, allocation="fisher"),
+    "cols-claq-bpw-3.7-head-4": dict(bpw=3.7, allocation="fisher"),
 })
 
 

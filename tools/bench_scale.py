@@ -51,9 +51,11 @@ sys.path.insert(0, str(ROOT))
 
 from claq_convert.calibration import DEFAULT_NSAMPLES, read_text, text_windows  # noqa: E402
 from claq_convert.checkpoint import Checkpoint, checkpoint_dir  # noqa: E402
+from claq_convert.cli import DEFAULT_BPW  # noqa: E402
 from claq_convert.convert import TOKENIZER_FILES, ConvertOptions, fingerprint, run_conversion  # noqa: E402
 from claq_convert.data import tokenize_text  # noqa: E402
 from claq_convert.pipeline import QuantConfig, head_target, quantize_group, quantize_weight, worker_count  # noqa: E402
+from claq_convert.sensitivity import FISHER_WINDOWS  # noqa: E402
 from claq_convert.source import ModelSource  # noqa: E402
 from claq_convert.timing import PhaseTimer  # noqa: E402
 
@@ -336,21 +338,40 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
             ends[name] = {key: entry[key] for key in ("seconds", "phases", "peak_rss_bytes", "cuda_peak_bytes")
                           if key in entry}
     fixed = {name: sections[name]["seconds"] for name in ("calibration", "inputs", "rest") if name in sections}
-    projected = set(ends) | {f"{name} hessian" for name in ends}
-    total = target_layers * layer["seconds"] + sum(e["seconds"] for e in ends.values()) + sum(fixed.values())
+    # the Fisher pass (one decoder layer at a time, forward then backward) and the allocation (a loss table
+    # per weight) grow with the layers; the Fisher pass also with its windows (min(FISHER_WINDOWS, nsamples)),
+    # and it holds every layer's inputs until its backward reaches them
+    windows, hidden = min(FISHER_WINDOWS, nsamples), model["config"]["hidden_size"]
+    by_layers = {}
+    for name in ("sensitivity", "allocation"):
+        if name not in sections:
+            continue
+        entry = sections[name]
+        grown = max(entry.get("peak_rss_bytes", 0) - entry.get("rss_at_start_bytes", 0), 0)
+        seconds = entry["seconds"] * target_layers / layers
+        if name == "sensitivity":
+            seconds *= FISHER_WINDOWS / windows
+            grown += (target_layers * FISHER_WINDOWS - layers * windows) * seqlen * hidden * 4  # fp32 inputs held
+        by_layers[name] = {"seconds": seconds, "peak_rss_bytes": int(entry.get("rss_at_start_bytes", 0) + grown)}
+    projected = set(ends) | {f"{name} hessian" for name in ends} | set(by_layers)
+    total = (target_layers * layer["seconds"] + sum(e["seconds"] for e in ends.values()) + sum(fixed.values())
+             + sum(e["seconds"] for e in by_layers.values()))
     extra = (target_layers * tokens_extra(layer["phases"]) + sum(tokens_extra(e["phases"]) for e in ends.values())
              + tokens_extra(sections.get("inputs", {"phases": {}})["phases"]))
-    parts = [e for name, e in sections.items() if name not in projected] + list(ends.values())
+    parts = [e for name, e in sections.items() if name not in projected] + list(ends.values()) + list(by_layers.values())
     peaks = [e.get("peak_rss_bytes", 0) for e in parts]
     cuda_peaks = [e["cuda_peak_bytes"] for e in parts if "cuda_peak_bytes" in e]
     return {"layers": target_layers, "per_layer": layer, "head_and_embedding": ends, "other_seconds": fixed,
+            "scaled_with_layers": by_layers,
             "total_seconds": total, "total_hours": total / 3600, "peak_rss_bytes": max(peaks),
             **({"cuda_peak_bytes": max(cuda_peaks)} if cuda_peaks else {}),
             f"total_seconds_at_nsamples_{target_nsamples}": total + extra,
             f"peak_rss_bytes_at_nsamples_{target_nsamples}": max(peaks) + 2 * 4 * max(target_nsamples - nsamples, 0)
             * seqlen * model["config"]["hidden_size"],
-            "note": ("mean measured layer x layers + sections outside the layers; self-sampled calibration "
-                     "(the CLI default) not included; the head/embedding per-row phases scaled to the vocabulary")}
+            "note": ("mean measured layer x layers + sections outside the layers; the Fisher pass and the "
+                     "allocation scaled with the layers (the Fisher pass's head part, which does not grow, "
+                     "with them: an overestimate); self-sampled calibration (the CLI default) not included; "
+                     "the head/embedding per-row phases scaled to the vocabulary")}
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -358,7 +379,9 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
 @click.option("--layers", type=click.IntRange(1), default=2, show_default=True, help="Decoder layers built and converted.")
 @click.option("--nsamples", type=click.IntRange(1), default=None, help="Calibration windows [8; --smoke 4].")
 @click.option("--seqlen", type=click.IntRange(16), default=None, help="Tokens per window [512; --smoke 64].")
-@click.option("--bits", type=float, default=4.0, show_default=True, help="Bit target of the block linears.")
+@click.option("--bpw", type=float, default=DEFAULT_BPW, show_default=True,
+              help="The measured allocation's budget (the CLI default), with its Fisher pass.")
+@click.option("--bits", type=float, default=None, help="The paper's fixed rule at this target instead of --bpw.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when present).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Linears of one group quantized at once (default: torch.get_num_threads()).")
@@ -374,7 +397,7 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
               help="Where the temporary model and .claq go (default: the system's temp dir).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON report (default: bench/scale-cpu.json or bench/scale-cuda.json).")
-def main(layers, nsamples, seqlen, bits, device, threads, head_rows, speedup, resume_check_, smoke, workdir, out):
+def main(layers, nsamples, seqlen, bpw, bits, device, threads, head_rows, speedup, resume_check_, smoke, workdir, out):
     """Convert a few Llama-2-7B-shaped layers with the real pipeline and project a whole 7B conversion."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -383,10 +406,10 @@ def main(layers, nsamples, seqlen, bits, device, threads, head_rows, speedup, re
     nsamples = nsamples or (4 if smoke else 8)
     seqlen = seqlen or (64 if smoke else 512)
     head_rows = head_rows if head_rows is not None else 512 if smoke else 2048
-    qc = QuantConfig(bits=bits, quantize_embeddings=head_rows == 0)
+    qc = QuantConfig(bits=bits or 4.0, bpw=None if bits else bpw, quantize_embeddings=head_rows == 0)
     workers = worker_count(threads)
     report = {"tool": "tools/bench_scale.py", "machine": machine_info(device),
-              "settings": {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "bits": bits,
+              "settings": {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "bits": qc.bits, "bpw": qc.bpw,
                            "head_bits": head_target(qc), "workers": workers, "head_rows": head_rows, "smoke": smoke,
                            "calibration": f"{nsamples} windows of {CALIBRATION_TEXT.name}"}}
     with tempfile.TemporaryDirectory(prefix="claq-scale-", dir=workdir) as tmp:
