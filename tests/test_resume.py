@@ -27,8 +27,9 @@ def model_dir(tmp_path_factory):
 
 
 def args(model_dir, text_file, out, *extra):
+    rule = [] if "--bpw" in extra else ["--bits", "3.1"]  # the fixed rule, unless the allocation is asked for
     return [str(model_dir), str(out), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
-            "--bits", "3.1", "--outlier-bits", "0.2", *extra]
+            *rule, "--outlier-bits", "0.2", *extra]
 
 
 @pytest.fixture(scope="module")
