@@ -176,7 +176,8 @@ DEFAULT_BPW = 4.6
                    "output (fisher: squared loss gradients over 16 calibration windows), or equally (none).")
 @click.option("--ap-bits", default=None, help="Explicit LOW,HIGH widths for adaptive precision, e.g. 2,4.")
 @click.option("--outlier-bits", type=float, default=0.0, show_default=True,
-              help="Outlier-reservation budget in extra bits per weight (e.g. 0.07).")
+              help="Outlier-reservation budget in bits per weight (e.g. 0.07): extra bits under --bits, "
+                   "a part of the budget under --bpw.")
 @click.option("-S", "--outlier-threshold", type=float, default=13.0, show_default=True,
               help="Outlier Order: |W_ij| >= S * mean|W| counts as an outlier.")
 @click.option("--fit-outliers/--exclude-outliers", default=False, show_default=True,

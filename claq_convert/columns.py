@@ -110,6 +110,16 @@ def column_reserve(order: np.ndarray, rows: int, extra_bits: float, top_fraction
     return reserve
 
 
+def column_ranking(W: np.ndarray, S: float = 13.0, ranking: str = "outlier", seed: int = 0) -> np.ndarray:
+    """Columns most deserving first: CLAQ's Outlier Order, or ("random", seeded) the ablation that spends
+    the same bits on arbitrary columns, to measure what the ordering itself is worth."""
+    if ranking == "outlier":
+        return outlier_order(W, S)
+    if ranking == "random":
+        return np.random.default_rng(seed).permutation(W.shape[1])
+    raise ValueError(f"unknown column ranking {ranking!r}; use outlier or random")
+
+
 @dataclass(frozen=True)
 class ColumnPlan:
     """What the quantizer does with each column (indexed by original column)."""
@@ -122,14 +132,8 @@ class ColumnPlan:
 def plan_columns(W: np.ndarray, target: float, extra_bits: float = 0.0, S: float = 13.0,
                  ap_bits: Optional[tuple[int, int]] = None, top_fraction: float = 0.1,
                  top_share: float = 0.5, ranking: str = "outlier", seed: int = 0) -> ColumnPlan:
-    """ranking "outlier" is CLAQ's Outlier Order; "random" (seeded) is the ablation that spends the
-    same bits on arbitrary columns, to measure what the ordering itself is worth."""
-    if ranking == "outlier":
-        order = outlier_order(W, S)
-    elif ranking == "random":
-        order = np.random.default_rng(seed).permutation(W.shape[1])
-    else:
-        raise ValueError(f"unknown column ranking {ranking!r}; use outlier or random")
+    """The paper's fixed rule for one weight: widths and outliers by column_ranking."""
+    order = column_ranking(W, S, ranking, seed)
     low, high = ap_bits if ap_bits else (None, None)
     return ColumnPlan(bits=column_bits(order, target, low, high),
                       reserve=column_reserve(order, W.shape[0], extra_bits, top_fraction, top_share),

@@ -325,10 +325,12 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         energies = input_energies(source, calibration, device, quantize_embeddings=False)
     weights = weights or {}
     relative = qc.allocation == "relative"
-    rows, tables, params = {}, {}, 0
+    rows, tables, params, outliers = {}, {}, 0, {}
     for name in energies:  # one weight in memory at a time: only its loss table is kept
         W = family.layout(name, source.tensor(name).float().numpy())
         rows[name], params = W.shape[0], params + W.size
+        if qc.outlier_bits:
+            outliers[name] = _outlier_total(W, qc)
         if qc.allocation_unit == "column":
             tables[name] = column_losses(W, energies[name], relative, columns.get(name), weights.get(name))
         else:
@@ -339,14 +341,16 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     width = int(round(head_target(qc)))
     for name in end_tensors(source) if qc.quantize_embeddings else ():
         end_rows, end_cols = source.shape(name)
-        fixed += spec.claq_stored_bytes(end_rows, np.full(end_cols, width), 0,
+        kept = _outlier_total(source.tensor(name).float().numpy(), qc) if qc.outlier_bits else (0, 0)
+        fixed += spec.claq_stored_bytes(end_rows, np.full(end_cols, width), *kept,
                                         grid=grid_codebooks(qc.codebook, [width]))
         params += end_rows * end_cols
         targets[name] = (width, width, 0.0)
     budget = int(qc.bpw * params // 8)
     if qc.allocation_unit == "column":
-        widths = allocate_columns(tables, rows, budget - fixed, qc.codebook)
-        spent = fixed + sum(spec.claq_stored_bytes(rows[name], bits, 0, grid=grid_codebooks(qc.codebook, bits))
+        widths = allocate_columns(tables, rows, budget - fixed, qc.codebook, outliers)
+        spent = fixed + sum(spec.claq_stored_bytes(rows[name], bits, *outliers.get(name, (0, 0)),
+                                                   grid=grid_codebooks(qc.codebook, bits))
                             for name, bits in widths.items())
         targets.update({name: {"widths": bits.tolist()} for name, bits in widths.items()})
     else:
@@ -361,6 +365,14 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     record = {"budget_bytes": budget, "allocated_bytes": spent, "seconds": time.perf_counter() - start,
               "unit": qc.allocation_unit, "targets": chosen}
     return targets, record
+
+
+def _outlier_total(W: np.ndarray, qc) -> tuple[int, int]:
+    """(outliers the quantizer will keep in W, the most in one column): pipeline.outlier_reserve's."""
+    from .pipeline import outlier_reserve
+
+    reserve = outlier_reserve(W, qc)
+    return int(reserve.sum()), int(reserve.max(initial=0))
 
 
 def end_tensors(source: ModelSource) -> list[str]:

@@ -12,11 +12,15 @@ receives, so it is taken last, from the model's tail with the lookup's gradient 
 whose gradient is exactly that sum). The sums are sensitivity.fisher_sums' up to float rounding
 (tests/test_sensitivity.py compares them on every family).
 
-Memory: one layer, the inputs of every layer (windows x seqlen x hidden floats each: 4.3 GB for a 7B
-model's 32 layers at the 16 default windows of 512 tokens), and the embedding and head while the tail runs.
+Memory: one layer, the inputs of one layer, and the embedding and head while the tail runs. Each
+layer's inputs (windows x seqlen x hidden floats: 134 MB for a 7B layer at the 16 default windows of 512
+tokens, 4.3 GB for its 32 layers) wait in a temporary file, removed when the pass ends or fails, until
+the backward pass reaches the layer: disk for memory, bit for bit the same values.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -54,19 +58,42 @@ class _Replay(torch.nn.Module):
         return (out,) if self.as_tuple else out
 
 
+class _SpilledInputs:
+    """Every layer's inputs in a file of its own in `folder`, from the forward pass to the backward one."""
+
+    def __init__(self, folder: str, device):
+        self.folder, self.device = Path(folder), device
+
+    def put(self, index: int, states: Sequence[torch.Tensor]) -> None:
+        torch.save(torch.cat(list(states)).cpu(), self.folder / f"layer-{index}.pt")
+
+    def take(self, index: int) -> list[torch.Tensor]:
+        """The states put for layer `index`, one per window; the file is removed."""
+        path = self.folder / f"layer-{index}.pt"
+        states = torch.load(path, map_location=self.device, weights_only=True)
+        path.unlink()
+        return list(states.split(1))
+
+
 def streamed_fisher_sums(source: ModelSource, windows: torch.Tensor, device="cpu", head: bool = False,
                          progress: Progress = no_progress) -> FisherSums:
     """sensitivity.FisherSums of every decoder-layer linear (and with `head` of the weight quantized as the
     output head: a tied embedding's own name) over `windows` [n, seqlen], one window's loss a term."""
+    with tempfile.TemporaryDirectory(prefix="claq-fisher-") as folder:
+        return _fisher_sums(source, windows, device, head, progress, _SpilledInputs(folder, device))
+
+
+def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool, progress: Progress,
+                 inputs: _SpilledInputs) -> FisherSums:
     with torch.no_grad():
         _, config, arch, states, kwargs = _first_layer_inputs(source, windows, device, batch_size=1)
     family, layers = arch.family, list(arch.layers)  # the tail swaps stand-ins into arch.layers
-    inputs, as_tuple = [], False
+    as_tuple = False
     steps = iter(progress(range(2 * len(layers) + 2), "measure sensitivity", 2 * len(layers) + 2))
     with torch.no_grad():
         for index, layer in enumerate(layers):
             _materialise(layer, f"{family.layers}.{index}.", source, device)
-            inputs.append(states)
+            inputs.put(index, states)
             outputs = [layer(h, **kw) for h, kw in zip(states, kwargs)]
             as_tuple = isinstance(outputs[0], tuple)
             states = [_layer_output(out) for out in outputs]
@@ -82,13 +109,12 @@ def streamed_fisher_sums(source: ModelSource, windows: torch.Tensor, device="cpu
         prefix = f"{family.layers}.{index}."
         _materialise(layer, prefix, source, device)
         handles = [squares.watch(prefix + n + ".weight", layer.get_submodule(n).weight) for n in arch.linears]
-        for k, (x, kw) in enumerate(zip(inputs[index], kwargs)):
+        for k, (x, kw) in enumerate(zip(inputs.take(index), kwargs)):
             x = x.detach().requires_grad_(True)
             torch.autograd.backward(_layer_output(layer(x, **kw)), grads[k])
             grads[k] = x.grad
         for handle in handles:
             handle.remove()
-        inputs[index] = None
         layer.to("meta")
         next(steps, None)
     head_name = tail.head_sums(squares, states, windows, grads) if head else None

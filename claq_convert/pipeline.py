@@ -21,7 +21,7 @@ import torch
 
 from . import spec
 from .architectures import Resolved, inside, resolve, skeleton
-from .columns import CODEBOOKS, grid_codebooks, plan_columns
+from .columns import CODEBOOKS, column_ranking, column_reserve, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
 from .progress import Progress, no_progress
 from .source import ModelSource
@@ -78,9 +78,12 @@ class QuantConfig:
             raise ValueError("codebook methods take 1..8 bits (codebooks of at most 256 entries)")
         if self.group_size and (self.method not in ("gptq", "rtn") or self.group_size < 0):
             raise ValueError("--group-size is a positive column count for the uniform baselines (gptq, rtn)")
-        if self.bpw is not None and (self.method != "claq" or self.outlier_bits or not 1 < self.bpw <= 5):
-            raise ValueError("--bpw (measured allocation) is a CLAQ option without --outlier-bits, "
-                             "a budget in (1, 5] bits per weight")
+        if self.bpw is not None and (self.method != "claq" or not 1 < self.bpw <= 5):
+            raise ValueError("--bpw (measured allocation) is a CLAQ option, a budget in (1, 5] bits per weight")
+        if self.bpw is not None and self.outlier_bits and (self.allocation_unit != "column"
+                                                           or self.outlier_bits >= self.bpw - 1):
+            raise ValueError("--outlier-bits with --bpw: a part of the budget, below --bpw minus 1, "
+                             "with the column allocation (--allocation-unit column)")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation loss {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
         if self.outlier_bits < 0:
@@ -113,7 +116,7 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
     with timer.phase("plan"):
         Wn = W.detach().float().cpu().numpy()
         if qc.method == "claq" and qc.column_widths is not None:
-            bits, reserve = np.asarray(qc.column_widths, np.int64), None
+            bits, reserve = np.asarray(qc.column_widths, np.int64), outlier_reserve(Wn, qc)
             if bits.shape != (Wn.shape[1],):
                 raise ValueError(f"{bits.size} allocated widths for a weight of {Wn.shape[1]} columns")
         elif qc.method == "claq":
@@ -127,6 +130,13 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
     return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
                          group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits), timer=timer,
                          workers=workers, row_weights=None if uniform else row_weights)
+
+
+def outlier_reserve(W: np.ndarray, qc: QuantConfig) -> np.ndarray:
+    """Outliers kept in fp16 per column of W [out, in] for qc.outlier_bits (the paper's rule: the top
+    columns by qc.ranking share qc.or_top_share of them); the allocation pays for the same ones."""
+    order = column_ranking(W, qc.outlier_threshold, qc.ranking)
+    return column_reserve(order, W.shape[0], qc.outlier_bits, qc.or_top_fraction, qc.or_top_share)
 
 
 # (name, W, H or None, its config, its row weights or None)

@@ -5,6 +5,7 @@ import torch
 
 from claq_convert.pipeline import QuantConfig, quantize_model
 from claq_convert.source import ModelSource
+from conftest import build_tiny_model
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -95,6 +96,35 @@ def test_measured_allocation_keeps_the_exact_budget_and_spends_it(tiny_model_dir
         assert len({tuple(t) for t in allocation["targets"].values()}) > 1  # weights differ in width
         for name, (low, high, fraction) in allocation["targets"].items():
             assert set(record["tensors"][name]["bits_histogram"]) <= {str(low), str(high)}
+
+
+def test_outliers_under_a_budget_are_paid_from_it(tiny_model_dir, text_file, tmp_path):
+    from claq_convert.convert import ConvertOptions, run_conversion
+
+    records = {}
+    for outlier_bits in (0.0, 0.3):
+        records[outlier_bits] = run_conversion(ConvertOptions(
+            model_dir=tiny_model_dir, out=tmp_path / f"o{outlier_bits}.claq", quant=QuantConfig(
+                bpw=3.4, head_bits=3, outlier_bits=outlier_bits), calib=(text_file,), nsamples=4, seqlen=32))
+    plain, reserved = records[0.0], records[0.3]
+    for record in (plain, reserved):  # the file holds what was allocated, outliers included, within the budget
+        s, allocation = record["summary"], record["allocation"]
+        assert s["stored_bytes"] == allocation["allocated_bytes"] <= allocation["budget_bytes"]
+        assert 3.4 - 0.25 < s["honest_bpw"] <= 3.4
+    assert plain["summary"]["outliers"] == 0 and reserved["summary"]["outliers"] > 0
+    widths = {name: sum(b * n for b, n in enumerate(t, 1)) for name, t in plain["allocation"]["targets"].items()
+              if name.startswith("model.layers")}
+    fewer = {name: sum(b * n for b, n in enumerate(t, 1)) for name, t in reserved["allocation"]["targets"].items()
+             if name.startswith("model.layers")}
+    assert sum(fewer.values()) < sum(widths.values())  # the outliers' bytes came out of the widths
+    gpt2 = build_tiny_model(tmp_path / "gpt2", family="gpt2")  # Conv1D: the weights are stored transposed
+    record = run_conversion(ConvertOptions(model_dir=gpt2, out=tmp_path / "gpt2.claq", quant=QuantConfig(
+        bpw=3.4, head_bits=3, outlier_bits=0.3), calib=(text_file,), nsamples=4, seqlen=32))
+    assert record["summary"]["stored_bytes"] == record["allocation"]["allocated_bytes"]
+    assert record["summary"]["outliers"] > 0
+    for bad in (dict(allocation_unit="matrix"), dict(outlier_bits=2.5)):
+        with pytest.raises(ValueError, match="outlier-bits"):
+            QuantConfig(**{"bpw": 3.4, "outlier_bits": 0.3, **bad}).validate()
 
 
 def test_the_heads_default_width_follows_the_rule_in_force():

@@ -80,6 +80,40 @@ def test_streamed_fisher_sums_equal_the_whole_model_ones(family, tmp_path, monke
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
 
 
+def test_the_streamed_pass_keeps_layer_inputs_on_disk_and_removes_them(tmp_path, monkeypatch):
+    """Every layer's inputs wait in the pass's temporary folder (not in memory); the folder is gone
+    afterwards, whether the pass finished or failed."""
+    import tempfile
+
+    from claq_convert import fisher_stream
+    from claq_convert.source import ModelSource
+
+    directory = build_tiny_model(tmp_path / "llama", family="llama")
+    source = ModelSource(directory)
+    windows = torch.randint(2, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folders, stored = [], []
+    put = fisher_stream._SpilledInputs.put
+
+    def recording_put(self, index, states):
+        put(self, index, states)
+        folders.append(self.folder)
+        stored.append(sorted(p.name for p in self.folder.iterdir()))
+    monkeypatch.setattr(fisher_stream._SpilledInputs, "put", recording_put)
+    fisher_stream.streamed_fisher_sums(source, windows)
+    layers = len(stored)
+    assert layers >= 2 and stored[-1] == sorted(f"layer-{i}.pt" for i in range(layers))
+    assert not folders[0].exists()
+
+    def failing_tail(*args, **kwargs):
+        raise RuntimeError("the tail failed")
+    monkeypatch.setattr(fisher_stream._Tail, "gradient", failing_tail)
+    folders.clear()
+    with pytest.raises(RuntimeError, match="tail failed"):
+        fisher_stream.streamed_fisher_sums(source, windows)
+    assert folders and not folders[0].exists()
+
+
 def test_row_weights_have_mean_one_and_a_floor():
     sums = np.array([0.0, 1e-9, 2.0, 6.0, 12.0])
     weights = row_weights(sums)

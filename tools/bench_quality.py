@@ -112,6 +112,12 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
     "cols-claq-bpw-4.6-head-5": dict(bpw=4.6, allocation="fisher"),
     "cols-claq-bpw-4.69-head-5": dict(bpw=4.69, allocation="fisher"),
     "cols-claq-bpw-3.7-head-4": dict(bpw=3.7, allocation="fisher"),
+    # the blocks at the 3.5 bpw, and the same budget with 0.07 bpw of it on fp16 outliers
+    "cols-claq-bpw-3.5-fp32-embedding": dict(bpw=3.5, allocation="fisher", quantize_embeddings=False),
+    "cols-claq-bpw-3.5-or-0.07-fp32-embedding": dict(bpw=3.5, outlier_bits=0.07, allocation="fisher",
+                                                     quantize_embeddings=False),
+    # the default budget with 0.05 bpw of it on fp16 outliers
+    "cols-claq-bpw-4.6-or-0.05-head-5": dict(bpw=4.6, outlier_bits=0.05, allocation="fisher"),
 })
 
 

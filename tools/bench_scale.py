@@ -339,8 +339,9 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
                           if key in entry}
     fixed = {name: sections[name]["seconds"] for name in ("calibration", "inputs", "rest") if name in sections}
     # the Fisher pass (one decoder layer at a time, forward then backward) and the allocation (a loss table
-    # per weight) grow with the layers; the Fisher pass also with its windows (min(FISHER_WINDOWS, nsamples)),
-    # and it holds every layer's inputs until its backward reaches them
+    # per weight) grow with the layers in time; the Fisher pass also with its windows (min(FISHER_WINDOWS,
+    # nsamples)). Its memory grows with the windows only: one layer's inputs, the gradients arriving at its
+    # output and those leaving its input; every layer's inputs wait on disk (fisher_stream.py)
     windows, hidden = min(FISHER_WINDOWS, nsamples), model["config"]["hidden_size"]
     by_layers = {}
     for name in ("sensitivity", "allocation"):
@@ -351,8 +352,10 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
         seconds = entry["seconds"] * target_layers / layers
         if name == "sensitivity":
             seconds *= FISHER_WINDOWS / windows
-            grown += (target_layers * FISHER_WINDOWS - layers * windows) * seqlen * hidden * 4  # fp32 inputs held
+            grown += 3 * (FISHER_WINDOWS - windows) * seqlen * hidden * 4
         by_layers[name] = {"seconds": seconds, "peak_rss_bytes": int(entry.get("rss_at_start_bytes", 0) + grown)}
+        if name == "sensitivity":
+            by_layers[name]["disk_bytes"] = target_layers * FISHER_WINDOWS * seqlen * hidden * 4
     projected = set(ends) | {f"{name} hessian" for name in ends} | set(by_layers)
     total = (target_layers * layer["seconds"] + sum(e["seconds"] for e in ends.values()) + sum(fixed.values())
              + sum(e["seconds"] for e in by_layers.values()))
@@ -369,8 +372,8 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
             f"peak_rss_bytes_at_nsamples_{target_nsamples}": max(peaks) + 2 * 4 * max(target_nsamples - nsamples, 0)
             * seqlen * model["config"]["hidden_size"],
             "note": ("mean measured layer x layers + sections outside the layers; the Fisher pass and the "
-                     "allocation scaled with the layers (the Fisher pass's head part, which does not grow, "
-                     "with them: an overestimate); self-sampled calibration (the CLI default) not included; "
+                     "allocation's times scaled with the layers (the Fisher pass's head part, which does not grow, "
+                     "with them: an overestimate), its memory with its windows (its layer inputs on disk); self-sampled calibration (the CLI default) not included; "
                      "the head/embedding per-row phases scaled to the vocabulary")}
 
 
