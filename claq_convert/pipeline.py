@@ -135,6 +135,8 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
 def outlier_reserve(W: np.ndarray, qc: QuantConfig) -> np.ndarray:
     """Outliers kept in fp16 per column of W [out, in] for qc.outlier_bits (the paper's rule: the top
     columns by qc.ranking share qc.or_top_share of them); the allocation pays for the same ones."""
+    if not qc.outlier_bits:  # every weight of a default conversion: no ranking to compute
+        return np.zeros(W.shape[1], np.int64)
     order = column_ranking(W, qc.outlier_threshold, qc.ranking)
     return column_reserve(order, W.shape[0], qc.outlier_bits, qc.or_top_fraction, qc.or_top_share)
 
