@@ -104,14 +104,19 @@ def raw_array(tensor: torch.Tensor, dtype: Optional[str] = None) -> tuple[np.nda
 
 
 def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, record: dict,
-                     raw_dtype: Optional[str] = None) -> None:
-    """Everything but the quantized weights: other tensors raw, config, tokenizer, the conversion record."""
+                     raw_dtype: Optional[str] = None, replaced: Optional[dict] = None) -> None:
+    """Everything but the quantized weights: other tensors raw (`replaced`: name -> the values to store
+    instead of the source's, in its dtype), config, tokenizer, the conversion record."""
     import json
 
+    replaced = replaced or {}
     for name in source.names():
         if name in quantized:
             continue
-        array, dtype = raw_array(source.tensor(name), raw_dtype)
+        tensor = source.tensor(name)
+        if name in replaced:  # already rounded to the dtype it is stored in (convert.tune_model)
+            tensor = replaced[name] if raw_dtype else replaced[name].to(tensor.dtype)
+        array, dtype = raw_array(tensor, raw_dtype)
         writer.add_raw(name, array, dtype=dtype)
     generation = source.dir / "generation_config.json"
     writer.metadata.update(
@@ -167,9 +172,15 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
             checkpoint.save_allocation(targets, record["allocation"])
     results: dict[str, QuantizedWeight] = {}
     tensors = {}
+    norms: dict[str, torch.Tensor] = {}
     writer = ClaqWriter(options.out) if options.out is not None else None
     try:
-        for name, result in _quantized(options, source, calibration, targets, weights, progress, log, timer):
+        stream = _quantized(options, source, calibration, targets, weights, progress, log, timer)
+        if qc.tune_steps:  # every weight first: tuning moves all codebooks at once
+            with timer.section("tuning"):
+                tuned, norms, record["tuning"] = tune_model(options, dict(stream), calibration, progress, log)
+            stream = iter(tuned.items())
+        for name, result in stream:
             with timer.phase("write"):
                 tensors[name] = tensor_record(result)
                 if writer is not None:
@@ -186,7 +197,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         record.update(tensors=tensors, summary=summarize(tensors))
         if writer is not None:
             with timer.section("rest"), timer.phase("write"):
-                write_model_rest(writer, source, set(tensors), without_wall_clock(record), options.raw_dtype)
+                write_model_rest(writer, source, set(tensors), without_wall_clock(record), options.raw_dtype, norms)
                 writer.close()
     except BaseException:
         if writer is not None:
@@ -199,8 +210,31 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         record["parameters"] = source_parameters(source)
         record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
     if options.evaluate:
-        record.update(evaluate_before_after(options, results, progress, ppl_before))
+        record.update(evaluate_before_after(options, results, progress, ppl_before, norms))
     return record
+
+
+def tune_model(options: ConvertOptions, results: dict[str, QuantizedWeight], calibration: torch.Tensor,
+               progress: Progress, log) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
+    """Codebooks (and norm scales) tuned by distillation from the source model (tuning.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from .architectures import family_of
+    from .tuning import tune
+
+    qc = options.quant
+    teacher = load_sampler(options.model_dir, options.device).float()
+    student = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device)
+    family = family_of(student.config)
+    start = time.perf_counter()
+    tuned, norms, record = tune(student, teacher, results, family.transposed, calibration, qc.tune_steps, qc.tune_lr,
+                                seed=options.seed, progress=progress, log=log)
+    record["seconds"] = time.perf_counter() - start
+    source = ModelSource(options.model_dir)
+    # as the file will store them (the source's dtype or --raw-dtype), so --eval scores what is written
+    stored = {name: value.to(RAW_DTYPES[options.raw_dtype] if options.raw_dtype else source.tensor(name).dtype)
+              for name, value in norms.items() if name in source.files}
+    return tuned, {name: value.float() for name, value in stored.items()}, record
 
 
 def _sensitivity(options: ConvertOptions, source: ModelSource, calibration, allocated: bool, record: dict,
@@ -412,8 +446,9 @@ def load_sampler(model_dir: Path, device: torch.device):
 
 
 def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedWeight], progress: Progress,
-                          ppl_before: Optional[dict] = None) -> dict:
-    """Perplexity on each evaluation text before and after; `ppl_before` (name -> result) reuses known baselines."""
+                          ppl_before: Optional[dict] = None, replaced: Optional[dict] = None) -> dict:
+    """Perplexity on each evaluation text before and after; `ppl_before` (name -> result) reuses known
+    baselines; `replaced`: raw tensors the file stores changed (tuned norm scales)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import default_text
@@ -426,6 +461,10 @@ def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedW
     before = {name: known.get(name) or perplexity(model, tokenizer, path, progress=progress).to_dict()
               for name, path in texts.items()}
     apply_dequantized(model, results)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in (replaced or {}).items():  # as the file stores it: in the source's dtype
+            params[name].copy_(value)
     after = {name: perplexity(model, tokenizer, path, progress=progress).to_dict() for name, path in texts.items()}
     return {"ppl_before": before, "ppl_after": after}
 

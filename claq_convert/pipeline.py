@@ -26,6 +26,7 @@ from .gptq import GPTQ, QuantizedWeight
 from .progress import Progress, no_progress
 from .source import ModelSource
 from .timing import NO_TIMER, Timer
+from .tuning import TUNE_LR
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
 ALLOCATIONS = ("relative", "absolute", "fisher")
@@ -59,12 +60,14 @@ class QuantConfig:
                                       # (sensitivity.py) or "none"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
+    tune_steps: int = 0               # > 0: codebooks (and norm scales) tuned by distillation, this many windows
+    tune_lr: float = TUNE_LR          # the codebook entries' learning rate (tuning.py)
     column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
                                       # widths (set per weight from a column allocation; not a user option)
 
     def validate(self) -> None:
         numbers = {"bits": self.bits, "outlier_bits": self.outlier_bits, "outlier_threshold": self.outlier_threshold,
-                   "percdamp": self.percdamp, "bpw": self.bpw, "head_bits": self.head_bits}
+                   "percdamp": self.percdamp, "bpw": self.bpw, "head_bits": self.head_bits, "tune_lr": self.tune_lr}
         for name, value in numbers.items():
             if value is not None and not math.isfinite(float(value)):
                 raise ValueError(f"{name} must be a finite number, not {value}")
@@ -96,6 +99,10 @@ class QuantConfig:
             raise ValueError(f"unknown row weighting {self.row_weighting!r}; use one of {', '.join(ROW_WEIGHTINGS)}")
         if self.codebook not in CODEBOOKS:
             raise ValueError(f"unknown codebook storage {self.codebook!r}; choose one of {', '.join(CODEBOOKS)}")
+        if not isinstance(self.tune_steps, int) or self.tune_steps < 0:
+            raise ValueError("--tune-steps must be a whole number >= 0")
+        if self.tune_steps and (self.method not in ("claq", "kmeans") or not 0 < float(self.tune_lr) < 1):
+            raise ValueError("--tune-steps tunes codebooks (methods claq, kmeans), at a learning rate in (0, 1)")
         if self.ranking not in ("outlier", "random"):
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 

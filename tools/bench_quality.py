@@ -118,6 +118,10 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
                                                      quantize_embeddings=False),
     # the default budget with 0.05 bpw of it on fp16 outliers
     "cols-claq-bpw-4.6-or-0.05-head-5": dict(bpw=4.6, outlier_bits=0.05, allocation="fisher"),
+    # then every codebook and norm scale tuned by distillation from the source model (--tune-steps)
+    "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192": dict(bpw=3.5, outlier_bits=0.07, allocation="fisher",
+                                                             quantize_embeddings=False, tune_steps=192),
+    "cols-claq-bpw-4.6-head-5-tune-96": dict(bpw=4.6, allocation="fisher", tune_steps=96),
 })
 
 

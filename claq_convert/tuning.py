@@ -1,0 +1,168 @@
+"""Codebook tuning: after quantization, refit every codebook entry by distillation, codes fixed.
+
+GPTQ fits each weight to its own layer's inputs; what a user sees is the whole model's next-token
+distribution. Tuning moves every codebook entry (and the norms' scales, stored raw) so that the quantized
+model's distribution matches the source model's on the calibration windows (KL divergence, Adam), with
+every code left where GPTQ put it. The file's bits do not change: the same codebooks, refitted. On
+self-sampled windows the target is the model's own distribution, not a text domain, so the gain carries
+over to every evaluation text (README, "Tuning").
+
+Pure functions and modules here; `convert.py` decides when to tune and writes the result.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .gptq import QuantizedWeight
+from .kernels import GRID_TOP
+from .kernels_numpy import round_fp16
+from .progress import Progress, no_progress
+
+TUNE_LR = 3e-4         # Adam's step for codebook entries (measured on SmolLM2: README, "Tuning")
+NORM_LR_FACTOR = 5.0   # the norms' scales (about 1) move faster than codebook entries (about 0.02)
+MAX_ENTRIES = 256
+
+
+class DecodedWeight(torch.nn.Module):
+    """A parametrization: the weight decoded from trainable codebooks [in, 256] and fixed codes; outliers
+    stay at their fp16 values (no gradient reaches them)."""
+
+    def __init__(self, result: QuantizedWeight, transposed: bool):
+        super().__init__()
+        rows, cols = result.shape
+        self.transposed = transposed
+        self.codebooks = torch.nn.Parameter(torch.from_numpy(result.column_codebooks.astype(np.float32)))
+        flat = result.codes.astype(np.int64) + MAX_ENTRIES * np.arange(cols, dtype=np.int64)[None, :]
+        self.register_buffer("index", torch.from_numpy(flat), persistent=False)
+        out_cols = np.repeat(np.arange(cols), result.outlier_counts)
+        self.register_buffer("outlier_rows", torch.from_numpy(result.outlier_rows.astype(np.int64)), persistent=False)
+        self.register_buffer("outlier_cols", torch.from_numpy(out_cols.astype(np.int64)), persistent=False)
+        self.register_buffer("outlier_values", torch.from_numpy(result.outlier_values.astype(np.float32)),
+                             persistent=False)
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        W = self.codebooks.view(-1)[self.index]
+        if self.outlier_rows.numel():
+            W = W.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values)
+        return W.T if self.transposed else W
+
+
+def attach(model: torch.nn.Module, results: dict[str, QuantizedWeight], transposed: Callable[[str], bool]
+           ) -> dict[str, DecodedWeight]:
+    """Make every quantized weight of `model` a function of its codebooks (a tied head shares the
+    embedding's). Returns name -> parametrization; the model's other parameters are frozen."""
+    from torch.nn.utils import parametrize
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_tensor = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    decoded = {}
+    for name, result in results.items():
+        module = DecodedWeight(result, transposed(name))
+        for alias in by_tensor[id(params[name])]:  # a tied head is the same tensor under a second name
+            owner, _, leaf = alias.rpartition(".")
+            parametrize.register_parametrization(model.get_submodule(owner), leaf, module, unsafe=True)
+        decoded[name] = module
+    return decoded
+
+
+def norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The scales of the model's normalization layers (LayerNorm, RMSNorm of any family), by name."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if "norm" not in type(module).__name__.lower():
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.dim() == 1:
+            found[f"{module_name}.weight" if module_name else "weight"] = weight
+    return found
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor, steps: int, lr: float,
+            parameters: list, norms: list, seed: int = 0, progress: Progress = no_progress) -> list[float]:
+    """`steps` Adam steps, one calibration window each (shuffled, cycled), on KL(teacher || student) per
+    token; cosine-decayed learning rate. Returns each step's loss."""
+    for p in parameters + norms:
+        p.requires_grad_(True)
+    groups = [{"params": parameters, "lr": lr}] + ([{"params": norms, "lr": lr * NORM_LR_FACTOR}] if norms else [])
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(windows.shape[0], generator=generator)
+                       for _ in range(-(-steps // windows.shape[0]))])
+    device = next(iter(parameters)).device
+    losses = []
+    for step in progress(range(steps), "tuning", steps):
+        batch = windows[order[step]][None].to(device)
+        with torch.no_grad():
+            target = teacher(batch, use_cache=False).logits.float().log_softmax(-1)
+        logits = student(batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True,
+                                          reduction="none").sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    for p in parameters + norms:
+        p.requires_grad_(False)
+    return losses
+
+
+def fp16_at_least(x: np.ndarray) -> np.ndarray:
+    """The smallest fp16 values >= x (x >= 0), as float64: a grid step that still reaches the top entry."""
+    r = round_fp16(x)
+    return np.where(r >= x, r, np.nextafter(r.astype(np.float16), np.float16(np.inf)).astype(np.float64))
+
+
+def retuned(result: QuantizedWeight, codebooks: np.ndarray) -> QuantizedWeight:
+    """`result` with its codebooks replaced by tuned float values [in, 256], stored as the result was
+    (u8 levels on fp16 grids, or fp16): each column's entries sorted ascending and its codes renumbered
+    to match, so the weight decodes to the tuned values as rounded by the storage."""
+    cols = result.shape[1]
+    used = np.arange(MAX_ENTRIES)[None, :] < (1 << result.bits.astype(np.int64))[:, None]   # [in, 256]
+    values = np.where(used, codebooks.astype(np.float64), np.inf)
+    order = np.argsort(values, axis=1, kind="stable")                 # unused entries last
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(MAX_ENTRIES)[None, :].repeat(cols, 0), axis=1)
+    codes = rank[np.arange(cols)[None, :], result.codes.astype(np.int64)].astype(np.uint8)
+    ordered = np.where(used, np.take_along_axis(values, order, axis=1), 0.0)
+    if result.codebook_grid is None:  # fp16 entries
+        return replace(result, codes=codes, column_codebooks=ordered.astype(np.float16))
+    top = np.take_along_axis(ordered, (1 << result.bits.astype(np.int64))[:, None] - 1, axis=1)[:, 0]
+    offset = round_fp16(ordered[:, 0])
+    span = top - offset
+    step = np.where(span > 0, fp16_at_least(np.maximum(span, 0) / GRID_TOP), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.where(step[:, None] > 0, np.clip(np.round((ordered - offset[:, None]) / step[:, None]), 0, GRID_TOP), 0)
+    levels = np.where(used, levels, 0).astype(np.uint8)
+    entries = offset[:, None].astype(np.float32) + step[:, None].astype(np.float32) * levels.astype(np.float32)
+    entries = np.where(used, entries, 0).astype(np.float32)
+    grid = np.stack([offset, step], axis=1).astype(np.float16)
+    return replace(result, codes=codes, column_codebooks=entries, codebook_levels=levels, codebook_grid=grid)
+
+
+def tune(model: torch.nn.Module, teacher: torch.nn.Module, results: dict[str, QuantizedWeight],
+         transposed: Callable[[str], bool], windows: torch.Tensor, steps: int, lr: float, seed: int = 0,
+         progress: Progress = no_progress, log: Optional[Callable[[str], None]] = None
+         ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
+    """(tuned results, tuned norm scales by name, a record). `model` is a copy of the source model that
+    this function changes; `teacher` the source model, unchanged."""
+    decoded = attach(model, results, transposed)
+    norms = norm_parameters(model)
+    losses = distill(model, teacher, windows, steps, lr, [d.codebooks for d in decoded.values()],
+                     list(norms.values()), seed, progress)
+    tuned = {name: retuned(result, decoded[name].codebooks.detach().cpu().numpy()) for name, result in results.items()}
+    record = {"steps": steps, "lr": lr, "windows": int(windows.shape[0]),
+              "kl_first": float(np.mean(losses[:8])), "kl_last": float(np.mean(losses[-8:]))}
+    if log is not None:
+        log(f"tuning: KL {record['kl_first']:.4f} over the first 8 steps, {record['kl_last']:.4f} over the last 8")
+    return tuned, {name: p.detach().cpu().clone() for name, p in norms.items()}, record

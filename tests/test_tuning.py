@@ -1,0 +1,80 @@
+"""Codebook tuning (tuning.py): storage of tuned codebooks, and a conversion that tunes and writes them."""
+import numpy as np
+import pytest
+import torch
+
+from claq_convert.convert import ConvertOptions, encode_result, run_conversion
+from claq_convert.pipeline import QuantConfig, quantize_weight
+from claq_convert.reader import decode_claq
+from claq_convert.tuning import retuned
+from conftest import build_tiny_model
+
+
+@pytest.mark.parametrize("codebook", ["grid", "f16"])
+def test_tuned_codebooks_are_stored_sorted_and_decode_to_the_tuned_values(codebook):
+    torch.manual_seed(0)
+    W = torch.randn(48, 24)
+    result = quantize_weight(W, None, QuantConfig(method="kmeans", bits=3, codebook=codebook))
+    rng = np.random.default_rng(0)
+    tuned = result.column_codebooks.astype(np.float32) + rng.normal(0, 0.3, (24, 256)).astype(np.float32)
+    tuned[:, :8] = tuned[:, :8][:, ::-1]  # entries out of order: the codes must follow them
+    out = retuned(result, tuned)
+    used = out.column_codebooks[:, :8].astype(np.float32)
+    assert np.all(np.diff(used, axis=1) >= 0)
+    want = tuned[np.arange(24)[None, :], result.codes]  # every weight keeps its entry, wherever it moved
+    got = out.dequantize()
+    if codebook == "grid":
+        step = out.codebook_grid[:, 1].astype(np.float32)
+        assert np.all(np.abs(got - want) <= step[None, :] / 2 + 1e-6)
+        assert 0 < np.abs(got - want).max()
+    else:
+        np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32))
+    assert np.array_equal(decode_claq(48, encode_result(out)), got)  # what the writer checks before writing
+
+
+def _kl(teacher, student, windows):
+    with torch.no_grad():
+        t = teacher(windows).logits.log_softmax(-1)
+        s = student(windows).logits.log_softmax(-1)
+    return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # tied embedding; Conv1D weights stored [in, out]
+def test_tuning_brings_the_file_closer_to_the_source_model(family, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from claq_convert import load
+    from claq_convert.data import eval_windows, tokenize_file
+    from claq_convert.evaluate import perplexity
+
+    model_dir = build_tiny_model(tmp_path / family, family=family)
+    records = {}
+    for steps in (0, 64):
+        qc = QuantConfig(bpw=2.6, head_bits=3, tune_steps=steps, tune_lr=3e-4)
+        records[steps] = run_conversion(ConvertOptions(
+            model_dir=model_dir, out=tmp_path / f"{steps}.claq", quant=qc, calib=(text_file,), nsamples=8, seqlen=32,
+            evaluate=family == "llama", eval_texts={"text": text_file}))  # tiny gpt2 has 256 positions, not 512
+    plain, tuned = records[0], records[64]
+    assert "tuning" not in plain and tuned["tuning"]["steps"] == 64
+    assert tuned["summary"]["stored_bytes"] == plain["summary"]["stored_bytes"]  # same bits, other values
+    teacher = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    windows = eval_windows(tokenize_file(AutoTokenizer.from_pretrained(str(model_dir)), text_file), 32, 8)
+    loaded = {steps: load(tmp_path / f"{steps}.claq")[0] for steps in records}
+    assert _kl(teacher, loaded[64], windows) < 0.9 * _kl(teacher, loaded[0], windows)
+    norm = next(n for n, _ in teacher.named_parameters() if "norm" in n or "ln_" in n)
+    assert not torch.equal(dict(loaded[64].named_parameters())[norm], dict(teacher.named_parameters())[norm])  # tuned too
+    if family == "llama":  # --eval scored what the file holds (tuned codebooks and norm scales)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        for steps, record in records.items():
+            from_file = perplexity(loaded[steps], tokenizer, text_file, seqlen=512).ppl
+            assert from_file == pytest.approx(record["ppl_after"]["text"]["ppl"], rel=1e-5)
+        assert tuned["ppl_after"]["text"]["ppl"] < plain["ppl_after"]["text"]["ppl"]
+
+
+def test_tuning_options_are_checked():
+    with pytest.raises(ValueError, match="tune-steps"):
+        QuantConfig(method="gptq", bits=4, tune_steps=4).validate()
+    with pytest.raises(ValueError, match="tune-steps"):
+        QuantConfig(tune_steps=4, tune_lr=0.0).validate()
+    with pytest.raises(ValueError, match="tune-steps"):
+        QuantConfig(tune_steps=-1).validate()
