@@ -36,6 +36,9 @@ class QuantizedWeight:
     group: Optional[np.ndarray] = None   # int64 [in]: the group of each column (uniform only)
     codebook_levels: Optional[np.ndarray] = None  # uint8 [in, 256]: grid codebooks' levels (MODE_GRID only)
     codebook_grid: Optional[np.ndarray] = None    # float16 [in, 2]: each column's (offset, step) (MODE_GRID only)
+    codebook_shapes: Optional[dict] = None        # width -> float16 [S, 2**width]: shared shapes (MODE_SHAPES only)
+    shape_index: Optional[np.ndarray] = None      # uint8 [in]: each column's shape (MODE_SHAPES only)
+    shape_affine: Optional[np.ndarray] = None     # float16 [in, 2]: each column's (offset, scale) (MODE_SHAPES only)
     loss: float = 0.0
     relative_error: float = 0.0
     info: dict = field(default_factory=dict)
@@ -93,7 +96,8 @@ class GPTQ:
             Err1 = np.zeros_like(W1)
             return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2],
                                       reserve[i1:i2], fit_all, max_iter, scale, zero,
-                                      *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:]))
+                                      *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:6]),
+                                      *outputs[6:])
 
         tick = time.perf_counter()
         with ThreadPoolExecutor(workers, thread_name_prefix="claq-columns") as pool:
@@ -103,7 +107,7 @@ class GPTQ:
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
                  fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False,
                  timer: Timer = NO_TIMER, workers: int = 1,
-                 row_weights: Optional[np.ndarray] = None) -> QuantizedWeight:
+                 row_weights: Optional[np.ndarray] = None, shapes: Optional[dict] = None) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
         order from the already-updated weights, as the reference does with act-order groups. `grid`:
@@ -113,7 +117,9 @@ class GPTQ:
         kernel releases the GIL); with one, columns go in order and workers > 1 lets each column's
         K-Means share its DP among Numba's threads. Either way the result is the one-thread result bit
         for bit. `row_weights` [out] (> 0):
-        how much each output row's error counts in the codebooks' K-Means (None: equally)."""
+        how much each output row's error counts in the codebooks' K-Means (None: equally). `shapes`
+        (width -> fp16 values [S <= 256, 2**width], rows ascending, for every width in `bits`): each
+        column's codebook is offset + scale * one of its width's shapes (kernels.MODE_SHAPES)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         with timer.phase("cholesky"):
@@ -138,14 +144,16 @@ class GPTQ:
         grids = np.zeros((cols, 2), np.float64)
         Q = np.zeros((cols, rows), np.float32)
         loss = 0.0
-        mode = kernels.MODE_UNIFORM if uniform else kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK
+        mode = (kernels.MODE_UNIFORM if uniform else kernels.MODE_SHAPES if shapes else
+                kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK)
+        shape_table = shape_tables(shapes) if mode == kernels.MODE_SHAPES else kernels.no_shapes()
         independent = self.H is None and not group_size and workers > 1
         if independent:
             scales, zeros = [scale], [zero]  # uniform: the one per-row grid (unused otherwise)
             with timer.phase("kmeans"):
                 loss, kernel_seconds = self._independent_columns(
                     W, workers, weights, (mode, bits_p, reserve_p, fit_all, max_iter, scale, zero),
-                    (codebooks, codes, reserved, Q, levels, grids))
+                    (codebooks, codes, reserved, Q, levels, grids, *shape_table))
         for i1 in [] if independent else range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             with timer.phase("gptq_update"):
@@ -161,7 +169,8 @@ class GPTQ:
                 tick = time.perf_counter()
                 loss += kernels.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
                                            max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
-                                           Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], workers > 1)
+                                           Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], *shape_table,
+                                           workers > 1)
                 kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
                 with timer.phase("gptq_update"):
@@ -185,12 +194,30 @@ class GPTQ:
                 scale=np.stack(scales[:1] if not group_size else scales).astype(np.float32) if uniform else None,
                 zero=np.stack(zeros[:1] if not group_size else zeros).astype(np.float32) if uniform else None,
                 group=group if uniform else None, loss=loss)
+            if mode == kernels.MODE_SHAPES:
+                result.column_codebooks = codebooks  # the entries as decoded (binary32)
+                result.codebook_shapes = {b: np.asarray(v, np.float16) for b, v in shapes.items()}
+                result.shape_index, result.shape_affine = levels[:, 0].copy(), grids.astype(np.float16)
+                result.codebook_levels = result.codebook_grid = None
             original = self.W.cpu().numpy()
             difference = result.dequantize()
             difference -= original  # in place: one weight-sized temporary, not two
             result.relative_error = float(np.linalg.norm(difference) / max(np.linalg.norm(original), 1e-30))
         result.info = {"seconds": time.perf_counter() - start, "kernel_seconds": kernel_seconds}
         return result
+
+
+def shape_tables(shapes: dict) -> tuple[np.ndarray, np.ndarray]:
+    """gptq_block's (shapes [WIDTHS, S, 256] float64, shape_counts [WIDTHS]) from width -> [S, 2**width]."""
+    most = max(len(v) for v in shapes.values())
+    if most > 256 or any(np.asarray(v).shape[1:] != (1 << b,) for b, v in shapes.items()):
+        raise ValueError("shapes: at most 256 of 2**width values each, for every width")
+    table = np.zeros((kernels.WIDTHS, most, MAX_CODEBOOK))
+    counts = np.zeros(kernels.WIDTHS, np.int64)
+    for b, v in shapes.items():
+        table[b, :len(v), :1 << b] = np.asarray(v, np.float16).astype(np.float64)
+        counts[b] = len(v)
+    return table, counts
 
 
 def uniform_grid(W: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:

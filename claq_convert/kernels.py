@@ -23,7 +23,14 @@ numba.get_num_threads()
 MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook, fp16 entries (CLAQ, kmeans)
 MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
 MODE_GRID = 2      # per-column K-Means codebook whose entries are 8-bit levels on the column's fp16 grid
+MODE_SHAPES = 3    # per-column codebook: fp16 offset + scale * one of the weight's shared shapes (kernels_shapes)
 GRID_TOP = 255     # the highest level of a codebook grid (levels are u8)
+WIDTHS = 9         # shape tables are indexed by width 0..8
+
+
+def no_shapes() -> tuple[np.ndarray, np.ndarray]:
+    """gptq_block's (shapes, shape_counts) for the modes that use no shared shapes."""
+    return np.zeros((WIDTHS, 1, 1)), np.zeros(WIDTHS, np.int64)
 
 
 @njit(cache=True, nogil=True)
@@ -334,15 +341,17 @@ def nearest_code(x, codebook):
 
 @njit(cache=True, nogil=True)
 def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, codebook_out, codes_out, reserved_out,
-                             q_out, grid, levels_out, grid_out, parallel=False):
+                             q_out, mode, levels_out, grid_out, shapes, shape_counts, parallel=False):
     """Fit a 2**bits codebook to column `w`, keep its `n_reserve` largest-|w| entries exact (fp16).
 
     `weights` (float64 [rows], > 0) weigh each row's squared error in the K-Means (ones: plain K-Means).
 
     The codebook is the exact K-Means optimum when max_iter == 0, else Lloyd's (at most max_iter).
-    Writes the ascending codebook into codebook_out[:2**bits]: the centroids rounded to fp16, or with
-    `grid` to 8-bit levels on the column's grid (levels_out[:2**bits], grid_out = offset, step; see
-    grid_codebook); then each entry's code, a 0/1
+    Writes the ascending codebook into codebook_out[:2**bits]: the centroids rounded to fp16 (MODE_CODEBOOK),
+    8-bit levels on the column's grid (MODE_GRID: levels_out[:2**bits], grid_out = offset, step; see
+    grid_codebook), or the best of the width's shared shapes (MODE_SHAPES: shapes[bits, :shape_counts[bits],
+    :2**bits], the fp16 shape values; levels_out[0] = the shape's index, grid_out = offset, scale; see
+    kernels_shapes.shaped_codebook); then each entry's code, a 0/1
     reserved mask and the decoded value q (reserved entries keep fp16(w)). The reserved entries are
     the two tails of the sorted column, so the K-Means fits the contiguous middle (or everything
     when `fit_all`). `parallel`: the exact K-Means's DP shared by threads (the same result).
@@ -364,8 +373,14 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
     else:
         centroids = kmeans_optimal_weighted(xs[a:b], prefix_w, prefix, prefix_sq, k, parallel)
     cb = np.empty(k, np.float64)
-    if grid:
+    if mode == MODE_GRID:
         grid_codebook(centroids, levels_out, grid_out, cb)  # ascending: levels follow the centroids' order
+    elif mode == MODE_SHAPES:
+        index, offset, scale = kernels_shapes.shaped_codebook(xs[a:b], prefix_w, prefix, prefix_sq,
+                                                              shapes[bits, :shape_counts[bits], :k], centroids,
+                                                              kernels_shapes.FIT_ITERATIONS, cb)
+        levels_out[0] = np.uint8(index)
+        grid_out[0], grid_out[1] = offset, scale
     else:
         for c in range(k):
             cb[c] = round_fp16(centroids[c])
@@ -386,7 +401,7 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
 
 @njit(cache=True, nogil=True)
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1, levels, grids, parallel=False):
+               codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
 
     W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
@@ -394,7 +409,9 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
     factor of H^-1. `weights` (float64 [rows], > 0) weigh the rows in the codebooks' K-Means: GPTQ's
     compensation is the same for every row, so a per-row weight changes only the codebooks. Mode
     MODE_CODEBOOK fits per-column codebooks (MODE_GRID: on 8-bit grids, their
-    levels [cnt, 256] and (offset, step) [cnt, 2] written to levels/grids); MODE_UNIFORM rounds to the
+    levels [cnt, 256] and (offset, step) [cnt, 2] written to levels/grids; MODE_SHAPES: from the shared
+    shapes [WIDTHS, S, 256] (shape_counts [WIDTHS] of them a width), each column's shape index written
+    to levels[:, 0] and (offset, scale) to grids; no_shapes() for the other modes); MODE_UNIFORM rounds to the
     per-row grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 256], codes/reserved/Q1/
     Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2. `parallel`: each
     column's exact K-Means shares its DP among Numba's threads (for long columns, when no other thread
@@ -408,7 +425,7 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
         q = np.empty(rows, np.float64)
         if mode != MODE_UNIFORM:
             quantize_column_codebook(w, weights, bits[i], n_reserve[i], fit_all, max_iter, codebooks[i], codes[i],
-                                     reserved[i], q, mode == MODE_GRID, levels[i], grids[i], parallel)
+                                     reserved[i], q, mode, levels[i], grids[i], shapes, shape_counts, parallel)
         else:
             maxq = (1 << bits[i]) - 1
             for r in range(rows):
@@ -427,3 +444,9 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
                 for r in range(rows):
                     W1[j, r] -= Err1[i, r] * h
     return loss
+
+
+# Last: kernels_shapes builds on the helpers above (round_fp16, the K-Means), and quantize_column_codebook
+# calls into it; Numba resolves the names when the kernel first compiles.
+# A module, not its names: importing kernels_shapes first imports this module before its own names exist.
+from . import kernels_shapes  # noqa: E402

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import GRID_TOP, MODE_GRID, MODE_UNIFORM
+from .kernels import GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
+from .kernels_shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 from .spec import unpack_codes
 
 
@@ -111,8 +112,9 @@ def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return levels.astype(np.uint8), np.array([offset, step]), values.astype(np.float64)
 
 
-def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, weights=None):
-    """Returns (codebook, codes, reserved, q, levels, (offset, step)) like the Numba kernel."""
+def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, weights=None, shapes=None):
+    """Returns (codebook, codes, reserved, q, levels, (offset, step)) like the Numba kernel; with
+    `shapes` ([S, 2**bits]) levels[0] is the chosen shape and the pair is (offset, scale)."""
     n = w.shape[0]
     order = np.argsort(w, kind="stable")
     xs = w[order].astype(np.float64)
@@ -127,7 +129,10 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, 
     fit = (kmeans_sorted(xs[a:b], 1 << bits, max_iter, u) if max_iter > 0
            else kmeans_optimal_sorted(xs[a:b], 1 << bits, u))
     levels, offset_step = np.zeros(1 << bits, np.uint8), np.zeros(2)
-    if grid:
+    if shapes is not None:
+        index, offset, scale, codebook = shaped_from_sorted(xs[a:b], u, fit, shapes, SHAPE_FIT_ITERATIONS)
+        levels[0], offset_step = index, np.array([offset, scale])
+    elif grid:
         levels, offset_step, codebook = grid_codebook(fit)
     else:
         codebook = np.sort(round_fp16(fit))
@@ -141,7 +146,7 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, 
 
 
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1, levels, grids, parallel=False):
+               codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False):
     """Twin of kernels.gptq_block (`parallel` changes nothing there either: the twin has no threads)."""
     cnt, rows = W1.shape
     loss = 0.0
@@ -149,8 +154,10 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
         w = W1[i].astype(np.float64)
         d = float(Hinv1[i, i])
         if mode != MODE_UNIFORM:
+            b = int(bits[i])
+            table = shapes[b, :shape_counts[b], :1 << b] if mode == MODE_SHAPES else None
             cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(
-                w, int(bits[i]), int(n_reserve[i]), fit_all, max_iter, mode == MODE_GRID, weights)
+                w, b, int(n_reserve[i]), fit_all, max_iter, mode == MODE_GRID, weights, table)
             codebooks[i, : cb.shape[0]] = cb
             levels[i, : lv.shape[0]] = lv
         else:
@@ -183,3 +190,120 @@ def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np
     values = np.empty((columns.size, rows), np.float32)
     decode_stream(words, bits, tables, np.arange(columns.size), rows, values)
     y += (x[:, columns].astype(np.float64) @ values.astype(np.float64)).astype(np.float32)
+
+
+# ---- twins of kernels_shapes.py -------------------------------------------------------------------
+
+def _seq_sum(values) -> float:
+    """Left-to-right float64 sum (NumPy's pairwise sum rounds differently from the kernels' loops)."""
+    total = 0.0
+    for v in values:
+        total += float(v)
+    return total
+
+
+def fit_shape(xs, shape, offset, scale, max_iter, weights=None):
+    """Twin of kernels_shapes.fit_shape: returns (weighted SSE, offset, scale, codes of xs). The sums go
+    through the same prefix sums in the same order, so the results are equal bit for bit."""
+    u = np.ones(xs.shape[0]) if weights is None else np.asarray(weights, np.float64)
+    P0 = np.concatenate([[0.0], np.cumsum(u)])
+    P1 = np.concatenate([[0.0], np.cumsum(u * xs)])
+    P2 = np.concatenate([[0.0], np.cumsum(u * xs * xs)])
+    k, n = shape.shape[0], xs.shape[0]
+
+    def bounds_of(o, a):
+        return np.concatenate([[0], np.searchsorted(xs, o + a * 0.5 * (shape[:-1] + shape[1:]), side="right"), [n]])
+
+    bounds = None
+    for _ in range(max_iter):
+        new = bounds_of(offset, scale)
+        if bounds is not None and np.array_equal(new, bounds):
+            break
+        bounds = new
+        w = P0[bounds[1:]] - P0[bounds[:-1]]
+        x = P1[bounds[1:]] - P1[bounds[:-1]]
+        t0, t1, t2 = _seq_sum(w), _seq_sum(w * shape), _seq_sum(w * shape * shape)
+        x1, xt = _seq_sum(x), _seq_sum(x * shape)
+        if t0 <= 0.0:
+            break
+        var = t2 - t1 * t1 / t0
+        if var > 1e-12 * t2:
+            scale = max((xt - t1 * x1 / t0) / var, 0.0)
+        offset = (x1 - scale * t1) / t0
+    bounds = bounds_of(offset, scale)
+    e = offset + scale * shape
+    seg = [(P2[hi] - P2[lo]) - 2.0 * e[c] * (P1[hi] - P1[lo]) + e[c] * e[c] * (P0[hi] - P0[lo])
+           for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    codes = np.repeat(np.arange(k), np.diff(bounds))
+    return max(_seq_sum(seg), 0.0), offset, scale, codes
+
+
+def initial_affine(centroids, shape):
+    k = shape.shape[0]
+    ms, mc = _seq_sum(shape) / k, _seq_sum(centroids) / k
+    cov, var = _seq_sum((shape - ms) * (centroids - mc)), _seq_sum((shape - ms) * (shape - ms))
+    scale = max(cov / var, 0.0) if var > 0 else 0.0
+    return mc - scale * ms, scale
+
+
+def shaped_codebook(column, shapes, max_iter, weights=None):
+    """Twin of kernels_shapes.shaped_codebook on an unsorted column: (index, offset, scale, float32 entries)."""
+    order = np.argsort(column, kind="stable")
+    xs = column[order].astype(np.float64)
+    u = None if weights is None else np.asarray(weights, np.float64)[order]
+    return shaped_from_sorted(xs, u, kmeans_optimal_sorted(xs, shapes.shape[1], u), shapes, max_iter)
+
+
+def shaped_from_sorted(xs, u, centroids, shapes, max_iter):
+    fits = [fit_shape(xs, s, *initial_affine(centroids, s), max_iter, u) for s in shapes]
+    best = int(np.argmin([f[0] for f in fits]))
+    offset, scale = float(round_fp16(fits[best][1])), float(round_fp16(fits[best][2]))
+    entries = np.float32(offset) + np.float32(scale) * shapes[best].astype(np.float32)
+    return best, offset, scale, entries.astype(np.float64)
+
+
+def normalize_shape(shape):
+    v = np.sort(shape)
+    sd = np.sqrt(((v - v.mean()) ** 2).mean())
+    return np.sort(round_fp16((v - v.mean()) / sd)) if sd > 0 else np.zeros_like(v)
+
+
+def learn_shapes(Wt, weights, bits, count, rounds, max_iter):
+    """Twin of kernels_shapes.learn_shapes (same start, same K-Means, same refits)."""
+    k = 1 << bits
+    sorted_cols = []
+    U = []
+    for column in Wt:
+        order = np.argsort(column, kind="stable")
+        xs, u = column[order].astype(np.float64), np.asarray(weights, np.float64)[order]
+        c = kmeans_optimal_sorted(xs, k, u)
+        sorted_cols.append((xs, u, c))
+        sd = np.sqrt(((c - c.mean()) ** 2).mean())
+        if sd > 0:
+            U.append((c - c.mean()) / sd)
+    if not U:
+        return normalize_shape(np.linspace(-1.0, 1.0, k))[None, :]
+    U = np.array(U)
+    m, S = U.shape[0], min(count, U.shape[0])
+    order = np.argsort(U[:, -1] - U[:, 0], kind="stable")
+    centres = U[order[((2 * np.arange(S) + 1) * m) // (2 * S)]].copy()
+    for _ in range(25):
+        label = np.array([int(np.argmin([((row - c) ** 2).sum() for c in centres])) for row in U])
+        for s in range(S):
+            if (label == s).any():
+                centres[s] = U[label == s].mean(0)
+    shapes = np.stack([normalize_shape(c) for c in centres])
+    for _ in range(rounds):
+        num, den = np.zeros_like(shapes), np.zeros_like(shapes)
+        for xs, u, c in sorted_cols:
+            fits = [fit_shape(xs, s, *initial_affine(c, s), max_iter, u) for s in shapes]
+            best = int(np.argmin([f[0] for f in fits]))
+            _, offset, scale, codes = fits[best]
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=k))])
+            P0, P1 = np.concatenate([[0.0], np.cumsum(u)]), np.concatenate([[0.0], np.cumsum(u * xs)])
+            seg_w, seg_x = P0[bounds[1:]] - P0[bounds[:-1]], P1[bounds[1:]] - P1[bounds[:-1]]
+            num[best] += scale * (seg_x - offset * seg_w)
+            den[best] += scale * scale * seg_w
+        shapes = np.stack([normalize_shape(np.where(den[s] > 0, num[s] / np.where(den[s] > 0, den[s], 1), shapes[s]))
+                           for s in range(len(shapes))])
+    return shapes

@@ -104,3 +104,26 @@ def test_without_hessian_threads_share_the_columns_with_the_one_thread_result(ki
     assert np.array_equal(shared.dequantize(), one.dequantize())
     if kind != "uniform":
         assert one.outlier_counts.sum() == reserve.sum()
+
+
+def test_shared_shapes_decode_from_the_table_and_stay_close_to_free_codebooks():
+    """MODE_SHAPES through GPTQ: every column's entries are offset + scale * its width's chosen shape,
+    the outputs are what those entries give, and the layer-output error stays near the free codebooks'."""
+    from claq_convert import kernels_shapes
+
+    W, H, X = layer_problem(rows=128, cols=96, seed=2)
+    bits = np.random.default_rng(2).choice([2, 3], W.shape[1])
+    Wt = W.T.double().numpy()
+    shapes = {b: kernels_shapes.learn_shapes(np.ascontiguousarray(Wt[bits == b]), np.ones(W.shape[0]), b, 4)
+              for b in (2, 3)}
+    r = GPTQ(W, H, blocksize=32).quantize(bits, shapes=shapes)
+    free = GPTQ(W, H, blocksize=32).quantize(bits)
+    assert r.codebook_levels is None and r.codebook_grid is None and set(r.codebook_shapes) == {2, 3}
+    for j, b in enumerate(bits):
+        offset, scale = r.shape_affine[j].astype(np.float32)
+        table = r.codebook_shapes[b][r.shape_index[j]].astype(np.float32)
+        assert r.shape_index[j] < len(shapes[b]) and scale >= 0
+        assert np.array_equal(r.column_codebooks[j, :1 << b], offset + scale * table)
+    assert np.array_equal(r.dequantize(), r.column_codebooks[np.arange(W.shape[1])[None, :], r.codes])
+    shaped, unconstrained = (output_error(W, torch.from_numpy(q.dequantize()), X) for q in (r, free))
+    assert unconstrained < shaped < 1.25 * unconstrained

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from claq_convert import kernels, kernels_numpy
+from claq_convert import gptq, kernels, kernels_numpy
 
 
 def heavy_tailed_column(rng, n):
@@ -127,6 +127,13 @@ def block_inputs(rng, rows=96, cnt=40):
     return W1, Hinv, bits, reserve
 
 
+def test_shapes():
+    """Two shared shapes for each of the widths 1 to 4 (fp16 values, ascending), as gptq.shape_tables packs them."""
+    rng = np.random.default_rng(5)
+    return gptq.shape_tables({b: np.sort(rng.standard_normal((2, 1 << b)), axis=1).astype(np.float16)
+                              for b in range(1, 5)})
+
+
 def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, weights=None):
     cnt, rows = W1.shape
     weights = np.ones(rows) if weights is None else weights
@@ -136,13 +143,15 @@ def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, 
                Err=np.zeros((cnt, rows), np.float32), levels=np.zeros((cnt, 16), np.uint8),
                grids=np.zeros((cnt, 2), np.float64))
     scale, zero = np.full(rows, 0.03), np.full(rows, 7.0)
+    shapes = test_shapes() if mode == kernels.MODE_SHAPES else kernels.no_shapes()
     loss = module.gptq_block(W, Hinv, weights, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
-                             out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"])
+                             out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"], *shapes)
     return loss, W, out
 
 
 @pytest.mark.parametrize("mode,max_iter", [(kernels.MODE_CODEBOOK, 0), (kernels.MODE_CODEBOOK, 100),
-                                           (kernels.MODE_GRID, 0), (kernels.MODE_UNIFORM, 0)])
+                                           (kernels.MODE_GRID, 0), (kernels.MODE_UNIFORM, 0),
+                                           (kernels.MODE_SHAPES, 0)])
 @pytest.mark.parametrize("fit_all", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gptq_block_numba_equals_numpy_twin(mode, max_iter, fit_all, weighted):
@@ -173,6 +182,22 @@ def test_gptq_block_reserves_the_largest_magnitudes_exactly():
         assert np.all(np.diff(cb) >= 0) and np.all(cb == cb.astype(np.float16))
         rest = np.setdiff1d(np.arange(W1.shape[1]), kept)
         assert np.array_equal(out["Q"][i, rest], cb[out["codes"][i, rest]])
+
+
+def test_shapes_codebook_entries_follow_the_decoders_rule():
+    """Shared shapes: each column's entries are binary32(offset + scale * shape[index]), fp16 offset and
+    scale >= 0, ascending; every non-reserved entry decodes through them."""
+    W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(4))
+    table, counts = test_shapes()
+    _, _, out = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_SHAPES)
+    for i, b in enumerate(bits):
+        k, index = 1 << int(b), int(out["levels"][i, 0])
+        offset, scale = out["grids"][i]
+        assert index < counts[b] and np.float16(offset) == offset and np.float16(scale) == scale and scale >= 0
+        entries = np.float32(offset) + np.float32(scale) * table[b, index, :k].astype(np.float32)
+        assert np.array_equal(entries, out["codebooks"][i, :k]) and np.all(np.diff(entries) >= 0)
+        rest = out["reserved"][i] == 0
+        assert np.array_equal(out["Q"][i, rest], out["codebooks"][i, out["codes"][i, rest]])
 
 
 def test_grid_codebook_entries_follow_the_decoders_rule():
@@ -228,7 +253,7 @@ def test_gptq_block_parallel_dp_is_the_serial_result(mode):
                np.zeros((cnt, rows), np.float32), np.zeros((cnt, rows), np.float32), np.zeros((cnt, 16), np.uint8),
                np.zeros((cnt, 2), np.float64)]
         loss = kernels.gptq_block(W, Hinv, weights, mode, bits, reserve, False, 0, np.zeros(1), np.zeros(1), *out,
-                                  parallel)
+                                  *kernels.no_shapes(), parallel)
         results.append((loss, W, out))
     (loss_a, W_a, a), (loss_b, W_b, b) = results
     assert loss_a == loss_b and np.array_equal(W_a, W_b)
@@ -256,7 +281,7 @@ def test_first_calls_from_two_threads_at_once_do_not_crash():
                    np.zeros((cnt, 256), np.uint8), np.zeros((cnt, 2))]
             kernels.gptq_block(rng.standard_normal((cnt, rows)).astype(np.float32), np.eye(cnt, dtype=np.float32),
                                np.ones(rows), kernels.MODE_GRID, np.full(cnt, 4, np.int64), np.zeros(cnt, np.int64),
-                               False, 0, np.zeros(1), np.zeros(1), *out, False)
+                               False, 0, np.zeros(1), np.zeros(1), *out, *kernels.no_shapes(), False)
 
         threads = [threading.Thread(target=run, args=(seed,)) for seed in range(2)]
         [t.start() for t in threads]

@@ -8,9 +8,12 @@ codebook costs in quantization error: for sampled columns of real block linears,
 entries chosen from a grid of 2**L points (L-bit levels, the best of a few grid spans, chosen exactly by
 dynamic programming) against the unconstrained optimum (fp16 entries). Grids: `asym` spans the
 optimum's first to last centroid (fp16 offset and step, 32 bits), `sym` is symmetric about 0 (one fp16
-step, 16 bits). Data-free columns, no GPTQ: the error a codebook adds before compensation.
+step, 16 bits). `shapesS`: the weight shares S shapes learned from all its columns
+(kernels_shapes.learn_shapes; a table of S x 2**b fp16 values a weight) and each column stores a u8
+shape index and an fp16 offset and scale (40 bits). Data-free columns, no GPTQ: the error a codebook
+adds before compensation.
 
-    python tools/bench_codebook.py [--model DIR] [--columns 96] [--layers 0 --layers 14]
+    python tools/bench_codebook.py [--model DIR] [--columns 96] [--layers 0 --layers 14] [--shapes 16]
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from numba import njit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert import kernels  # noqa: E402
+from claq_convert import kernels, kernels_shapes  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
 from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture  # noqa: E402
 from claq_convert.source import ModelSource  # noqa: E402
@@ -34,6 +37,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SPANS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # grid span as a fraction of the optimum's outermost centroids
 GRID_BITS = {"asym": 32, "sym": 16}        # bits of a column's grid parameters (fp16 offset/step, or step)
+SHAPE_COLUMN_BITS = 8 + 32                  # a column of a shared-shape codebook: u8 index, fp16 offset and scale
 
 
 @njit(cache=True)
@@ -92,13 +96,28 @@ def column_errors(column: np.ndarray, bits: int, level_bits: tuple[int, ...]) ->
     return out
 
 
-def codebook_share(source: ModelSource, names: list[str], bits_per_column: int) -> float:
-    """Codebook bits over all block-linear weights when every column's codebook costs this many bits."""
+def shaped_errors(columns: np.ndarray, shapes: np.ndarray) -> float:
+    """Summed SSE of columns ([cols, rows]) coded with the best of a weight's shapes (offset and scale in fp16)."""
+    total = 0.0
+    entries = np.empty(shapes.shape[1])
+    for column in columns:
+        xs = np.sort(column.astype(np.float64))
+        prefix_w, prefix, prefix_sq = kernels.weighted_prefix_sums(xs, np.ones(xs.size))
+        centroids = kernels.kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, shapes.shape[1])
+        kernels_shapes.shaped_codebook(xs, prefix_w, prefix, prefix_sq, shapes, centroids,
+                                       kernels_shapes.FIT_ITERATIONS, entries)
+        total += float(np.sum(np.min((xs[:, None] - entries[None, :]) ** 2, axis=1)))
+    return total
+
+
+def codebook_share(source: ModelSource, names: list[str], bits_per_column: int, bits_per_weight: int = 0) -> float:
+    """Codebook bits over all block-linear weights when every column's codebook costs this many bits
+    (and every weight's table `bits_per_weight`)."""
     columns = params = 0
     for name in names:
         rows, cols = source.tensor(name).shape
         columns, params = columns + cols, params + rows * cols
-    return bits_per_column * columns / params
+    return (bits_per_column * columns + bits_per_weight * len(names)) / params
 
 
 @click.command()
@@ -108,8 +127,10 @@ def codebook_share(source: ModelSource, names: list[str], bits_per_column: int) 
 @click.option("--layers", multiple=True, type=int, default=(0, 14, 29), show_default=True)
 @click.option("--bits", default=4, show_default=True, help="Codebook width (2**bits entries).")
 @click.option("--level-bits", "level_bits", multiple=True, type=int, default=(5, 6, 8), show_default=True)
+@click.option("--shapes", "shape_counts", multiple=True, type=int, default=(4, 16, 64), show_default=True,
+              help="Shared-shape tables of this many shapes a weight (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "bench" / "codebook-grid.json")
-def main(model, columns, layers, bits, level_bits, out):
+def main(model, columns, layers, bits, level_bits, shape_counts, out):
     source = ModelSource(model or build_fixture(DEFAULT_FIXTURE_DIR))
     block = [n for n in source.names() if ".layers." in n and n.endswith(".weight")
              and any(f".{m}." in n for m in LINEARS)]
@@ -124,22 +145,29 @@ def main(model, columns, layers, bits, level_bits, out):
             for j in picked:
                 for scheme, value in column_errors(W[:, j], bits, level_bits).items():
                     sums[scheme] = sums.get(scheme, 0.0) + value
-                    total[scheme] = total.get(scheme, 0.0) + value
+            Wt = np.ascontiguousarray(W.T.astype(np.float64))
+            for count in shape_counts:
+                shapes = kernels_shapes.learn_shapes(Wt, np.ones(W.shape[0]), bits, count)
+                sums[f"shapes{count}"] = shaped_errors(Wt[picked], shapes)
+            for scheme, value in sums.items():
+                total[scheme] = total.get(scheme, 0.0) + value
             weights[name] = {s: v / sums["f16"] - 1.0 for s, v in sums.items() if s != "f16"}
             click.echo(f"{name:40s} " + "  ".join(f"{s} {v:+.1%}" for s, v in weights[name].items()))
     k = 1 << bits
-    schemes = {"f16": 16 * k}
-    schemes.update({f"{scheme}{L}": L * k + GRID_BITS[scheme] for L in level_bits for scheme in GRID_BITS})
-    shares = {s: {"bits_per_column": b, "codebook_bpw": codebook_share(source, block, b),
+    schemes = {"f16": (16 * k, 0)}
+    schemes.update({f"{scheme}{L}": (L * k + GRID_BITS[scheme], 0) for L in level_bits for scheme in GRID_BITS})
+    schemes.update({f"shapes{S}": (SHAPE_COLUMN_BITS, 16 * k * S) for S in shape_counts})
+    shares = {s: {"bits_per_column": b, "bits_per_weight": t, "codebook_bpw": codebook_share(source, block, b, t),
                   "sse_over_f16": total[s] / total["f16"] - 1.0}
-              for s, b in schemes.items()}
+              for s, (b, t) in schemes.items()}
     for s, v in shares.items():
         click.echo(f"{s:6s} {v['bits_per_column']:4d} bits a column  {v['codebook_bpw']:.3f} bpw  "
                    f"SSE {v['sse_over_f16']:+.1%}")
     report = {"tool": "tools/bench_codebook.py", "machine": machine_info(), "model": str(model or DEFAULT_FIXTURE_DIR),
               "bits": bits, "columns_per_weight": columns, "layers": list(layers), "spans": list(SPANS),
               "note": "asym8 has v2's cost (u8 levels, fp16 offset and step); v2 rounds the optimum's centroids "
-                      "to their nearest levels, the grid schemes here choose the best levels (a lower bound)",
+                      "to their nearest levels, the grid schemes here choose the best levels (a lower bound); shapesS "
+                      "learns S shapes from all of a weight's columns and fits the sampled ones",
               "per_weight_sse_over_f16": weights, "schemes": shares}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
