@@ -146,6 +146,8 @@ class GPTQ:
         loss = 0.0
         mode = (kernels.MODE_UNIFORM if uniform else kernels.MODE_SHAPES if shapes else
                 kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK)
+        if mode == kernels.MODE_SHAPES and not set(np.unique(bits).tolist()) <= set(shapes):
+            raise ValueError(f"shapes for widths {sorted(shapes)}, but the columns have {np.unique(bits).tolist()}")
         shape_table = shape_tables(shapes) if mode == kernels.MODE_SHAPES else kernels.no_shapes()
         independent = self.H is None and not group_size and workers > 1
         if independent:

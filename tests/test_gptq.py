@@ -127,3 +127,5 @@ def test_shared_shapes_decode_from_the_table_and_stay_close_to_free_codebooks():
     assert np.array_equal(r.dequantize(), r.column_codebooks[np.arange(W.shape[1])[None, :], r.codes])
     shaped, unconstrained = (output_error(W, torch.from_numpy(q.dequantize()), X) for q in (r, free))
     assert unconstrained < shaped < 1.25 * unconstrained
+    with pytest.raises(ValueError, match="widths"):
+        GPTQ(W, H).quantize(bits, shapes={2: shapes[2]})
