@@ -127,7 +127,7 @@ def block_inputs(rng, rows=96, cnt=40):
     return W1, Hinv, bits, reserve
 
 
-def test_shapes():
+def example_shapes():
     """Two shared shapes for each of the widths 1 to 4 (fp16 values, ascending), as gptq.shape_tables packs them."""
     rng = np.random.default_rng(5)
     return gptq.shape_tables({b: np.sort(rng.standard_normal((2, 1 << b)), axis=1).astype(np.float16)
@@ -143,7 +143,7 @@ def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, 
                Err=np.zeros((cnt, rows), np.float32), levels=np.zeros((cnt, 16), np.uint8),
                grids=np.zeros((cnt, 2), np.float64))
     scale, zero = np.full(rows, 0.03), np.full(rows, 7.0)
-    shapes = test_shapes() if mode == kernels.MODE_SHAPES else kernels.no_shapes()
+    shapes = example_shapes() if mode == kernels.MODE_SHAPES else kernels.no_shapes()
     loss = module.gptq_block(W, Hinv, weights, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
                              out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"], *shapes)
     return loss, W, out
@@ -188,7 +188,7 @@ def test_shapes_codebook_entries_follow_the_decoders_rule():
     """Shared shapes: each column's entries are binary32(offset + scale * shape[index]), fp16 offset and
     scale >= 0, ascending; every non-reserved entry decodes through them."""
     W1, Hinv, bits, reserve = block_inputs(np.random.default_rng(4))
-    table, counts = test_shapes()
+    table, counts = example_shapes()
     _, _, out = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_SHAPES)
     for i, b in enumerate(bits):
         k, index = 1 << int(b), int(out["levels"][i, 0])
