@@ -126,23 +126,30 @@ def shaped_codebook(xs, prefix_w, prefix, prefix_sq, shapes, centroids, max_iter
 
 
 @njit(cache=True, nogil=True)
-def _column_codebook(column, weights, k):
-    """(sorted column, prefix sums, its exact weighted K-Means centroids) of one column."""
+def _sorted_sums(column, weights):
+    """(sorted column, prefix sums of the weights, weight * x and weight * x**2) of one column."""
     order = np.argsort(column, kind="mergesort")
     xs = column[order].astype(np.float64)
     prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs, weights[order])
-    return xs, prefix_w, prefix, prefix_sq, kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k)
+    return xs, prefix_w, prefix, prefix_sq
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def normalized_codebooks(Wt, weights, bits, out):
-    """Every column's exact weighted K-Means codebook (Wt: a column per row), shifted to mean 0 and
-    scaled to unit standard deviation: out [cols, 2**bits]. Returns a mask of the columns whose
-    codebook has any spread (constant columns say nothing about shape)."""
-    k = 1 << bits
-    spread = np.zeros(Wt.shape[0], np.bool_)
+def exact_codebooks(Wt, weights, out):
+    """Every column's exact weighted K-Means codebook (Wt: a column per row): out [cols, 2**bits]."""
     for j in prange(Wt.shape[0]):
-        centroids = _column_codebook(Wt[j], weights, k)[4]
+        xs, prefix_w, prefix, prefix_sq = _sorted_sums(Wt[j], weights)
+        out[j] = kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, out.shape[1])
+
+
+@njit(cache=True, nogil=True)
+def normalized_codebooks(C, out):
+    """The codebooks C [cols, k] shifted to mean 0 and scaled to unit standard deviation: out [cols, k].
+    Returns a mask of the columns whose codebook has any spread (constant columns say nothing about shape)."""
+    k = C.shape[1]
+    spread = np.zeros(C.shape[0], np.bool_)
+    for j in range(C.shape[0]):
+        centroids = C[j]
         m = centroids.mean()
         sd = np.sqrt(((centroids - m) ** 2).mean())
         if sd > 0.0:
@@ -199,14 +206,15 @@ def cluster_codebooks(U, count, iterations):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def column_fits(Wt, weights, shapes, max_iter, index_out, offset_out, scale_out, seg_w_out, seg_x_out, sse_out):
-    """Every column's best shape (unrounded offset and scale) and, for the refit, its segments' weight
-    and weighted sum: seg_w_out/seg_x_out [cols, k]."""
+def column_fits(Wt, weights, C, shapes, max_iter, index_out, offset_out, scale_out, seg_w_out, seg_x_out, sse_out):
+    """Every column's best shape (unrounded offset and scale; C [cols, k]: the columns' exact codebooks,
+    where each fit starts) and, for the refit, its segments' weight and weighted sum: seg_w_out/seg_x_out
+    [cols, k]."""
     k = shapes.shape[1]
     for j in prange(Wt.shape[0]):
-        xs, prefix_w, prefix, prefix_sq, centroids = _column_codebook(Wt[j], weights, k)
+        xs, prefix_w, prefix, prefix_sq = _sorted_sums(Wt[j], weights)
         bounds = np.zeros(k + 1, np.int64)
-        s, sse, offset, scale = best_shape(xs, prefix_w, prefix, prefix_sq, shapes, centroids, max_iter, bounds)
+        s, sse, offset, scale = best_shape(xs, prefix_w, prefix, prefix_sq, shapes, C[j], max_iter, bounds)
         # best_shape's bounds belong to the last shape tried: assign again for the chosen one
         _assign(xs, shapes[s], offset, scale, bounds)
         index_out[j], offset_out[j], scale_out[j], sse_out[j] = s, offset, scale, sse
@@ -244,23 +252,32 @@ def learn_shapes(Wt: np.ndarray, weights: np.ndarray, bits: int, count: int,
     row ascending, mean 0, unit deviation) learned from its columns (Wt: a column per row, weights
     float64 [rows] > 0 weigh each row's squared error)."""
     k = 1 << bits
+    Wt, weights = np.ascontiguousarray(Wt), np.ascontiguousarray(weights, np.float64)
+    C = np.zeros((Wt.shape[0], k))
+    exact_codebooks(Wt, weights, C)  # once: every refit round starts its fits from them
     U = np.zeros((Wt.shape[0], k))
-    spread = normalized_codebooks(Wt, weights, bits, U)
+    spread = normalized_codebooks(C, U)
     if not spread.any():
         return normalize_shape(np.linspace(-1.0, 1.0, k))[None, :]
     centres = cluster_codebooks(U[spread], count, CLUSTER_ITERATIONS)
     shapes = np.stack([normalize_shape(c) for c in centres])
     for _ in range(rounds):
-        fits = fit_columns(Wt, weights, shapes, max_iter)
+        fits = fit_columns(Wt, weights, shapes, max_iter, C)
         shapes = refit_shapes(shapes, fits["index"], fits["offset"], fits["scale"], fits["seg_w"], fits["seg_x"])
     return shapes
 
 
-def fit_columns(Wt: np.ndarray, weights: np.ndarray, shapes: np.ndarray, max_iter: int = FIT_ITERATIONS) -> dict:
-    """column_fits into fresh arrays: index, offset, scale (unrounded), seg_w, seg_x, sse (weighted)."""
+def fit_columns(Wt: np.ndarray, weights: np.ndarray, shapes: np.ndarray, max_iter: int = FIT_ITERATIONS,
+                codebooks: np.ndarray = None) -> dict:
+    """column_fits into fresh arrays: index, offset, scale (unrounded), seg_w, seg_x, sse (weighted).
+    `codebooks`: the columns' exact K-Means codebooks when already known (else computed here)."""
     cols, k = Wt.shape[0], shapes.shape[1]
+    Wt, weights = np.ascontiguousarray(Wt), np.ascontiguousarray(weights, np.float64)
+    if codebooks is None:
+        codebooks = np.zeros((cols, k))
+        exact_codebooks(Wt, weights, codebooks)
     out = dict(index=np.zeros(cols, np.int64), offset=np.zeros(cols), scale=np.zeros(cols),
                seg_w=np.zeros((cols, k)), seg_x=np.zeros((cols, k)), sse=np.zeros(cols))
-    column_fits(np.ascontiguousarray(Wt), np.ascontiguousarray(weights, np.float64), shapes, max_iter,
-                out["index"], out["offset"], out["scale"], out["seg_w"], out["seg_x"], out["sse"])
+    column_fits(Wt, weights, codebooks, shapes, max_iter, out["index"], out["offset"], out["scale"],
+                out["seg_w"], out["seg_x"], out["sse"])
     return out
