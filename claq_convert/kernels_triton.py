@@ -10,6 +10,8 @@ the u32 words, LSB first (spec.pack_codes); `tables[c]` is that column's codeboo
   of its column's codebook, scaled by the input value of that column; the codes are read once and no
   decoded weight is written anywhere. A batch of one row (a GEMV, token-by-token generation) on a
   word-aligned stream takes `_gemv_kernel`, which reads each code word once; other batches `_lut_kernel`.
+- `lut_gemv_streams` is that GEMV over all of a weight's streams in one launch, each program taking the
+  slice of one stream that a schedule built once per weight names (`gemv_schedule`).
 
 Outliers are not handled here: they are a sparse correction the caller applies (a scatter into the
 decoded W^T, or outlier_values times x added to y). Neither kernel checks `columns` against C (that
@@ -31,7 +33,8 @@ from . import spec
 MAX_BATCH = 16        # rows of x one LUT launch takes; a larger batch is split into chunks of this many
 PROGRAMS_PER_SM = 4   # LUT launch: aim for a few resident programs per SM (132 on H100/H200)
 # GEMV launch (batch 1, word-aligned streams): rows and columns of a program's tile, its warps, and the
-# programs per SM the columns are split for: the 4-bit best of the sweep in bench/decode-cuda.json (H100)
+# programs per SM the columns are split for: the 4-bit best of an H100 sweep (bench/decode-cuda.json at
+# commit b013805)
 GEMV_BLOCK_ROWS = 128
 GEMV_BLOCK_C = 8
 GEMV_WARPS = 4
@@ -127,10 +130,9 @@ def _lut_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xm, stride_xc,
 
 
 @triton.jit
-def _gemv_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, n, rows, words_per_column,
-                 columns_per_program, BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_U: tl.constexpr):
-    """y[rows block] += x[columns] . W^T over one slice of the stream's columns (grid axis 1), batch 1.
+def _gemv_tile(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count,
+               BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+    """y[rows of units block `unit_block`] += x[columns] . W^T over stream columns [first, first + count).
 
     Every column starts on a word boundary, so it is a run of units: UNIT_WORDS words (BITS / gcd(BITS,
     32)) holding K = 32 * UNIT_WORDS / BITS codes, the same bit pattern in every unit. Each word of a
@@ -139,21 +141,21 @@ def _gemv_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, n,
     K] tile of codes costs shifts and selects, not loads (Triton keeps a unit's K codes in one thread).
     Products accumulate elementwise and are summed over columns once at the end; slices meet in y by
     atomic adds. (Units leading the tile's axes, a warp's lanes along one column, measured slower: 1.96x
-    fp16's time at 4096 x 4096 on an H200, where this kernel took 0.94x on an H100.)
+    fp16's time at 4096 x 4096 on an H200, where this layout took 0.94x on an H100.)
     """
     K: tl.constexpr = 32 * UNIT_WORDS // BITS
-    u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    words_per_column = rows * BITS // 32
+    u = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
     k = tl.arange(0, K)
     bit = k * BITS
     word_of_code = (bit >> 5)[None, None, :]
     shift = (bit & 31).to(tl.uint32)[None, None, :]
     straddles = ((bit & 31) + BITS > 32)[None, None, :]
-    first = tl.program_id(1) * columns_per_program
     partial = tl.zeros([BLOCK_C, BLOCK_U, K], tl.float32)
-    for start in range(0, columns_per_program, BLOCK_C):
-        c = first + start + tl.arange(0, BLOCK_C)
-        in_stream = c < n
-        c_safe = tl.minimum(c, n - 1)  # columns past the stream read the last one's table, times x = 0
+    for start in range(0, count, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        in_slice = c < count
+        c_safe = first + tl.minimum(c, count - 1)  # columns past the slice read its last one's table, times x = 0
         unit_word = c_safe[:, None] * words_per_column + u[None, :] * UNIT_WORDS
         if UNIT_WORDS == 1:
             low = tl.load(words_ptr + unit_word, mask=(u < words_per_column)[None, :], other=0)
@@ -170,10 +172,69 @@ def _gemv_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, n,
         code = (code & ((1 << BITS) - 1)).to(tl.int32)
         entry = tl.load(tables_ptr + c_safe[:, None, None] * (1 << BITS) + code)
         column = tl.load(columns_ptr + c_safe)
-        xc = tl.load(x_ptr + column * stride_xc, mask=in_stream, other=0.0).to(tl.float32)
+        xc = tl.load(x_ptr + column * stride_xc, mask=in_slice, other=0.0).to(tl.float32)
         partial += entry * xc[:, None, None]
     r = u[:, None] * K + k[None, :]
     tl.atomic_add(y_ptr + r, tl.sum(partial, axis=0), mask=r < rows)
+
+
+@triton.jit
+def _gemv_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, n, rows, columns_per_program,
+                 BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+    """One stream, batch 1: a block of units on grid axis 0, a slice of columns on axis 1."""
+    first = tl.program_id(1) * columns_per_program
+    _gemv_tile(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, rows, tl.program_id(0), first,
+               tl.minimum(columns_per_program, n - first), BITS, UNIT_WORDS, BLOCK_C, BLOCK_U)
+
+
+@triton.jit
+def _gemv_widths_kernel(schedule_ptr, x_ptr, stride_xc, y_ptr, rows,
+                        w1, t1, c1, w2, t2, c2, w3, t3, c3, w4, t4, c4,
+                        w5, t5, c5, w6, t6, c6, w7, t7, c7, w8, t8, c8,
+                        WIDTHS: tl.constexpr, ROWS_ONE_WORD: tl.constexpr, C_ONE_WORD: tl.constexpr,
+                        ROWS_MULTI_WORD: tl.constexpr, C_MULTI_WORD: tl.constexpr):
+    """Every stream of a weight in one launch, batch 1: program p takes the slice that row p of the
+    schedule names (width, block of units, first stream column, column count). WIDTHS has bit b set for
+    each width b present: only those widths' code is compiled. A tile spans ROWS_ONE_WORD rows and
+    C_ONE_WORD columns at the widths whose unit is one word (1, 2, 4, 8 bits), ROWS_MULTI_WORD and
+    C_MULTI_WORD at the others (3, 5, 6, 7)."""
+    entry = schedule_ptr + tl.program_id(0) * 4
+    bits = tl.load(entry)
+    unit_block = tl.load(entry + 1)
+    first = tl.load(entry + 2)
+    count = tl.load(entry + 3)
+    if (WIDTHS >> 1) & 1 == 1:
+        if bits == 1:
+            _gemv_tile(w1, t1, c1, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 1, 1, C_ONE_WORD,
+                       ROWS_ONE_WORD // 32)
+    if (WIDTHS >> 2) & 1 == 1:
+        if bits == 2:
+            _gemv_tile(w2, t2, c2, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 2, 1, C_ONE_WORD,
+                       ROWS_ONE_WORD // 16)
+    if (WIDTHS >> 3) & 1 == 1:
+        if bits == 3:
+            _gemv_tile(w3, t3, c3, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 3, 3, C_MULTI_WORD,
+                       ROWS_MULTI_WORD // 32)
+    if (WIDTHS >> 4) & 1 == 1:
+        if bits == 4:
+            _gemv_tile(w4, t4, c4, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 4, 1, C_ONE_WORD,
+                       ROWS_ONE_WORD // 8)
+    if (WIDTHS >> 5) & 1 == 1:
+        if bits == 5:
+            _gemv_tile(w5, t5, c5, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 5, 5, C_MULTI_WORD,
+                       ROWS_MULTI_WORD // 32)
+    if (WIDTHS >> 6) & 1 == 1:
+        if bits == 6:
+            _gemv_tile(w6, t6, c6, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 6, 3, C_MULTI_WORD,
+                       ROWS_MULTI_WORD // 16)
+    if (WIDTHS >> 7) & 1 == 1:
+        if bits == 7:
+            _gemv_tile(w7, t7, c7, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 7, 7, C_MULTI_WORD,
+                       ROWS_MULTI_WORD // 32)
+    if (WIDTHS >> 8) & 1 == 1:
+        if bits == 8:
+            _gemv_tile(w8, t8, c8, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 8, 1, C_ONE_WORD,
+                       ROWS_ONE_WORD // 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -321,6 +382,86 @@ def _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, config: dic
     split = max(1, min(split, column_blocks))
     per_program = triton.cdiv(column_blocks, split) * config["block_c"]
     grid = (unit_blocks, triton.cdiv(n, per_program))
-    _gemv_kernel[grid](words, tables, columns, x, x.stride(1), y, n, rows, words_per_column, per_program,
+    _gemv_kernel[grid](words, tables, columns, x, x.stride(1), y, n, rows, per_program,
                        BITS=bits, UNIT_WORDS=config["unit_words"], BLOCK_C=config["block_c"],
                        BLOCK_U=config["block_u"], num_warps=config["warps"])
+
+
+# One launch for all of a weight's streams (batch 1): tile rows and columns at widths whose unit is one
+# word (1, 2, 4, 8 bits) and at the others (3, 5, 6, 7), warps, programs per SM the slices are sized for.
+# The best geometric mean over 7B-class weights, 4-bit and 3/4-bit, of the sweep in bench/decode-cuda.json
+# (H200, CUDA graphs over weights read from HBM)
+GEMV_WIDTHS_ROWS_ONE_WORD = 256
+GEMV_WIDTHS_C_ONE_WORD = 16
+GEMV_WIDTHS_ROWS_MULTI_WORD = 512
+GEMV_WIDTHS_C_MULTI_WORD = 8
+GEMV_WIDTHS_WARPS = 4
+GEMV_WIDTHS_PROGRAMS_PER_SM = 8
+
+
+def gemv_widths_config(rows_one_word=None, c_one_word=None, rows_multi_word=None, c_multi_word=None, warps=None,
+                       programs_per_sm=None) -> dict:
+    """The one-launch GEMV's settings, defaults filled in (tile rows are powers of two >= 32: whole units)."""
+    return {"rows_one_word": _block(rows_one_word, GEMV_WIDTHS_ROWS_ONE_WORD, 32),
+            "c_one_word": _block(c_one_word, GEMV_WIDTHS_C_ONE_WORD),
+            "rows_multi_word": _block(rows_multi_word, GEMV_WIDTHS_ROWS_MULTI_WORD, 32),
+            "c_multi_word": _block(c_multi_word, GEMV_WIDTHS_C_MULTI_WORD),
+            "warps": _block(warps, GEMV_WIDTHS_WARPS),
+            "programs_per_sm": programs_per_sm or GEMV_WIDTHS_PROGRAMS_PER_SM}
+
+
+def gemv_schedule(counts: dict[int, int], rows: int, device, config: dict) -> torch.Tensor:
+    """The one-launch GEMV's work list for a weight whose stream of width b has counts[b] columns: an
+    int32 [programs, 4] tensor of (width, block of units, first stream column, columns). Slices hold
+    about the same number of codes whatever their width (a code costs one table lookup at any width),
+    sized so that the launch has about programs_per_sm programs per SM. Build it once per weight."""
+    rows = operator.index(rows)
+    for b in counts:
+        if b not in spec.ALLOWED_BITS or rows * b % spec.WORD_BITS:
+            raise ValueError(f"the one-launch GEMV needs word-aligned {b}-bit columns of {rows} rows")
+    total = rows * sum(counts.values())
+    codes_per_program = max(1, triton.cdiv(total, config["programs_per_sm"] * _sm_count(torch.device(device))))
+    entries = []
+    for b, n in sorted(counts.items()):
+        unit_words = b // math.gcd(b, spec.WORD_BITS)
+        unit_rows = spec.WORD_BITS * unit_words // b
+        tile_rows, tile_c = ((config["rows_one_word"], config["c_one_word"]) if unit_words == 1
+                             else (config["rows_multi_word"], config["c_multi_word"]))
+        unit_blocks = triton.cdiv(rows // unit_rows, tile_rows // unit_rows)
+        per_program = tile_c * min(triton.cdiv(n, tile_c), triton.cdiv(codes_per_program, tile_rows * tile_c))
+        entries += [(b, block, first, min(per_program, n - first))
+                    for first in range(0, n, per_program) for block in range(unit_blocks)]
+    return torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).to(device)
+
+
+def lut_gemv_streams(streams, rows: int, x: torch.Tensor, y: torch.Tensor, schedule: torch.Tensor | None = None,
+                     **tuning) -> None:
+    """y += x . W^T for one row of x, every stream of the weight in one launch.
+
+    streams: (words, bits, tables, columns) per width, at most one each, every one word-aligned (rows *
+    bits a multiple of 32); `schedule`: gemv_schedule's list for these streams and `tuning` (made here
+    when None: pass it in when calling again). y: contiguous float32 [1, rows], accumulated into.
+    """
+    rows = operator.index(rows)
+    streams = [(w, operator.index(b), t, c) for w, b, t, c in streams]
+    counts = {b: _check_stream(w, b, t, c, rows) for w, b, t, c in streams}
+    if len(counts) != len(streams):
+        raise ValueError("at most one stream a width")
+    if x.dim() != 2 or x.shape[0] != 1 or any(w.device != x.device for w, *_ in streams):
+        raise ValueError(f"x must be a [1, C] tensor on the streams' device")
+    if y.dtype != torch.float32 or tuple(y.shape) != (1, rows) or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous float32 [1, {rows}] tensor")
+    config = gemv_widths_config(**tuning)
+    counts = {b: n for b, n in counts.items() if n}
+    if schedule is None:
+        schedule = gemv_schedule(counts, rows, x.device, config)
+    if not counts:
+        return
+    args = []
+    for b in range(1, 9):
+        stream = next((s for s in streams if s[1] == b and counts.get(b)), None)
+        args += [schedule] * 3 if stream is None else [stream[0], stream[2], stream[3]]  # absent: never read
+    _gemv_widths_kernel[(schedule.shape[0],)](
+        schedule, x, x.stride(1), y, rows, *args, WIDTHS=sum(1 << b for b in counts),
+        ROWS_ONE_WORD=config["rows_one_word"], C_ONE_WORD=config["c_one_word"],
+        ROWS_MULTI_WORD=config["rows_multi_word"], C_MULTI_WORD=config["c_multi_word"], num_warps=config["warps"])

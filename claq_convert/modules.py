@@ -6,7 +6,7 @@ size) and multiplies by them with the fastest kernel the device has:
 | device | batch 1 (generation) | more rows (prompts, perplexity) |
 |---|---|---|
 | CPU | Numba product straight from the codes (`kernels_decode`) | Numba decode of column chunks + matmul |
-| CUDA with Triton | Triton decode to the compute dtype + cuBLAS (the LUT product measured slower) | same |
+| CUDA with Triton | Triton LUT GEMV from the codes, all widths in one launch | Triton decode + cuBLAS |
 | anything else | the portable Torch decoder (`torch_decoder.decode_claq`) + matmul | same |
 
 On a CPU with AVX-512 the batch-1 product looks up 16 codes per instruction (`simd`; generation at 2.3x
@@ -32,9 +32,9 @@ from .torch_decoder import ClaqLayout, codebook_values, codes_at, decode_claq, t
 # stay in cache and multiplying them measured faster (1536 x 576 4-bit, 2 cores: batch 8 1.5 ms by the
 # product, 0.13 ms decode + a small matmul)
 PRODUCT_MAX_ROWS = 1
-# CUDA: batch rows up to which the Triton LUT product is used. Measured on an H100 (bench/decode-cuda.json,
-# batch 1): the GEMV kernel 21.8 us at 4096 x 4096 4-bit against 63.6 us for decode + cuBLAS (23.3 us for
-# cuBLAS on the fp16 weight), and ahead or level at every shape; from 4 rows on, decode + cuBLAS wins.
+# CUDA: batch rows up to which the Triton LUT product is used. Batch 1 (bench/decode-cuda.json, H200): the
+# one-launch GEMV 16.0 us at 4096 x 4096 4-bit in CUDA graphs (cuBLAS on the fp16 weight 14.1 us), where
+# decode + cuBLAS took 75.7 us by do_bench (the H100 run before it: 63.6); from 4 rows on, decode + cuBLAS wins.
 TRITON_PRODUCT_MAX_ROWS = 1
 CHUNK_PARAMS = 1 << 20          # decoded floats per chunk on the CPU decode path (4 MiB, stays in cache)
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
@@ -220,13 +220,32 @@ class ClaqLinear(torch.nn.Module):
         return y
 
     def _triton_product(self, flat: torch.Tensor) -> torch.Tensor:
-        from .kernels_triton import lut_matmul_stream
+        from . import kernels_triton
 
         y = torch.zeros(flat.shape[0], self.out_features, dtype=torch.float32, device=flat.device)
-        for b, words, tables, columns in self._streams():
-            lut_matmul_stream(words, b, tables, columns, self.out_features, flat, y)
+        schedule = self._gemv_schedule(flat) if flat.shape[0] == 1 else None
+        if schedule is not None:  # every stream in one launch
+            streams = [(words, b, tables, columns) for b, words, tables, columns in self._streams()]
+            kernels_triton.lut_gemv_streams(streams, self.out_features, flat, y, schedule)
+        else:
+            for b, words, tables, columns in self._streams():
+                kernels_triton.lut_matmul_stream(words, b, tables, columns, self.out_features, flat, y)
         self._outlier_correction(flat.float(), y)
         return y
+
+    def _gemv_schedule(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The one-launch GEMV's work list on x's device, made once (None where a stream is not
+        word-aligned: those take one launch a stream)."""
+        cached = self.__dict__.get("_gemv_work")
+        if cached is None or cached[0] != x.device:
+            from . import kernels_triton
+
+            counts = {b: int(columns.numel()) for b, columns in self.layout.columns.items()}
+            aligned = all(self.out_features * b % spec.WORD_BITS == 0 for b in counts)
+            schedule = kernels_triton.gemv_schedule(counts, self.out_features, x.device,
+                                                    kernels_triton.gemv_widths_config()) if aligned else None
+            cached = self._gemv_work = (x.device, schedule)
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)

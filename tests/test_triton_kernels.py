@@ -176,6 +176,62 @@ def test_gemv_refuses_unaligned_columns_and_batches():
         kt.lut_gemv_stream(*stream.tensors("cpu"), torch.ones(2, 3), torch.zeros(2, 8))
 
 
+def one_launch_streams(streams, device):
+    return [(w, b, tables, columns) for w, b, tables, columns, _ in (s.tensors(device) for s in streams)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [32, 96])
+def test_one_launch_gemv_over_every_width(device, rows):
+    """All eight widths of a weight in one launch: tiles of one unit and of more rows than the weight,
+    one program for everything and many small slices, a strided half-precision x; y accumulated into."""
+    streams, Wt = mixed_weight(30 + rows, rows, 70)
+    assert len(streams) == 8
+    rng = np.random.default_rng(rows)
+    x32 = torch.randn(1, 70, generator=torch.Generator().manual_seed(rows))
+    y0 = rng.standard_normal((1, rows)).astype(np.float32)
+    for tuning in ({}, dict(rows_one_word=32, rows_multi_word=32, c_one_word=2, c_multi_word=4, programs_per_sm=64),
+                   dict(rows_one_word=256, rows_multi_word=512, c_one_word=64, c_multi_word=32, warps=1,
+                        programs_per_sm=1)):
+        for x in (x32.to(device), x32.half().T.contiguous().T.to(device)):
+            y = torch.from_numpy(y0.copy()).to(device)
+            kt.lut_gemv_streams(one_launch_streams(streams, device), rows, x, y, **tuning)
+            assert_product(y, y0, x.float(), Wt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_schedule_covers_each_code_once(device):
+    """Every (width, unit block, column) of the weight in exactly one program's slice, slices of about
+    the same number of codes whatever the width."""
+    counts = {1: 9, 3: 70, 4: 33, 6: 5}
+    rows = 64
+    config = kt.gemv_widths_config(rows_one_word=32, rows_multi_word=64, c_one_word=4, c_multi_word=2,
+                                   programs_per_sm=8)
+    schedule = kt.gemv_schedule(counts, rows, device, config).cpu().numpy()
+    covered = {b: np.zeros((-(-rows // (config["rows_one_word"] if b in (1, 2, 4, 8) else config["rows_multi_word"])),
+                            n), int) for b, n in counts.items()}
+    for b, block, first, count in schedule:
+        assert count > 0 and first % config["c_one_word" if b in (1, 2, 4, 8) else "c_multi_word"] == 0
+        covered[int(b)][block, first:first + count] += 1
+    assert all(np.all(c == 1) for c in covered.values())
+    codes = [count * (config["rows_one_word"] if b in (1, 2, 4, 8) else config["rows_multi_word"])
+             for b, _, _, count in schedule]
+    assert max(codes) <= 2 * np.median(codes)
+
+
+def test_one_launch_gemv_refuses_what_it_cannot_take():
+    aligned, unaligned = Stream(np.random.default_rng(0), 4, 16, [0, 2]), Stream(np.random.default_rng(0), 3, 16, [1])
+    x, y = torch.ones(1, 3), torch.zeros(1, 16)
+    with pytest.raises(ValueError, match="word-aligned 3-bit"):
+        kt.lut_gemv_streams(one_launch_streams([aligned, unaligned], "cpu"), 16, x, y)
+    with pytest.raises(ValueError, match="one stream a width"):
+        kt.lut_gemv_streams(one_launch_streams([aligned, aligned], "cpu"), 16, x, y)
+    with pytest.raises(ValueError, match=r"x must be a \[1, C\]"):
+        kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, torch.ones(2, 3), torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, x, y, rows_one_word=16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lut_product_takes_half_inputs_and_strided_and_large_batches(device, dtype):
@@ -216,18 +272,19 @@ def test_bad_arguments_are_refused_with_the_reason():
         kt.lut_matmul_stream(words, bits, tables, columns, rows, torch.ones(2, 3), torch.zeros(2, 10), block_c=8)
 
 
-@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("grid, rows", [(False, 48), (True, 48), (False, 64)])
 @pytest.mark.parametrize("device", DEVICES)
-def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, monkeypatch):
+def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, rows, monkeypatch):
     """ClaqLinear with the Triton kernels: decode bit for bit (outliers scattered in), products (outliers
-    as a sparse correction) to fp32 rounding, for batches served by the LUT kernel and by decode + matmul."""
+    as a sparse correction) to fp32 rounding, for batches served by the LUT kernel (batch 1: one launch a
+    stream at 48 rows, where 3- and 5-bit columns end inside a word; one launch at 64) and by decode + matmul."""
     from claq_convert import modules, reader
 
     monkeypatch.setattr(modules, "TRITON_PRODUCT_MAX_ROWS", 16)  # batch 5 through the tile kernel too
     from claq_convert.convert import encode_result
     from claq_convert.gptq import GPTQ
 
-    rows, cols = 48, 40
+    cols = 40
     rng = np.random.default_rng(11 + grid)
     W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(11))
     r = GPTQ(W, None).quantize(rng.choice([2, 3, 4, 5], cols), rng.integers(0, 3, cols), grid=grid)
@@ -236,6 +293,7 @@ def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, mon
     expected = torch.from_numpy(reader.decode_claq(rows, sections))
     layer = modules.ClaqLinear(rows, sections, device=device, kernels="triton")
     assert torch.equal(layer.decode().cpu(), expected)
+    assert (layer._gemv_schedule(torch.zeros(1, device=device)) is None) == (rows == 48)
     with torch.no_grad():
         for batch in (1, 5, 20):  # 20 > TRITON_PRODUCT_MAX_ROWS: decode + matmul
             x = torch.randn(batch, cols)
@@ -257,8 +315,13 @@ def test_the_cuda_benchmark_runs_end_to_end_in_the_interpreter(tmp_path):
     bench = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(bench)
     out = tmp_path / "smoke.json"
-    assert bench.main(["--smoke", "--sweep", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--sweep", "--sweep-widths", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["failures"] == [] and report["smoke"] is True
     assert all(case["best"] is not None and len(case["settings"]) == 2 for case in report["sweep"])
     assert all("lut_tiles" in case["batches"]["1"]["us"] for case in report["cases"])
+    widths = report["sweep_widths"]
+    assert len(widths["settings"]) == 2 and widths["chosen"] in widths["settings"]
+    assert report["one_launch_settings"] == dict(widths["chosen"])
+    aligned = [case for case in report["cases"] if case["rows"] % 32 == 0]  # the 64-row smoke shape
+    assert aligned and all(set(case["graph"]["us"]) == {"fp16_linear", "lut", "lut_one_launch"} for case in aligned)

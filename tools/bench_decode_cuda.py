@@ -7,7 +7,9 @@ M = 1, 4, 16, it times in one run:
 
 - fp16_linear: F.linear(x, W) with the decoded fp16 weight (cuBLAS), the speed to beat;
 - lut: kernels_triton.lut_matmul_stream over every stream into a zeroed fp32 y (the zeroing included);
-  at M = 1 that is the GEMV kernel; lut_tiles: the tile kernel it replaced there (block_r=128);
+  at M = 1 that is the GEMV kernel, one launch a stream; lut_tiles: the tile kernel it replaced there
+  (block_r=128); lut_one_launch: kernels_triton.lut_gemv_streams, every stream in one launch from a
+  schedule built beforehand (as ClaqLinear keeps it), with the settings the benchmark chose (below);
 - decode_linear: kernels_triton.decode_stream to fp16 W^T, then F.linear;
 - decode: the decode kernel alone; torch_decoder: torch_decoder.decode_claq to fp16;
 - copy: a device-to-device copy of the fp16 weight's bytes (the bandwidth ceiling of a decode).
@@ -23,8 +25,12 @@ torch_decoder and kernels_triton are imported: the GPU machine needs nothing els
 
 With --sweep it first times the GEMV kernel alone, stream by stream (4-bit and 3-bit, 7B shapes), over a
 grid of its launch settings (kernels_triton.gemv_config), and records every time and the best.
+With --sweep-widths it first times the one-launch GEMV on whole weights (7B shapes, 4-bit and 3/4) over a
+grid of its settings (kernels_triton.gemv_widths_config), chooses the setting with the least geometric
+mean time over those weights, and uses it for lut_one_launch (else the module's defaults); the JSON
+records the grid, every time and the choice.
 
-    python tools/bench_decode_cuda.py [--out PATH] [--sweep]
+    python tools/bench_decode_cuda.py [--out PATH] [--sweep] [--sweep-widths]
     TRITON_INTERPRET=1 python tools/bench_decode_cuda.py --smoke [--out PATH]   # tiny shapes, CPU, end to end
 """
 from __future__ import annotations
@@ -113,7 +119,55 @@ def timer(device: torch.device, warmup_ms: int, rep_ms: int):
     return wall
 
 
-def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed: int) -> dict:
+def graph_timer(device: torch.device, replays: int = 25):
+    """calls -> median microseconds a call, the calls replayed as one CUDA graph (no host launch cost
+    between them). Each call works on its own copy of the weight and the copies together exceed the
+    L2 cache (copies()), so every call reads its weight from HBM, as a decode step goes layer by layer.
+    On the CPU (smoke) the calls run one after another, timed by the wall clock."""
+    def measure(calls) -> float:
+        for call in calls:
+            call()  # compile, warm up
+        if device.type != "cuda":
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            return 1e6 * (time.perf_counter() - start) / len(calls)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(1e3 * start.elapsed_time(end) / len(calls))
+        del graph
+        return statistics.median(times)
+    return measure
+
+
+def copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of nbytes together take at least twice the L2 cache (1 on the CPU)."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    return max(2, -(-2 * l2 // nbytes))
+
+
+def stream_copies(weight: SyntheticWeight, device: torch.device) -> list[list[tuple]]:
+    """Copies of the weight's streams (words, bits, tables, columns), enough to exceed the L2 cache."""
+    return [[(w.clone(), b, t.clone(), c.clone()) for w, b, t, c, _ in weight.streams]
+            for _ in range(copies(weight.packed_bytes, device))]
+
+
+def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed: int,
+             one_launch: dict | None = None, graph_us=None) -> dict:
     from claq_convert import kernels_triton as kt
 
     rows, C = weight.rows, weight.C
@@ -183,16 +237,50 @@ def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed
             error = np.abs(y.cpu().numpy() - xs @ Wt64)
             check(f"{label} lut_tiles M=1", bool(np.all(error <= bound)), failures)
             t["lut_tiles"] = time_us(lut_tiles)
+        if M == 1 and all(rows * s[1] % spec.WORD_BITS == 0 for s in weight.streams):  # word-aligned streams
+            streams = [(w, b, tables, columns) for w, b, tables, columns, _ in weight.streams]
+            schedule = kt.gemv_schedule({b: int(c.numel()) for _, b, _, c in streams}, rows, device,
+                                        kt.gemv_widths_config(**(one_launch or {})))
+
+            def lut_one_launch():
+                y.zero_()
+                kt.lut_gemv_streams(streams, rows, x, y, schedule, **(one_launch or {}))
+
+            lut_one_launch()
+            error = np.abs(y.cpu().numpy() - xs @ Wt64)
+            check(f"{label} lut_one_launch M=1", bool(np.all(error <= bound)), failures)
+            t["lut_one_launch"] = time_us(lut_one_launch)
+            if graph_us is not None:  # the same three products replayed as CUDA graphs over copies of the weight
+                W16s = [W16.clone() for _ in range(copies(fp16_bytes, device))]
+                sets = stream_copies(weight, device)
+                gt = {"fp16_linear": graph_us([lambda W=W: torch.nn.functional.linear(x, W) for W in W16s]),
+                     "lut": graph_us([lambda c=c: (y.zero_(), [kt.lut_matmul_stream(*s, rows, x, y) for s in c])
+                                      for c in sets]),
+                     "lut_one_launch": graph_us([lambda c=c: (y.zero_(), kt.lut_gemv_streams(
+                         c, rows, x, y, schedule, **(one_launch or {}))) for c in sets])}
+                result.setdefault("graph", {"copies": {"fp16": len(W16s), "packed": len(sets)}})
+                result["graph"]["us"] = gt
+                result["graph"]["ratios"] = {"lut/fp16_linear": gt["lut"] / gt["fp16_linear"],
+                                             "lut_one_launch/fp16_linear": gt["lut_one_launch"] / gt["fp16_linear"]}
+                print(f"  M= 1 graphs: fp16_linear {gt['fp16_linear']:.1f} us, lut {gt['lut']:.1f} us "
+                      f"({gt['lut'] / gt['fp16_linear']:.2f}x), lut_one_launch {gt['lut_one_launch']:.1f} us "
+                      f"({gt['lut_one_launch'] / gt['fp16_linear']:.2f}x)", flush=True)
+                del W16s, sets
+        ratios = {"lut/fp16_linear": t["lut"] / t["fp16_linear"],
+                  "decode_linear/fp16_linear": t["decode_linear"] / t["fp16_linear"],
+                  "lut/decode_linear": t["lut"] / t["decode_linear"]}
+        if "lut_one_launch" in t:
+            ratios["lut_one_launch/fp16_linear"] = t["lut_one_launch"] / t["fp16_linear"]
         result["batches"][str(M)] = {
             "us": t,
             "gbps": {"fp16_linear": fp16_bytes / t["fp16_linear"] / 1e3, "lut": weight.packed_bytes / t["lut"] / 1e3,
                      "decode_linear": (weight.packed_bytes + 2 * fp16_bytes) / t["decode_linear"] / 1e3},
-            "ratios": {"lut/fp16_linear": t["lut"] / t["fp16_linear"],
-                       "decode_linear/fp16_linear": t["decode_linear"] / t["fp16_linear"],
-                       "lut/decode_linear": t["lut"] / t["decode_linear"]}}
+            "ratios": ratios}
         print(f"  M={M:2d}: fp16_linear {t['fp16_linear']:.1f} us, lut {t['lut']:.1f} us "
               f"({t['lut'] / t['fp16_linear']:.2f}x), decode+linear {t['decode_linear']:.1f} us"
-              + (f", lut_tiles {t['lut_tiles']:.1f} us" if "lut_tiles" in t else ""), flush=True)
+              + (f", lut_tiles {t['lut_tiles']:.1f} us" if "lut_tiles" in t else "")
+              + (f", lut_one_launch {t['lut_one_launch']:.1f} us ({t['lut_one_launch'] / t['fp16_linear']:.2f}x)"
+                 if "lut_one_launch" in t else ""), flush=True)
     return result
 
 
@@ -243,6 +331,67 @@ def sweep(device, time_us, failures: list[str], shapes, grid: dict) -> list[dict
     return results
 
 
+WIDTHS_GRID = {"rows_one_word": (256,), "c_one_word": (8, 16), "rows_multi_word": (256, 512),
+               "c_multi_word": (8, 16), "warps": (4,), "programs_per_sm": (8, 16)}
+SMOKE_WIDTHS_GRID = {"rows_one_word": (32, 64), "c_one_word": (8,), "rows_multi_word": (32,), "c_multi_word": (8,),
+                     "warps": (4,), "programs_per_sm": (4,)}
+
+
+def sweep_widths(device, time_us, failures: list[str], shapes, grid: dict, graph_us) -> dict:
+    """The one-launch GEMV on whole weights (every mix) for every setting in `grid`, each checked once,
+    timed by do_bench and as CUDA graphs over copies of the weight (graph_timer); the chosen setting
+    has the least geometric mean graph time over the weights (checked on all of them)."""
+    import itertools
+
+    from claq_convert import kernels_triton as kt
+
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    cases = []
+    for i, (rows, C) in enumerate(shapes):
+        for j, mix in enumerate(MIXES):
+            weight = SyntheticWeight(np.random.default_rng([200 + i, j]), rows, C, mix, device)
+            streams = [(w, b, tables, columns) for w, b, tables, columns, _ in weight.streams]
+            x = torch.randn(1, C, generator=torch.Generator().manual_seed(i)).to(device=device, dtype=torch.float16)
+            y = torch.empty(1, rows, device=device)
+            xs, Wt = x.cpu().double().numpy(), weight.Wt.astype(np.float64)
+            bound = 2 * C * 2.0 ** -24 * (np.abs(xs) @ np.abs(Wt)) + 1e-30
+            W16 = torch.from_numpy(weight.Wt.T.copy()).to(device=device, dtype=torch.float16)
+            W16s = [W16] + [W16.clone() for _ in range(copies(2 * rows * C, device) - 1)]
+            sets = stream_copies(weight, device)
+            case = {"rows": rows, "C": C, "mix": mix,
+                    "fp16_linear_us": time_us(lambda: torch.nn.functional.linear(x, W16)),
+                    "fp16_linear_graph_us": graph_us([lambda W=W: torch.nn.functional.linear(x, W) for W in W16s]),
+                    "us": [], "graph_us": []}
+            for tuning in settings:
+                schedule = kt.gemv_schedule({b: int(c.numel()) for _, b, _, c in streams}, rows, device,
+                                            kt.gemv_widths_config(**tuning))
+
+                def gemv():
+                    y.zero_()
+                    kt.lut_gemv_streams(streams, rows, x, y, schedule, **tuning)
+
+                gemv()
+                ok = check(f"sweep-widths {rows}x{C} {mix} {tuning}",
+                           bool(np.all(np.abs(y.cpu().numpy() - xs @ Wt) <= bound)), failures)
+                case["us"].append(time_us(gemv) if ok else None)
+                case["graph_us"].append(graph_us([lambda c=c: (y.zero_(), kt.lut_gemv_streams(
+                    c, rows, x, y, schedule, **tuning)) for c in sets]) if ok else None)
+            best = min(range(len(settings)),
+                       key=lambda k: case["graph_us"][k] if case["graph_us"][k] is not None else np.inf)
+            print(f"sweep-widths {rows}x{C} {mix}: fp16_linear {case['fp16_linear_us']:.1f} us "
+                  f"(graphs {case['fp16_linear_graph_us']:.1f}), best by graphs {case['graph_us'][best]:.1f} us "
+                  f"(do_bench {case['us'][best]:.1f}) at {settings[best]}", flush=True)
+            cases.append(case)
+            del weight, W16, W16s, sets
+    valid = [k for k in range(len(settings)) if all(c["graph_us"][k] is not None for c in cases)]
+    chosen = min(valid, key=lambda k: sum(np.log(c["graph_us"][k] / c["fp16_linear_graph_us"]) for c in cases)) \
+        if valid else None
+    return {"grid": grid, "settings": settings, "cases": cases,
+            "chosen": None if chosen is None else settings[chosen],
+            "chosen_graph_ratios": None if chosen is None else
+            {f"{c['rows']}x{c['C']} {c['mix']}": c["graph_us"][chosen] / c["fp16_linear_graph_us"] for c in cases}}
+
+
 def machine(device: torch.device) -> dict:
     import triton
 
@@ -263,6 +412,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1; writes to a temp file unless --out")
     parser.add_argument("--sweep", action="store_true", help="first time the GEMV kernel over its launch settings")
+    parser.add_argument("--sweep-widths", action="store_true",
+                        help="first time the one-launch GEMV over its settings and use the best for lut_one_launch")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     args = parser.parse_args(argv)
@@ -288,20 +439,34 @@ def main(argv=None) -> int:
     if args.sweep:
         swept = sweep(device, timer(device, 5, 25), failures, SMOKE_SHAPES[:1] if args.smoke else SWEEP_SHAPES,
                       SMOKE_GRID if args.smoke else SWEEP_GRID)
+    swept_widths, one_launch = None, None
+    if args.sweep_widths:
+        swept_widths = sweep_widths(device, timer(device, 5, 25), failures,
+                                    SMOKE_SHAPES[:1] if args.smoke else SWEEP_SHAPES,
+                                    SMOKE_WIDTHS_GRID if args.smoke else WIDTHS_GRID, graph_timer(device))
+        one_launch = swept_widths["chosen"]
     for i, (rows, C) in enumerate(shapes):
         for j, mix in enumerate(MIXES):
             weight = SyntheticWeight(np.random.default_rng([i, j]), rows, C, mix, device)
-            case = run_case(weight, device, time_us, failures, seed=10 * i + j)
+            case = run_case(weight, device, time_us, failures, seed=10 * i + j, one_launch=one_launch,
+                            graph_us=graph_timer(device))
             cases.append(dict(case, mix=mix))
             del weight
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     report = {"machine": machine(device), "smoke": args.smoke, "seconds": time.perf_counter() - started,
               "method": "medians of triton.testing.do_bench (L2 flushed before each call), microseconds; "
+                        "'graph' entries: medians of CUDA graph replays of one call per copy of the weight, "
+                        "the copies over twice the L2 cache (no launch gaps, weights from HBM); "
                         "x fp16, y fp32; codebooks fp16 values read as fp32 tables; no outliers",
               "failures": failures, "cases": cases}
+    from claq_convert import kernels_triton as kt
+
+    report["one_launch_settings"] = kt.gemv_widths_config(**(one_launch or {}))
     if swept is not None:
         report["sweep"] = swept
+    if swept_widths is not None:
+        report["sweep_widths"] = swept_widths
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out} in {report['seconds']:.0f} s", flush=True)
