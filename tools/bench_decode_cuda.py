@@ -331,8 +331,8 @@ def sweep(device, time_us, failures: list[str], shapes, grid: dict) -> list[dict
     return results
 
 
-WIDTHS_GRID = {"rows_one_word": (256,), "c_one_word": (8, 16), "rows_multi_word": (256, 512),
-               "c_multi_word": (8, 16), "warps": (4,), "programs_per_sm": (8, 16)}
+WIDTHS_GRID = {"rows_one_word": (256, 512), "c_one_word": (16, 32), "rows_multi_word": (512,),
+               "c_multi_word": (8, 16), "warps": (4, 8), "programs_per_sm": (8,)}
 SMOKE_WIDTHS_GRID = {"rows_one_word": (32, 64), "c_one_word": (8,), "rows_multi_word": (32,), "c_multi_word": (8,),
                      "warps": (4,), "programs_per_sm": (4,)}
 
