@@ -447,8 +447,9 @@ def lut_gemv_streams(streams, rows: int, x: torch.Tensor, y: torch.Tensor, sched
     counts = {b: _check_stream(w, b, t, c, rows) for w, b, t, c in streams}
     if len(counts) != len(streams):
         raise ValueError("at most one stream a width")
-    if x.dim() != 2 or x.shape[0] != 1 or any(w.device != x.device for w, *_ in streams):
-        raise ValueError(f"x must be a [1, C] tensor on the streams' device")
+    if x.dim() != 2 or x.shape[0] != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or any(w.device != x.device for w, *_ in streams):
+        raise ValueError("x must be a float32/float16/bfloat16 [1, C] tensor on the streams' device")
     if y.dtype != torch.float32 or tuple(y.shape) != (1, rows) or not y.is_contiguous():
         raise ValueError(f"y must be a contiguous float32 [1, {rows}] tensor")
     config = gemv_widths_config(**tuning)

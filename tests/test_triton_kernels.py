@@ -226,7 +226,7 @@ def test_one_launch_gemv_refuses_what_it_cannot_take():
         kt.lut_gemv_streams(one_launch_streams([aligned, unaligned], "cpu"), 16, x, y)
     with pytest.raises(ValueError, match="one stream a width"):
         kt.lut_gemv_streams(one_launch_streams([aligned, aligned], "cpu"), 16, x, y)
-    with pytest.raises(ValueError, match=r"x must be a \[1, C\]"):
+    with pytest.raises(ValueError, match=r"x must be a float32/float16/bfloat16 \[1, C\]"):
         kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, torch.ones(2, 3), torch.zeros(2, 16))
     with pytest.raises(ValueError, match="power of two >= 32"):
         kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, x, y, rows_one_word=16)
