@@ -125,6 +125,8 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
     "cols-claq-bpw-4.6-head-5-tune-192": dict(bpw=4.6, allocation="fisher", tune_steps=192),
     "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-384": dict(bpw=3.5, outlier_bits=0.07, allocation="fisher",
                                                              quantize_embeddings=False, tune_steps=384),
+    "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-lr-1e-3": dict(
+        bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192, tune_lr=1e-3),
 })
 
 
