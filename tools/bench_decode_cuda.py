@@ -27,8 +27,12 @@ With --sweep it first times the GEMV kernel alone, stream by stream (4-bit and 3
 grid of its launch settings (kernels_triton.gemv_config), and records every time and the best.
 With --sweep-widths it first times the one-launch GEMV on whole weights (7B shapes, 4-bit and 3/4) over a
 grid of its settings (kernels_triton.gemv_widths_config), chooses the setting with the least geometric
-mean time over those weights, and uses it for lut_one_launch (else the module's defaults); the JSON
-records the grid, every time and the choice.
+mean of its CUDA-graph time over cuBLAS's on those weights, and uses it for lut_one_launch (else the
+module's defaults); the JSON records the grid, every time and the choice.
+
+"graph" entries replay one call per copy of the weight as one CUDA graph, the copies together over twice
+the L2 cache: no launch gaps (do_bench counts the Python launch path whenever it outlasts the L2 flush),
+and every weight read from HBM.
 
     python tools/bench_decode_cuda.py [--out PATH] [--sweep] [--sweep-widths]
     TRITON_INTERPRET=1 python tools/bench_decode_cuda.py --smoke [--out PATH]   # tiny shapes, CPU, end to end
