@@ -43,7 +43,7 @@ class ConvertOptions:
 def stored_bytes(result: QuantizedWeight) -> int:
     """Honest storage of one quantized weight in bytes, padding included.
 
-    Codebook methods: the .claq sections. Uniform baselines (not written by this version): the packed
+    Codebook methods: the .claq sections, as the writer encodes them. Uniform baselines (not written by this version): the packed
     codes plus an fp16 scale and an fp16 zero point per row and group, and with groups an int32 group
     index per column, each padded like a section.
     """
@@ -52,8 +52,7 @@ def stored_bytes(result: QuantizedWeight) -> int:
         b, groups = int(result.bits[0]), result.scale.shape[0]
         group_map = spec.align(4 * cols) if groups > 1 else 0  # int32 group per column (act-order groups)
         return spec.align(4 * spec.code_words(rows * cols, b)) + 2 * spec.align(2 * rows * groups) + group_map
-    return spec.claq_stored_bytes(rows, result.bits, int(result.outlier_counts.sum()), int(result.outlier_counts.max()),
-                                  grid=result.codebook_grid is not None)
+    return sum(spec.align(array.nbytes) for array in encode_result(result).values())  # coded levels vary with the levels
 
 
 def tensor_record(result: QuantizedWeight) -> dict:

@@ -23,7 +23,7 @@ from .reader import (BadHeader, BadLayout, BadMagic, ClaqFile, ClaqFormatError, 
                      check_tensor_sections, decode_tensor, parse_json)
 
 ARCH = "claq"
-EXT_VERSION = 2                              # written; read: those of spec.WIDTHS_BY_VERSION (same widths)
+EXT_VERSION = spec.VERSION                   # written (the .claq version of its data); read: those of spec.WIDTHS_BY_VERSION
 KEY_VERSION = "claq.version"
 KEY_BASE = "claq.base_architecture"
 KEY_CONFIG = "claq.config"                   # the HF config.json (JSON text)

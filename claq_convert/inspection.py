@@ -41,7 +41,7 @@ def summarize(cf) -> dict:
             entry["outliers"] = int(sections["outlier_rows"].size) if "outlier_rows" in sections else 0
             entry["bpw"] = entry["stored_bytes"] * 8 / (rows * cols)
             entry["codebook_bytes"] = sum(spec.align(e["length"]) for s, e in tensor["sections"].items()
-                                          if s in ("codebooks", "codebook_grid"))
+                                          if s in ("codebooks", "codebook_grid", spec.RICE_SECTION))
             codebook_bytes += entry["codebook_bytes"]
             params += rows * cols
             stored += entry["stored_bytes"]

@@ -15,6 +15,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .spec import GRID_TOP  # the highest level of a codebook grid (levels are u8)
+
 # A kernel that reaches a parallel loop (gptq_block: kmeans_dp_parallel) segfaults when two threads call
 # it for the first time at once before Numba's threading layer has started (numba 0.68, omp; measured
 # 3 of 3 runs). Asking for the thread count starts the layer, here, before any caller has threads.
@@ -24,7 +26,7 @@ MODE_CODEBOOK = 0  # per-column 1-D K-Means codebook, fp16 entries (CLAQ, kmeans
 MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
 MODE_GRID = 2      # per-column K-Means codebook whose entries are 8-bit levels on the column's fp16 grid
 MODE_SHAPES = 3    # per-column codebook: fp16 offset + scale * one of the weight's shared shapes (kernels_shapes)
-GRID_TOP = 255     # the highest level of a codebook grid (levels are u8)
+FP16_LEAST = 2.0 ** -24  # the least positive fp16: the step of a constant column's grid (its levels stay distinct)
 WIDTHS = 9         # shape tables are indexed by width 0..8
 
 
@@ -73,21 +75,30 @@ def fp16_at_least(x):
 def grid_codebook(centroids, levels_out, grid_out, codebook_out):
     """Ascending centroids -> the codebook's 8-bit levels on the grid offset + step * level.
 
-    offset = fp16(first centroid), step = the least fp16 >= (last - offset) / 255, level = the nearest
-    grid point, clipped to 0..255. Each entry is float32(offset) + float32(step) * float32(level) in
-    binary32, product rounded before the sum (the decoders' rule); codebook_out gets those values.
+    offset = fp16(first centroid), step = the least fp16 >= (last - offset) / 255 (FP16_LEAST for a
+    constant column), level = the nearest grid point; then the levels are made strictly increasing from 0
+    to 255 (format v3 codes only the inner levels' gaps): each is raised to one above the one before it,
+    then lowered to one below the one after it, the last being 255. Each entry is float32(offset) +
+    float32(step) * float32(level) in binary32, product rounded before the sum (the decoders' rule);
+    codebook_out gets those values.
     """
     k = centroids.shape[0]
     offset = round_fp16(centroids[0])
     span = centroids[k - 1] - offset
-    step = fp16_at_least(span / GRID_TOP) if span > 0.0 else 0.0
+    step = fp16_at_least(span / GRID_TOP) if span > 0.0 else FP16_LEAST
     grid_out[0], grid_out[1] = offset, step
+    levels = np.empty(k, np.int64)
     for c in range(k):
-        level = 0.0
-        if step > 0.0:
-            level = min(max(round_half_even((centroids[c] - offset) / step), 0.0), float(GRID_TOP))
-        levels_out[c] = np.uint8(level)
-        codebook_out[c] = np.float32(offset) + np.float32(step) * np.float32(level)
+        levels[c] = int(min(max(round_half_even((centroids[c] - offset) / step), 0.0), float(GRID_TOP)))
+    levels[0] = 0
+    for c in range(1, k):
+        levels[c] = max(levels[c], levels[c - 1] + 1)
+    levels[k - 1] = GRID_TOP
+    for c in range(k - 2, 0, -1):
+        levels[c] = min(levels[c], levels[c + 1] - 1)
+    for c in range(k):
+        levels_out[c] = np.uint8(levels[c])
+        codebook_out[c] = np.float32(offset) + np.float32(step) * np.float32(levels[c])
 
 
 @njit(cache=True, nogil=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
+from .kernels import FP16_LEAST, GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
 from .kernels_shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 from .spec import unpack_codes
 
@@ -102,14 +102,28 @@ def fp16_at_least(x: float) -> float:
     return r if r >= x else float(np.nextafter(np.float16(r), np.float16(np.inf)))
 
 
+def strict_levels(levels: np.ndarray) -> np.ndarray:
+    """Levels [..., k] (k >= 2, each row one codebook) made strictly increasing from 0 to GRID_TOP like
+    the Numba kernel's loops: raised to one above the level before (a running maximum of level - index),
+    then lowered to one below the level after (a running minimum from the top, which is GRID_TOP)."""
+    k = levels.shape[-1]
+    index = np.arange(k)
+    y = levels.astype(np.int64) - index
+    y[..., 0] = 0
+    y = np.maximum.accumulate(y, axis=-1)
+    y[..., -1] = GRID_TOP - (k - 1)
+    y = np.minimum.accumulate(y[..., ::-1], axis=-1)[..., ::-1]
+    return (y + index).astype(np.uint8)
+
+
 def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(levels, (offset, step), float32 entries) like the Numba kernel."""
     offset = float(round_fp16(np.float64(centroids[0])))
     span = float(centroids[-1]) - offset
-    step = fp16_at_least(span / GRID_TOP) if span > 0 else 0.0
-    levels = np.clip(np.round((centroids - offset) / step), 0, GRID_TOP) if step > 0 else np.zeros(centroids.size)
+    step = fp16_at_least(span / GRID_TOP) if span > 0 else FP16_LEAST
+    levels = strict_levels(np.clip(np.round((centroids - offset) / step), 0, GRID_TOP))
     values = np.float32(offset) + np.float32(step) * levels.astype(np.float32)
-    return levels.astype(np.uint8), np.array([offset, step]), values.astype(np.float64)
+    return levels, np.array([offset, step]), values.astype(np.float64)
 
 
 def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, weights=None, shapes=None):

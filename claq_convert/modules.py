@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import spec
+from .rice import with_levels
 from .torch_decoder import ClaqLayout, codebook_values, codes_at, decode_claq, to_torch
 
 # CPU: batch rows up to which the Numba product is used; from 2 rows on, decoding column chunks that
@@ -67,6 +68,7 @@ class ClaqLinear(torch.nn.Module):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+        sections = with_levels(sections)  # coded levels (format v3) become u8 levels once, here
         self.out_features, self.in_features = rows, int(sections["bit_widths"].size)
         self.layout = ClaqLayout(np.asarray(sections["bit_widths"]), device)
         self.section_names = list(sections)

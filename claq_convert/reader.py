@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from . import spec
+from .rice import CodedLevelsError, decode_levels
 
 
 class ClaqFormatError(Exception):
@@ -151,6 +152,7 @@ def _expected_dtypes(section: str, version: int) -> tuple[str, ...]:
     if spec.is_code_section(section):
         return ("U32",)
     return {"bit_widths": ("U8",), "codebooks": spec.CODEBOOK_DTYPES[version], "codebook_grid": ("F16",),
+            spec.RICE_SECTION: ("U8",),
             "outlier_counts": ("U8", "U16"), "outlier_rows": ("U16", "U32"), "outlier_values": ("F16",)}[section]
 
 
@@ -272,12 +274,19 @@ def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, ver
     allowed |= {spec.code_section(b) for b in spec.WIDTHS_BY_VERSION[version]}
     if "U8" in spec.CODEBOOK_DTYPES[version]:
         allowed.add("codebook_grid")
+    if version in spec.RICE_VERSIONS:
+        allowed.add(spec.RICE_SECTION)
     unknown = set(sections) - allowed
     if unknown:
         raise BadHeader(f"tensor {brief_repr(name)}: unknown section {brief_repr(sorted(unknown)[0])}", rule="CLAQ-H19")
-    for required in ("bit_widths", "codebooks"):
-        if required not in sections:
-            raise BadHeader(f"tensor {brief_repr(name)}: missing section {required!r}", rule="CLAQ-H20")
+    if "bit_widths" not in sections:
+        raise BadHeader(f"tensor {brief_repr(name)}: missing section 'bit_widths'", rule="CLAQ-H20")
+    if "codebooks" not in sections and spec.RICE_SECTION not in sections:
+        raise BadHeader(f"tensor {brief_repr(name)}: missing section 'codebooks'"
+                        + (f" (or {spec.RICE_SECTION!r})" if version in spec.RICE_VERSIONS else ""), rule="CLAQ-H20")
+    if "codebooks" in sections and spec.RICE_SECTION in sections:
+        raise BadHeader(f"tensor {brief_repr(name)}: codebooks and {spec.RICE_SECTION} are both present",
+                        rule="CLAQ-H34")
     present = {"outlier_counts", "outlier_rows", "outlier_values"} & set(sections)
     if present and len(present) != 3:
         raise BadHeader(f"tensor {brief_repr(name)}: outlier sections must come together (counts, rows, values)",
@@ -294,9 +303,9 @@ def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, ver
     if sections["bit_widths"][1] != [shape[1]]:
         raise BadHeader(f"tensor {brief_repr(name)}: bit_widths must have one entry per column ({shape[1]})",
                         rule="CLAQ-H25")
-    if ("codebook_grid" in sections) != (sections["codebooks"][0] == "U8"):
-        raise BadHeader(f"tensor {brief_repr(name)}: section codebook_grid must exist exactly when codebooks is U8",
-                        rule="CLAQ-H26")
+    if ("codebook_grid" in sections) != (spec.RICE_SECTION in sections or sections["codebooks"][0] == "U8"):
+        raise BadHeader(f"tensor {brief_repr(name)}: section codebook_grid must exist exactly when codebooks is U8 "
+                        f"or {spec.RICE_SECTION} is present", rule="CLAQ-H26")
     if "codebook_grid" in sections and sections["codebook_grid"][1] != [2 * shape[1]]:
         raise BadHeader(f"tensor {brief_repr(name)}: codebook_grid must hold two entries per column ({2 * shape[1]})",
                         rule="CLAQ-H27")
@@ -336,7 +345,8 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
     """W[rows, in] float32 from a quantized weight's typed sections (the decoding rule of the spec)."""
     bits = sections["bit_widths"]
     cols = bits.size
-    codebooks = spec.codebook_entries(sections["codebooks"], bits, sections.get("codebook_grid"))
+    levels = decode_levels(sections[spec.RICE_SECTION], bits) if spec.RICE_SECTION in sections else sections["codebooks"]
+    codebooks = spec.codebook_entries(levels, bits, sections.get("codebook_grid"))
     starts = spec.codebook_offsets(bits)
     W = np.empty((rows, cols), np.float32)
     for b in spec.ALLOWED_BITS:
@@ -351,14 +361,21 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
-                        widths: tuple = spec.ALLOWED_BITS) -> None:
+                        widths: tuple = spec.ALLOWED_BITS) -> dict[str, np.ndarray]:
     """Values inside a quantized weight's sections: widths (those of the file's version), codebooks,
-    streams, padding, outliers."""
+    streams, padding, outliers. Returns the sections with coded levels (codebook_rice) decoded into
+    `codebooks` (u8 levels), the one layout every decoder takes."""
     bits = sections["bit_widths"]
     bad = ~np.isin(bits, widths)
     if bad.any():
         raise BadTensorData(f"tensor {brief_repr(name)}: column {int(np.flatnonzero(bad)[0])} has bit width "
                             f"{int(bits[bad][0])}, allowed {widths}", rule="CLAQ-T01")
+    if spec.RICE_SECTION in sections:
+        try:
+            levels = decode_levels(sections[spec.RICE_SECTION], bits)
+        except CodedLevelsError as exc:
+            raise BadTensorData(f"tensor {brief_repr(name)}: {exc}", rule=exc.rule) from None
+        sections = {**{s: a for s, a in sections.items() if s != spec.RICE_SECTION}, "codebooks": levels}
     if sections["codebooks"].size != spec.codebook_offsets(bits)[-1]:
         raise BadTensorData(f"tensor {brief_repr(name)}: codebooks hold {sections['codebooks'].size} entries, "
                             f"the bit widths need {spec.codebook_offsets(bits)[-1]}", rule="CLAQ-T02")
@@ -407,6 +424,7 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
         if r.size > 1 and np.any((np.diff(r) <= 0) & ~first[1:]):
             raise BadTensorData(f"tensor {brief_repr(name)}: outlier rows are not strictly ascending within a column",
                                 rule="CLAQ-T12")
+    return sections
 
 
 def decode_file(name: str, entry: dict, stored) -> bytes:
@@ -438,8 +456,7 @@ def decode_tensor(name: str, tensor: dict, sections: dict[str, np.ndarray], copy
             data = (data.astype(np.uint32) << 16).view(np.float32)
         return data.astype(np.float32, copy=copy).reshape(tensor["shape"])
     rows = tensor["shape"][0]
-    check_claq_contents(name, rows, sections, widths)
-    return decode_claq(rows, sections)
+    return decode_claq(rows, check_claq_contents(name, rows, sections, widths))
 
 
 class ClaqFile:

@@ -114,7 +114,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
             # the file holds every quantized weight as [out, in]; a Conv1D keeps its own as [in, out]
             stored = tuple(parameters[name].shape)
             expected = stored[::-1] if family.transposed(name) else stored
-            check_claq_contents(name, tensor["shape"][0], sections, cf.widths)
+            sections = check_claq_contents(name, tensor["shape"][0], sections, cf.widths)
             if isinstance(target, torch.nn.Embedding):
                 replacement = ClaqEmbedding(tensor["shape"][0], sections, device=device, compute_dtype=dtype,
                                             cache=cache, scale=getattr(target, "embed_scale", None), kernels=kernels)

@@ -12,8 +12,9 @@ import numpy as np
 MAGIC = b"CLAQ"
 # Format versions this package reads -> the per-column widths each allows. v2 is v1 with widths up to 8
 # (codebooks of up to 256 entries), so every v1 file is a valid v2 file but for its version number.
-WIDTHS_BY_VERSION = {1: (1, 2, 3, 4), 2: (1, 2, 3, 4, 5, 6, 7, 8)}
-VERSION = 2                                # the version the writer writes
+# v3 is v2 with coded u8 levels (section codebook_rice): every v2 file is a valid v3 file but for its number.
+WIDTHS_BY_VERSION = {1: (1, 2, 3, 4), 2: (1, 2, 3, 4, 5, 6, 7, 8), 3: (1, 2, 3, 4, 5, 6, 7, 8)}
+VERSION = 3                                # the version the writer writes
 PREAMBLE = struct.Struct("<4sIQ")          # magic, version (u32), header length (u64)
 ALIGNMENT = 64                             # header end and every section start
 MAX_HEADER_BYTES = 64 * 1024 * 1024        # a header is metadata, never bulk data
@@ -38,7 +39,8 @@ FILE_DTYPE = "U8"     # embedded files (tokenizer, chat template) are byte secti
 # Version 2: a file's entry also says how its bytes are stored ("zlib": RFC 1950 stream, as zlib.compress)
 # and its decoded size, checked (and capped) before anything is decompressed.
 FILE_ENCODINGS = ("none", "zlib")
-FILE_FIELDS_BY_VERSION = {1: SECTION_FIELDS, 2: SECTION_FIELDS + ("encoding", "size")}
+FILE_FIELDS_BY_VERSION = {1: SECTION_FIELDS, 2: SECTION_FIELDS + ("encoding", "size"),
+                          3: SECTION_FIELDS + ("encoding", "size")}
 MAX_FILE_BYTES = 1 << 28  # 256 MiB: embedded files are tokenizers and templates, never weights
 
 # Sections of a quantized weight: name -> dtype. codes_<b> exist for each width b in use;
@@ -53,7 +55,46 @@ CLAQ_SECTIONS = {
     "outlier_values": "F16",   # [n_outliers]: replaces the decoded value at (row, j)
 }
 CODES_PREFIX = "codes_"        # codes_<b>: U32 words, the packed codes of the columns of width b
-CODEBOOK_DTYPES = {1: ("F16",), 2: ("F16", "U8")}  # per version: fp16 entries, or u8 levels on a grid (v2)
+CODEBOOK_DTYPES = {1: ("F16",), 2: ("F16", "U8"), 3: ("F16", "U8")}  # fp16 entries, or u8 levels on a grid (v2+)
+
+# Version 3: coded u8 levels. A grid codebook's levels rise strictly from 0 to GRID_TOP, so only the inner
+# ones are stored, as gaps: level i = level i-1 + 1 + base + d, with d Rice-coded (parameter k) and base, k
+# per width and inner position from a table (formats/claq-v2.md, "Coded levels").
+RICE_SECTION = "codebook_rice"   # U8 [n]: the table, then the low bits of every d, then their high parts
+RICE_VERSIONS = (3,)
+GRID_TOP = 255                   # the highest level of a grid codebook
+MAX_RICE_K = 7                   # a gap's low part has at most 7 bits (a level difference is below 256)
+
+
+def inner_levels(bits: int) -> int:
+    """Levels of a codebook of `bits` bits that version 3 codes: all but the first (0) and last (255)."""
+    return (1 << bits) - 2
+
+
+def rice_table_widths(bit_widths: np.ndarray) -> list[int]:
+    """Widths with a row in the table, ascending: those of 2 bits or more that some column has."""
+    return [b for b in range(2, 9) if np.any(bit_widths == b)]
+
+
+def rice_table_bytes(bit_widths: np.ndarray) -> int:
+    """Bytes of the table: a (base, k) byte pair per inner position of each width in it."""
+    return 2 * sum(inner_levels(b) for b in rice_table_widths(bit_widths))
+
+
+def coded_gaps(bit_widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every coded gap in stream order (columns ascending, each column's inner levels 1..2**b - 2):
+    (its column, its inner level's index minus 1, its row in the table of (base, k) pairs)."""
+    bits = np.asarray(bit_widths).astype(np.int64)
+    counts = np.where(bits >= 2, np.left_shift(1, bits) - 2, 0)
+    column = np.repeat(np.arange(bits.size), counts)
+    first = np.cumsum(counts) - counts                               # first gap of each column
+    position = np.arange(column.size) - first[column]               # 0 .. 2**b - 3
+    row_of_width = np.zeros(9, np.int64)
+    start = 0
+    for b in rice_table_widths(bits):
+        row_of_width[b] = start
+        start += inner_levels(b)
+    return column, position, row_of_width[bits[column]] + position
 
 
 def codebook_entries(codebooks: np.ndarray, bit_widths: np.ndarray, grid: "np.ndarray | None" = None) -> np.ndarray:
@@ -126,12 +167,17 @@ def outlier_count_dtype(max_count: int) -> str:
 
 
 def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,
-                         grid: bool = False) -> dict[str, int]:
-    """Byte length of every section of a quantized weight (before alignment padding); `grid`: u8 codebooks."""
+                         grid: bool = False, coded_levels: "int | None" = None) -> dict[str, int]:
+    """Byte length of every section of a quantized weight (before alignment padding); `grid`: u8 codebooks.
+    Coded levels (v3) depend on the levels: `coded_levels` is the codebook_rice section's length; without
+    it a grid weight is priced as u8 levels, an upper bound (the writer codes them only when that is shorter)."""
     lengths = {"bit_widths": bit_widths.size}
     if grid:
         lengths["codebook_grid"] = 4 * bit_widths.size
-    lengths["codebooks"] = (1 if grid else 2) * int(codebook_offsets(bit_widths)[-1])
+    if coded_levels is not None:
+        lengths[RICE_SECTION] = int(coded_levels)
+    else:
+        lengths["codebooks"] = (1 if grid else 2) * int(codebook_offsets(bit_widths)[-1])
     for b in ALLOWED_BITS:
         n_cols = int(np.count_nonzero(bit_widths == b))
         if n_cols:
@@ -144,9 +190,10 @@ def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max
 
 
 def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,
-                      grid: bool = False) -> int:
+                      grid: bool = False, coded_levels: "int | None" = None) -> int:
     """Bytes the weight occupies in the file: its sections with their alignment padding."""
-    return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count, grid).values())
+    return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count, grid,
+                                                      coded_levels).values())
 
 
 def is_code_section(name: str) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import spec
+from .rice import decode_levels
 
 
 def _lane_tables(bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,7 +72,11 @@ class ClaqLayout:
 def codebook_values(sections: dict[str, torch.Tensor], layout: ClaqLayout, dtype: torch.dtype) -> torch.Tensor:
     """Every codebook entry (spec.codebook_entries): fp16 entries, or u8 levels on each column's grid,
     offset + step * level in float32 with the product rounded first (two tensor ops, never fused)."""
-    codebooks = sections["codebooks"]
+    if spec.RICE_SECTION in sections:  # coded levels, decoded on the host (modules decode them once, at load)
+        levels = decode_levels(sections[spec.RICE_SECTION].cpu().numpy(), sections["bit_widths"].cpu().numpy())
+        codebooks = torch.from_numpy(levels).to(sections["bit_widths"].device)
+    else:
+        codebooks = sections["codebooks"]
     if "codebook_grid" not in sections:
         return codebooks.to(dtype)
     grid = sections["codebook_grid"].float().view(-1, 2)[layout.entry_columns]

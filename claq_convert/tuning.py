@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .gptq import QuantizedWeight
-from .kernels import GRID_TOP
-from .kernels_numpy import round_fp16
+from .kernels import FP16_LEAST, GRID_TOP
+from .kernels_numpy import round_fp16, strict_levels
 from .progress import Progress, no_progress
 
 TUNE_LR = 3e-4         # Adam's step for codebook entries (measured on SmolLM2: README, "Tuning")
@@ -140,10 +140,12 @@ def retuned(result: QuantizedWeight, codebooks: np.ndarray) -> QuantizedWeight:
     top = np.take_along_axis(ordered, (1 << result.bits.astype(np.int64))[:, None] - 1, axis=1)[:, 0]
     offset = round_fp16(ordered[:, 0])
     span = top - offset
-    step = np.where(span > 0, fp16_at_least(np.maximum(span, 0) / GRID_TOP), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        levels = np.where(step[:, None] > 0, np.clip(np.round((ordered - offset[:, None]) / step[:, None]), 0, GRID_TOP), 0)
-    levels = np.where(used, levels, 0).astype(np.uint8)
+    step = np.where(span > 0, fp16_at_least(np.maximum(span, 0) / GRID_TOP), FP16_LEAST)
+    levels = np.where(used, np.clip(np.round((ordered - offset[:, None]) / step[:, None]), 0, GRID_TOP), 0)
+    for b in np.unique(result.bits):  # strictly increasing from 0 to 255, as grid_codebook makes them
+        columns, k = np.flatnonzero(result.bits == b), 1 << int(b)
+        levels[columns[:, None], np.arange(k)[None, :]] = strict_levels(levels[columns, :k])
+    levels = levels.astype(np.uint8)
     entries = offset[:, None].astype(np.float32) + step[:, None].astype(np.float32) * levels.astype(np.float32)
     entries = np.where(used, entries, 0).astype(np.float32)
     grid = np.stack([offset, step], axis=1).astype(np.float16)

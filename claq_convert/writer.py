@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import spec
+from .rice import encode_levels
 
 _RAW_DTYPES = {np.dtype(v).str: k for k, v in spec.DTYPES.items() if k != "BF16"}
 
@@ -44,7 +45,12 @@ def encode_claq_sections(rows: int, bits: np.ndarray, codes: np.ndarray, column_
         if codebook_grid.shape != (cols, 2) or column_codebooks.dtype != np.uint8:
             raise ValueError("a grid codebook needs u8 levels and one (offset, step) pair per column")
         sections["codebook_grid"] = codebook_grid.astype(spec.DTYPES["F16"]).ravel()
-        sections["codebooks"] = column_codebooks[mask]
+        levels = column_codebooks[mask]
+        coded = encode_levels(levels, bits) if spec.VERSION in spec.RICE_VERSIONS else None
+        if coded is None or coded.size >= levels.size:  # coded only when it is shorter: never worse than u8
+            sections["codebooks"] = levels
+        else:
+            sections[spec.RICE_SECTION] = coded
     for b in spec.ALLOWED_BITS:
         columns = spec.columns_of_width(bits, b)
         if columns.size:

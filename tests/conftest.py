@@ -22,6 +22,26 @@ FAMILY_CONFIGS = {
 }
 
 
+def bytes_as_allocated(path: Path) -> int:
+    """A file's quantized tensors priced as the allocation prices them: grid levels as u8 bytes (an upper
+    bound of their coded size, format v3), everything else exactly."""
+    import numpy as np
+
+    from claq_convert import spec
+    from claq_convert.reader import ClaqFile
+
+    total = 0
+    with ClaqFile(path) as cf:
+        for name, tensor in cf.tensors.items():
+            if tensor["kind"] != spec.KIND_CLAQ:
+                continue
+            s = cf.sections(name)
+            counts = s.get("outlier_counts", np.zeros(1, np.int64))
+            total += spec.claq_stored_bytes(tensor["shape"][0], s["bit_widths"], int(counts.sum()), int(counts.max()),
+                                            grid="codebook_grid" in s)
+    return total
+
+
 def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> Path:
     """A 2-layer model of `family` with random weights and a byte-level BPE tokenizer, saved as safetensors."""
     from tokenizers import ByteLevelBPETokenizer

@@ -56,7 +56,10 @@ def test_tuning_brings_the_file_closer_to_the_source_model(family, text_file, tm
             evaluate=family == "llama", eval_texts={"text": text_file}))  # tiny gpt2 has 256 positions, not 512
     plain, tuned = records[0], records[64]
     assert "tuning" not in plain and tuned["tuning"]["steps"] == 64
-    assert tuned["summary"]["stored_bytes"] == plain["summary"]["stored_bytes"]  # same bits, other values
+    # the same widths, other values; coded levels (v3) may take a few bytes more or less
+    assert {n: t["bits_histogram"] for n, t in tuned["tensors"].items()} == \
+        {n: t["bits_histogram"] for n, t in plain["tensors"].items()}
+    assert abs(tuned["summary"]["stored_bytes"] - plain["summary"]["stored_bytes"]) <= 64 * len(plain["tensors"])
     teacher = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     windows = eval_windows(tokenize_file(AutoTokenizer.from_pretrained(str(model_dir)), text_file), 32, 8)
     loaded = {steps: load(tmp_path / f"{steps}.claq")[0] for steps in records}

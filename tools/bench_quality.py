@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import calibration_for, open_report, selected  # noqa: E402
+from claq_convert import inspection  # noqa: E402
 from claq_convert.calibration import DEFAULT_NSAMPLES, SELF, default_sources  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
 from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import eval_texts  # noqa: E402
 from claq_convert.pipeline import QuantConfig  # noqa: E402
+from claq_convert.reader import open_claq  # noqa: E402
 
 # name -> QuantConfig fields, plus "calib": the calibration sources (calibration.py; "wikitext-valid": that
 # file; absent: claq-convert's default), and "bpw_of": a budget equal to that configuration's measured honest
@@ -44,6 +46,8 @@ SELF_CALIBRATED = {
     "claq-5-fp32-embedding": dict(bits=5, quantize_embeddings=False),
     # format v1 against v2: fp16 codebooks (v1's only kind), and v2's grid codebooks at the same honest bpw
     "claq-4-f16-codebooks-fp32-embedding": dict(bits=4, codebook="f16", quantize_embeddings=False),
+    # format v3: claq-4-fp32-embedding again, its grid levels made strictly rising and coded (codebook_rice)
+    "claq-4-coded-levels-fp32-embedding": dict(bits=4, quantize_embeddings=False),
     "claq-alloc-grid=claq-4-f16-codebooks": dict(bpw_of="claq-4-f16-codebooks-fp32-embedding",
                                                  quantize_embeddings=False),
     "claq-ap-4.1-fp32-embedding": dict(bits=4.1, ap_bits=(4, 5), quantize_embeddings=False),
@@ -192,6 +196,9 @@ def main(model, only, out, nsamples, resume, table_only, readme, threads, peers)
                       "outliers": s["outliers"], "file_bytes": record.get("file_bytes"),
                       "file_bits_per_parameter": record.get("file_bits_per_parameter"),
                       "convert_seconds": record["seconds"]["convert"], "kernel_seconds": s["kernel_seconds"]}
+        if stores:  # the codebooks' share of the honest bits, as claq-inspect reports it
+            with open_claq(options.out) as cf:
+                runs[name]["codebook_bpw"] = inspection.summarize(cf)["quantized"]["codebook_bpw"]
         click.echo(f"{name:24s} honest {s['honest_bpw']:.4f} bpw  " +
                    "  ".join(f"{t} {r['ppl']:.3f}" for t, r in record["ppl_after"].items()))
         out.parent.mkdir(parents=True, exist_ok=True)

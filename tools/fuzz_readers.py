@@ -199,7 +199,7 @@ def _set(tree, path, value):
 FORGED = "line\nvalid: forged line\x1b[31m\x07\r\u202e\u2028"
 SCALARS = [None, True, False, 0, -1, 1, 2, 3, 7, 8, 9, 64, 255, 256, 65536, 2 ** 31, 2 ** 32, 2 ** 53 + 1, 2 ** 63,
            2 ** 64, -(2 ** 63), 1.5, -0.0, 1e308, "", "x", "claq", "raw", "U8", "U16", "U32", "F16", "F32", "BF16",
-           "I8", "none", "zlib", "data", "bit_widths", "codebooks", FORGED, "\ud800", "é" * 3]
+           "I8", "none", "zlib", "data", "bit_widths", "codebooks", "codebook_rice", FORGED, "\ud800", "é" * 3]
 RAWS = [b"1" * 5000, b"-" + b"9" * 400, b"1e400", b"-1e400", b"NaN", b"Infinity", b"-Infinity", b'"\xff\xfe"',
         b'"\\ud800"', b'"\x01\x1b"', b"[" * 100 + b"]" * 100, b"[" * 5000 + b"]" * 5000, b"[" * 100000 + b"]" * 100000,
         b'{"a":' * 3000 + b"1" + b"}" * 3000, b"0.5e-99999", b"123456789012345678901234567890"]

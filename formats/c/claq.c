@@ -663,7 +663,7 @@ typedef struct tensor {
     uint64_t shape[8];
     size_t sec_first, sec_count;
     /* indices into the section table, NONE when absent */
-    size_t data, bw, grid, cb, codes[9], oc, orow, oval;
+    size_t data, bw, grid, cb, rice, codes[9], oc, orow, oval;
     int checked;
 } tensor;
 
@@ -857,13 +857,14 @@ static int file_name_ok(const char *s, size_t n) {
     return 1;
 }
 
-enum { S_BW, S_GRID, S_CB, S_CODES, S_OC, S_OROW, S_OVAL, S_UNKNOWN };
+enum { S_BW, S_GRID, S_CB, S_RICE, S_CODES, S_OC, S_OROW, S_OVAL, S_UNKNOWN };
 
 static int classify_section(const char *s, size_t n, unsigned max_width, unsigned version, unsigned *width) {
 #define IS(lit) (n == sizeof(lit) - 1 && memcmp(s, lit, n) == 0)
     if (IS("bit_widths")) return S_BW;
     if (IS("codebook_grid")) return version >= 2 ? S_GRID : S_UNKNOWN;
     if (IS("codebooks")) return S_CB;
+    if (IS("codebook_rice")) return version >= 3 ? S_RICE : S_UNKNOWN;
     if (IS("outlier_counts")) return S_OC;
     if (IS("outlier_rows")) return S_OROW;
     if (IS("outlier_values")) return S_OVAL;
@@ -886,7 +887,7 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
     unsigned max_width = r->version == 1 ? 4 : 8, b;
     t->name = KEY(r, node);
     t->name_len = NODE(r, node)->klen;
-    t->data = t->bw = t->grid = t->cb = t->oc = t->orow = t->oval = NONE;
+    t->data = t->bw = t->grid = t->cb = t->rice = t->oc = t->orow = t->oval = NONE;
     for (b = 0; b < 9; b++) t->codes[b] = NONE;
     quote(qn, sizeof qn, t->name, t->name_len);
     if (NODE(r, node)->type != J_OBJ) return fail(err, CLAQ_BAD_HEADER, "header: tensor %s is not an object", qn);
@@ -938,6 +939,7 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
         case S_BW: t->bw = idx; break;
         case S_GRID: t->grid = idx; break;
         case S_CB: t->cb = idx; break;
+        case S_RICE: t->rice = idx; break;
         case S_CODES: t->codes[b] = idx; break;
         case S_OC: t->oc = idx; break;
         case S_OROW: t->orow = idx; break;
@@ -950,13 +952,18 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
         if (t->bw == NONE) return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: no bit_widths section", qn);
         if (r->secs[t->bw].dtype != CLAQ_U8 || r->secs[t->bw].count != in)
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: bit_widths is not U8 [in]", qn);
-        if (t->cb == NONE) return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: no codebooks section", qn);
-        if (r->secs[t->cb].dtype != CLAQ_F16 && !(r->version >= 2 && r->secs[t->cb].dtype == CLAQ_U8))
+        if (t->cb == NONE && t->rice == NONE)
+            return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: no codebooks section", qn);
+        if (t->cb != NONE && t->rice != NONE)
+            return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebooks and codebook_rice both present", qn);
+        if (t->cb != NONE && r->secs[t->cb].dtype != CLAQ_F16 && !(r->version >= 2 && r->secs[t->cb].dtype == CLAQ_U8))
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebooks is not %s", qn,
                         r->version >= 2 ? "F16 or U8" : "F16 (U8 codebooks need version 2)");
-        if ((t->grid != NONE) != (r->secs[t->cb].dtype == CLAQ_U8))
+        if (t->rice != NONE && r->secs[t->rice].dtype != CLAQ_U8)
+            return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebook_rice is not U8", qn);
+        if ((t->grid != NONE) != (t->rice != NONE || r->secs[t->cb].dtype == CLAQ_U8))
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebook_grid is %s", qn,
-                        t->grid == NONE ? "missing (codebooks are U8)" : "present but codebooks are F16");
+                        t->grid == NONE ? "missing (codebooks are u8 levels)" : "present but codebooks are F16");
         if (t->grid != NONE &&
             (r->secs[t->grid].dtype != CLAQ_F16 || !mul_u64(in, 2, &two_in) || r->secs[t->grid].count != two_in))
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebook_grid is not F16 [2 * in]", qn);
@@ -1119,8 +1126,8 @@ claq_status claq_open_memory(const void *data, size_t size, claq_reader **out, c
                     (unsigned long)size);
     if (memcmp(buf, "CLAQ", 4) != 0) return fail(err, CLAQ_BAD_MAGIC, "the magic is not CLAQ");
     version = rd32(buf + 4);
-    if (version != 1 && version != 2)
-        return fail(err, CLAQ_UNSUPPORTED_VERSION, "version %lu (this reader knows 1 and 2)", (unsigned long)version);
+    if (version < 1 || version > 3)
+        return fail(err, CLAQ_UNSUPPORTED_VERSION, "version %lu (this reader knows 1, 2 and 3)", (unsigned long)version);
     n = rd64(buf + 8);
     if (n > MAX_HEADER)
         return fail(err, CLAQ_BAD_HEADER, "header length %llu exceeds 64 MiB", (unsigned long long)n);
@@ -1267,16 +1274,100 @@ static claq_status check_crc(claq_reader *r, size_t sec, const char *what, claq_
     return CLAQ_OK;
 }
 
+/* Coded levels (claq-v2.md section 5, "Coded levels"): a cursor over codebook_rice's table, low bits and
+ * unary part. rice_open checks CLAQ-T13 to T17 (the unary part fully, so that rice_next never runs past
+ * it); rice_next gives the next column's levels, 0 when one passes 254 (T18). No allocation. */
+typedef struct rice_cursor {
+    const unsigned char *table, *low, *unary;
+    uint64_t low_bit, unary_bit, row_of_width[9];
+} rice_cursor;
+
+static claq_status rice_open(const claq_reader *r, const tensor *t, const uint64_t ncols[9], rice_cursor *c,
+                             const char *qn, claq_error *err) {
+    const section *s = &r->secs[t->rice];
+    const unsigned char *p = SEC_PTR(r, t->rice);
+    uint64_t rows = 0, gaps = 0, low_bits = 0, most = 0, low_bytes, unary_bytes, zeros = 0, z, i;
+    unsigned b;
+    for (b = 2; b <= 8; b++) {
+        c->row_of_width[b] = rows;
+        if (ncols[b]) rows += ((uint64_t)1 << b) - 2;
+        gaps += ncols[b] * (((uint64_t)1 << b) - 2);
+    }
+    if (gaps == 0)
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice but every column has 1 bit", qn);
+    if (s->length < 2 * rows)
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice is shorter than its %llu-byte table", qn,
+                    (unsigned long long)(2 * rows));
+    for (i = 0; i < rows; i++)
+        if (p[2 * i + 1] > 7)
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice table row %llu has k %u (at most 7)", qn,
+                        (unsigned long long)i, p[2 * i + 1]);
+    for (b = 2; b <= 8; b++) {
+        const unsigned char *row = p + 2 * c->row_of_width[b];
+        if (!ncols[b]) continue;
+        for (i = 0; i + 2 < ((uint64_t)1 << b); i++) { /* each column of width b codes every row of it */
+            const unsigned base = row[2 * i], k = row[2 * i + 1];
+            low_bits += ncols[b] * k;
+            most += ncols[b] * (1 + ((base < 253 ? 253 - base : 0) >> k));
+        }
+    }
+    low_bytes = low_bits / 8 + (low_bits % 8 != 0);
+    if (s->length - 2 * rows < low_bytes)
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice ends inside its low bits", qn);
+    if (low_bits % 8 && (p[2 * rows + low_bytes - 1] >> (low_bits % 8)) != 0)
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice low bits have non-zero padding", qn);
+    unary_bytes = s->length - 2 * rows - low_bytes;
+    if (unary_bytes == 0 || unary_bytes > most / 8 + (most % 8 != 0))
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice's unary part has %llu bytes, its gaps need "
+                    "1 to %llu", qn, (unsigned long long)unary_bytes, (unsigned long long)(most / 8 + (most % 8 != 0)));
+    c->table = p;
+    c->low = p + 2 * rows;
+    c->unary = c->low + low_bytes;
+    c->low_bit = c->unary_bit = 0;
+    for (z = 0; z < 8 * unary_bytes && zeros < gaps; z++) /* the gaps-th zero-bit */
+        zeros += !((c->unary[z >> 3] >> (z & 7)) & 1u);
+    if (zeros < gaps || (z - 1) / 8 != unary_bytes - 1 || ((z & 7) && (c->unary[z >> 3] >> (z & 7)) != 0))
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook_rice's unary part does not end with its last "
+                    "gap's zero-bit and zero padding", qn);
+    return CLAQ_OK;
+}
+
+static int rice_next(rice_cursor *c, unsigned b, unsigned char *levels) {
+    const uint64_t n = (uint64_t)1 << b;
+    const unsigned char *row = c->table + 2 * c->row_of_width[b];
+    uint64_t level = 0, i;
+    levels[0] = 0;
+    levels[n - 1] = 255;
+    for (i = 1; b >= 2 && i + 1 < n; i++) {
+        const unsigned base = row[2 * (i - 1)], k = row[2 * (i - 1) + 1];
+        uint64_t d = 0, q = 0;
+        unsigned t;
+        for (t = 0; t < k; t++, c->low_bit++)
+            d |= (uint64_t)((c->low[c->low_bit >> 3] >> (c->low_bit & 7)) & 1u) << t;
+        while ((c->unary[c->unary_bit >> 3] >> (c->unary_bit & 7)) & 1u) { /* rice_open saw the zero ahead */
+            q++;
+            c->unary_bit++;
+        }
+        c->unary_bit++;
+        level += 1 + base + (d | q << k);
+        if (level > 254) return 0;
+        levels[i] = (unsigned char)level;
+    }
+    return 1;
+}
+
 /* Section 7: the contents of a quantized weight. The header already guarantees the sections' dtypes,
  * bit_widths [in] and codebook_grid [2 in]; placement guarantees every section lies inside the data region. */
 static claq_status check_claq_contents(claq_reader *r, const tensor *t, const char *qn, claq_error *err) {
     const uint64_t out = t->shape[0], in = t->shape[1];
     const unsigned max_width = r->version == 1 ? 4 : 8;
     const unsigned char *bw = SEC_PTR(r, t->bw);
-    const section *cb = &r->secs[t->cb];
-    const unsigned char *cbp = SEC_PTR(r, t->cb);
+    const unsigned char *cbp = t->cb != NONE ? SEC_PTR(r, t->cb) : NULL;
     uint64_t ncols[9] = {0}, book = 0, j, e;
+    unsigned char levels[256];
+    rice_cursor rc;
     unsigned b;
+    claq_status st;
     for (j = 0; j < in; j++) {
         b = bw[j];
         if (b < 1 || b > max_width)
@@ -1285,9 +1376,16 @@ static claq_status check_claq_contents(claq_reader *r, const tensor *t, const ch
         ncols[b]++;
         book += (uint64_t)1 << b; /* <= 256 * in: no overflow (in <= the file's size) */
     }
-    if (book != cb->count)
+    if (t->rice != NONE) {
+        st = rice_open(r, t, ncols, &rc, qn, err);
+        if (st) return st;
+        for (j = 0; j < in; j++)
+            if (!rice_next(&rc, bw[j], levels))
+                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: column %llu's coded levels pass 254", qn,
+                            (unsigned long long)j);
+    } else if (book != r->secs[t->cb].count)
         return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebooks has %llu entries, the widths need %llu", qn,
-                    (unsigned long long)cb->count, (unsigned long long)book);
+                    (unsigned long long)r->secs[t->cb].count, (unsigned long long)book);
     if (t->grid != NONE) {
         const unsigned char *g = SEC_PTR(r, t->grid);
         for (j = 0; j < in; j++) {
@@ -1352,15 +1450,18 @@ static claq_status check_claq_contents(claq_reader *r, const tensor *t, const ch
                 return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier value %llu is not finite", qn, (unsigned long long)k);
     }
     if (t->grid == NONE) {
-        for (e = 0; e < cb->count; e++)
+        for (e = 0; e < book; e++)
             if (!half_is_finite(rd16(cbp + 2 * e)))
                 return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook entry %llu is not finite", qn, (unsigned long long)e);
     } else {
         const unsigned char *g = SEC_PTR(r, t->grid);
+        if (t->rice != NONE) rice_open(r, t, ncols, &rc, qn, NULL); /* a second walk, from the start */
         for (j = 0, e = 0; j < in; j++) {
             uint64_t m, n = (uint64_t)1 << bw[j];
+            const unsigned char *lv = cbp ? cbp + e : levels;
+            if (!cbp) rice_next(&rc, bw[j], levels);
             for (m = 0; m < n; m++, e++)
-                if (!float_is_finite(grid_entry(rd16(g + 4 * j), rd16(g + 4 * j + 2), cbp[e])))
+                if (!float_is_finite(grid_entry(rd16(g + 4 * j), rd16(g + 4 * j + 2), lv[m])))
                     return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook entry %llu is not finite", qn,
                                 (unsigned long long)e);
         }
@@ -1394,18 +1495,27 @@ claq_status claq_check_tensor(claq_reader *reader, size_t index, claq_error *err
 
 static void decode_claq(const claq_reader *r, const tensor *t, float *dst) {
     const uint64_t out = t->shape[0], in = t->shape[1];
-    const unsigned char *bw = SEC_PTR(r, t->bw), *cbp = SEC_PTR(r, t->cb);
+    const unsigned char *bw = SEC_PTR(r, t->bw), *cbp = t->cb != NONE ? SEC_PTR(r, t->cb) : NULL;
     const unsigned char *g = t->grid != NONE ? SEC_PTR(r, t->grid) : NULL;
     uint64_t kcol[9] = {0}, start = 0, j, i, ostart = 0;
     float book[256];
+    unsigned char levels[256];
+    rice_cursor rc;
+    if (!cbp) { /* coded levels: checked already, walked again column by column */
+        uint64_t ncols[9] = {0};
+        for (j = 0; j < in; j++) ncols[bw[j]]++;
+        rice_open(r, t, ncols, &rc, "", NULL);
+    }
     for (j = 0; j < in; j++) {
         const unsigned b = bw[j];
         const uint32_t mask = (1u << b) - 1u;
         const unsigned char *words = SEC_PTR(r, t->codes[b]);
         const uint64_t n = (uint64_t)1 << b, first = kcol[b]++ * out; /* code number of row 0 */
         uint64_t m;
+        if (!cbp) rice_next(&rc, b, levels);
         for (m = 0; m < n; m++)
-            book[m] = g ? grid_entry(rd16(g + 4 * j), rd16(g + 4 * j + 2), cbp[start + m])
+            book[m] = !cbp ? grid_entry(rd16(g + 4 * j), rd16(g + 4 * j + 2), levels[m])
+                    : g ? grid_entry(rd16(g + 4 * j), rd16(g + 4 * j + 2), cbp[start + m])
                         : half_to_float(rd16(cbp + 2 * (start + m)));
         for (i = 0; i < out; i++) {
             const uint64_t bit = (first + i) * b, w = bit >> 5;

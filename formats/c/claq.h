@@ -90,7 +90,7 @@ claq_status claq_open_path(const char *path, claq_reader **out, claq_error *err)
 
 void claq_close(claq_reader *reader);
 
-unsigned claq_version(const claq_reader *reader);           /* 1 or 2 */
+unsigned claq_version(const claq_reader *reader);           /* 1, 2 or 3 */
 
 /* The header's JSON text (without its padding), e.g. to read metadata.config. */
 const char *claq_header_json(const claq_reader *reader, size_t *length);

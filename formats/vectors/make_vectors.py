@@ -159,6 +159,64 @@ GRID = ("claq", [4, 4], [
 GRID_VALUES = [[_grid_entry(o, st, levels[GRID_CODES[j][i]]) for j, (o, st, levels) in enumerate(GRID_BOOKS)]
                for i in range(4)]  # column 3: 1024 + 2**-14 rounds to 1024, 1024 + 3 * 2**-14 to 1024 + 2**-12
 
+# Version 3: grid codebooks whose levels rise strictly from 0 to 255, coded (section codebook_rice). out 4,
+# in 4, widths 2, 3, 1, 4. The section is written here bit by bit from claq-v2.md's text ("Coded levels").
+CODED_BOOKS = [(-1.0, 2.0 ** -7, [0, 9, 200, 255]),
+               (0.5, 0.25, [0, 1, 2, 4, 8, 16, 100, 255]),
+               (2.0, 2.0 ** -6, [0, 255]),
+               (-8.0, 0.0625, [0, 5, 10, 20, 30, 45, 60, 80, 100, 120, 140, 170, 200, 230, 250, 255])]
+CODED_CODES = [[3, 0, 1, 2], [7, 0, 3, 5], [1, 0, 0, 1], [15, 0, 9, 4]]  # per column, rows 0..3
+
+
+def coded_table(books) -> dict:
+    """width -> [(base, k)] per inner position: base = half the gap, k = 2, but 3 for the last of width 2
+    (any table decodes; this one gives long unary runs, low bits across bytes, and padding bits in both parts)."""
+    table = {len(levels).bit_length() - 1: [((levels[i] - levels[i - 1] - 1) // 2, 2) for i in range(1, len(levels) - 1)]
+             for _, _, levels in books if len(levels) > 2}
+    table[2][-1] = (table[2][-1][0], 3)
+    return table
+
+
+def bits_to_bytes(bits: str) -> bytes:
+    """'0'/'1' characters, bit t of the stream being bit t mod 8 of byte t div 8, zero-padded."""
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i:i + 8][::-1], 2) for i in range(0, len(bits), 8))
+
+
+def rice_section(books, table) -> tuple[bytes, bytes, bytes]:
+    """(table, low part, unary part) of codebook_rice for these columns' levels."""
+    low = unary = ""
+    for _, _, levels in books:
+        rows = table.get(len(levels).bit_length() - 1, [])
+        for i in range(1, len(levels) - 1):
+            base, k = rows[i - 1]
+            d = levels[i] - levels[i - 1] - 1 - base
+            low += "".join(str((d >> t) & 1) for t in range(k))
+            unary += "1" * (d >> k) + "0"
+    head = bytes(v for b in sorted(table) for row in table[b] for v in row)
+    return head, bits_to_bytes(low), bits_to_bytes(unary)
+
+
+CODED_RICE = rice_section(CODED_BOOKS, coded_table(CODED_BOOKS))
+
+
+def coded(parts=CODED_RICE, **changes) -> tuple:
+    rice = b"".join(parts)
+    tensor = ("claq", [4, 4], [
+        ("bit_widths", "U8", [4], bytes([2, 3, 1, 4])),
+        ("codebook_grid", "F16", [8], f16_any([v for o, st, _ in CODED_BOOKS for v in (o, st)])),
+        ("codebook_rice", "U8", [len(rice)], rice),
+        ("codes_1", "U32", [1], u32([sum(c << i for i, c in enumerate(CODED_CODES[2]))])),
+        ("codes_2", "U32", [1], u32([sum(c << (2 * i) for i, c in enumerate(CODED_CODES[0]))])),
+        ("codes_3", "U32", [1], u32([sum(c << (3 * i) for i, c in enumerate(CODED_CODES[1]))])),
+        ("codes_4", "U32", [1], u32([sum(c << (4 * i) for i, c in enumerate(CODED_CODES[3]))])),
+    ])
+    return edit(tensor, **changes) if changes else tensor
+
+
+CODED_VALUES = [[_grid_entry(o, st, levels[CODED_CODES[j][i]]) for j, (o, st, levels) in enumerate(CODED_BOOKS)]
+                for i in range(4)]
+
 NOTE2 = {"note.txt": b"conformance vector, version 2\n" * 3}  # zlib-compressed in a version-2 file
 RAW = ("raw", [3], [("data", "F32", [3], struct.pack("<3f", 1.0, -2.5, 0.25))])
 METADATA = {"config": {"model_type": "example"}, "generation_config": None, "conversion": {"tool": "hand-written"}}
@@ -290,6 +348,22 @@ B2 = {"w": WORKED, "g": GRID, "norm": RAW}  # the base of most version-2 vectors
 
 def v2(tensors=None, files=None, **kw) -> bytes:
     return assemble(B2 if tensors is None else tensors, NOTE2 if files is None else files, METADATA, 2, **kw)
+
+
+def v3(tensors=None, files=None, **kw) -> bytes:
+    return assemble({**B2, "c": coded()} if tensors is None else tensors, NOTE2 if files is None else files,
+                    METADATA, 3, **kw)
+
+
+VALID["v3_coded_levels"] = ({"c": coded(), "g": GRID}, NOTE2, {"c": CODED_VALUES, "g": GRID_VALUES}, 3)
+B3 = {**B2, "c": coded()}  # the base of the version-3 vectors
+
+
+def _rice_flip(part: int, index: int, mask: int) -> tuple:
+    """CODED_RICE with byte `index` of part `part` (0 table, 1 low bits, 2 unary) xor `mask`."""
+    parts = [bytearray(p) for p in CODED_RICE]
+    parts[part][index] ^= mask
+    return tuple(bytes(p) for p in parts)
 
 
 def v1(tensors=None, files=None, **kw) -> bytes:
@@ -548,6 +622,39 @@ BAD = {
     "l04_trailing_bytes": (lambda: v2() + bytes(64), "BadLayout", "CLAQ-L04", "64 bytes after the last section"),
     "l04_no_sections_but_data": (lambda: v2({}, {}) + bytes(64), "BadLayout", "CLAQ-L04",
                                  "no sections, 64 bytes of data"),
+    # version 3: coded levels
+    "h19_v2_codebook_rice": (lambda: v2({**B2, "c": coded()}), "BadHeader", "CLAQ-H19", "codebook_rice in a version-2 file"),
+    "h20_v3_no_codebooks": (lambda: v3({**B3, "c": coded(codebook_rice=None)}), "BadHeader", "CLAQ-H20",
+                            "neither codebooks nor codebook_rice"),
+    "h22_rice_i8": (lambda: v3({**B3, "c": coded(codebook_rice=("I8", [len(b"".join(CODED_RICE))], b"".join(CODED_RICE)))}),
+                    "BadHeader", "CLAQ-H22", "codebook_rice of dtype I8"),
+    "h26_rice_without_grid": (lambda: v3({**B3, "c": coded(codebook_grid=None)}), "BadHeader", "CLAQ-H26",
+                              "codebook_rice without codebook_grid"),
+    "h34_codebooks_and_rice": (lambda: v3({**B3, "c": coded(codebooks=("U8", [30], bytes(
+        lv for _, _, levels in CODED_BOOKS for lv in levels)))}), "BadHeader", "CLAQ-H34",
+        "codebook_rice and U8 codebooks side by side"),
+    "t13_rice_one_bit_only": (lambda: v3({**B3, "c": ("claq", [4, 1], [
+        ("bit_widths", "U8", [1], bytes([1])), ("codebook_grid", "F16", [2], f16_any([2.0, 2.0 ** -6])),
+        ("codebook_rice", "U8", [1], bytes(1)), ("codes_1", "U32", [1], u32([0b1001]))])}), "BadTensorData",
+        "CLAQ-T13", "codebook_rice of a weight whose only column has 1 bit"),
+    "t14_rice_short_table": (lambda: v3({**B3, "c": coded((CODED_RICE[0][:43], b"", b""))}), "BadTensorData",
+                             "CLAQ-T14", "43 bytes for a 44-byte table"),
+    "t15_rice_k_8": (lambda: v3({**B3, "c": coded(_rice_flip(0, 1, 0x0A))}), "BadTensorData", "CLAQ-T15",
+                     "the first table row's k is 8"),
+    "t16_rice_low_cut": (lambda: v3({**B3, "c": coded((CODED_RICE[0], CODED_RICE[1][:-1], b""))}), "BadTensorData",
+                         "CLAQ-T16", "the section ends one byte into the low part's last byte"),
+    "t16_rice_low_padding": (lambda: v3({**B3, "c": coded(_rice_flip(1, 5, 0x80))}), "BadTensorData", "CLAQ-T16",
+                             "the low part's last padding bit is one"),
+    "t17_rice_extra_byte": (lambda: v3({**B3, "c": coded((*CODED_RICE[:2], CODED_RICE[2] + bytes(1)))}),
+                            "BadTensorData", "CLAQ-T17", "a zero byte after the unary part's last byte"),
+    "t17_rice_over_bound": (lambda: v3({**B3, "c": coded((*CODED_RICE[:2], CODED_RICE[2] + bytes(200)))}),
+                            "BadTensorData", "CLAQ-T17", "the unary part longer than its gaps can need"),
+    "t17_rice_unary_cut": (lambda: v3({**B3, "c": coded((*CODED_RICE[:2], CODED_RICE[2][:-1]))}), "BadTensorData",
+                           "CLAQ-T17", "the unary part without its last byte (too few zero-bits)"),
+    "t17_rice_trailing_one": (lambda: v3({**B3, "c": coded(_rice_flip(2, len(CODED_RICE[2]) - 1, 0x80))}),
+                              "BadTensorData", "CLAQ-T17", "a one-bit after the last gap's zero-bit"),
+    "t18_rice_level_255": (lambda: v3({**B3, "c": coded(_rice_flip(0, 2, 95 ^ 150))}), "BadTensorData", "CLAQ-T18",
+                           "column 0's second inner level decodes to 255 (its row's base 150 for 95)"),
     # checksums
     "c01_crc": (lambda: v2(corrupt=hdr(lambda h: sec(h, "g", "codes_5").update(
         crc32=sec(h, "g", "codes_5")["crc32"] ^ 1))), "ChecksumMismatch", "CLAQ-C01", "g's codes_5, crc32 ^ 1"),
@@ -744,6 +851,9 @@ GGUF_VALID = {  # name -> (parts, expected tensors, expected files (text), expec
     "worked": (gguf(kvs=TOKENIZER_KVS), {"norm": [1.0, -2.5, 0.25], "w": WORKED_VALUES, "g": GRID_VALUES},
                {"note.txt": G_FILES["note.txt"].decode(), "tokenizer.json": TOKENIZER_JSON},
                {"blob.bin": G_FILES["blob.bin"].hex()}),
+    "v3_coded_levels": (gguf(tensors={**G_TENSORS, "c": coded()}, kvs={"claq.version": kv_u32(3)}),
+                        {"norm": [1.0, -2.5, 0.25], "w": WORKED_VALUES, "g": GRID_VALUES, "c": CODED_VALUES},
+                        {"note.txt": G_FILES["note.txt"].decode()}, {"blob.bin": G_FILES["blob.bin"].hex()}),
     # GGUF version 2, alignment 64, extension version 1, a 4-D tensor, a 63-byte name, only the required keys
     "minimal_v2_aligned_64": (gguf_parts(
         [("general.architecture", *kv_str("claq")), ("general.alignment", *kv_u32(64)),
@@ -811,8 +921,10 @@ GGUF_BAD = {
                                  "no general.architecture"),
     "k01_architecture_number": (lambda: join(gguf(kvs={"general.architecture": kv_u32(0)})), "BadHeader",
                                 "GGUF-K01", "general.architecture a UINT32"),
-    "k02_version_3": (lambda: join(gguf(kvs={"claq.version": kv_u32(3)})), "BadHeader", "GGUF-K02",
-                      "claq.version 3"),
+    "k02_version_4": (lambda: join(gguf(kvs={"claq.version": kv_u32(4)})), "BadHeader", "GGUF-K02",
+                      "claq.version 4"),
+    "h19_v2_codebook_rice": (lambda: join(gguf(tensors={**G_TENSORS, "c": coded()})), "BadHeader", "CLAQ-H19",
+                             "codebook_rice in an extension-version-2 file"),
     "k02_version_string": (lambda: join(gguf(kvs={"claq.version": kv_str("2")})), "BadHeader", "GGUF-K02",
                            'claq.version "2"'),
     "k03_config_list": (lambda: join(gguf(kvs={"claq.config": kv_str("[]")})), "BadHeader", "GGUF-K03",
