@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -575,7 +576,8 @@ def _new_value(rng: random.Random, value):
                            2 ** 63, 2 ** 64 - 1, 2 ** 64, -2 ** 63 - 1, 10 ** 25, float(value), value + 0.5, True,
                            None, str(value), [value], rng.randrange(0, 1 << 20), 64 * rng.randrange(0, 64)])
     if isinstance(value, float):
-        return rng.choice([int(value), float("inf"), float("nan"), -value, 1e308, "x"])
+        whole = int(value) if math.isfinite(value) else 0  # an earlier mutation may have made it inf or nan
+        return rng.choice([whole, float("inf"), float("nan"), -value, 1e308, "x"])
     if isinstance(value, str):
         return rng.choice(STRINGS + [value + "x", value[:-1], value.upper(), 1, None])
     if isinstance(value, list):
