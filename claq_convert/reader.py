@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from . import spec
-from .rice import CodedLevelsError, decode_levels
+from .rice import CodedLevelsError, with_levels
 
 
 class ClaqFormatError(Exception):
@@ -345,8 +345,8 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
     """W[rows, in] float32 from a quantized weight's typed sections (the decoding rule of the spec)."""
     bits = sections["bit_widths"]
     cols = bits.size
-    levels = decode_levels(sections[spec.RICE_SECTION], bits) if spec.RICE_SECTION in sections else sections["codebooks"]
-    codebooks = spec.codebook_entries(levels, bits, sections.get("codebook_grid"))
+    sections = with_levels(sections)
+    codebooks = spec.codebook_entries(sections["codebooks"], bits, sections.get("codebook_grid"))
     starts = spec.codebook_offsets(bits)
     W = np.empty((rows, cols), np.float32)
     for b in spec.ALLOWED_BITS:
@@ -370,12 +370,10 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
     if bad.any():
         raise BadTensorData(f"tensor {brief_repr(name)}: column {int(np.flatnonzero(bad)[0])} has bit width "
                             f"{int(bits[bad][0])}, allowed {widths}", rule="CLAQ-T01")
-    if spec.RICE_SECTION in sections:
-        try:
-            levels = decode_levels(sections[spec.RICE_SECTION], bits)
-        except CodedLevelsError as exc:
-            raise BadTensorData(f"tensor {brief_repr(name)}: {exc}", rule=exc.rule) from None
-        sections = {**{s: a for s, a in sections.items() if s != spec.RICE_SECTION}, "codebooks": levels}
+    try:
+        sections = with_levels(sections)
+    except CodedLevelsError as exc:
+        raise BadTensorData(f"tensor {brief_repr(name)}: {exc}", rule=exc.rule) from None
     if sections["codebooks"].size != spec.codebook_offsets(bits)[-1]:
         raise BadTensorData(f"tensor {brief_repr(name)}: codebooks hold {sections['codebooks'].size} entries, "
                             f"the bit widths need {spec.codebook_offsets(bits)[-1]}", rule="CLAQ-T02")
