@@ -12,7 +12,7 @@ import torch
 from . import __version__, spec
 from .calibration import DEFAULT_NSAMPLES
 from .checkpoint import Checkpoint
-from .columns import grid_codebooks
+from .columns import GRID_MAX_BITS
 from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, head_target, input_energies, quantize_model
 from .progress import Progress, no_progress
@@ -179,6 +179,12 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
             with timer.section("tuning"):
                 tuned, norms, record["tuning"] = tune_model(options, dict(stream), calibration, progress, log)
             stream = iter(tuned.items())
+        if qc.bpw is not None:  # the allocation estimated coded levels: count what the file will hold
+            from .budget import within_budget
+
+            fitted, record["budget"] = within_budget(dict(stream), record["allocation"]["budget_bytes"],
+                                                     stored_bytes, log)
+            stream = iter(fitted.items())
         for name, result in stream:
             with timer.phase("write"):
                 tensors[name] = tensor_record(result)
@@ -344,7 +350,7 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     target (head_target) and are paid from the same budget first: their loss is not comparable with the
     blocks' (measured: allocated with them, the head fell to 1-2 bits and a relative error of 0.58).
     """
-    from .allocation import allocate, allocate_columns, candidates, column_losses
+    from .allocation import allocate, allocate_columns, candidates, coded_level_bits, column_losses, stored_estimate
     from .architectures import family_of
 
     start = time.perf_counter()
@@ -358,12 +364,16 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         energies = input_energies(source, calibration, device, quantize_embeddings=False)
     weights = weights or {}
     relative = qc.allocation == "relative"
-    rows, tables, params, outliers = {}, {}, 0, {}
+    rows, tables, params, outliers, level_bits = {}, {}, 0, {}, {}
+    # grid levels priced as the v3 writer codes them (estimated; within_budget holds the file to the budget)
+    coded = qc.allocation_unit == "column" and qc.codebook != "f16"
     for name in energies:  # one weight in memory at a time: only its loss table is kept
         W = family.layout(name, source.tensor(name).float().numpy())
         rows[name], params = W.shape[0], params + W.size
         if qc.outlier_bits:
             outliers[name] = _outlier_total(W, qc)
+        if coded:
+            level_bits[name] = coded_level_bits(W, GRID_MAX_BITS, row_weights=weights.get(name))
         if qc.allocation_unit == "column":
             tables[name] = column_losses(W, energies[name], relative, columns.get(name), weights.get(name))
         else:
@@ -374,17 +384,19 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     width = int(round(head_target(qc)))
     for name in end_tensors(source) if qc.quantize_embeddings else ():
         end_rows, end_cols = source.shape(name)
-        kept = _outlier_total(source.tensor(name).float().numpy(), qc) if qc.outlier_bits else (0, 0)
-        fixed += spec.claq_stored_bytes(end_rows, np.full(end_cols, width), *kept,
-                                        grid=grid_codebooks(qc.codebook, [width]))
+        W = source.tensor(name).float().numpy() if qc.outlier_bits or coded else None
+        kept = _outlier_total(W, qc) if qc.outlier_bits else (0, 0)
+        fixed += stored_estimate(end_rows, np.full(end_cols, width), kept, qc.codebook,
+                                 coded_level_bits(W, GRID_MAX_BITS, widths=[width], row_weights=weights.get(name))
+                                 if coded and width <= GRID_MAX_BITS else None)
+        del W
         params += end_rows * end_cols
         targets[name] = (width, width, 0.0)
     budget = int(qc.bpw * params // 8)
     if qc.allocation_unit == "column":
-        widths = allocate_columns(tables, rows, budget - fixed, qc.codebook, outliers)
-        spent = fixed + sum(spec.claq_stored_bytes(rows[name], bits, *outliers.get(name, (0, 0)),
-                                                   grid=grid_codebooks(qc.codebook, bits))
-                            for name, bits in widths.items())
+        widths = allocate_columns(tables, rows, budget - fixed, qc.codebook, outliers, level_bits)
+        spent = fixed + sum(stored_estimate(rows[name], bits, outliers.get(name, (0, 0)), qc.codebook,
+                                            level_bits.get(name)) for name, bits in widths.items())
         targets.update({name: {"widths": bits.tolist()} for name, bits in widths.items()})
     else:
         choice = allocate(tables, budget - fixed)

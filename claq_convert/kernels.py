@@ -336,6 +336,21 @@ def column_sse_by_width(Wt, max_bits, weights):
     return out
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def data_free_levels(Wt, bits, weights, levels_out):
+    """The u8 levels [n, 2**bits] of each column's data-free grid codebook (exact K-Means weighted by
+    `weights`, float64 [out] > 0, as the quantizer weighs rows; then grid_codebook): Wt is W transposed
+    ([n, out], a column per row). The allocation codes them to estimate what a width's levels will cost in
+    a file before GPTQ has fitted the real ones."""
+    k = 1 << bits
+    for j in prange(Wt.shape[0]):
+        order = np.argsort(Wt[j], kind="mergesort")
+        xs = Wt[j][order].astype(np.float64)
+        prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs, weights[order])
+        centroids = kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k)
+        grid_codebook(centroids, levels_out[j], np.empty(2, np.float64), np.empty(k, np.float64))
+
+
 @njit(cache=True, nogil=True)
 def nearest_code(x, codebook):
     """Index of the nearest entry of an ascending codebook (the lower index on a tie)."""

@@ -126,6 +126,16 @@ def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return levels, np.array([offset, step]), values.astype(np.float64)
 
 
+def data_free_levels(Wt: np.ndarray, bits: int, weights: np.ndarray) -> np.ndarray:
+    """u8 levels [n, 2**bits] of each column's data-free grid codebook, like the Numba kernel."""
+    out = []
+    for column in Wt:
+        order = np.argsort(column, kind="stable")
+        centroids = kmeans_optimal_sorted(column[order].astype(np.float64), 1 << bits, weights[order])
+        out.append(grid_codebook(centroids)[0])
+    return np.stack(out).astype(np.uint8)
+
+
 def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, weights=None, shapes=None):
     """Returns (codebook, codes, reserved, q, levels, (offset, step)) like the Numba kernel; with
     `shapes` ([S, 2**bits]) levels[0] is the chosen shape and the pair is (offset, scale)."""

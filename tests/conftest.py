@@ -42,6 +42,14 @@ def bytes_as_allocated(path: Path) -> int:
     return total
 
 
+def assert_within_budget(record: dict) -> None:
+    """A --bpw conversion under the column allocation: its quantized tensors fit the budget exactly as
+    counted, and the allocation's estimate of coded levels came within 3% of what GPTQ produced."""
+    summary, allocation, budget = record["summary"], record["allocation"], record["budget"]
+    assert summary["stored_bytes"] == budget["quantized_bytes"] <= budget["budget_bytes"] == allocation["budget_bytes"]
+    assert abs(allocation["allocated_bytes"] - budget["quantized_bytes_before"]) <= 0.03 * allocation["budget_bytes"]
+
+
 def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> Path:
     """A 2-layer model of `family` with random weights and a byte-level BPE tokenizer, saved as safetensors."""
     from tokenizers import ByteLevelBPETokenizer

@@ -71,7 +71,10 @@ def test_tuning_brings_the_file_closer_to_the_source_model(family, text_file, tm
         for steps, record in records.items():
             from_file = perplexity(loaded[steps], tokenizer, text_file, seqlen=512).ppl
             assert from_file == pytest.approx(record["ppl_after"]["text"]["ppl"], rel=1e-5)
-        assert tuned["ppl_after"]["text"]["ppl"] < plain["ppl_after"]["text"]["ppl"]
+        # a random model's ppl (~311, near its vocabulary's size) is no quality to improve: tuning brings the
+        # file's ppl closer to the source model's, as it brings its distribution (the KL above)
+        source = plain["ppl_before"]["text"]["ppl"]
+        assert abs(tuned["ppl_after"]["text"]["ppl"] - source) < abs(plain["ppl_after"]["text"]["ppl"] - source)
 
 
 def test_tuning_options_are_checked():

@@ -135,6 +135,12 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
     # budget, so asking 3.56 fills about 3.5 (the honest bpw is measured from the file, as always)
     "cols-claq-bpw-3.56-or-0.07-fp32-embedding-tune-192": dict(bpw=3.56, outlier_bits=0.07, allocation="fisher",
                                                               quantize_embeddings=False, tune_steps=192),
+    # the allocation prices coded levels (an estimate; budget.py holds the file to --bpw): the same budgets
+    # as above, now filled
+    "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-coded-price": dict(
+        bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192),
+    "cols-claq-bpw-4.5-fp32-embedding-coded-price": dict(bpw=4.5, allocation="fisher", quantize_embeddings=False),
+    "cols-claq-bpw-4.6-head-5-coded-price": dict(bpw=4.6, allocation="fisher"),
 })
 
 
