@@ -1,6 +1,7 @@
 """One conversion run: calibration, layer-by-layer quantization, byte accounting, optional evaluation."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +183,14 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         if qc.bpw is not None:  # the allocation estimated coded levels: count what the file will hold
             from .budget import within_budget
 
-            fitted, record["budget"] = within_budget(dict(stream), record["allocation"]["budget_bytes"],
-                                                     stored_bytes, log)
+            with timer.section("budget"):
+                fitted, record["budget"] = within_budget(dict(stream), record["allocation"]["budget_bytes"],
+                                                         stored_bytes, log)
             stream = iter(fitted.items())
+        # held in memory (tuning, --bpw): the weights are written after every layer's section has closed
+        held = qc.tune_steps or qc.bpw is not None
         for name, result in stream:
-            with timer.phase("write"):
+            with timer.section("write") if held else contextlib.nullcontext(), timer.phase("write"):
                 tensors[name] = tensor_record(result)
                 if writer is not None:
                     sections = encode_result(result)
