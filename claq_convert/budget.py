@@ -26,15 +26,21 @@ def narrowable(result: QuantizedWeight) -> bool:
     return result.method == "codebook" and result.codebook_shapes is None
 
 
+def code_counts(codes: np.ndarray) -> np.ndarray:
+    """float64 [cols, MAX_ENTRIES]: how many rows of each column use each code (codes [rows, cols])."""
+    cols = codes.shape[1]
+    flat = (np.arange(cols)[None, :] * MAX_ENTRIES + codes.astype(np.int64)).ravel()
+    return np.bincount(flat, minlength=cols * MAX_ENTRIES).reshape(cols, MAX_ENTRIES).astype(np.float64)
+
+
 def narrowing_costs(result: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(columns of 2 bits or more, the relative squared error narrowing each adds, the bytes it saves about).
 
     Merging entries a and b, used by n_a and n_b rows, into their mean adds n_a n_b / (n_a + n_b) (a - b)^2;
     the sum over a column's pairs is divided by the weight's decoded energy sum_c n_c e_c^2."""
-    rows, cols = result.shape
+    rows = result.shape[0]
     bits = result.bits.astype(np.int64)
-    counts = np.bincount((np.arange(cols)[None, :] * MAX_ENTRIES + result.codes.astype(np.int64)).ravel(),
-                         minlength=cols * MAX_ENTRIES).reshape(cols, MAX_ENTRIES).astype(np.float64)
+    counts = code_counts(result.codes)
     entries = result.column_codebooks.astype(np.float64)
     energy = max(float(np.sum(counts * entries ** 2)), 1e-300)
     na, nb = counts[:, 0::2], counts[:, 1::2]
@@ -54,8 +60,7 @@ def narrowed(result: QuantizedWeight, columns: np.ndarray) -> QuantizedWeight:
     codes = result.codes.copy()
     old = codes[:, columns].astype(np.int64)
     k = MAX_ENTRIES
-    counts = np.zeros((columns.size, k))
-    np.add.at(counts, (np.broadcast_to(np.arange(columns.size), old.shape), old), 1.0)
+    counts = code_counts(old)
     entries = result.column_codebooks.astype(np.float64).copy()
     a, b = entries[columns, 0::2], entries[columns, 1::2]
     na, nb = counts[:, 0::2], counts[:, 1::2]
