@@ -56,9 +56,33 @@ def stored_bytes(result: QuantizedWeight) -> int:
     return sum(spec.align(array.nbytes) for array in encode_result(result).values())  # coded levels vary with the levels
 
 
-def tensor_record(result: QuantizedWeight) -> dict:
+class EncodedResults:
+    """encode_result of each result made once: the budget counts it, the record and the writer use it, then
+    it is let go. Each is held with its result, so no other result can take its id while it is held."""
+
+    def __init__(self):
+        self._held: dict[int, tuple[QuantizedWeight, dict]] = {}
+
+    def sections(self, result: QuantizedWeight) -> dict:
+        held = self._held.get(id(result))
+        if held is None or held[0] is not result:
+            held = self._held[id(result)] = (result, encode_result(result))
+        return held[1]
+
+    def stored_bytes(self, result: QuantizedWeight) -> int:
+        """stored_bytes(result), from the held encoding."""
+        if result.method == "uniform":
+            return stored_bytes(result)
+        return sum(spec.align(array.nbytes) for array in self.sections(result).values())
+
+    def release(self, result: QuantizedWeight) -> None:
+        self._held.pop(id(result), None)
+
+
+def tensor_record(result: QuantizedWeight, nbytes: Optional[int] = None) -> dict:
+    """What the run record says of one weight; `nbytes`: its stored_bytes when already known."""
     rows, cols = result.shape
-    nbytes = stored_bytes(result)
+    nbytes = stored_bytes(result) if nbytes is None else nbytes
     return {"shape": [rows, cols], "bits_histogram": {str(b): int(n) for b, n in zip(*np.unique(result.bits, return_counts=True))},
             "nominal_bits": float(result.bits.mean()), "outliers": int(result.outlier_counts.sum()),
             "stored_bytes": nbytes, "bpw": nbytes * 8 / (rows * cols), "relative_error": result.relative_error,
@@ -174,6 +198,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     tensors = {}
     norms: dict[str, torch.Tensor] = {}
     writer = ClaqWriter(options.out) if options.out is not None else None
+    encoded = EncodedResults()
     try:
         stream = _quantized(options, source, calibration, targets, weights, progress, log, timer)
         if qc.tune_steps:  # every weight first: tuning moves all codebooks at once
@@ -185,15 +210,15 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
 
             with timer.section("budget"):
                 fitted, record["budget"] = within_budget(dict(stream), record["allocation"]["budget_bytes"],
-                                                         stored_bytes, log)
+                                                         encoded.stored_bytes, log)
             stream = iter(fitted.items())
         # held in memory (tuning, --bpw): the weights are written after every layer's section has closed
         held = qc.tune_steps or qc.bpw is not None
         for name, result in stream:
             with timer.section("write") if held else contextlib.nullcontext(), timer.phase("write"):
-                tensors[name] = tensor_record(result)
+                tensors[name] = tensor_record(result, encoded.stored_bytes(result))
                 if writer is not None:
-                    sections = encode_result(result)
+                    sections = encoded.sections(result)
                     # The file must hold exactly what the quantizer produced: decode what we are about to write.
                     if not np.array_equal(decode_claq(result.shape[0], sections), result.dequantize()):
                         raise RuntimeError(f"{name}: encoded sections do not decode to the quantizer's result")
@@ -201,6 +226,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                     if written != tensors[name]["stored_bytes"]:
                         raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) "
                                            f"disagrees with the file ({written})")
+                encoded.release(result)
             if options.evaluate:
                 results[name] = result
         record.update(tensors=tensors, summary=summarize(tensors))

@@ -72,6 +72,62 @@ def test_self_sampling_is_seeded_and_starts_from_ordinary_tokens(tiny_model_dir)
     assert not torch.equal(a, calibration.sample_windows(model, first, 5, 12, seed=4, batch_size=2))
 
 
+def test_sampled_tokens_follow_the_softmax_and_never_an_impossible_one():
+    logits = torch.tensor([[2.0, 0.0, float("-inf"), -1.0, 1.0]])
+    draws = calibration.sample_tokens(logits.expand(40000, 5), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert counts[2] == 0 and int(draws.max()) < 5
+    torch.testing.assert_close(counts, torch.softmax(logits[0].double(), 0), atol=0.01, rtol=0)
+    again = calibration.sample_tokens(logits.expand(40000, 5), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_the_sampling_batch_keeps_the_kv_cache_bounded():
+    from transformers import LlamaConfig
+
+    small = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    large = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32)
+    assert calibration.sampling_batch(small, 512) == calibration.SAMPLING_BATCH == 64
+    assert calibration.sampling_batch(large, 512) == 8  # 537 MB of fp32 keys and values a sequence, 4 GiB in all
+    assert calibration.sampling_batch(object(), 512) == calibration.SAMPLING_BATCH  # no shapes to go by
+
+
+def test_the_first_batches_of_a_larger_sample_are_the_smaller_sample(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    first = torch.arange(2, model.config.vocab_size)
+    six = calibration.sample_windows(model, first, nsamples=6, seqlen=10, seed=1, batch_size=3)
+    assert torch.equal(six[:3], calibration.sample_windows(model, first, nsamples=3, seqlen=10, seed=1, batch_size=3))
+
+
+def test_the_preallocated_kv_cache_samples_what_the_growing_one_samples(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    first = torch.arange(2, model.config.vocab_size)
+    try:  # transformers 4.56+: the preallocated layers are what is tested here
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        DynamicLayer = None
+    if DynamicLayer is not None:
+        assert issubclass(calibration.kv_cache(40).layer_class_to_replicate, DynamicLayer)
+    preallocated = calibration.sample_windows(model, first, nsamples=6, seqlen=40, seed=5, batch_size=3)
+    monkeypatch.setattr(calibration, "kv_cache", lambda capacity: DynamicCache())
+    assert torch.equal(preallocated, calibration.sample_windows(model, first, nsamples=6, seqlen=40, seed=5,
+                                                                batch_size=3))
+
+
+def test_the_preallocated_kv_cache_refuses_more_than_it_holds():
+    cache = calibration.kv_cache(4)
+    if getattr(cache, "layer_class_to_replicate", None) is None:
+        pytest.skip("this transformers has no cache layer classes: the growing cache is used")
+    keys = torch.zeros(1, 2, 3, 8)
+    cache.update(keys, keys, 0)
+    with pytest.raises(ValueError, match="holds 4 tokens, not 6"):
+        cache.update(keys, keys, 0)
+
+
 def test_sources_mix_evenly_and_self_loads_the_model_once(tiny_model_dir, text_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert.pipeline import QuantConfig, quantize_model
+from claq_convert.pipeline import QuantConfig, add_gram, quantize_model
 from claq_convert.source import ModelSource
 from conftest import assert_within_budget, build_tiny_model, bytes_as_allocated
 
@@ -19,6 +19,23 @@ def run(model_dir, **kw):
     source = ModelSource(model_dir)
     calib = calibration(source.config().vocab_size)
     return dict(quantize_model(source, calib, QuantConfig(**kw), batch_size=4))
+
+
+@pytest.mark.parametrize("n,blocks", [(7, 4), (64, 4), (130, 3), (5, 1), (3, 4)])
+def test_the_gram_in_blocks_is_the_full_product_its_lower_blocks_mirrored(n, blocks):
+    g = torch.Generator().manual_seed(n)
+    total = torch.zeros(n, n)
+    full = torch.zeros(n, n)
+    for _ in range(3):  # accumulated over batches, as the Hessians are
+        x = torch.randn(50, n, generator=g)
+        add_gram(total, x, blocks)
+        full.addmm_(x.T, x)
+    edges = [n * b // blocks for b in range(blocks + 1)]
+    for a in range(blocks):
+        for b in range(a + 1, blocks):
+            rows, cols = slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1])
+            assert torch.equal(total[cols, rows], total[rows, cols].T)
+    torch.testing.assert_close(total, full, rtol=1e-6, atol=1e-5)  # the same dot products; BLAS may block them apart
 
 
 @pytest.mark.parametrize("method,bits", [("claq", 3), ("kmeans", 2), ("gptq", 4), ("rtn", 3)])

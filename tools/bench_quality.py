@@ -66,6 +66,9 @@ SELF_CALIBRATED = {
                                                           quantize_embeddings=False),
 }
 CONFIGS = {name: {"calib": (SELF,), **fields} for name, fields in SELF_CALIBRATED.items()}
+CONFIGS.update({  # v1 against v3 at the same widths, again from a second calibration seed ("seed": of the windows)
+    f"{name}-seed-1": {**CONFIGS[name], "seed": 1}
+    for name in ("claq-4-f16-codebooks-fp32-embedding", "claq-4-coded-levels-fp32-embedding")})
 CONFIGS.update({  # the default calibration (self-sampled text and this Python's reference prose and code)
     "default-claq-4": dict(bits=4),
     "default-claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
@@ -179,6 +182,7 @@ def main(model, only, out, nsamples, resume, table_only, readme, threads, peers)
             continue
         fields = dict(CONFIGS[name])
         calib = fields.pop("calib", None)
+        seed = fields.pop("seed", 0)
         if "bpw_of" in fields:
             reference = fields.pop("bpw_of")
             if reference not in runs:
@@ -191,10 +195,10 @@ def main(model, only, out, nsamples, resume, table_only, readme, threads, peers)
                    else default_sources(count))
         options = ConvertOptions(
             model_dir=model, out=ROOT / "out" / "quality" / f"{name}.claq" if stores else None, quant=qc,
-            calib=sources, nsamples=count, device=resolve_device("auto"), evaluate=True, eval_texts=texts)
+            calib=sources, nsamples=count, seed=seed, device=resolve_device("auto"), evaluate=True, eval_texts=texts)
         # claq-convert's windows, the self-sampled ones taken from the shared pool
         calibration = calibration_for(sources, count, 512, model, AutoTokenizer.from_pretrained(str(model)),
-                                      options.device)
+                                      options.device, seed)
         record = run_conversion(options, ppl_before=fp32, log=lambda s: click.echo(s, err=True),
                                 calibration=calibration)
         fp32.update(record["ppl_before"])

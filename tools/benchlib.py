@@ -11,7 +11,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert.calibration import SELF, calibration_set, window_counts  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from claq_convert.calibration import SELF, calibration_set, sampling_batch, window_counts  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
 from claq_convert.convert import load_sampler  # noqa: E402
 
@@ -46,31 +48,37 @@ def _model_tag(model) -> str:
     return "" if Path(model).resolve() == DEFAULT_FIXTURE_DIR.resolve() else f"-{Path(model).name}"
 
 
-def self_pool(model, tokenizer, count: int, seqlen: int, device) -> torch.Tensor:
-    """`count` self-sampled windows (seed 0), sampled once and kept as .npy. The first n of them are
+def self_pool(model, tokenizer, count: int, seqlen: int, device, seed: int = 0) -> torch.Tensor:
+    """`count` self-sampled windows (`seed`), sampled once and kept as .npy. The first n of them are
     exactly what calibration_set samples for n windows: one seeded stream, drawn batch after batch."""
-    path = CACHE / f"self-{count}x{seqlen}-seed0{_model_tag(model)}.npy"
+    path = CACHE / f"self-{SAMPLER}-{count}x{seqlen}-seed{seed}{_model_tag(model)}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    windows = calibration_set((SELF,), tokenizer, lambda: load_sampler(model, device), count, seqlen, 0)
+    windows = calibration_set((SELF,), tokenizer, lambda: load_sampler(model, device), count, seqlen, seed)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, windows.numpy(), allow_pickle=False)
     return windows
 
 
 SELF_POOL = 128  # self-sampled windows kept per model; a calibration takes the first of them
+# The sampler's version in the pools' names: "v2" draws by inverse transform, 64 sequences at once
+# (calibration.sample_tokens, sampling_batch); the pools without it were drawn by torch.multinomial, 32 at
+# once, and are what the bench rows measured before it were calibrated on.
+SAMPLER = "v2"
 
 
-def calibration_for(sources, nsamples: int, seqlen: int, model, tokenizer, device) -> torch.Tensor:
+def calibration_for(sources, nsamples: int, seqlen: int, model, tokenizer, device, seed: int = 0) -> torch.Tensor:
     """calibration_set's windows for these sources (SOURCE:N names a count), the self-sampled part taken
-    from the cached pool: the same windows claq-convert makes for them (each source seeded by its position)."""
+    from the cached pool: the same windows claq-convert makes for them (each source seeded by `seed` plus
+    its position). Seeds other than 0 keep a pool of just the windows asked for."""
     sources, counts = window_counts(sources, nsamples)
     parts = []
     for position, (source, count) in enumerate(zip(sources, counts)):
         if str(source) == SELF:
-            if position or count > SELF_POOL or count % 32:
-                raise ValueError("the cached pool matches calibration_set for self first, in multiples of 32 windows")
-            parts.append(self_pool(model, tokenizer, SELF_POOL, seqlen, device)[:count])
+            batch = sampling_batch(AutoConfig.from_pretrained(str(model)), seqlen)
+            if position or count > SELF_POOL or count % batch:
+                raise ValueError(f"the cached pool matches calibration_set for self first, in multiples of {batch} windows")
+            parts.append(self_pool(model, tokenizer, SELF_POOL if seed == 0 else count, seqlen, device, seed)[:count])
         else:
-            parts.append(calibration_set((source,), tokenizer, None, count, seqlen, position))
+            parts.append(calibration_set((source,), tokenizer, None, count, seqlen, seed + position))
     return torch.cat(parts)
