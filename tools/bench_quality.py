@@ -144,6 +144,10 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
         bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192),
     "cols-claq-bpw-4.5-fp32-embedding-coded-price": dict(bpw=4.5, allocation="fisher", quantize_embeddings=False),
     "cols-claq-bpw-4.6-head-5-coded-price": dict(bpw=4.6, allocation="fisher"),
+    # the 3.5 row again after the sampler changed (calibration.sample_tokens, 64 sequences at once): the
+    # same setting on the windows the current claq-convert draws
+    "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-sampler-v2": dict(
+        bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192),
 })
 
 
