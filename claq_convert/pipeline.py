@@ -189,8 +189,9 @@ def quantize_group(jobs: list[Job], workers: int = 1, timer: Timer = NO_TIMER) -
 
 
 # X^T X is symmetric: in this many column blocks, only the blocks on and above the diagonal are
-# multiplied (10 of 16) and the rest mirrored. On 2 cores (MKL) a SmolLM2 layer's Hessians take 1.7 -> 1.2 s,
-# bit for bit the full product's here (each entry is the same dot product over the tokens).
+# multiplied (10 of 16) and the rest mirrored. On 2 cores (MKL), three batches of 4096 tokens: 69 -> 32 ms
+# at 576 columns, 298 -> 211 ms at 1536, bit for bit the full product's (each entry is the same dot
+# product over the tokens; a BLAS may order it otherwise).
 GRAM_BLOCKS = 4
 
 
