@@ -53,7 +53,12 @@ def stored_bytes(result: QuantizedWeight) -> int:
         b, groups = int(result.bits[0]), result.scale.shape[0]
         group_map = spec.align(4 * cols) if groups > 1 else 0  # int32 group per column (act-order groups)
         return spec.align(4 * spec.code_words(rows * cols, b)) + 2 * spec.align(2 * rows * groups) + group_map
-    return sum(spec.align(array.nbytes) for array in encode_result(result).values())  # coded levels vary with the levels
+    return sections_bytes(encode_result(result))  # coded levels vary with the levels
+
+
+def sections_bytes(sections: dict) -> int:
+    """The bytes a weight's encoded sections take in the file, each padded."""
+    return sum(spec.align(array.nbytes) for array in sections.values())
 
 
 class EncodedResults:
@@ -73,7 +78,7 @@ class EncodedResults:
         """stored_bytes(result), from the held encoding."""
         if result.method == "uniform":
             return stored_bytes(result)
-        return sum(spec.align(array.nbytes) for array in self.sections(result).values())
+        return sections_bytes(self.sections(result))
 
     def release(self, result: QuantizedWeight) -> None:
         self._held.pop(id(result), None)
