@@ -30,6 +30,9 @@ import triton.language as tl
 
 from . import spec
 
+# The GEMV's partial sums meet in y by atomic adds that need no ordering: "relaxed" spares the memory
+# fence Triton puts before each one by default ("acq_rel")
+ATOMIC_SEM = tl.constexpr("relaxed")
 MAX_BATCH = 16        # rows of x one LUT launch takes; a larger batch is split into chunks of this many
 PROGRAMS_PER_SM = 4   # LUT launch: aim for a few resident programs per SM (132 on H100/H200)
 # GEMV launch (batch 1, word-aligned streams): rows and columns of a program's tile, its warps, and the
@@ -39,6 +42,7 @@ GEMV_BLOCK_ROWS = 128
 GEMV_BLOCK_C = 8
 GEMV_WARPS = 4
 GEMV_PROGRAMS_PER_SM = 16
+GEMV_PREFETCH = 0     # tiles whose words are loaded ahead (_gemv_tile); not swept for this launch
 
 
 @triton.jit
@@ -126,65 +130,135 @@ def _lut_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xm, stride_xc,
             acc += tl.dot(xt, entry, input_precision="ieee")
     if BLOCK_M == 1:
         acc = tl.sum(partial, axis=0)[None, :]
-    tl.atomic_add(y_ptr + m[:, None] * rows + r[None, :], acc, mask=(m < M)[:, None] & (r < rows)[None, :])
+    tl.atomic_add(y_ptr + m[:, None] * rows + r[None, :], acc, mask=(m < M)[:, None] & (r < rows)[None, :],
+                  sem=ATOMIC_SEM)
+
+
+@triton.jit
+def _tile_words(words_ptr, first, count, start, u, words_per_column, UNIT_WORDS: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """The UNIT_WORDS words of each unit u of stream columns [first + start, + BLOCK_C): w0..w6, [BLOCK_C,
+    BLOCK_U] each (those past UNIT_WORDS repeat w0 and are never read). Columns past the slice read its
+    last column again (their x is 0), so a tile ahead of the slice's end stays inside the stream."""
+    c_safe = first + tl.minimum(start + tl.arange(0, BLOCK_C), count - 1)
+    unit_word = c_safe[:, None] * words_per_column + u[None, :] * UNIT_WORDS
+    w0 = tl.load(words_ptr + unit_word, mask=(u * UNIT_WORDS < words_per_column)[None, :], other=0)
+    w1, w2, w3, w4, w5, w6 = w0, w0, w0, w0, w0, w0
+    if UNIT_WORDS > 1:
+        w1 = tl.load(words_ptr + unit_word + 1, mask=(u * UNIT_WORDS + 1 < words_per_column)[None, :], other=0)
+        w2 = tl.load(words_ptr + unit_word + 2, mask=(u * UNIT_WORDS + 2 < words_per_column)[None, :], other=0)
+    if UNIT_WORDS > 3:
+        w3 = tl.load(words_ptr + unit_word + 3, mask=(u * UNIT_WORDS + 3 < words_per_column)[None, :], other=0)
+        w4 = tl.load(words_ptr + unit_word + 4, mask=(u * UNIT_WORDS + 4 < words_per_column)[None, :], other=0)
+    if UNIT_WORDS > 5:
+        w5 = tl.load(words_ptr + unit_word + 5, mask=(u * UNIT_WORDS + 5 < words_per_column)[None, :], other=0)
+        w6 = tl.load(words_ptr + unit_word + 6, mask=(u * UNIT_WORDS + 6 < words_per_column)[None, :], other=0)
+    return w0, w1, w2, w3, w4, w5, w6
+
+
+@triton.jit
+def _tile_products(words, tables_ptr, columns_ptr, x_ptr, stride_xc, first, count, start, BITS: tl.constexpr,
+                   UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """x[column] * tables[column, code] for the tile of stream columns [first + start, + BLOCK_C) whose
+    unit words are `words` (_tile_words): a [BLOCK_C, BLOCK_U, K] tile, 0 past the slice.
+
+    Code k of a unit is word (k * BITS) // 32 shifted by a constant, plus the next word's low bits where
+    it straddles: shifts and selects on words already loaded (Triton keeps a unit's K codes in one
+    thread), and each code picks its column's table entry.
+    """
+    w0, w1, w2, w3, w4, w5, w6 = words
+    K: tl.constexpr = 32 * UNIT_WORDS // BITS
+    c = start + tl.arange(0, BLOCK_C)
+    c_safe = first + tl.minimum(c, count - 1)
+    column = tl.load(columns_ptr + c_safe)
+    xc = tl.load(x_ptr + column * stride_xc, mask=c < count, other=0.0).to(tl.float32)
+    bit = tl.arange(0, K) * BITS
+    shift = (bit & 31).to(tl.uint32)[None, None, :]
+    if UNIT_WORDS == 1:
+        code = w0.to(tl.uint32, bitcast=True)[:, :, None] >> shift
+    else:
+        word_of_code = (bit >> 5)[None, None, :]
+        straddles = ((bit & 31) + BITS > 32)[None, None, :]
+        low = tl.zeros([w0.shape[0], w0.shape[1], K], tl.uint32)
+        high = tl.zeros([w0.shape[0], w0.shape[1], K], tl.uint32)
+        for j in tl.static_range(UNIT_WORDS):
+            word = w0
+            if j == 1:
+                word = w1
+            if j == 2:
+                word = w2
+            if j == 3:
+                word = w3
+            if j == 4:
+                word = w4
+            if j == 5:
+                word = w5
+            if j == 6:
+                word = w6
+            word = word.to(tl.uint32, bitcast=True)[:, :, None]
+            low = tl.where(word_of_code == j, word, low)
+            high = tl.where(straddles & (word_of_code == j - 1), word, high)
+        code = (low >> shift) | (high << ((32 - shift) & 31))  # high is 0 wherever the shift would be 32
+    code = (code & ((1 << BITS) - 1)).to(tl.int32)
+    entry = tl.load(tables_ptr + c_safe[:, None, None] * (1 << BITS) + code)
+    return entry * xc[:, None, None]
 
 
 @triton.jit
 def _gemv_tile(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count,
-               BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+               BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr,
+               PREFETCH: tl.constexpr):
     """y[rows of units block `unit_block`] += x[columns] . W^T over stream columns [first, first + count).
 
     Every column starts on a word boundary, so it is a run of units: UNIT_WORDS words (BITS / gcd(BITS,
     32)) holding K = 32 * UNIT_WORDS / BITS codes, the same bit pattern in every unit. Each word of a
-    [BLOCK_C, BLOCK_U] tile of units is loaded once; code k of a unit is then word (k * BITS) // 32
-    shifted by a constant (plus the next word's low bits where it straddles), so the [BLOCK_C, BLOCK_U,
-    K] tile of codes costs shifts and selects, not loads (Triton keeps a unit's K codes in one thread).
-    Products accumulate elementwise and are summed over columns once at the end; slices meet in y by
-    atomic adds. (Units leading the tile's axes, a warp's lanes along one column, measured slower: 1.96x
-    fp16's time at 4096 x 4096 on an H200, where this layout took 0.94x on an H100.)
+    [BLOCK_C, BLOCK_U] tile of units is loaded once (_tile_words) and split into codes by constant shifts
+    (_tile_products). Products accumulate elementwise and are summed over columns once at the end; slices
+    meet in y by atomic adds. (Units leading the tile's axes, a warp's lanes along one column, measured
+    slower: 1.96x fp16's time at 4096 x 4096 on an H200, where this layout took 0.94x on an H100.)
+
+    A slice is several tiles, and a tile's products wait on its words from HBM: PREFETCH tiles ahead
+    (0, 1 or 2) have their words loaded before this tile's products, so that many more loads are in
+    flight for a few registers a thread (a word holds up to 32 codes).
     """
     K: tl.constexpr = 32 * UNIT_WORDS // BITS
     words_per_column = rows * BITS // 32
     u = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
-    k = tl.arange(0, K)
-    bit = k * BITS
-    word_of_code = (bit >> 5)[None, None, :]
-    shift = (bit & 31).to(tl.uint32)[None, None, :]
-    straddles = ((bit & 31) + BITS > 32)[None, None, :]
     partial = tl.zeros([BLOCK_C, BLOCK_U, K], tl.float32)
-    for start in range(0, count, BLOCK_C):
-        c = start + tl.arange(0, BLOCK_C)
-        in_slice = c < count
-        c_safe = first + tl.minimum(c, count - 1)  # columns past the slice read its last one's table, times x = 0
-        unit_word = c_safe[:, None] * words_per_column + u[None, :] * UNIT_WORDS
-        if UNIT_WORDS == 1:
-            low = tl.load(words_ptr + unit_word, mask=(u < words_per_column)[None, :], other=0)
-            code = low.to(tl.uint32, bitcast=True)[:, :, None] >> shift
-        else:
-            low = tl.zeros([BLOCK_C, BLOCK_U, K], tl.uint32)
-            high = tl.zeros([BLOCK_C, BLOCK_U, K], tl.uint32)
-            for j in tl.static_range(UNIT_WORDS):
-                word = tl.load(words_ptr + unit_word + j, mask=(u * UNIT_WORDS + j < words_per_column)[None, :],
-                               other=0).to(tl.uint32, bitcast=True)[:, :, None]
-                low = tl.where(word_of_code == j, word, low)
-                high = tl.where(straddles & (word_of_code == j - 1), word, high)
-            code = (low >> shift) | (high << ((32 - shift) & 31))  # high is 0 wherever the shift would be 32
-        code = (code & ((1 << BITS) - 1)).to(tl.int32)
-        entry = tl.load(tables_ptr + c_safe[:, None, None] * (1 << BITS) + code)
-        column = tl.load(columns_ptr + c_safe)
-        xc = tl.load(x_ptr + column * stride_xc, mask=in_slice, other=0.0).to(tl.float32)
-        partial += entry * xc[:, None, None]
-    r = u[:, None] * K + k[None, :]
-    tl.atomic_add(y_ptr + r, tl.sum(partial, axis=0), mask=r < rows)
+    if PREFETCH == 0:
+        for start in range(0, count, BLOCK_C):
+            words = _tile_words(words_ptr, first, count, start, u, words_per_column, UNIT_WORDS, BLOCK_C)
+            partial += _tile_products(words, tables_ptr, columns_ptr, x_ptr, stride_xc, first, count, start,
+                                      BITS, UNIT_WORDS, BLOCK_C)
+    elif PREFETCH == 1:
+        words = _tile_words(words_ptr, first, count, 0, u, words_per_column, UNIT_WORDS, BLOCK_C)
+        for start in range(0, count, BLOCK_C):
+            ahead = _tile_words(words_ptr, first, count, start + BLOCK_C, u, words_per_column, UNIT_WORDS, BLOCK_C)
+            partial += _tile_products(words, tables_ptr, columns_ptr, x_ptr, stride_xc, first, count, start,
+                                      BITS, UNIT_WORDS, BLOCK_C)
+            words = ahead
+    else:
+        words = _tile_words(words_ptr, first, count, 0, u, words_per_column, UNIT_WORDS, BLOCK_C)
+        ahead = _tile_words(words_ptr, first, count, BLOCK_C, u, words_per_column, UNIT_WORDS, BLOCK_C)
+        for start in range(0, count, BLOCK_C):
+            further = _tile_words(words_ptr, first, count, start + 2 * BLOCK_C, u, words_per_column, UNIT_WORDS,
+                                  BLOCK_C)
+            partial += _tile_products(words, tables_ptr, columns_ptr, x_ptr, stride_xc, first, count, start,
+                                      BITS, UNIT_WORDS, BLOCK_C)
+            words = ahead
+            ahead = further
+    r = u[:, None] * K + tl.arange(0, K)[None, :]
+    tl.atomic_add(y_ptr + r, tl.sum(partial, axis=0), mask=r < rows, sem=ATOMIC_SEM)
 
 
 @triton.jit
 def _gemv_kernel(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, n, rows, columns_per_program,
-                 BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+                 BITS: tl.constexpr, UNIT_WORDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """One stream, batch 1: a block of units on grid axis 0, a slice of columns on axis 1."""
     first = tl.program_id(1) * columns_per_program
     _gemv_tile(words_ptr, tables_ptr, columns_ptr, x_ptr, stride_xc, y_ptr, rows, tl.program_id(0), first,
-               tl.minimum(columns_per_program, n - first), BITS, UNIT_WORDS, BLOCK_C, BLOCK_U)
+               tl.minimum(columns_per_program, n - first), BITS, UNIT_WORDS, BLOCK_C, BLOCK_U, PREFETCH)
 
 
 @triton.jit
@@ -192,12 +266,12 @@ def _gemv_widths_kernel(schedule_ptr, x_ptr, stride_xc, y_ptr, rows,
                         w1, t1, c1, w2, t2, c2, w3, t3, c3, w4, t4, c4,
                         w5, t5, c5, w6, t6, c6, w7, t7, c7, w8, t8, c8,
                         WIDTHS: tl.constexpr, ROWS_ONE_WORD: tl.constexpr, C_ONE_WORD: tl.constexpr,
-                        ROWS_MULTI_WORD: tl.constexpr, C_MULTI_WORD: tl.constexpr):
+                        ROWS_MULTI_WORD: tl.constexpr, C_MULTI_WORD: tl.constexpr, PREFETCH: tl.constexpr):
     """Every stream of a weight in one launch, batch 1: program p takes the slice that row p of the
     schedule names (width, block of units, first stream column, column count). WIDTHS has bit b set for
     each width b present: only those widths' code is compiled. A tile spans ROWS_ONE_WORD rows and
     C_ONE_WORD columns at the widths whose unit is one word (1, 2, 4, 8 bits), ROWS_MULTI_WORD and
-    C_MULTI_WORD at the others (3, 5, 6, 7)."""
+    C_MULTI_WORD at the others (3, 5, 6, 7); PREFETCH as _gemv_tile's."""
     entry = schedule_ptr + tl.program_id(0) * 4
     bits = tl.load(entry)
     unit_block = tl.load(entry + 1)
@@ -206,35 +280,35 @@ def _gemv_widths_kernel(schedule_ptr, x_ptr, stride_xc, y_ptr, rows,
     if (WIDTHS >> 1) & 1 == 1:
         if bits == 1:
             _gemv_tile(w1, t1, c1, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 1, 1, C_ONE_WORD,
-                       ROWS_ONE_WORD // 32)
+                       ROWS_ONE_WORD // 32, PREFETCH)
     if (WIDTHS >> 2) & 1 == 1:
         if bits == 2:
             _gemv_tile(w2, t2, c2, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 2, 1, C_ONE_WORD,
-                       ROWS_ONE_WORD // 16)
+                       ROWS_ONE_WORD // 16, PREFETCH)
     if (WIDTHS >> 3) & 1 == 1:
         if bits == 3:
             _gemv_tile(w3, t3, c3, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 3, 3, C_MULTI_WORD,
-                       ROWS_MULTI_WORD // 32)
+                       ROWS_MULTI_WORD // 32, PREFETCH)
     if (WIDTHS >> 4) & 1 == 1:
         if bits == 4:
             _gemv_tile(w4, t4, c4, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 4, 1, C_ONE_WORD,
-                       ROWS_ONE_WORD // 8)
+                       ROWS_ONE_WORD // 8, PREFETCH)
     if (WIDTHS >> 5) & 1 == 1:
         if bits == 5:
             _gemv_tile(w5, t5, c5, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 5, 5, C_MULTI_WORD,
-                       ROWS_MULTI_WORD // 32)
+                       ROWS_MULTI_WORD // 32, PREFETCH)
     if (WIDTHS >> 6) & 1 == 1:
         if bits == 6:
             _gemv_tile(w6, t6, c6, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 6, 3, C_MULTI_WORD,
-                       ROWS_MULTI_WORD // 16)
+                       ROWS_MULTI_WORD // 16, PREFETCH)
     if (WIDTHS >> 7) & 1 == 1:
         if bits == 7:
             _gemv_tile(w7, t7, c7, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 7, 7, C_MULTI_WORD,
-                       ROWS_MULTI_WORD // 32)
+                       ROWS_MULTI_WORD // 32, PREFETCH)
     if (WIDTHS >> 8) & 1 == 1:
         if bits == 8:
             _gemv_tile(w8, t8, c8, x_ptr, stride_xc, y_ptr, rows, unit_block, first, count, 8, 1, C_ONE_WORD,
-                       ROWS_ONE_WORD // 4)
+                       ROWS_ONE_WORD // 4, PREFETCH)
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,7 +435,7 @@ def lut_gemv_stream(words: torch.Tensor, bits: int, tables: torch.Tensor, column
         _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, gemv_config(bits, **tuning))
 
 
-def gemv_config(bits: int, block_rows=None, block_c=None, warps=None, programs_per_sm=None) -> dict:
+def gemv_config(bits: int, block_rows=None, block_c=None, warps=None, programs_per_sm=None, prefetch=None) -> dict:
     """The GEMV launch's settings, defaults filled in. A unit is the fewest whole words that hold whole
     codes: bits / gcd(bits, 32) words, 32 / gcd(bits, 32) rows (one word of 8 rows at 4 bits, three
     words of 32 rows at 3); a tile spans whole units, at least one."""
@@ -370,7 +444,15 @@ def gemv_config(bits: int, block_rows=None, block_c=None, warps=None, programs_p
     block_rows = _block(block_rows, GEMV_BLOCK_ROWS)
     return {"unit_words": unit_words, "block_u": max(1, block_rows // unit_rows),
             "block_c": _block(block_c, GEMV_BLOCK_C), "warps": _block(warps, GEMV_WARPS),
-            "programs_per_sm": programs_per_sm or GEMV_PROGRAMS_PER_SM}
+            "programs_per_sm": programs_per_sm or GEMV_PROGRAMS_PER_SM,
+            "prefetch": _prefetch(prefetch, GEMV_PREFETCH)}
+
+
+def _prefetch(value, default: int) -> int:
+    value = default if value is None else value
+    if value not in (0, 1, 2):
+        raise ValueError(f"prefetch must be 0, 1 or 2 tiles ahead, got {value}")
+    return value
 
 
 def _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, config: dict) -> None:
@@ -384,30 +466,34 @@ def _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, config: dic
     grid = (unit_blocks, triton.cdiv(n, per_program))
     _gemv_kernel[grid](words, tables, columns, x, x.stride(1), y, n, rows, per_program,
                        BITS=bits, UNIT_WORDS=config["unit_words"], BLOCK_C=config["block_c"],
-                       BLOCK_U=config["block_u"], num_warps=config["warps"])
+                       BLOCK_U=config["block_u"], PREFETCH=config["prefetch"], num_warps=config["warps"])
 
 
 # One launch for all of a weight's streams (batch 1): tile rows and columns at widths whose unit is one
-# word (1, 2, 4, 8 bits) and at the others (3, 5, 6, 7), warps, programs per SM the slices are sized for.
-# The best geometric mean over 7B-class weights, 4-bit and 3/4-bit, of the sweep in bench/decode-cuda.json
-# (H200, CUDA graphs over weights read from HBM)
+# word (1, 2, 4, 8 bits) and at the others (3, 5, 6, 7), warps, programs per SM the slices are sized for,
+# tiles whose words are loaded ahead. The best geometric mean over 7B-class weights, 4-bit and 3/4-bit, of
+# the sweep in bench/decode-cuda-sweep.json (H200, Triton 3.6, CUDA graphs over weights read from HBM).
+# With Triton 3.6 on sm_90 this takes 48 registers a thread (4-bit weights; 3 and 4-bit ones the same):
+# 10 programs of 4 warps fit on an SM, so 8 an SM run in one wave
 GEMV_WIDTHS_ROWS_ONE_WORD = 256
-GEMV_WIDTHS_C_ONE_WORD = 16
+GEMV_WIDTHS_C_ONE_WORD = 8
 GEMV_WIDTHS_ROWS_MULTI_WORD = 512
 GEMV_WIDTHS_C_MULTI_WORD = 8
 GEMV_WIDTHS_WARPS = 4
 GEMV_WIDTHS_PROGRAMS_PER_SM = 8
+GEMV_WIDTHS_PREFETCH = 1
 
 
 def gemv_widths_config(rows_one_word=None, c_one_word=None, rows_multi_word=None, c_multi_word=None, warps=None,
-                       programs_per_sm=None) -> dict:
+                       programs_per_sm=None, prefetch=None) -> dict:
     """The one-launch GEMV's settings, defaults filled in (tile rows are powers of two >= 32: whole units)."""
     return {"rows_one_word": _block(rows_one_word, GEMV_WIDTHS_ROWS_ONE_WORD, 32),
             "c_one_word": _block(c_one_word, GEMV_WIDTHS_C_ONE_WORD),
             "rows_multi_word": _block(rows_multi_word, GEMV_WIDTHS_ROWS_MULTI_WORD, 32),
             "c_multi_word": _block(c_multi_word, GEMV_WIDTHS_C_MULTI_WORD),
             "warps": _block(warps, GEMV_WIDTHS_WARPS),
-            "programs_per_sm": programs_per_sm or GEMV_WIDTHS_PROGRAMS_PER_SM}
+            "programs_per_sm": programs_per_sm or GEMV_WIDTHS_PROGRAMS_PER_SM,
+            "prefetch": _prefetch(prefetch, GEMV_WIDTHS_PREFETCH)}
 
 
 def gemv_schedule(counts: dict[int, int], rows: int, device, config: dict) -> torch.Tensor:
@@ -465,4 +551,5 @@ def lut_gemv_streams(streams, rows: int, x: torch.Tensor, y: torch.Tensor, sched
     _gemv_widths_kernel[(schedule.shape[0],)](
         schedule, x, x.stride(1), y, rows, *args, WIDTHS=sum(1 << b for b in counts),
         ROWS_ONE_WORD=config["rows_one_word"], C_ONE_WORD=config["c_one_word"],
-        ROWS_MULTI_WORD=config["rows_multi_word"], C_MULTI_WORD=config["c_multi_word"], num_warps=config["warps"])
+        ROWS_MULTI_WORD=config["rows_multi_word"], C_MULTI_WORD=config["c_multi_word"], PREFETCH=config["prefetch"],
+        num_warps=config["warps"])

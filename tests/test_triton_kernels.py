@@ -161,7 +161,8 @@ def test_gemv_for_every_width_and_launch_setting(device, bits):
         Wt[stream.columns] = stream.values
         x = torch.randn(1, C, generator=torch.Generator().manual_seed(bits + rows)).to(device)
         y0 = rng.standard_normal((1, rows)).astype(np.float32)
-        for tuning in ({}, dict(block_rows=1, block_c=2, split=5), dict(block_rows=256, block_c=64, warps=1)):
+        for tuning in ({}, dict(block_rows=1, block_c=2, split=5, prefetch=1),
+                       dict(block_rows=256, block_c=64, warps=1, prefetch=2)):
             y = torch.from_numpy(y0.copy()).to(device)
             kt.lut_gemv_stream(*stream.tensors(device), x, y, **tuning)
             assert_product(y, y0, x, Wt)
@@ -190,9 +191,10 @@ def test_one_launch_gemv_over_every_width(device, rows):
     rng = np.random.default_rng(rows)
     x32 = torch.randn(1, 70, generator=torch.Generator().manual_seed(rows))
     y0 = rng.standard_normal((1, rows)).astype(np.float32)
-    for tuning in ({}, dict(rows_one_word=32, rows_multi_word=32, c_one_word=2, c_multi_word=4, programs_per_sm=64),
+    for tuning in ({}, dict(rows_one_word=32, rows_multi_word=32, c_one_word=2, c_multi_word=4, programs_per_sm=64,
+                            prefetch=0),
                    dict(rows_one_word=256, rows_multi_word=512, c_one_word=64, c_multi_word=32, warps=1,
-                        programs_per_sm=1)):
+                        programs_per_sm=1, prefetch=2)):
         for x in (x32.to(device), x32.half().T.contiguous().T.to(device)):
             y = torch.from_numpy(y0.copy()).to(device)
             kt.lut_gemv_streams(one_launch_streams(streams, device), rows, x, y, **tuning)
@@ -230,6 +232,8 @@ def test_one_launch_gemv_refuses_what_it_cannot_take():
         kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, torch.ones(2, 3), torch.zeros(2, 16))
     with pytest.raises(ValueError, match="power of two >= 32"):
         kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, x, y, rows_one_word=16)
+    with pytest.raises(ValueError, match="prefetch must be 0, 1 or 2"):
+        kt.lut_gemv_streams(one_launch_streams([aligned], "cpu"), 16, x, y, prefetch=3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -321,7 +325,9 @@ def test_the_cuda_benchmark_runs_end_to_end_in_the_interpreter(tmp_path):
     assert all(case["best"] is not None and len(case["settings"]) == 2 for case in report["sweep"])
     assert all("lut_tiles" in case["batches"]["1"]["us"] for case in report["cases"])
     widths = report["sweep_widths"]
-    assert len(widths["settings"]) == 2 and widths["chosen"] in widths["settings"]
+    assert widths["settings"] == bench.SMOKE_WIDTHS_GRID and widths["chosen"] in widths["settings"]
     assert report["one_launch_settings"] == dict(widths["chosen"])
+    assert all(case["first_again_graph_us"] > 0 for case in widths["cases"])
+    assert json.loads((tmp_path / "smoke-sweep.json").read_text())["sweep_widths"] == widths
     aligned = [case for case in report["cases"] if case["rows"] % 32 == 0]  # the 64-row smoke shape
     assert aligned and all(set(case["graph"]["us"]) == {"fp16_linear", "lut", "lut_one_launch"} for case in aligned)

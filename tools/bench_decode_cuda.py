@@ -26,15 +26,17 @@ torch_decoder and kernels_triton are imported: the GPU machine needs nothing els
 With --sweep it first times the GEMV kernel alone, stream by stream (4-bit and 3-bit, 7B shapes), over a
 grid of its launch settings (kernels_triton.gemv_config), and records every time and the best.
 With --sweep-widths it first times the one-launch GEMV on whole weights (7B shapes, 4-bit and 3/4) over a
-grid of its settings (kernels_triton.gemv_widths_config), chooses the setting with the least geometric
-mean of its CUDA-graph time over cuBLAS's on those weights, and uses it for lut_one_launch (else the
-module's defaults); the JSON records the grid, every time and the choice.
+list of its settings (kernels_triton.gemv_widths_config: WIDTHS_GRID), chooses the setting with the least
+geometric mean of its CUDA-graph time over cuBLAS's on those weights, and uses it for lut_one_launch (else
+the module's defaults). It writes the settings, every time, the first setting timed again at the end of
+each weight (how far one setting moves within a run) and the choice to *-sweep.json beside the output;
+--sweep-only stops there.
 
 "graph" entries replay one call per copy of the weight as one CUDA graph, the copies together over twice
 the L2 cache: no launch gaps (do_bench counts the Python launch path whenever it outlasts the L2 flush),
 and every weight read from HBM.
 
-    python tools/bench_decode_cuda.py [--out PATH] [--sweep] [--sweep-widths]
+    python tools/bench_decode_cuda.py [--out PATH] [--sweep] [--sweep-widths [--sweep-only]]
     TRITON_INTERPRET=1 python tools/bench_decode_cuda.py --smoke [--out PATH]   # tiny shapes, CPU, end to end
 """
 from __future__ import annotations
@@ -335,21 +337,22 @@ def sweep(device, time_us, failures: list[str], shapes, grid: dict) -> list[dict
     return results
 
 
-WIDTHS_GRID = {"rows_one_word": (256, 512), "c_one_word": (16, 32), "rows_multi_word": (512,),
-               "c_multi_word": (8, 16), "warps": (4, 8), "programs_per_sm": (8,)}
-SMOKE_WIDTHS_GRID = {"rows_one_word": (32, 64), "c_one_word": (8,), "rows_multi_word": (32,), "c_multi_word": (8,),
-                     "warps": (4,), "programs_per_sm": (4,)}
+# Tiles of 8 or 16 columns by 256 rows at 1, 2, 4, 8 bits and of 8 or 4 columns by 512 rows at 3, 5, 6, 7
+# on 4 warps, words loaded 0, 1 or 2 tiles ahead, slices sized for 6, 8 or 10 programs an SM: with Triton
+# 3.6 on sm_90 these take 40 to 72 registers a thread, so 7 to 12 programs fit on an SM at once
+WIDTHS_GRID = [{"rows_one_word": 256, "c_one_word": c1, "rows_multi_word": 512, "c_multi_word": cm, "warps": 4,
+                "programs_per_sm": pps, "prefetch": prefetch}
+               for c1, cm in ((8, 8), (16, 8), (8, 4)) for prefetch in (0, 1, 2) for pps in (6, 8, 10)]
+SMOKE_WIDTHS_GRID = [{"rows_one_word": 32, "c_one_word": 8, "rows_multi_word": 32, "c_multi_word": 8, "warps": 4,
+                      "programs_per_sm": 4, "prefetch": prefetch} for prefetch in (0, 1, 2)]
 
 
-def sweep_widths(device, time_us, failures: list[str], shapes, grid: dict, graph_us) -> dict:
-    """The one-launch GEMV on whole weights (every mix) for every setting in `grid`, each checked once,
+def sweep_widths(device, time_us, failures: list[str], shapes, settings: list[dict], graph_us) -> dict:
+    """The one-launch GEMV on whole weights (every mix) for every setting in `settings`, each checked once,
     timed by do_bench and as CUDA graphs over copies of the weight (graph_timer); the chosen setting
     has the least geometric mean graph time over the weights (checked on all of them)."""
-    import itertools
-
     from claq_convert import kernels_triton as kt
 
-    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     cases = []
     for i, (rows, C) in enumerate(shapes):
         for j, mix in enumerate(MIXES):
@@ -374,12 +377,22 @@ def sweep_widths(device, time_us, failures: list[str], shapes, grid: dict, graph
                     y.zero_()
                     kt.lut_gemv_streams(streams, rows, x, y, schedule, **tuning)
 
-                gemv()
+                try:  # a setting that fails to compile or launch is recorded, and the sweep goes on
+                    gemv()
+                    error = None
+                except Exception as exc:  # noqa: BLE001
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 ok = check(f"sweep-widths {rows}x{C} {mix} {tuning}",
-                           bool(np.all(np.abs(y.cpu().numpy() - xs @ Wt) <= bound)), failures)
+                           error is None and bool(np.all(np.abs(y.cpu().numpy() - xs @ Wt) <= bound)), failures,
+                           error or "")
                 case["us"].append(time_us(gemv) if ok else None)
                 case["graph_us"].append(graph_us([lambda c=c: (y.zero_(), kt.lut_gemv_streams(
                     c, rows, x, y, schedule, **tuning)) for c in sets]) if ok else None)
+            first = settings[0]  # timed again last: how far the same setting moves within one run
+            schedule = kt.gemv_schedule({b: int(c.numel()) for _, b, _, c in streams}, rows, device,
+                                        kt.gemv_widths_config(**first))
+            case["first_again_graph_us"] = graph_us([lambda c=c: (y.zero_(), kt.lut_gemv_streams(
+                c, rows, x, y, schedule, **first)) for c in sets]) if case["graph_us"][0] is not None else None
             best = min(range(len(settings)),
                        key=lambda k: case["graph_us"][k] if case["graph_us"][k] is not None else np.inf)
             print(f"sweep-widths {rows}x{C} {mix}: fp16_linear {case['fp16_linear_us']:.1f} us "
@@ -390,7 +403,7 @@ def sweep_widths(device, time_us, failures: list[str], shapes, grid: dict, graph
     valid = [k for k in range(len(settings)) if all(c["graph_us"][k] is not None for c in cases)]
     chosen = min(valid, key=lambda k: sum(np.log(c["graph_us"][k] / c["fp16_linear_graph_us"]) for c in cases)) \
         if valid else None
-    return {"grid": grid, "settings": settings, "cases": cases,
+    return {"settings": settings, "cases": cases,
             "chosen": None if chosen is None else settings[chosen],
             "chosen_graph_ratios": None if chosen is None else
             {f"{c['rows']}x{c['C']} {c['mix']}": c["graph_us"][chosen] / c["fp16_linear_graph_us"] for c in cases}}
@@ -418,6 +431,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="first time the GEMV kernel over its launch settings")
     parser.add_argument("--sweep-widths", action="store_true",
                         help="first time the one-launch GEMV over its settings and use the best for lut_one_launch")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="stop after the sweeps (their JSON is written beside --out: *-sweep.json)")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     args = parser.parse_args(argv)
@@ -449,7 +464,11 @@ def main(argv=None) -> int:
                                     SMOKE_SHAPES[:1] if args.smoke else SWEEP_SHAPES,
                                     SMOKE_WIDTHS_GRID if args.smoke else WIDTHS_GRID, graph_timer(device))
         one_launch = swept_widths["chosen"]
-    for i, (rows, C) in enumerate(shapes):
+        partial = out.with_name(out.stem + "-sweep.json")  # kept should the cases after it not finish
+        partial.write_text(json.dumps({"machine": machine(device), "sweep_widths": swept_widths}, indent=1) + "\n")
+        print(f"wrote {partial}; chosen {one_launch}: graph time over cuBLAS's "
+              f"{swept_widths['chosen_graph_ratios']}", flush=True)
+    for i, (rows, C) in enumerate([] if args.sweep_only else shapes):
         for j, mix in enumerate(MIXES):
             weight = SyntheticWeight(np.random.default_rng([i, j]), rows, C, mix, device)
             case = run_case(weight, device, time_us, failures, seed=10 * i + j, one_launch=one_launch,
