@@ -473,8 +473,8 @@ def _gemv_launch(words, bits, tables, columns, rows, x, y, n, split, config: dic
 # word (1, 2, 4, 8 bits) and at the others (3, 5, 6, 7), warps, programs per SM the slices are sized for,
 # tiles whose words are loaded ahead. The best geometric mean over 7B-class weights, 4-bit and 3/4-bit, of
 # the sweep in bench/decode-cuda-sweep.json (H200, Triton 3.6, CUDA graphs over weights read from HBM).
-# With Triton 3.6 on sm_90 this takes 48 registers a thread (4-bit weights; 3 and 4-bit ones the same):
-# 10 programs of 4 warps fit on an SM, so 8 an SM run in one wave
+# With Triton 3.6 on sm_90 this takes 48 registers a thread on 4-bit weights (10 programs of 4 warps fit
+# on an SM) and 64 on 3 and 4-bit ones (8 fit), so the 8 programs an SM run in one wave
 GEMV_WIDTHS_ROWS_ONE_WORD = 256
 GEMV_WIDTHS_C_ONE_WORD = 8
 GEMV_WIDTHS_ROWS_MULTI_WORD = 512
