@@ -166,7 +166,7 @@ def _tile_products(words, tables_ptr, columns_ptr, x_ptr, stride_xc, first, coun
     it straddles: shifts and selects on words already loaded (Triton keeps a unit's K codes in one
     thread), and each code picks its column's table entry.
     """
-    w0, w1, w2, w3, w4, w5, w6 = words
+    w0 = words[0]
     K: tl.constexpr = 32 * UNIT_WORDS // BITS
     c = start + tl.arange(0, BLOCK_C)
     c_safe = first + tl.minimum(c, count - 1)
@@ -182,20 +182,7 @@ def _tile_products(words, tables_ptr, columns_ptr, x_ptr, stride_xc, first, coun
         low = tl.zeros([w0.shape[0], w0.shape[1], K], tl.uint32)
         high = tl.zeros([w0.shape[0], w0.shape[1], K], tl.uint32)
         for j in tl.static_range(UNIT_WORDS):
-            word = w0
-            if j == 1:
-                word = w1
-            if j == 2:
-                word = w2
-            if j == 3:
-                word = w3
-            if j == 4:
-                word = w4
-            if j == 5:
-                word = w5
-            if j == 6:
-                word = w6
-            word = word.to(tl.uint32, bitcast=True)[:, :, None]
+            word = words[j].to(tl.uint32, bitcast=True)[:, :, None]
             low = tl.where(word_of_code == j, word, low)
             high = tl.where(straddles & (word_of_code == j - 1), word, high)
         code = (low >> shift) | (high << ((32 - shift) & 31))  # high is 0 wherever the shift would be 32
