@@ -12,10 +12,10 @@ import click
 import numpy as np
 
 from . import __version__
-from .calibration import DEFAULT_NSAMPLES
 from .progress import click_progress
+from .quantize.calibration import DEFAULT_NSAMPLES
+from .quantize.tuning import TUNE_LR
 from .timing import peak_rss_bytes
-from .tuning import TUNE_LR
 
 
 def _echo_err(message: str) -> None:
@@ -26,8 +26,8 @@ def friendly_errors(fn):
     """Library errors about the user's input become one-line click errors, never tracebacks."""
     from .data import DataError
     from .fixture import FixtureError
-    from .reader import ClaqFormatError
-    from .source import SourceError
+    from .format.reader import ClaqFormatError
+    from .models.source import SourceError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -67,10 +67,10 @@ def write_json(path: Path, payload: dict) -> None:
 def load_any(model: Path, device, cache: bool = False):
     """(model, tokenizer) from a .claq file or a Hugging Face directory."""
     if Path(model).is_file():
-        from .runtime import load
+        from .runtime.load import load
 
         return load(model, device=device, cache=cache)
-    from .source import resolve_model
+    from .models.source import resolve_model
 
     return load_hf(resolve_model(model), device)
 
@@ -79,7 +79,7 @@ def load_hf(model_dir: Path, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .source import ModelSource
+    from .models.source import ModelSource
 
     ModelSource(model_dir)  # validates the directory with a readable error
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -107,7 +107,7 @@ def eval_cmd(model, text, seqlen, windows, device, json_path, cache):
       claq-eval ~/.cache/claq-convert/SmolLM2-135M-Instruct --json bench/baseline.json
       claq-eval out/smollm2.claq
     """
-    from .evaluate import perplexity
+    from .runtime.evaluate import perplexity
 
     dev = resolve_device(device)
     start = time.perf_counter()
@@ -237,9 +237,9 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
     an interrupt (Ctrl-C, kill), the same command plus --resume continues from the last finished layer and
     writes the very bytes an uninterrupted run writes. Without --resume an existing OUT.resume/ is refused.
     """
-    from .convert import ConvertOptions, run_conversion
-    from .pipeline import QuantConfig
-    from .source import resolve_model
+    from .quantize.convert import ConvertOptions, run_conversion
+    from .quantize.pipeline import QuantConfig
+    from .models.source import resolve_model
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT, or --dry-run to quantize in memory only")
@@ -269,9 +269,9 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     if as_gguf and not dry_run:  # before any work (run_conversion checks the family itself first)
-        from .architectures import family_of
-        from .gguf_ext import check_gguf_model_type
-        from .source import ModelSource
+        from .models.architectures import family_of
+        from .format.gguf_ext import check_gguf_model_type
+        from .models.source import ModelSource
 
         config = ModelSource(model_dir).config()
         family_of(config)
@@ -283,8 +283,8 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
     if resume and dry_run:
         raise click.UsageError("--resume continues a conversion that writes OUT; a --dry-run keeps nothing to resume")
     if not dry_run:
-        from .checkpoint import Checkpoint, checkpoint_dir
-        from .convert import fingerprint
+        from .quantize.checkpoint import Checkpoint, checkpoint_dir
+        from .quantize.convert import fingerprint
 
         place = checkpoint_dir(out)
         options.checkpoint = Checkpoint.open(place, fingerprint(options), resume)
@@ -294,7 +294,7 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
         try:
             record = run_conversion(options, progress=click_progress, log=_echo_err)
             if as_gguf and not dry_run:
-                from .gguf_ext import claq_to_gguf
+                from .format.gguf_ext import claq_to_gguf
 
                 try:
                     claq_to_gguf(claq_out, out)
@@ -360,9 +360,9 @@ def inspect_cmd(file, as_json, per_tensor, verify_dir):
     \b
     Example:  claq-inspect out.claq --verify ~/.cache/claq-convert/SmolLM2-135M-Instruct
     """
-    from .gguf_ext import open_model_file
-    from .inspection import render, safe_text, summarize, verify
-    from .reader import ClaqFormatError
+    from .format.gguf_ext import open_model_file
+    from .format.inspection import render, safe_text, summarize, verify
+    from .format.reader import ClaqFormatError
 
     try:
         with open_model_file(file) as cf:
@@ -432,7 +432,7 @@ def translate_cmd(source, target):
     \b
     Example:  claq-translate out.claq out.gguf
     """
-    from .gguf_ext import GgufClaqFile, claq_to_gguf, gguf_to_claq, open_model_file
+    from .format.gguf_ext import GgufClaqFile, claq_to_gguf, gguf_to_claq, open_model_file
 
     with open_model_file(source) as f:
         is_gguf = isinstance(f, GgufClaqFile)

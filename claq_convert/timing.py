@@ -15,7 +15,7 @@ Phases (a phase is timed exclusively: time in a phase nested inside it counts fo
     kmeans       the Numba block kernel: per-column codebook fits and the error propagation inside a block
     gptq_update  the lazy updates of the columns after each block, with the block's host/device copies
     finish       un-permuting, assembling the result, its error, the dequantized weight put back
-    write        encoding, the decode check and the file write of each weight (convert.py)
+    write        encoding, the decode check and the file write of each weight (quantize/convert.py)
 
 Phases are summed per section. They are timed per thread: when a group's linears are quantized in
 parallel threads, their phases add up, so a section's phases may sum to more than its wall time.

@@ -27,8 +27,8 @@ def bytes_as_allocated(path: Path) -> int:
     bound of their coded size, format v3), everything else exactly."""
     import numpy as np
 
-    from claq_convert import spec
-    from claq_convert.reader import ClaqFile
+    from claq_convert.format import spec
+    from claq_convert.format.reader import ClaqFile
 
     total = 0
     with ClaqFile(path) as cf:

@@ -6,11 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from claq_convert import architectures, inspection, pipeline, reader
+from claq_convert.models import architectures
+from claq_convert.format import inspection, reader
+from claq_convert.quantize import pipeline
 from claq_convert.cli import convert_cmd, inspect_cmd
-from claq_convert.convert import ConvertOptions, run_conversion
-from claq_convert.pipeline import QuantConfig
-from claq_convert.runtime import load
+from claq_convert.quantize.convert import ConvertOptions, run_conversion
+from claq_convert.quantize.pipeline import QuantConfig
+from claq_convert.runtime.load import load
 from transformers.pytorch_utils import Conv1D
 
 from conftest import FAMILY_CONFIGS, build_tiny_model
@@ -69,7 +71,7 @@ def out_in(module) -> tuple[int, int]:
 def test_gpt2_gguf_uses_llama_cpp_names(converted_family, tmp_path):
     import gguf
 
-    from claq_convert import gguf_ext
+    from claq_convert.format import gguf_ext
 
     _, _, path, _ = converted_family
     names = {t.name for t in gguf.GGUFReader(str(gguf_ext.claq_to_gguf(path, tmp_path / "m.gguf"))).tensors}
@@ -116,7 +118,7 @@ def test_a_wrong_entry_fails_loudly():
 
 
 def test_family_gguf_round_trip_is_byte_exact(converted_family, tmp_path):
-    from claq_convert import gguf_ext
+    from claq_convert.format import gguf_ext
 
     family, directory, path, _ = converted_family
     gguf_path = gguf_ext.claq_to_gguf(path, tmp_path / "m.gguf")
@@ -133,10 +135,10 @@ def test_family_gguf_round_trip_is_byte_exact(converted_family, tmp_path):
 def test_conv1d_weights_are_quantized_and_applied_as_out_in(tmp_path, text_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from claq_convert.calibration import calibration_set
-    from claq_convert.convert import apply_dequantized
-    from claq_convert.pipeline import quantize_model
-    from claq_convert.source import ModelSource
+    from claq_convert.quantize.calibration import calibration_set
+    from claq_convert.quantize.convert import apply_dequantized
+    from claq_convert.quantize.pipeline import quantize_model
+    from claq_convert.models.source import ModelSource
 
     directory = build_tiny_model(tmp_path / "gpt2", family="gpt2")
     source = ModelSource(directory)

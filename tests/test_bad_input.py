@@ -5,9 +5,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from claq_convert import gguf_ext
+from claq_convert.format import gguf_ext
 from claq_convert.cli import convert_cmd, eval_cmd
-from claq_convert.source import SourceError, resolve_model
+from claq_convert.models.source import SourceError, resolve_model
 
 
 def one_line_failure(result, *needles):
@@ -83,8 +83,8 @@ def test_a_tokenizer_gguf_py_cannot_read_is_stored_whole(tiny_model_dir, text_fi
 
 
 def test_an_interrupted_gguf_write_leaves_nothing(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    from claq_convert.convert import ConvertOptions, run_conversion
-    from claq_convert.pipeline import QuantConfig
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.pipeline import QuantConfig
 
     claq = tmp_path / "m.claq"
     run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=claq, quant=QuantConfig(bits=3), calib=(text_file,),

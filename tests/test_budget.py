@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert import kernels, kernels_numpy, spec
-from claq_convert.allocation import LEVEL_MARGIN, coded_level_bits, coded_levels_bytes
-from claq_convert.budget import narrowed, narrowing_costs, within_budget
-from claq_convert.convert import encode_result, stored_bytes
-from claq_convert.pipeline import QuantConfig, quantize_weight
-from claq_convert.reader import decode_claq
-from claq_convert.rice import encode_levels
+from claq_convert.kernels import numba_quant as kernels, numpy_quant as kernels_numpy
+from claq_convert.format import spec
+from claq_convert.quantize.allocation import LEVEL_MARGIN, coded_level_bits, coded_levels_bytes
+from claq_convert.quantize.budget import narrowed, narrowing_costs, within_budget
+from claq_convert.quantize.convert import encode_result, stored_bytes
+from claq_convert.quantize.pipeline import QuantConfig, quantize_weight
+from claq_convert.format.reader import decode_claq
+from claq_convert.format.rice import encode_levels
 
 
 def _weight(seed: int, rows: int = 64, cols: int = 24, bits: float = 3, outlier_bits: float = 0.0, codebook="auto"):
@@ -97,9 +98,9 @@ def test_within_budget_fits_the_budget_and_leaves_a_fitting_set_alone():
 
 def test_a_conversion_whose_estimate_is_short_is_still_held_to_its_budget(tiny_model_dir, text_file, tmp_path,
                                                                           monkeypatch):
-    from claq_convert import allocation
-    from claq_convert.convert import ConvertOptions, run_conversion
-    from claq_convert.reader import ClaqFile
+    from claq_convert.quantize import allocation
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.format.reader import ClaqFile
 
     # every level priced as free: the allocation overspends, and the count after GPTQ must take it back
     monkeypatch.setattr(allocation, "coded_level_bits", lambda W, max_bits, **_: np.zeros(max_bits))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from claq_convert import reader
+from claq_convert.format import reader
 
 ROOT = Path(__file__).resolve().parents[1]
 CDIR = ROOT / "formats" / "c"
@@ -236,8 +236,8 @@ def test_without_zlib_everything_but_inflation_works(claq_dump_nozlib):
 
 @pytest.fixture(scope="module")
 def tiny_claq(tiny_model_dir, text_file, tmp_path_factory) -> Path:
-    from claq_convert.convert import ConvertOptions, run_conversion
-    from claq_convert.pipeline import QuantConfig
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.pipeline import QuantConfig
 
     path = tmp_path_factory.mktemp("claq-c-model") / "tiny.claq"
     run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=path, quant=QuantConfig(bits=3.1, outlier_bits=0.5),
@@ -259,7 +259,7 @@ def test_converted_model_bit_for_bit_with_the_python_reader(claq_dump, have_zlib
 
 def _random_claq(rng: np.random.Generator, rows: int, bits: np.ndarray, grid: bool, outliers: int,
                  max_count: int = 0) -> dict:
-    from claq_convert.writer import encode_claq_sections
+    from claq_convert.format.writer import encode_claq_sections
 
     cols = bits.size
     codes = np.stack([rng.integers(0, 1 << int(b), rows) for b in bits], axis=1).astype(np.uint8)
@@ -285,7 +285,7 @@ def _random_claq(rng: np.random.Generator, rows: int, bits: np.ndarray, grid: bo
 def every_width_claq(tmp_path_factory) -> Path:
     """Every width 1..8 (fp16 and grid codebooks, odd row counts so codes straddle words), u16 outlier
     counts, u32 outlier rows (65537 rows), every raw dtype, a zlib and a stored embedded file."""
-    from claq_convert.writer import ClaqWriter
+    from claq_convert.format.writer import ClaqWriter
 
     rng = np.random.default_rng(7)
     path = tmp_path_factory.mktemp("claq-c-widths") / "widths.claq"

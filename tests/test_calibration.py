@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from claq_convert import calibration
+from claq_convert.quantize import calibration
 from claq_convert.data import DataError
 
 
@@ -185,7 +185,7 @@ def test_the_sampler_keeps_the_checkpoints_size(tiny_model_dir, tmp_path, stored
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from claq_convert.convert import load_sampler
+    from claq_convert.quantize.convert import load_sampler
 
     directory = tmp_path / "model"
     AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=stored).save_pretrained(str(directory))

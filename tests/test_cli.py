@@ -53,7 +53,7 @@ def test_eval_prints_ppl_and_writes_json(tiny_model_dir, text_file, tmp_path):
 
 def test_raw_tensors_keep_their_dtype_or_the_one_asked_for(tiny_model_dir, text_file, tmp_path):
     from claq_convert.cli import inspect_cmd
-    from claq_convert.reader import ClaqFile
+    from claq_convert.format.reader import ClaqFile
 
     runner = CliRunner()
     for flag, expected in ((None, "F32"), ("bf16", "BF16")):
@@ -73,7 +73,7 @@ def test_raw_tensors_keep_their_dtype_or_the_one_asked_for(tiny_model_dir, text_
 
 
 def test_codebook_option_chooses_the_storage(tiny_model_dir, text_file, tmp_path):
-    from claq_convert import reader
+    from claq_convert.format import reader
     from claq_convert.cli import convert_cmd
 
     def storage(tensor: dict) -> str:  # grid levels are coded (format v3) where that is shorter

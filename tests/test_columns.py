@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from claq_convert import columns
+from claq_convert.quantize import columns
 
 
 def matrix_with_outlier_columns():
@@ -73,7 +73,7 @@ def test_column_reserve_spends_at_most_the_budget_and_favours_top_columns():
 
 
 def test_allocation_prefers_driven_columns_and_respects_the_budget():
-    from claq_convert import allocation
+    from claq_convert.quantize import allocation
 
     rng = np.random.default_rng(0)
     W = rng.standard_normal((64, 32)).astype(np.float32)
@@ -91,7 +91,8 @@ def test_allocation_prefers_driven_columns_and_respects_the_budget():
 
 
 def test_column_allocation_gives_bits_to_the_columns_that_need_them_within_the_exact_budget():
-    from claq_convert import allocation, spec
+    from claq_convert.quantize import allocation
+    from claq_convert.format import spec
 
     rng = np.random.default_rng(3)
     W = rng.standard_normal((96, 40)).astype(np.float32)

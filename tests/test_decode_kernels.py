@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert import kernels_decode, kernels_numpy, modules, reader, simd, spec
-from claq_convert.convert import encode_result
-from claq_convert.gptq import GPTQ
+from claq_convert.kernels import numba_decode as kernels_decode, numpy_quant as kernels_numpy, simd
+from claq_convert.runtime import modules
+from claq_convert.format import reader, spec
+from claq_convert.quantize.convert import encode_result
+from claq_convert.quantize.gptq import GPTQ
 
 
 def random_stream(rng, bits, n, rows):

@@ -21,7 +21,7 @@ def test_fixture_shapes_tied_embeddings_and_idempotence(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["tie_word_embeddings"]) == (30, 576, 9, 3, True)
-    from claq_convert.source import ModelSource
+    from claq_convert.models.source import ModelSource
 
     source = ModelSource(smollm2_dir)
     assert "lm_head.weight" not in source.names()
@@ -50,7 +50,7 @@ def test_greedy_chat_answer_names_paris(smollm2):
 
 
 def test_fp32_perplexity_on_the_protocol(smollm2):
-    from claq_convert.evaluate import perplexity
+    from claq_convert.runtime.evaluate import perplexity
 
     result = perplexity(*smollm2)
     assert result.windows == 40 and result.tokens == 40 * 511
@@ -60,10 +60,10 @@ def test_fp32_perplexity_on_the_protocol(smollm2):
 def test_claq_on_the_first_real_layer(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from claq_convert.calibration import calibration_set
+    from claq_convert.quantize.calibration import calibration_set
     from claq_convert.data import default_text
-    from claq_convert.pipeline import QuantConfig, quantize_model
-    from claq_convert.source import ModelSource
+    from claq_convert.quantize.pipeline import QuantConfig, quantize_model
+    from claq_convert.models.source import ModelSource
 
     calib = calibration_set([default_text("valid")], AutoTokenizer.from_pretrained(str(smollm2_dir)), None, 8, 128)
     results = {}

@@ -8,15 +8,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from claq_convert import reader, spec
+from claq_convert.format import reader, spec
 from claq_convert.cli import inspect_cmd
-from claq_convert.convert import ConvertOptions, encode_result, measure_fisher, run_conversion
-from claq_convert.calibration import calibration_set
-from claq_convert.gptq import GPTQ
-from claq_convert.pipeline import QuantConfig, quantize_model
-from claq_convert.sensitivity import weights_by_name
-from claq_convert.source import ModelSource
-from claq_convert.writer import ClaqWriter, encode_claq_sections
+from claq_convert.quantize.convert import ConvertOptions, encode_result, measure_fisher, run_conversion
+from claq_convert.quantize.calibration import calibration_set
+from claq_convert.quantize.gptq import GPTQ
+from claq_convert.quantize.pipeline import QuantConfig, quantize_model
+from claq_convert.quantize.sensitivity import weights_by_name
+from claq_convert.models.source import ModelSource
+from claq_convert.format.writer import ClaqWriter, encode_claq_sections
 
 
 def random_result(rows=37, cols=23, seed=0, grid=False):

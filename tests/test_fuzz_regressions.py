@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from claq_convert import gguf_ext, spec
+from claq_convert.format import gguf_ext, spec
 from claq_convert.cli import inspect_cmd
-from claq_convert.gguf_ext import GgufClaqFile, GgufLimitError
-from claq_convert.inspection import render, summarize
-from claq_convert.reader import BadHeader, BadLayout, ClaqFile, TruncatedFile, UnsupportedVersion
-from claq_convert.writer import ClaqWriter
+from claq_convert.format.gguf_ext import GgufClaqFile, GgufLimitError
+from claq_convert.format.inspection import render, summarize
+from claq_convert.format.reader import BadHeader, BadLayout, ClaqFile, TruncatedFile, UnsupportedVersion
+from claq_convert.format.writer import ClaqWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from claq_convert import gguf_ext
+from claq_convert.format import gguf_ext
 from claq_convert.cli import convert_cmd, inspect_cmd, translate_cmd
-from claq_convert.convert import ConvertOptions, run_conversion
-from claq_convert.pipeline import QuantConfig
-from claq_convert.reader import BadHeader, ClaqFile
-from claq_convert.runtime import load
+from claq_convert.quantize.convert import ConvertOptions, run_conversion
+from claq_convert.quantize.pipeline import QuantConfig
+from claq_convert.format.reader import BadHeader, ClaqFile
+from claq_convert.runtime.load import load
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_ggml_limits_and_foreign_files_are_rejected(tmp_path):
 
 def test_binary_embedded_files_survive_the_round_trip(tmp_path):
     """A sentencepiece tokenizer.model is not UTF-8: it travels as a uint8 array, byte for byte."""
-    from claq_convert.writer import ClaqWriter
+    from claq_convert.format.writer import ClaqWriter
 
     claq = tmp_path / "x.claq"
     blob = bytes(range(256)) * 3 + b"\xff\xfe"

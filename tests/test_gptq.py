@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert.gptq import GPTQ
+from claq_convert.quantize.gptq import GPTQ
 
 
 def layer_problem(rows=64, cols=96, n=512, seed=0):
@@ -109,7 +109,7 @@ def test_without_hessian_threads_share_the_columns_with_the_one_thread_result(ki
 def test_shared_shapes_decode_from_the_table_and_stay_close_to_free_codebooks():
     """MODE_SHAPES through GPTQ: every column's entries are offset + scale * its width's chosen shape,
     the outputs are what those entries give, and the layer-output error stays near the free codebooks'."""
-    from claq_convert import kernels_shapes
+    from claq_convert.kernels import shapes as kernels_shapes
 
     W, H, X = layer_problem(rows=128, cols=96, seed=2)
     bits = np.random.default_rng(2).choice([2, 3], W.shape[1])

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from claq_convert import gptq, kernels, kernels_numpy
+from claq_convert.quantize import gptq
+from claq_convert.kernels import numba_quant as kernels, numpy_quant as kernels_numpy
 
 
 def heavy_tailed_column(rng, n):
@@ -263,7 +264,8 @@ def test_gptq_block_parallel_dp_is_the_serial_result(mode):
 
 def test_first_calls_from_two_threads_at_once_do_not_crash():
     """gptq_block reaches a parallel loop; its first calls from two threads at once crashed the process
-    before the threading layer was started at import (kernels.py). A fresh process, so the calls are first."""
+    before the threading layer was started at import (kernels/numba_quant.py). A fresh process, so the calls
+    are first."""
     import subprocess
     import sys
     import textwrap

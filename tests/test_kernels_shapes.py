@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from claq_convert import kernels, kernels_numpy, kernels_shapes
+from claq_convert.kernels import numba_quant as kernels, numpy_quant as kernels_numpy, shapes as kernels_shapes
 
 
 def columns(seed: int, cols: int = 24, rows: int = 48) -> np.ndarray:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert.pipeline import QuantConfig, add_gram, quantize_model
-from claq_convert.source import ModelSource
+from claq_convert.quantize.pipeline import QuantConfig, add_gram, quantize_model
+from claq_convert.models.source import ModelSource
 from conftest import assert_within_budget, build_tiny_model, bytes_as_allocated
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -100,7 +100,7 @@ def test_validation_rejects_bad_configs():
 
 
 def test_measured_allocation_keeps_the_exact_budget_and_spends_it(tiny_model_dir, text_file, tmp_path):
-    from claq_convert.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
 
     for bpw in (2.6, 3.4):
         record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=tmp_path / f"a{bpw}.claq",
@@ -117,7 +117,7 @@ def test_measured_allocation_keeps_the_exact_budget_and_spends_it(tiny_model_dir
 
 
 def test_outliers_under_a_budget_are_paid_from_it(tiny_model_dir, text_file, tmp_path):
-    from claq_convert.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
 
     records = {}
     for outlier_bits in (0.0, 0.3):
@@ -145,7 +145,7 @@ def test_outliers_under_a_budget_are_paid_from_it(tiny_model_dir, text_file, tmp
 
 
 def test_the_heads_default_width_follows_the_rule_in_force():
-    from claq_convert.pipeline import head_target
+    from claq_convert.quantize.pipeline import head_target
 
     assert head_target(QuantConfig(bits=4)) == 6 and head_target(QuantConfig(bits=7)) == 8  # fixed rule: +2
     assert head_target(QuantConfig(bpw=4.6)) == 5 and head_target(QuantConfig(bpw=3.7)) == 4  # --bpw rounded up

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert import reader
-from claq_convert.convert import ConvertOptions, run_conversion
-from claq_convert.evaluate import perplexity
-from claq_convert.pipeline import QuantConfig
-from claq_convert.runtime import load
-from claq_convert.torch_decoder import ClaqLayout, decode_claq, to_torch
+from claq_convert.format import reader
+from claq_convert.quantize.convert import ConvertOptions, run_conversion
+from claq_convert.runtime.evaluate import perplexity
+from claq_convert.quantize.pipeline import QuantConfig
+from claq_convert.runtime.load import load
+from claq_convert.runtime.torch_decoder import ClaqLayout, decode_claq, to_torch
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_the_4bit_file_answers_paris_and_matches_in_memory_perplexity(smollm2_cl
 
 @pytest.fixture(scope="module")
 def smollm2_3bit(smollm2_dir, tmp_path_factory):
-    from claq_convert.gguf_ext import claq_to_gguf
+    from claq_convert.format.gguf_ext import claq_to_gguf
 
     directory = tmp_path_factory.mktemp("smollm2-3bit")
     claq = directory / "m.claq"
@@ -85,7 +85,7 @@ def test_3bit_gguf_is_lossless_readable_and_evaluates_like_the_claq(smollm2_3bit
 
     import gguf
 
-    from claq_convert.gguf_ext import GgufClaqFile, gguf_to_claq
+    from claq_convert.format.gguf_ext import GgufClaqFile, gguf_to_claq
 
     claq, gguf_path = smollm2_3bit
     with reader.ClaqFile(claq) as cf:  # GGUF keys are not compressed: the tokenizer counts at its full size

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from claq_convert import replay
-from claq_convert.pipeline import QuantConfig, quantize_model
-from claq_convert.replay import LayerReplay
-from claq_convert.source import ModelSource
+from claq_convert.quantize import replay
+from claq_convert.quantize.pipeline import QuantConfig, quantize_model
+from claq_convert.quantize.replay import LayerReplay
+from claq_convert.models.source import ModelSource
 from conftest import FAMILY_CONFIGS, build_tiny_model
 
 
@@ -120,7 +120,7 @@ def test_replayed_conversion_equals_the_recomputed_one(family, tmp_path, monkeyp
 
 def test_each_block_linear_runs_once_per_batch_on_llama(tmp_path, monkeypatch):
     """Recomputed, q/k/v would run in four passes, o in three, gate/up in two."""
-    from claq_convert import pipeline
+    from claq_convert.quantize import pipeline
 
     model_dir = build_tiny_model(tmp_path / "llama")
     calibration = torch.randint(2, 200, (4, 16), generator=torch.Generator().manual_seed(2))

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from claq_convert import checkpoint as ckpt
-from claq_convert import convert, gguf_ext, pipeline
-from claq_convert.checkpoint import Checkpoint, CheckpointError, checkpoint_dir, load_result, save_result
+from claq_convert.quantize import checkpoint as ckpt
+from claq_convert.quantize import convert, pipeline
+from claq_convert.format import gguf_ext
+from claq_convert.quantize.checkpoint import Checkpoint, CheckpointError, checkpoint_dir, load_result, save_result
 from claq_convert.cli import convert_cmd
-from claq_convert.gptq import QuantizedWeight
+from claq_convert.quantize.gptq import QuantizedWeight
 
 from conftest import build_tiny_model
 
@@ -207,7 +208,7 @@ def test_the_checkpoint_keeps_only_the_newest_hidden_states(model_dir, text_file
 
 
 def _options(model_dir, text_file, out):
-    from claq_convert.source import ModelSource
+    from claq_convert.models.source import ModelSource
 
     ModelSource(model_dir)
     return convert.ConvertOptions(model_dir=model_dir, out=out, quant=pipeline.QuantConfig(bits=3.1, outlier_bits=0.2),

@@ -1,9 +1,10 @@
-"""Coded codebook levels (format v3, claq_convert/rice.py): the encoder, the decoder, and the strictly rising
+"""Coded codebook levels (format v3, claq_convert/format/rice.py): the encoder, the decoder, and the strictly rising
 levels that the quantizer makes so that they can be coded."""
 import numpy as np
 import pytest
 
-from claq_convert import kernels, kernels_numpy, rice, spec
+from claq_convert.kernels import numba_quant as kernels, numpy_quant as kernels_numpy
+from claq_convert.format import rice, spec
 
 
 def strict_random_levels(rng, bits) -> np.ndarray:

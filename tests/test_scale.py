@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from claq_convert import spec
-from claq_convert.convert import ConvertOptions, run_conversion, without_wall_clock
-from claq_convert.pipeline import QuantConfig, quantize_group, quantize_model
-from claq_convert.source import ModelSource
+from claq_convert.format import spec
+from claq_convert.quantize.convert import ConvertOptions, run_conversion, without_wall_clock
+from claq_convert.quantize.pipeline import QuantConfig, quantize_group, quantize_model
+from claq_convert.models.source import ModelSource
 from claq_convert.timing import NO_TIMER, PhaseTimer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_bench_scale_smoke_runs_end_to_end_without_gguf(tmp_path):
 
 
 def test_group_hessians_are_shared_between_linears_reading_one_input_and_equal_to_separate_sums(tiny_model_dir):
-    from claq_convert.pipeline import _first_layer_inputs, _group_hessians, _materialise
+    from claq_convert.quantize.pipeline import _first_layer_inputs, _group_hessians, _materialise
 
     source = ModelSource(tiny_model_dir)
     calibration = torch.randint(0, source.config().vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))

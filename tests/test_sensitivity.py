@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import FAMILY_CONFIGS, assert_within_budget, build_tiny_model, bytes_as_allocated
-from claq_convert import allocation
-from claq_convert.pipeline import QuantConfig
-from claq_convert.kernels import column_sse_by_width
-from claq_convert.sensitivity import (FISHER_WINDOWS, ROW_WEIGHT_FLOOR, FisherSums, fisher_sums, row_weights,
-                                      spread_windows, weights_by_name)
+from claq_convert.quantize import allocation
+from claq_convert.quantize.pipeline import QuantConfig
+from claq_convert.kernels.numba_quant import column_sse_by_width
+from claq_convert.quantize.sensitivity import (FISHER_WINDOWS, ROW_WEIGHT_FLOOR, FisherSums, fisher_sums,
+    row_weights, spread_windows, weights_by_name)
 
 
 def _manual(model, name: str, windows: torch.Tensor, rows_axis: int) -> np.ndarray:
@@ -30,7 +30,7 @@ def _manual(model, name: str, windows: torch.Tensor, rows_axis: int) -> np.ndarr
 def test_fisher_sums_are_the_squared_gradient_summed_down_columns_and_along_rows(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from claq_convert.architectures import family_of
+    from claq_convert.models.architectures import family_of
 
     directory = build_tiny_model(tmp_path / family, family=family)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
@@ -51,14 +51,14 @@ def test_fisher_sums_are_the_squared_gradient_summed_down_columns_and_along_rows
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_streamed_fisher_sums_equal_the_whole_model_ones(family, tmp_path, monkeypatch):
-    """One decoder layer in memory at a time (fisher_stream.py), every family, its head included (a tied
+    """One decoder layer in memory at a time (quantize/fisher_stream.py), every family, its head included (a tied
     one with its lookup's gradient): the same sums as autograd through the whole model."""
     from transformers import AutoModelForCausalLM
 
-    from claq_convert import convert
-    from claq_convert.architectures import resolve
-    from claq_convert.pipeline import head_and_embedding_names
-    from claq_convert.source import ModelSource
+    from claq_convert.quantize import convert
+    from claq_convert.models.architectures import resolve
+    from claq_convert.quantize.pipeline import head_and_embedding_names
+    from claq_convert.models.source import ModelSource
 
     directory = build_tiny_model(tmp_path / family, family=family)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
@@ -85,8 +85,8 @@ def test_the_streamed_pass_keeps_layer_inputs_on_disk_and_removes_them(tmp_path,
     afterwards, whether the pass finished or failed."""
     import tempfile
 
-    from claq_convert import fisher_stream
-    from claq_convert.source import ModelSource
+    from claq_convert.quantize import fisher_stream
+    from claq_convert.models.source import ModelSource
 
     directory = build_tiny_model(tmp_path / "llama", family="llama")
     source = ModelSource(directory)
@@ -147,8 +147,8 @@ def test_fisher_losses_are_in_one_unit_and_drive_the_choice():
 
 
 def test_fisher_allocation_converts_within_the_budget(tiny_model_dir, text_file, tmp_path):
-    from claq_convert.convert import ConvertOptions, run_conversion
-    from claq_convert.pipeline import QuantConfig
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.pipeline import QuantConfig
 
     record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=tmp_path / "f.claq",
                                            quant=QuantConfig(bpw=3.4, head_bits=3, allocation="fisher",
@@ -163,9 +163,9 @@ def test_fisher_allocation_converts_within_the_budget(tiny_model_dir, text_file,
 
 
 def test_column_allocation_converts_within_the_budget_with_the_widths_it_chose(tiny_model_dir, text_file, tmp_path):
-    from claq_convert.convert import ConvertOptions, run_conversion
-    from claq_convert.pipeline import QuantConfig
-    from claq_convert.reader import ClaqFile
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.pipeline import QuantConfig
+    from claq_convert.format.reader import ClaqFile
 
     out = tmp_path / "c.claq"
     record = run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=out,
@@ -189,7 +189,7 @@ def test_column_allocation_converts_within_the_budget_with_the_widths_it_chose(t
 
 def test_the_cli_offers_every_allocation_and_defaults_to_fisher():
     from claq_convert.cli import convert_cmd
-    from claq_convert.pipeline import ALLOCATION_UNITS, ALLOCATIONS, QuantConfig
+    from claq_convert.quantize.pipeline import ALLOCATION_UNITS, ALLOCATIONS, QuantConfig
 
     option = next(p for p in convert_cmd.params if p.name == "allocation")
     assert set(option.type.choices) == set(ALLOCATIONS) and option.default == QuantConfig().allocation == "fisher"
@@ -210,7 +210,7 @@ def test_fisher_windows_are_spread_over_every_calibration_source():
 
 def test_weighted_codebooks_cost_the_weighted_rows_less():
     """Without a Hessian every column is its own K-Means: weighting the rows can only lower the weighted error."""
-    from claq_convert.pipeline import QuantConfig, quantize_weight
+    from claq_convert.quantize.pipeline import QuantConfig, quantize_weight
 
     g = torch.Generator().manual_seed(3)
     W = torch.randn(256, 48, generator=g) * torch.linspace(0.2, 3.0, 256, dtype=torch.float32)[:, None]
@@ -225,7 +225,7 @@ def test_weighted_codebooks_cost_the_weighted_rows_less():
 
 
 def test_conversion_weighs_rows_by_default_and_none_turns_it_off(tiny_model_dir, text_file):
-    from claq_convert.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
 
     records = {w: run_conversion(ConvertOptions(model_dir=tiny_model_dir, out=None, quant=QuantConfig(bits=3, row_weighting=w),
                                                 calib=(text_file,), nsamples=4, seqlen=32)) for w in ("fisher", "none")}
@@ -236,8 +236,8 @@ def test_conversion_weighs_rows_by_default_and_none_turns_it_off(tiny_model_dir,
 
 
 def test_measure_fisher_covers_every_block_linear_and_the_head(tiny_model_dir):
-    from claq_convert.convert import measure_fisher
-    from claq_convert.source import ModelSource
+    from claq_convert.quantize.convert import measure_fisher
+    from claq_convert.models.source import ModelSource
 
     source = ModelSource(tiny_model_dir)
     config = source.config()

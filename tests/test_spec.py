@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from claq_convert import spec
+from claq_convert.format import spec
 
 
 def test_pack_codes_worked_example():

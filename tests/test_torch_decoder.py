@@ -7,13 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from claq_convert import modules, reader, spec, torch_decoder
+from claq_convert.runtime import modules, torch_decoder
+from claq_convert.format import reader, spec
 from claq_convert.cli import eval_cmd, generate_cmd
-from claq_convert.convert import ConvertOptions, apply_dequantized, encode_result, run_conversion
-from claq_convert.gptq import GPTQ
-from claq_convert.pipeline import QuantConfig
-from claq_convert.runtime import load
-from claq_convert.writer import encode_claq_sections
+from claq_convert.quantize.convert import ConvertOptions, apply_dequantized, encode_result, run_conversion
+from claq_convert.quantize.gptq import GPTQ
+from claq_convert.quantize.pipeline import QuantConfig
+from claq_convert.runtime.load import load
+from claq_convert.format.writer import encode_claq_sections
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
@@ -117,7 +118,7 @@ def test_cli_eval_and_generate_read_claq_files(tiny_claq, text_file, tmp_path):
 
 
 def test_a_file_without_its_weights_is_refused(tiny_claq, tmp_path):
-    from claq_convert.writer import ClaqWriter
+    from claq_convert.format.writer import ClaqWriter
 
     with reader.ClaqFile(tiny_claq) as cf:
         path = tmp_path / "partial.claq"
@@ -161,7 +162,7 @@ def test_claq_embedding_rows_equal_the_reference_decoder(device, grid):
 
 def rewritten(source, path, config=None, extra_raw=None, files=None, raw=None):
     """A copy of the .claq file `source` with its config, embedded files or tensors changed."""
-    from claq_convert.writer import ClaqWriter
+    from claq_convert.format.writer import ClaqWriter
 
     with reader.ClaqFile(source) as cf, ClaqWriter(path) as w:
         w.metadata.update(cf.metadata)

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():  # @triton.jit reads this when the kernels mod
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from claq_convert import spec  # noqa: E402
-from claq_convert import kernels_triton as kt  # noqa: E402
+from claq_convert.format import spec  # noqa: E402
+from claq_convert.kernels import triton_lut as kt  # noqa: E402
 
 # interpreted kernels take CPU tensors, compiled ones CUDA tensors
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -282,11 +282,12 @@ def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, row
     """ClaqLinear with the Triton kernels: decode bit for bit (outliers scattered in), products (outliers
     as a sparse correction) to fp32 rounding, for batches served by the LUT kernel (batch 1: one launch a
     stream at 48 rows, where 3- and 5-bit columns end inside a word; one launch at 64) and by decode + matmul."""
-    from claq_convert import modules, reader
+    from claq_convert.runtime import modules
+    from claq_convert.format import reader
 
     monkeypatch.setattr(modules, "TRITON_PRODUCT_MAX_ROWS", 16)  # batch 5 through the tile kernel too
-    from claq_convert.convert import encode_result
-    from claq_convert.gptq import GPTQ
+    from claq_convert.quantize.convert import encode_result
+    from claq_convert.quantize.gptq import GPTQ
 
     cols = 40
     rng = np.random.default_rng(11 + grid)

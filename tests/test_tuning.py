@@ -1,12 +1,12 @@
-"""Codebook tuning (tuning.py): storage of tuned codebooks, and a conversion that tunes and writes them."""
+"""Codebook tuning (quantize/tuning.py): storage of tuned codebooks, and a conversion that tunes and writes them."""
 import numpy as np
 import pytest
 import torch
 
-from claq_convert.convert import ConvertOptions, encode_result, run_conversion
-from claq_convert.pipeline import QuantConfig, quantize_weight
-from claq_convert.reader import decode_claq
-from claq_convert.tuning import retuned
+from claq_convert.quantize.convert import ConvertOptions, encode_result, run_conversion
+from claq_convert.quantize.pipeline import QuantConfig, quantize_weight
+from claq_convert.format.reader import decode_claq
+from claq_convert.quantize.tuning import retuned
 from conftest import build_tiny_model
 
 
@@ -45,7 +45,7 @@ def test_tuning_brings_the_file_closer_to_the_source_model(family, text_file, tm
 
     from claq_convert import load
     from claq_convert.data import eval_windows, tokenize_file
-    from claq_convert.evaluate import perplexity
+    from claq_convert.runtime.evaluate import perplexity
 
     model_dir = build_tiny_model(tmp_path / family, family=family)
     records = {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from claq_convert import gguf_ext, reader
+from claq_convert.format import gguf_ext, reader
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "formats" / "vectors"
@@ -119,7 +119,8 @@ def test_every_rule_has_a_bad_vector_and_every_vector_names_a_rule(prefix):
 
 def test_the_readers_raise_exactly_the_rules_of_the_specs():
     """Every rule id in the readers' source is one of a spec's, and every spec rule is raised somewhere."""
-    source = "".join((ROOT / "claq_convert" / f).read_text() for f in ("reader.py", "rice.py", "gguf_ext.py"))
+    folder = ROOT / "claq_convert" / "format"
+    source = "".join((folder / f).read_text() for f in ("reader.py", "rice.py", "gguf_ext.py"))
     raised = set(RULE_ID.findall(source))
     defined = set(RULES["CLAQ"]) | set(RULES["GGUF"])
     assert raised == defined, (raised - defined, defined - raised)

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import calibration_for, open_report, selected  # noqa: E402
-from claq_convert.calibration import SELF  # noqa: E402
+from claq_convert.quantize.calibration import SELF  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
-from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
+from claq_convert.quantize.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
-from claq_convert.pipeline import QuantConfig  # noqa: E402
+from claq_convert.quantize.pipeline import QuantConfig  # noqa: E402
 
 WIKI_VALID = "wikitext-valid"
 # name -> (calibration sources, nsamples, seqlen, QuantConfig fields)

@@ -28,10 +28,10 @@ from numba import njit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert import kernels, kernels_shapes  # noqa: E402
+from claq_convert.kernels import numba_quant as kernels, shapes as kernels_shapes  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
 from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture  # noqa: E402
-from claq_convert.source import ModelSource  # noqa: E402
+from claq_convert.models.source import ModelSource  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

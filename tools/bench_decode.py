@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from claq_convert.cli import load_hf, machine_info  # noqa: E402
-from claq_convert.gguf_ext import open_model_file  # noqa: E402
-from claq_convert.modules import ClaqLinear  # noqa: E402
-from claq_convert.reader import decode_claq  # noqa: E402
-from claq_convert.runtime import load  # noqa: E402
+from claq_convert.format.gguf_ext import open_model_file  # noqa: E402
+from claq_convert.runtime.modules import ClaqLinear  # noqa: E402
+from claq_convert.format.reader import decode_claq  # noqa: E402
+from claq_convert.runtime.load import load  # noqa: E402
 
 
 def best_of(fn, repeat: int, sync=lambda: None) -> float:
@@ -56,7 +56,7 @@ def load_rss(path, skeleton_only: bool = False) -> int:
             "p, only = Path(sys.argv[1]), sys.argv[2] == '1'\n"
             "if only:\n"
             "    from claq_convert.architectures import skeleton\n"
-            "    from claq_convert.runtime import config_of\n"
+            "    from claq_convert.runtime.load import config_of\n"
             "    skeleton(config_of(p), 'cpu')\n"
             "else:\n"
             "    m, t = c.load_any(p, torch.device('cpu'))\n"

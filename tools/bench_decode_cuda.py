@@ -58,7 +58,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert import spec, torch_decoder  # noqa: E402
+from claq_convert.format import spec  # noqa: E402
+from claq_convert.runtime import torch_decoder  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "decode-cuda.json"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008),  # 7B-class: q/k/v/o, gate/up, down (rows x C)
@@ -174,7 +175,7 @@ def stream_copies(weight: SyntheticWeight, device: torch.device) -> list[list[tu
 
 def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed: int,
              one_launch: dict | None = None, graph_us=None) -> dict:
-    from claq_convert import kernels_triton as kt
+    from claq_convert.kernels import triton_lut as kt
 
     rows, C = weight.rows, weight.C
     label = f"{rows}x{C} {'+'.join(map(str, sorted(set(weight.widths.tolist()))))}-bit"
@@ -300,7 +301,7 @@ def sweep(device, time_us, failures: list[str], shapes, grid: dict) -> list[dict
     every launch setting in `grid`, checked once per setting; the fp16 matmul of the same weight beside it."""
     import itertools
 
-    from claq_convert import kernels_triton as kt
+    from claq_convert.kernels import triton_lut as kt
 
     results = []
     for i, (rows, C) in enumerate(shapes):
@@ -351,7 +352,7 @@ def sweep_widths(device, time_us, failures: list[str], shapes, settings: list[di
     """The one-launch GEMV on whole weights (every mix) for every setting in `settings`, each checked once,
     timed by do_bench and as CUDA graphs over copies of the weight (graph_timer); the chosen setting
     has the least geometric mean graph time over the weights (checked on all of them)."""
-    from claq_convert import kernels_triton as kt
+    from claq_convert.kernels import triton_lut as kt
 
     cases = []
     for i, (rows, C) in enumerate(shapes):
@@ -483,7 +484,7 @@ def main(argv=None) -> int:
                         "the copies over twice the L2 cache (no launch gaps, weights from HBM); "
                         "x fp16, y fp32; codebooks fp16 values read as fp32 tables; no outliers",
               "failures": failures, "cases": cases}
-    from claq_convert import kernels_triton as kt
+    from claq_convert.kernels import triton_lut as kt
 
     report["one_launch_settings"] = kt.gemv_widths_config(**(one_launch or {}))
     if swept is not None:

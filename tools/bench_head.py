@@ -20,8 +20,8 @@ import torch
 from benchlib import ROOT, self_pool
 from claq_convert.cli import machine_info
 from claq_convert.data import eval_texts
-from claq_convert.evaluate import perplexity
-from claq_convert.pipeline import QuantConfig, quantize_weight
+from claq_convert.runtime.evaluate import perplexity
+from claq_convert.quantize.pipeline import QuantConfig, quantize_weight
 
 SETTINGS = {"kmeans-4": (QuantConfig(method="kmeans", bits=4), False), "claq-4": (QuantConfig(bits=4), True),
             "claq-5": (QuantConfig(bits=5), True), "claq-6": (QuantConfig(bits=6), True)}

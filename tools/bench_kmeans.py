@@ -22,11 +22,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert import kernels  # noqa: E402
+from claq_convert.kernels import numba_quant as kernels  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
 from claq_convert.fixture import DEFAULT_FIXTURE_DIR, build_fixture  # noqa: E402
-from claq_convert.architectures import FAMILIES  # noqa: E402
-from claq_convert.source import ModelSource  # noqa: E402
+from claq_convert.models.architectures import FAMILIES  # noqa: E402
+from claq_convert.models.source import ModelSource  # noqa: E402
 
 
 def fit_ours(column: np.ndarray, k: int, max_iter: int) -> np.ndarray:

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from claq_convert.cli import load_hf, machine_info  # noqa: E402
 from claq_convert.data import default_text, eval_texts  # noqa: E402
-from claq_convert.evaluate import perplexity  # noqa: E402
-from claq_convert.fixture import (DEFAULT_FIXTURE_DIR, DEFAULT_PERMUTED_DIR, build_fixture,  # noqa: E402
-                                  build_permuted_fixture, hf_name, unpermute_qk)
+from claq_convert.runtime.evaluate import perplexity  # noqa: E402
+from claq_convert.fixture import (DEFAULT_FIXTURE_DIR, DEFAULT_PERMUTED_DIR, build_fixture, build_permuted_fixture,
+    hf_name, unpermute_qk)
 
 VERSION = "0.3.36"  # of llama-cpp-python, whose sdist vendors llama.cpp
 PACKAGE = f"llama-cpp-python=={VERSION}"

@@ -24,15 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import calibration_for, open_report, selected  # noqa: E402
-from claq_convert import inspection  # noqa: E402
-from claq_convert.calibration import DEFAULT_NSAMPLES, SELF, default_sources  # noqa: E402
+from claq_convert.format import inspection  # noqa: E402
+from claq_convert.quantize.calibration import DEFAULT_NSAMPLES, SELF, default_sources  # noqa: E402
 from claq_convert.cli import resolve_device  # noqa: E402
-from claq_convert.convert import ConvertOptions, run_conversion  # noqa: E402
+from claq_convert.quantize.convert import ConvertOptions, run_conversion  # noqa: E402
 from claq_convert.data import eval_texts  # noqa: E402
-from claq_convert.pipeline import QuantConfig  # noqa: E402
-from claq_convert.reader import open_claq  # noqa: E402
+from claq_convert.quantize.pipeline import QuantConfig  # noqa: E402
+from claq_convert.format.reader import open_claq  # noqa: E402
 
-# name -> QuantConfig fields, plus "calib": the calibration sources (calibration.py; "wikitext-valid": that
+# name -> QuantConfig fields, plus "calib": the calibration sources (quantize/calibration.py; "wikitext-valid": that
 # file; absent: claq-convert's default), and "bpw_of": a budget equal to that configuration's measured honest
 # bpw (the measured allocation against the fixed rule at equal bits). These were measured with 64
 # self-sampled windows, the default before the Python texts joined it:
@@ -138,7 +138,7 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
     # budget, so asking 3.56 fills about 3.5 (the honest bpw is measured from the file, as always)
     "cols-claq-bpw-3.56-or-0.07-fp32-embedding-tune-192": dict(bpw=3.56, outlier_bits=0.07, allocation="fisher",
                                                               quantize_embeddings=False, tune_steps=192),
-    # the allocation prices coded levels (an estimate; budget.py holds the file to --bpw): the same budgets
+    # the allocation prices coded levels (an estimate; quantize/budget.py holds the file to --bpw): the same budgets
     # as above, now filled
     "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-coded-price": dict(
         bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192),

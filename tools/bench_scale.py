@@ -49,14 +49,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from claq_convert.calibration import DEFAULT_NSAMPLES, read_text, text_windows  # noqa: E402
-from claq_convert.checkpoint import Checkpoint, checkpoint_dir  # noqa: E402
+from claq_convert.quantize.calibration import DEFAULT_NSAMPLES, read_text, text_windows  # noqa: E402
+from claq_convert.quantize.checkpoint import Checkpoint, checkpoint_dir  # noqa: E402
 from claq_convert.cli import DEFAULT_BPW  # noqa: E402
-from claq_convert.convert import TOKENIZER_FILES, ConvertOptions, fingerprint, run_conversion  # noqa: E402
+from claq_convert.quantize.convert import TOKENIZER_FILES, ConvertOptions, fingerprint, run_conversion  # noqa: E402
 from claq_convert.data import tokenize_text  # noqa: E402
-from claq_convert.pipeline import QuantConfig, head_target, quantize_group, quantize_weight, worker_count  # noqa: E402
-from claq_convert.sensitivity import FISHER_WINDOWS  # noqa: E402
-from claq_convert.source import ModelSource  # noqa: E402
+from claq_convert.quantize.pipeline import (  # noqa: E402
+    QuantConfig, head_target, quantize_group, quantize_weight, worker_count)
+from claq_convert.quantize.sensitivity import FISHER_WINDOWS  # noqa: E402
+from claq_convert.models.source import ModelSource  # noqa: E402
 from claq_convert.timing import PhaseTimer  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -341,7 +342,7 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
     # the Fisher pass (one decoder layer at a time, forward then backward) and the allocation (a loss table
     # per weight) grow with the layers in time; the Fisher pass also with its windows (min(FISHER_WINDOWS,
     # nsamples)). Its memory grows with the windows only: one layer's inputs, the gradients arriving at its
-    # output and those leaving its input; every layer's inputs wait on disk (fisher_stream.py)
+    # output and those leaving its input; every layer's inputs wait on disk (quantize/fisher_stream.py)
     windows, hidden = min(FISHER_WINDOWS, nsamples), model["config"]["hidden_size"]
     by_layers = {}
     for name in ("sensitivity", "allocation", "budget", "write"):  # the last two: weights held in memory (--bpw)

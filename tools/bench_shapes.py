@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 import bench_quality  # noqa: E402
-from claq_convert import gptq, kernels_shapes  # noqa: E402
+from claq_convert.quantize import gptq  # noqa: E402
+from claq_convert.kernels import shapes as kernels_shapes  # noqa: E402
 
 SHAPE_COLUMN_BITS = 8 + 32  # u8 shape index, fp16 offset and scale
 GRID_PARAMETER_BITS = 32    # v2's codebook_grid: fp16 offset and step a column (beside its 2**b u8 levels)

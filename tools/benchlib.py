@@ -13,9 +13,9 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import AutoConfig  # noqa: E402
 
-from claq_convert.calibration import SELF, calibration_set, sampling_batch, window_counts  # noqa: E402
+from claq_convert.quantize.calibration import SELF, calibration_set, sampling_batch, window_counts  # noqa: E402
 from claq_convert.cli import machine_info  # noqa: E402
-from claq_convert.convert import load_sampler  # noqa: E402
+from claq_convert.quantize.convert import load_sampler  # noqa: E402
 
 CACHE = ROOT / "out" / "calibration-cache"
 

@@ -68,7 +68,7 @@ def _tokenizer_files() -> dict[str, bytes]:
 def _quantized(rng, rows: int, cols: int, widths, grid: bool, outliers: bool):
     import numpy as np
 
-    from claq_convert.writer import encode_claq_sections
+    from claq_convert.format.writer import encode_claq_sections
 
     bits = rng.choice(widths, cols).astype(np.uint8)
     top = 1 << int(bits.max())
@@ -92,8 +92,8 @@ def write_seeds(directory: Path, reuse: bool = False) -> dict[str, list[Path]]:
     those already in `directory` are kept, so that two versions of the readers see the same seeds)."""
     import numpy as np
 
-    from claq_convert import gguf_ext
-    from claq_convert.writer import ClaqWriter
+    from claq_convert.format import gguf_ext
+    from claq_convert.format.writer import ClaqWriter
 
     vectors = sorted(VECTORS.glob("*.claq")) + sorted((VECTORS / "bad").glob("*.claq"))
     claq, whole, gguf_seed, gguf_whole = (directory / name for name in SEED_FILES)
@@ -527,7 +527,7 @@ class CaseTimeout(BaseException):
 
 
 def check_rendered(text: str, summary: dict) -> None:
-    from claq_convert import spec
+    from claq_convert.format import spec
 
     expected = 6 + bool(summary["conversion"]) + 1 + len(summary["tensors"])
     lines = text.split("\n")
@@ -545,8 +545,8 @@ def inspect_like(path: Path) -> None:
     """What claq-inspect does, then every tensor decoded and every file read."""
     import numpy as np
 
-    from claq_convert.gguf_ext import open_model_file
-    from claq_convert.inspection import render, summarize
+    from claq_convert.format.gguf_ext import open_model_file
+    from claq_convert.format.inspection import render, summarize
 
     with open_model_file(path) as cf:
         cf.validate()
@@ -581,7 +581,7 @@ def load_like(path: Path) -> None:
     """claq_convert.load on a file the readers accept: only one-line errors (library, ValueError, OSError) may
     come out; anything else counts as a load failure."""
     from claq_convert import load
-    from claq_convert.reader import ClaqFormatError
+    from claq_convert.format.reader import ClaqFormatError
 
     try:
         load(path)
@@ -600,7 +600,7 @@ class LoadFailure(Exception):
 def run_case(path: Path, timeout: float, with_load: bool = False) -> dict:
     import signal
 
-    from claq_convert.reader import ClaqFormatError
+    from claq_convert.format.reader import ClaqFormatError
 
     def alarm(*_):
         raise CaseTimeout(f"no result within {timeout} s")
@@ -646,7 +646,7 @@ def worker(args) -> None:
     seeds = {k: [Path(p) for p in v] for k, v in json.loads(Path(args.seeds_index).read_text()).items()}
     cache: dict = {}
     if args.load:  # imported once, outside the cases' time
-        import claq_convert.runtime  # noqa: F401
+        import claq_convert.runtime.load  # noqa: F401
         import transformers  # noqa: F401
     channel = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol; whatever the libraries print goes to stderr
     os.dup2(2, 1)

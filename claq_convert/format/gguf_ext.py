@@ -19,8 +19,8 @@ import numpy as np
 
 from . import spec
 from .reader import (BadHeader, BadLayout, BadMagic, ClaqFile, ClaqFormatError, TruncatedFile, UnsupportedVersion,
-                     brief_repr, check_claq_contents, check_file_name, check_tensor_entry,
-                     check_tensor_sections, decode_tensor, parse_json)
+    brief_repr, check_claq_contents, check_file_name, check_tensor_entry, check_tensor_sections, decode_tensor,
+    parse_json)
 
 ARCH = "claq"
 EXT_VERSION = spec.VERSION                   # written (the .claq version of its data); read: those of spec.WIDTHS_BY_VERSION

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import kmeans_optimal_weighted, round_fp16, weighted_prefix_sums
+from .numba_quant import kmeans_optimal_weighted, round_fp16, weighted_prefix_sums
 
 FIT_ITERATIONS = 12   # Lloyd's steps of one fit (most columns settle in 3 to 6)
 SHAPE_ROUNDS = 3      # least-squares refits of the shapes on the columns (learn_shapes)

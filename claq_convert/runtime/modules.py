@@ -25,8 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import spec
-from .rice import with_levels
+from ..format import spec
+from ..format.rice import with_levels
 from .torch_decoder import ClaqLayout, codebook_values, codes_at, decode_claq, to_torch
 
 # CPU: batch rows up to which the Numba product is used; from 2 rows on, decoding column chunks that
@@ -147,13 +147,13 @@ class ClaqLinear(torch.nn.Module):
         if Wt.shape != (self.in_features, self.out_features) or Wt.dtype != dtype or not Wt.is_contiguous():
             raise ValueError(f"out_t must be a contiguous {dtype} [{self.in_features}, {self.out_features}] tensor")
         if path == "numba":
-            from .kernels_decode import decode_stream
+            from ..kernels.numba_decode import decode_stream
 
             _numba_threads()
             for b, words, tables, columns in self._numpy_streams():
                 decode_stream(words, b, tables, columns, self.out_features, Wt.numpy())
         else:
-            from .kernels_triton import decode_stream
+            from ..kernels.triton_lut import decode_stream
 
             for b, words, tables, columns in self._streams():
                 decode_stream(words, b, tables, columns, self.out_features, Wt)
@@ -200,7 +200,7 @@ class ClaqLinear(torch.nn.Module):
         return cached[1]
 
     def _numba_matmul(self, xf: torch.Tensor) -> torch.Tensor:
-        from .kernels_decode import decode_stream, product_stream
+        from ..kernels.numba_decode import decode_stream, product_stream
 
         threads = _numba_threads()
         y = torch.zeros(xf.shape[0], self.out_features, dtype=torch.float32)
@@ -222,7 +222,7 @@ class ClaqLinear(torch.nn.Module):
         return y
 
     def _triton_product(self, flat: torch.Tensor) -> torch.Tensor:
-        from . import kernels_triton
+        from ..kernels import triton_lut as kernels_triton
 
         y = torch.zeros(flat.shape[0], self.out_features, dtype=torch.float32, device=flat.device)
         schedule = self._gemv_schedule(flat) if flat.shape[0] == 1 else None
@@ -240,7 +240,7 @@ class ClaqLinear(torch.nn.Module):
         word-aligned: those take one launch a stream)."""
         cached = self.__dict__.get("_gemv_work")
         if cached is None or cached[0] != x.device:
-            from . import kernels_triton
+            from ..kernels import triton_lut as kernels_triton
 
             counts = {b: int(columns.numel()) for b, columns in self.layout.columns.items()}
             aligned = all(self.out_features * b % spec.WORD_BITS == 0 for b in counts)

@@ -68,8 +68,8 @@ def summarize(cf) -> dict:
 
 def verify(cf, model_dir: Path) -> dict:
     """Decode every tensor and compare with the source checkpoint (relative Frobenius error)."""
-    from .architectures import transposed_weight
-    from .source import ModelSource
+    from ..models.architectures import transposed_weight
+    from ..models.source import ModelSource
 
     source = ModelSource(model_dir)
     model_type = getattr(source.config(), "model_type", None)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import spec
+from ..format import spec
 
 
 MAX_RESERVE = 255  # outliers per column, so the per-column counts fit in one byte

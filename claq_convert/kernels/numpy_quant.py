@@ -1,4 +1,4 @@
-"""NumPy twin of `kernels.py` and `kernels_decode.py`: the same algorithms, plainly written, for the
+"""NumPy twin of `kernels/numba_quant.py` and `kernels/numba_decode.py`: the same algorithms, plainly written, for the
 tests to compare against.
 
 Slow (a Python loop per column and per iteration); never used on the conversion or runtime path.
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import FP16_LEAST, GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
-from .kernels_shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
-from .spec import unpack_codes
+from ..format.spec import unpack_codes
+from .numba_quant import FP16_LEAST, GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
+from .shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 
 
 def round_fp16(x: np.ndarray) -> np.ndarray:
@@ -216,7 +216,7 @@ def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np
     y += (x[:, columns].astype(np.float64) @ values.astype(np.float64)).astype(np.float32)
 
 
-# ---- twins of kernels_shapes.py -------------------------------------------------------------------
+# ---- twins of kernels/shapes.py -------------------------------------------------------------------
 
 def _seq_sum(values) -> float:
     """Left-to-right float64 sum (NumPy's pairwise sum rounds differently from the kernels' loops)."""

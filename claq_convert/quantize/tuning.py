@@ -7,7 +7,7 @@ every code left where GPTQ put it. The file's bits do not change: the same codeb
 self-sampled windows the target is the model's own distribution, not a text domain, so the gain carries
 over to every evaluation text (README, "Tuning").
 
-Pure functions and modules here; `convert.py` decides when to tune and writes the result.
+Pure functions and modules here; `quantize/convert.py` decides when to tune and writes the result.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..kernels.numba_quant import FP16_LEAST, GRID_TOP
+from ..kernels.numpy_quant import round_fp16, strict_levels
+from ..progress import Progress, no_progress
 from .gptq import QuantizedWeight
-from .kernels import FP16_LEAST, GRID_TOP
-from .kernels_numpy import round_fp16, strict_levels
-from .progress import Progress, no_progress
 
 TUNE_LR = 3e-4         # Adam's step for codebook entries (measured on SmolLM2: README, "Tuning")
 NORM_LR_FACTOR = 5.0   # the norms' scales (about 1) move faster than codebook entries (about 0.02)

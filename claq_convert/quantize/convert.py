@@ -10,18 +10,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import __version__, spec
+from .. import __version__
+from ..format import spec
+from ..format.reader import decode_claq
+from ..format.writer import ClaqWriter, encode_claq_sections
+from ..models.source import ModelSource
+from ..progress import Progress, no_progress
+from ..timing import NO_TIMER, Timer
 from .calibration import DEFAULT_NSAMPLES
 from .checkpoint import Checkpoint
 from .columns import GRID_MAX_BITS
 from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, head_target, input_energies, quantize_model
-from .progress import Progress, no_progress
-from .reader import decode_claq
 from .sensitivity import FISHER_WINDOWS, FisherSums, weights_by_name
-from .source import ModelSource
-from .timing import NO_TIMER, Timer
-from .writer import ClaqWriter, encode_claq_sections
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ConvertOptions:
     model_dir: Path
     out: Optional[Path]
     quant: QuantConfig
-    calib: tuple = ()                  # calibration sources (calibration.py); () is default_sources(nsamples)
+    calib: tuple = ()                  # calibration sources (quantize/calibration.py); () is default_sources(nsamples)
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = 512
     seed: int = 0
@@ -38,7 +39,7 @@ class ConvertOptions:
     eval_texts: Optional[dict] = None  # name -> text file scored by --eval; None: WikiText-2 test only
     raw_dtype: Optional[str] = None    # F32/F16/BF16 for the tensors kept raw; None: each keeps its source dtype
     threads: Optional[int] = None      # linears of one group quantized at once; None: torch.get_num_threads()
-    checkpoint: Optional[Checkpoint] = None  # finished work saved here, and continued from (checkpoint.py)
+    checkpoint: Optional[Checkpoint] = None  # finished work saved here, and continued from (quantize/checkpoint.py)
 
 
 def stored_bytes(result: QuantizedWeight) -> int:
@@ -166,7 +167,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     pipeline's sections and phases, plus "calibration", each weight's "write" and "rest" (timing.py)."""
     from transformers import AutoTokenizer
 
-    from .architectures import family_of
+    from ..models.architectures import family_of
     from .calibration import calibration_set, default_sources, describe
 
     qc = options.quant
@@ -256,10 +257,10 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
 
 def tune_model(options: ConvertOptions, results: dict[str, QuantizedWeight], calibration: torch.Tensor,
                progress: Progress, log) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
-    """Codebooks (and norm scales) tuned by distillation from the source model (tuning.py)."""
+    """Codebooks (and norm scales) tuned by distillation from the source model (quantize/tuning.py)."""
     from transformers import AutoModelForCausalLM
 
-    from .architectures import family_of
+    from ..models.architectures import family_of
     from .tuning import tune
 
     qc = options.quant
@@ -379,14 +380,14 @@ def measure_fisher(source: ModelSource, calibration: torch.Tensor, device, progr
 
 def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, log,
                   fisher=None, weights: Optional[dict] = None) -> tuple[dict, dict]:
-    """Bit settings per weight for the --bpw budget (allocation.py), and a record of what was chosen.
+    """Bit settings per weight for the --bpw budget (quantize/allocation.py), and a record of what was chosen.
 
     The block linears compete for the budget. The head and an untied input embedding keep their fixed
     target (head_target) and are paid from the same budget first: their loss is not comparable with the
     blocks' (measured: allocated with them, the head fell to 1-2 bits and a relative error of 0.58).
     """
     from .allocation import allocate, allocate_columns, candidates, coded_level_bits, column_losses, stored_estimate
-    from .architectures import family_of
+    from ..models.architectures import family_of
 
     start = time.perf_counter()
     family = family_of(source.config())
@@ -497,8 +498,8 @@ def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedW
     baselines; `replaced`: raw tensors the file stores changed (tuned norm scales)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import default_text
-    from .evaluate import perplexity
+    from ..data import default_text
+    from ..runtime.evaluate import perplexity
 
     texts = options.eval_texts or {"wikitext": default_text("test")}
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
@@ -518,7 +519,7 @@ def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedW
 @torch.no_grad()
 def apply_dequantized(model, results: dict[str, QuantizedWeight]) -> None:
     """Replace each quantized weight of an fp32 model by its dequantized values (in place)."""
-    from .architectures import family_of
+    from ..models.architectures import family_of
 
     family = family_of(model.config)
     params = dict(model.named_parameters())

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import spec
+from ..format import spec
 
 # The GEMV's partial sums meet in y by atomic adds that need no ordering: "relaxed" spares the memory
 # fence Triton puts before each one by default ("acq_rel")

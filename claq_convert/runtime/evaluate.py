@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from .data import default_text, eval_windows, tokenize_file
-from .progress import Progress, no_progress
+from ..data import default_text, eval_windows, tokenize_file
+from ..progress import Progress, no_progress
 
 
 @dataclass

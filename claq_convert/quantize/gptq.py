@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al. 2022) with a pluggable column quantizer, returning codes rather than floats.
 
-The structure follows the reference `gptq.py`: dead columns, act-order, dampening, the upper Cholesky
+The structure follows the reference `quantize/gptq.py`: dead columns, act-order, dampening, the upper Cholesky
 factor of H^-1, 128-column blocks with lazy batch updates. The inner loop over a block's columns
 runs in one Numba kernel (`kernels.gptq_block`) on the CPU; the Hessian, the Cholesky and the lazy
 updates stay on the weight's device (CUDA when present).
@@ -15,9 +15,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import kernels
-from .spec import MAX_CODEBOOK  # 2**8 entries: the widest codebook the format holds
-from .timing import NO_TIMER, Timer
+from ..format.spec import MAX_CODEBOOK  # 2**8 entries: the widest codebook the format holds
+from ..kernels import numba_quant as kernels
+from ..timing import NO_TIMER, Timer
 
 
 @dataclass

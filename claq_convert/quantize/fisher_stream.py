@@ -1,4 +1,4 @@
-"""The Fisher sums of sensitivity.py with one decoder layer in memory at a time, so that measuring them
+"""The Fisher sums of quantize/sensitivity.py with one decoder layer in memory at a time, so that measuring them
 costs a model of any size what a layer of the conversion costs.
 
 The gradient of one window's loss with respect to a layer's weights needs only the layer's input and the
@@ -26,11 +26,11 @@ from typing import Optional, Sequence
 import torch
 
 from .pipeline import (_first_layer_inputs, _layer_output, _materialise, _parameter_name, _set_tensor,
-                       head_and_embedding_names, outside_modules)
-from .architectures import resolve, skeleton
-from .progress import Progress, no_progress
+    head_and_embedding_names, outside_modules)
+from ..models.architectures import resolve, skeleton
+from ..models.source import ModelSource
+from ..progress import Progress, no_progress
 from .sensitivity import FisherSums, SquaredGradients, window_loss
-from .source import ModelSource
 
 
 class _Replay(torch.nn.Module):

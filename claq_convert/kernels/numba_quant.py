@@ -1,8 +1,8 @@
 """Numba kernels: 1-D K-Means on sorted prefix sums and the GPTQ inner block loop with codebooks.
 
 The quantization's Numba code sits here (the decode/product kernels of the runtime are in
-`kernels_decode.py`); `kernels_numpy.py` is the line-for-line NumPy twin of both, used by the
-tests to check these kernels exactly. The kernels are unchecked: callers (`gptq.py`) validate shapes
+`kernels/numba_decode.py`); `kernels/numpy_quant.py` is the line-for-line NumPy twin of both, used by the
+tests to check these kernels exactly. The kernels are unchecked: callers (`quantize/gptq.py`) validate shapes
 and dtypes. Arithmetic is float64 inside; prefix sums are float64 because float32 loses the small
 differences Lloyd's update needs. Every kernel releases the GIL (nogil), so independent weights can be
 quantized in parallel threads (pipeline.quantize_group).
@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .spec import GRID_TOP  # the highest level of a codebook grid (levels are u8)
+from ..format.spec import GRID_TOP  # the highest level of a codebook grid (levels are u8)
 
 # A kernel that reaches a parallel loop (gptq_block: kmeans_dp_parallel) segfaults when two threads call
 # it for the first time at once before Numba's threading layer has started (numba 0.68, omp; measured
@@ -475,4 +475,4 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
 # Last: kernels_shapes builds on the helpers above (round_fp16, the K-Means), and quantize_column_codebook
 # calls into it; Numba resolves the names when the kernel first compiles.
 # A module, not its names: importing kernels_shapes first imports this module before its own names exist.
-from . import kernels_shapes  # noqa: E402
+from . import shapes as kernels_shapes  # noqa: E402

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .progress import Progress, no_progress
+from ..progress import Progress, no_progress
 
 # Windows of the calibration set the gradients are taken over (one backward pass through the whole
 # model each).

@@ -19,14 +19,14 @@ from typing import Callable, Collection, Iterator, Optional
 import numpy as np
 import torch
 
-from . import spec
-from .architectures import Resolved, inside, resolve, skeleton
+from ..format import spec
+from ..models.architectures import Resolved, inside, resolve, skeleton
+from ..models.source import ModelSource
+from ..progress import Progress, no_progress
+from ..timing import NO_TIMER, Timer
 from .columns import CODEBOOKS, column_ranking, column_reserve, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
-from .progress import Progress, no_progress
 from .replay import LayerReplay
-from .source import ModelSource
-from .timing import NO_TIMER, Timer
 from .tuning import TUNE_LR
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
@@ -54,15 +54,16 @@ class QuantConfig:
     head_bits: Optional[float] = None # target of the head/embedding; None: HEAD_EXTRA_BITS above `bits`
     group_size: int = 0               # uniform baselines: a grid per this many columns (0: per row)
     bpw: Optional[float] = None       # measured allocation: quantized tensors take at most this many bits per weight
-    allocation: str = "fisher"        # its loss per weight: "fisher", the model loss it adds (sensitivity.py), or
-                                      # the layer output error "relative" to the weight's output energy, or "absolute"
+    allocation: str = "fisher"        # its loss per weight: "fisher", the model loss it adds (sensitivity.py),
+                                      # or the layer output error "relative" to the weight's output energy, or
+                                      # "absolute"
     allocation_unit: str = "column"   # "column": every column its own width; "matrix": one setting a weight
     row_weighting: str = "fisher"     # claq: the rows' weights in each column's K-Means, "fisher"
-                                      # (sensitivity.py) or "none"
+                                      # (quantize/sensitivity.py) or "none"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
     tune_steps: int = 0               # > 0: codebooks (and norm scales) tuned by distillation, this many windows
-    tune_lr: float = TUNE_LR          # the codebook entries' learning rate (tuning.py)
+    tune_lr: float = TUNE_LR          # the codebook entries' learning rate (quantize/tuning.py)
     column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
                                       # widths (set per weight from a column allocation; not a user option)
 
@@ -341,7 +342,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
     by one); the results do not depend on it. `timer` gets a section per layer ("inputs", "layer N",
     "head", "embedding") and the phases of timing.py.
 
-    Resuming (checkpoint.py): `start_layer` > 0 skips the layers before it, whose outputs `start_states`
+    Resuming (quantize/checkpoint.py): `start_layer` > 0 skips the layers before it, whose outputs `start_states`
     are (one tensor per calibration batch, exactly as this function produced them); `done` names the
     head/embedding tensors already quantized. `on_layer(index, states)` is called when a layer is
     finished, with its outputs, after its last result was consumed and before the next layer starts.

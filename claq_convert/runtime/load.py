@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import spec
-from .architectures import family_of, skeleton
-from .gguf_ext import open_model_file
-from .reader import check_claq_contents, decode_tensor
+from ..format import spec
+from ..format.gguf_ext import open_model_file
+from ..format.reader import check_claq_contents, decode_tensor
+from ..models.architectures import family_of, skeleton
 from .modules import ClaqEmbedding, ClaqLinear, ClaqTiedHead
 
 
@@ -85,7 +85,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
     `dtype` is the compute dtype of the raw tensors and of decoded weights. `cache` keeps each decoded
     weight after its first use (faster, but resident memory grows to the unquantized size). `kernels`:
     "auto" multiplies with the device's kernels (Numba on the CPU, Triton on CUDA), "torch" with the
-    portable Torch decoder (modules.py).
+    portable Torch decoder (runtime/modules.py).
     """
     from transformers import GenerationConfig
 

@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .data import DataError, tokenize_text
-from .progress import Progress, no_progress
+from ..data import DataError, tokenize_text
+from ..progress import Progress, no_progress
 
 SELF = "self"
 # Texts every Python has, read from the running interpreter (PSF licence; nothing is downloaded or shipped):
