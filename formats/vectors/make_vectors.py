@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from claq_convert.spec import ALIGNMENT, MAGIC, WIDTHS_BY_VERSION  # noqa: E402  (the one source of the constants)
+from claq_convert.format.spec import ALIGNMENT, MAGIC, WIDTHS_BY_VERSION  # noqa: E402  (the constants' one source)
 
 VERSION = 1  # most vectors are claq-v1.md's (every later reader reads them); GRID and its kin are version 2
 
