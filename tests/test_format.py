@@ -310,7 +310,7 @@ def test_reference_reader_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, claq_convert.reader; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, claq_convert.format.reader; assert 'torch' not in sys.modules, sorted(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -51,11 +51,11 @@ def load_rss(path, skeleton_only: bool = False) -> int:
     but loads no weight; transformers' model code alone is over 100 MiB."""
     import subprocess
 
-    code = ("import sys, torch, transformers, claq_convert.cli as c, claq_convert.kernels_decode\n"
+    code = ("import sys, torch, transformers, claq_convert.cli as c, claq_convert.kernels.numba_decode\n"
             "from pathlib import Path\n"
             "p, only = Path(sys.argv[1]), sys.argv[2] == '1'\n"
             "if only:\n"
-            "    from claq_convert.architectures import skeleton\n"
+            "    from claq_convert.models.architectures import skeleton\n"
             "    from claq_convert.runtime.load import config_of\n"
             "    skeleton(config_of(p), 'cpu')\n"
             "else:\n"

@@ -6,7 +6,7 @@ llama-quantize and llama-imatrix built (CMake Release, CPU), all cached under ~/
 convert_hf_to_gguf.py makes an F32 GGUF of the fp32 fixture (checked bit exact after undoing its q/k row
 permutation); llama-imatrix runs on WikiText-2 valid.txt (the project's calibration text); llama-quantize
 writes each type. Each GGUF is read back with gguf-py, dequantized, q/k un-permuted and scored in torch with
-claq_convert.evaluate.perplexity on every text, at two scopes: "block_linears" (only the 7 linears of each
+claq_convert.runtime.evaluate.perplexity on every text, at two scopes: "block_linears" (only the 7 linears of each
 layer replaced, the rest fp32: comparable with CLAQ) and "whole_model" (every tensor as stored; the model is
 tied, so the head is the quantized token_embd). Honest bpw: stored bytes * 8 / weights of the block linears;
 for the whole model, file bytes * 8 / all parameters. fp32 is scored in the same run (the ratios' reference).
