@@ -2,7 +2,7 @@
 
 Sections go to a temporary data file as they arrive (memory: one tensor). `close()` writes the
 preamble and header to a temporary file beside the target, appends the data, fsyncs and renames, so
-an interrupted conversion never leaves a file that looks valid. The mirror image of `format/reader.py`.
+an interrupted conversion never leaves a file that looks valid. The mirror image of `reader.py`.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ accumulators of whole columns (2.7 G codes/s a thread).
 
 That kernel is bound by its lookups (scalar loads: LLVM does not vectorise them). Where Numba compiles
 for AVX-512F (`simd.available()`), batch 1 takes `_lookup_product1` instead: a codebook of 16 floats
-is one zmm register and `vpermps` looks 16 codes up at once (kernels/simd.py). Measured on one thread of this
+is one zmm register and `vpermps` looks 16 codes up at once (simd.py). Measured on one thread of this
 machine (AMD EPYC Zen 5), data in cache, against the kernel above: 1536 x 576 at 4 bits 20.7 against
 297 us (43 against 3.0 G codes/s), the 6-bit 49152 x 576 head 2.1 against 17.3 ms; widths 1 to 6
 bits 8x to 17x faster, 7 and 8 bits 6x and 2.2x. In generation the codes come from memory (74 MB a
@@ -129,7 +129,7 @@ def _aligned(bits: int):
 
 @lru_cache(maxsize=None)
 def _lookup_product1(bits: int, tile: int):
-    """Batch-1 product by AVX-512 table lookups (kernels/simd.py), rows % tile == 0: (parallel, serial) kernels.
+    """Batch-1 product by AVX-512 table lookups (simd.py), rows % tile == 0: (parallel, serial) kernels.
 
     Per tile of rows, the sum over all columns in registers, 16 codes at a time unpacked and looked
     up by one vpermps (32-entry codebooks: vpermi2ps; more: several of them and selects). Codebooks
@@ -173,7 +173,7 @@ def _lookup_product1(bits: int, tile: int):
 
 @lru_cache(maxsize=None)
 def _lookup_decode(bits: int, tile: int):
-    """Decode by AVX-512 table lookups (kernels/simd.py), rows % tile == 0: each column's codebook repeated to
+    """Decode by AVX-512 table lookups (simd.py), rows % tile == 0: each column's codebook repeated to
     16 entries (as the product's tables), then per tile of rows one unpack, one lookup and a store
     back in row order; columns in parallel. The values are the codebook's own: bit for bit the
     decoders. Measured at 3 and 5 bits, where codes straddle words and the kernel above slows most."""

@@ -1,7 +1,7 @@
 """Numba kernels: 1-D K-Means on sorted prefix sums and the GPTQ inner block loop with codebooks.
 
 The quantization's Numba code sits here (the decode/product kernels of the runtime are in
-`kernels/numba_decode.py`); `kernels/numpy_quant.py` is the line-for-line NumPy twin of both, used by the
+`numba_decode.py`); `numpy_quant.py` is the line-for-line NumPy twin of both, used by the
 tests to check these kernels exactly. The kernels are unchecked: callers (`quantize/gptq.py`) validate shapes
 and dtypes. Arithmetic is float64 inside; prefix sums are float64 because float32 loses the small
 differences Lloyd's update needs. Every kernel releases the GIL (nogil), so independent weights can be

@@ -1,4 +1,4 @@
-"""NumPy twin of `kernels/numba_quant.py` and `kernels/numba_decode.py`: the same algorithms, plainly written, for the
+"""NumPy twin of `numba_quant.py` and `numba_decode.py`: the same algorithms, plainly written, for the
 tests to compare against.
 
 Slow (a Python loop per column and per iteration); never used on the conversion or runtime path.
@@ -216,7 +216,7 @@ def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np
     y += (x[:, columns].astype(np.float64) @ values.astype(np.float64)).astype(np.float32)
 
 
-# ---- twins of kernels/shapes.py -------------------------------------------------------------------
+# ---- twins of shapes.py -------------------------------------------------------------------
 
 def _seq_sum(values) -> float:
     """Left-to-right float64 sum (NumPy's pairwise sum rounds differently from the kernels' loops)."""

@@ -20,7 +20,7 @@ Use only where `available()`: the instructions need AVX-512F (the byte shuffles 
 plain LLVM IR and take whatever the CPU has: vpshufb/vpermb of AVX-512BW/VBMI on the AMD EPYC (Zen 5)
 this was measured on). The intrinsics do no bounds checks; the kernels that call them do the
 arithmetic. Numba's cache of those kernels knows only their own file's timestamp: after editing this
-one, touch kernels/numba_decode.py (or remove claq_convert/__pycache__/*.nbi).
+one, touch numba_decode.py (or remove claq_convert/kernels/__pycache__/*.nbi).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ For every weight and every candidate setting (one width, or two adjacent widths 
 Order as in adaptive precision) two numbers are known before any GPTQ runs:
 - its bytes in the file (spec.claq_stored_bytes: codes, codebooks, bit-width map, padding), exactly but
   for coded grid levels (format v3), which depend on levels GPTQ has not fitted yet: those are estimated
-  from the weight's data-free codebooks (coded_level_bits, column unit), and quantize/budget.py holds the file to
+  from the weight's data-free codebooks (coded_level_bits, column unit), and budget.py holds the file to
   the budget once they are known;
 - its loss, sum_j E_j * SSE_j(b_j): the least K-Means error of column j at its width b_j (exact up to
   4 bits from one DP per column, extrapolated above) weighted by E_j = sum over calibration tokens of x_j**2, the diagonal of the
@@ -41,7 +41,7 @@ SAMPLE_COLUMNS = 16  # columns a weight's coded-level estimate fits (about 0.03 
 SAMPLE_ROWS = 4096   # about as many rows of each (a K-Means codebook of 2**5 entries needs far fewer)
 # GPTQ's levels code to more bits than the data-free estimate: on SmolLM2 1.12x at 4.5 bpw (q/k_proj 1.06,
 # the others 1.11-1.15), 1.17x at fixed 4 bits without row weights, 1.04x tuned at 3.5. Pricing them 1.25x leaves
-# a little of the budget unspent (0.007 bpw at 4.5, measured) so that quantize/budget.py's narrowing, which has no GPTQ
+# a little of the budget unspent (0.007 bpw at 4.5, measured) so that budget.py's narrowing, which has no GPTQ
 # compensation (2,339 columns narrowed cost 5 points of ppl at 4.5 bpw with no margin), stays a guarantee.
 LEVEL_MARGIN = 1.25
 
@@ -128,7 +128,7 @@ def coded_level_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS,
     only at `widths`, the others left 0): the data-free grid codebooks of `sample` evenly spread columns of W
     (every SAMPLE_ROWS-th row or so of a tall one, as an embedding), coded as the writer codes a weight of
     such columns (rice.encode_levels), less the table. 1-bit columns store no level. GPTQ's levels code to
-    more (LEVEL_MARGIN); the budget's final count (quantize/budget.py) makes up any difference."""
+    more (LEVEL_MARGIN); the budget's final count (budget.py) makes up any difference."""
     from ..format.rice import encode_levels
 
     picked = np.unique(np.linspace(0, W.shape[1] - 1, min(sample, W.shape[1])).round().astype(np.int64))
@@ -165,7 +165,7 @@ def allocate_columns(tables: dict[str, np.ndarray], rows: dict[str, int], budget
     (spec.claq_stored_bytes) within budget_bytes. tables: name -> column_losses. Widths stop where grid
     codebooks do (GRID_MAX_BITS) unless codebook is "f16", so every weight keeps its cheap codebooks.
     outliers: name -> (outliers kept, the most in one column), fixed beforehand and paid from the budget.
-    level_bits: name -> coded_level_bits; grid levels are then priced as coded (an estimate: quantize/budget.py
+    level_bits: name -> coded_level_bits; grid levels are then priced as coded (an estimate: budget.py
     holds the file to the budget), else as u8 bytes (an upper bound)."""
     outliers = outliers or {}
     level_bits = level_bits or {}

@@ -30,7 +30,7 @@ class ConvertOptions:
     model_dir: Path
     out: Optional[Path]
     quant: QuantConfig
-    calib: tuple = ()                  # calibration sources (quantize/calibration.py); () is default_sources(nsamples)
+    calib: tuple = ()                  # calibration sources (calibration.py); () is default_sources(nsamples)
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = 512
     seed: int = 0
@@ -39,7 +39,7 @@ class ConvertOptions:
     eval_texts: Optional[dict] = None  # name -> text file scored by --eval; None: WikiText-2 test only
     raw_dtype: Optional[str] = None    # F32/F16/BF16 for the tensors kept raw; None: each keeps its source dtype
     threads: Optional[int] = None      # linears of one group quantized at once; None: torch.get_num_threads()
-    checkpoint: Optional[Checkpoint] = None  # finished work saved here, and continued from (quantize/checkpoint.py)
+    checkpoint: Optional[Checkpoint] = None  # finished work saved here, and continued from (checkpoint.py)
 
 
 def stored_bytes(result: QuantizedWeight) -> int:
@@ -257,7 +257,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
 
 def tune_model(options: ConvertOptions, results: dict[str, QuantizedWeight], calibration: torch.Tensor,
                progress: Progress, log) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
-    """Codebooks (and norm scales) tuned by distillation from the source model (quantize/tuning.py)."""
+    """Codebooks (and norm scales) tuned by distillation from the source model (tuning.py)."""
     from transformers import AutoModelForCausalLM
 
     from ..models.architectures import family_of
@@ -380,7 +380,7 @@ def measure_fisher(source: ModelSource, calibration: torch.Tensor, device, progr
 
 def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, log,
                   fisher=None, weights: Optional[dict] = None) -> tuple[dict, dict]:
-    """Bit settings per weight for the --bpw budget (quantize/allocation.py), and a record of what was chosen.
+    """Bit settings per weight for the --bpw budget (allocation.py), and a record of what was chosen.
 
     The block linears compete for the budget. The head and an untied input embedding keep their fixed
     target (head_target) and are paid from the same budget first: their loss is not comparable with the

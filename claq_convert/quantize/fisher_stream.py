@@ -1,4 +1,4 @@
-"""The Fisher sums of quantize/sensitivity.py with one decoder layer in memory at a time, so that measuring them
+"""The Fisher sums of sensitivity.py with one decoder layer in memory at a time, so that measuring them
 costs a model of any size what a layer of the conversion costs.
 
 The gradient of one window's loss with respect to a layer's weights needs only the layer's input and the

@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al. 2022) with a pluggable column quantizer, returning codes rather than floats.
 
-The structure follows the reference `quantize/gptq.py`: dead columns, act-order, dampening, the upper Cholesky
+The structure follows the reference `gptq.py`: dead columns, act-order, dampening, the upper Cholesky
 factor of H^-1, 128-column blocks with lazy batch updates. The inner loop over a block's columns
 runs in one Numba kernel (`kernels.gptq_block`) on the CPU; the Hessian, the Cholesky and the lazy
 updates stay on the weight's device (CUDA when present).

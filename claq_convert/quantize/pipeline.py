@@ -59,11 +59,11 @@ class QuantConfig:
                                       # "absolute"
     allocation_unit: str = "column"   # "column": every column its own width; "matrix": one setting a weight
     row_weighting: str = "fisher"     # claq: the rows' weights in each column's K-Means, "fisher"
-                                      # (quantize/sensitivity.py) or "none"
+                                      # (sensitivity.py) or "none"
     codebook: str = "auto"            # codebook entries: "grid" (u8 levels, fp16 offset+step a column), "f16",
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
     tune_steps: int = 0               # > 0: codebooks (and norm scales) tuned by distillation, this many windows
-    tune_lr: float = TUNE_LR          # the codebook entries' learning rate (quantize/tuning.py)
+    tune_lr: float = TUNE_LR          # the codebook entries' learning rate (tuning.py)
     column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
                                       # widths (set per weight from a column allocation; not a user option)
 
@@ -342,7 +342,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
     by one); the results do not depend on it. `timer` gets a section per layer ("inputs", "layer N",
     "head", "embedding") and the phases of timing.py.
 
-    Resuming (quantize/checkpoint.py): `start_layer` > 0 skips the layers before it, whose outputs `start_states`
+    Resuming (checkpoint.py): `start_layer` > 0 skips the layers before it, whose outputs `start_states`
     are (one tensor per calibration batch, exactly as this function produced them); `done` names the
     head/embedding tensors already quantized. `on_layer(index, states)` is called when a layer is
     finished, with its outputs, after its last result was consumed and before the next layer starts.

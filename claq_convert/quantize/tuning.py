@@ -7,7 +7,7 @@ every code left where GPTQ put it. The file's bits do not change: the same codeb
 self-sampled windows the target is the model's own distribution, not a text domain, so the gain carries
 over to every evaluation text (README, "Tuning").
 
-Pure functions and modules here; `quantize/convert.py` decides when to tune and writes the result.
+Pure functions and modules here; `convert.py` decides when to tune and writes the result.
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
     `dtype` is the compute dtype of the raw tensors and of decoded weights. `cache` keeps each decoded
     weight after its first use (faster, but resident memory grows to the unquantized size). `kernels`:
     "auto" multiplies with the device's kernels (Numba on the CPU, Triton on CUDA), "torch" with the
-    portable Torch decoder (runtime/modules.py).
+    portable Torch decoder (modules.py).
     """
     from transformers import GenerationConfig
 

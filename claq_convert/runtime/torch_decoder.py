@@ -1,7 +1,7 @@
 """Torch decoder: the decoding rule of formats/claq-v1.md with tensor operations, on any device.
 
 The twin of `reader.decode_claq` (NumPy); the tests check the two agree bit for bit. It runs on any
-device torch has and is the portable fallback and reference of the modules in `runtime/modules.py`, whose
+device torch has and is the portable fallback and reference of the modules in `modules.py`, whose
 fast paths (Numba on the CPU, Triton on CUDA) are held to it.
 """
 from __future__ import annotations
