@@ -83,19 +83,23 @@ def test_every_damaged_stream_is_refused_with_a_rule_or_decodes_to_rising_levels
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_grid_codebooks_rise_strictly_from_0_to_255_in_both_kernels(bits):
-    """Close centroids, ties and a constant column: the Numba kernel and its NumPy twin give the same strictly
-    rising levels from 0 to 255 (what coded levels need) and entries by the decoders' rule."""
+    """Close centroids, ties and a constant column: the Numba kernel and its NumPy twin (one codebook, or a
+    batch of them) give the same strictly rising levels from 0 to 255 (what coded levels need) and entries
+    by the decoders' rule."""
     rng = np.random.default_rng(bits)
     k = 1 << bits
     cases = [np.sort(rng.standard_normal(k)), np.full(k, 0.3),
              np.sort(np.concatenate([np.full(k // 2, -0.5), rng.standard_normal(k - k // 2) * 1e-4])),
              np.linspace(-1.0, 1.0, k) ** 3, np.sort(rng.standard_normal(k)) * 1e-6]
-    for centroids in cases:
+    batch_levels, batch_grids, batch_values = kernels_numpy.grid_codebook(np.stack(cases))  # one a row
+    for row, centroids in enumerate(cases):
         levels, grid, values = np.zeros(k, np.uint8), np.zeros(2), np.zeros(k)
         kernels.grid_codebook(centroids, levels, grid, values)
         twin_levels, twin_grid, twin_values = kernels_numpy.grid_codebook(centroids)
         assert np.array_equal(levels, twin_levels) and np.array_equal(grid, twin_grid)
         assert np.array_equal(values, twin_values)
+        assert np.array_equal(levels, batch_levels[row]) and np.array_equal(grid, batch_grids[row])
+        assert np.array_equal(values, batch_values[row])
         assert levels[0] == 0 and levels[-1] == 255 and np.all(np.diff(levels.astype(int)) > 0)
         assert grid[1] > 0 and np.float16(grid[1]) == grid[1]
         expected = np.float32(grid[0]) + np.float32(grid[1]) * levels.astype(np.float32)

@@ -97,9 +97,11 @@ def nearest_code(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return np.searchsorted(mids, x, side="left")
 
 
-def fp16_at_least(x: float) -> float:
-    r = float(np.float16(x))
-    return r if r >= x else float(np.nextafter(np.float16(r), np.float16(np.inf)))
+def fp16_at_least(x):
+    """The smallest fp16 values >= x (x >= 0), as float64 (a float for a scalar x)."""
+    r = round_fp16(np.asarray(x, np.float64))
+    up = np.where(r >= x, r, np.nextafter(r.astype(np.float16), np.float16(np.inf)).astype(np.float64))
+    return float(up) if up.ndim == 0 else up
 
 
 def strict_levels(levels: np.ndarray) -> np.ndarray:
@@ -117,13 +119,15 @@ def strict_levels(levels: np.ndarray) -> np.ndarray:
 
 
 def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(levels, (offset, step), float32 entries) like the Numba kernel."""
-    offset = float(round_fp16(np.float64(centroids[0])))
-    span = float(centroids[-1]) - offset
-    step = fp16_at_least(span / GRID_TOP) if span > 0 else FP16_LEAST
-    levels = strict_levels(np.clip(np.round((centroids - offset) / step), 0, GRID_TOP))
-    values = np.float32(offset) + np.float32(step) * levels.astype(np.float32)
-    return levels, np.array([offset, step]), values.astype(np.float64)
+    """(levels, (offset, step), float32 entries) like the Numba kernel, for ascending centroids [..., k]:
+    one codebook, or one a row of a batch (levels [..., k], grids [..., 2], entries [..., k])."""
+    centroids = np.asarray(centroids, np.float64)
+    offset = round_fp16(centroids[..., 0])
+    span = centroids[..., -1] - offset
+    step = np.where(span > 0, fp16_at_least(np.maximum(span, 0) / GRID_TOP), FP16_LEAST)
+    levels = strict_levels(np.clip(np.round((centroids - offset[..., None]) / step[..., None]), 0, GRID_TOP))
+    values = (offset[..., None].astype(np.float32) + step[..., None].astype(np.float32) * levels.astype(np.float32))
+    return levels, np.stack([offset, step], axis=-1), values.astype(np.float64)
 
 
 def data_free_levels(Wt: np.ndarray, bits: int, weights: np.ndarray) -> np.ndarray:

@@ -18,8 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..kernels.numba_quant import FP16_LEAST, GRID_TOP
-from ..kernels.numpy_quant import round_fp16, strict_levels
+from ..kernels.numpy_quant import grid_codebook
 from ..progress import Progress, no_progress
 from .gptq import QuantizedWeight
 
@@ -117,12 +116,6 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.T
     return losses
 
 
-def fp16_at_least(x: np.ndarray) -> np.ndarray:
-    """The smallest fp16 values >= x (x >= 0), as float64: a grid step that still reaches the top entry."""
-    r = round_fp16(x)
-    return np.where(r >= x, r, np.nextafter(r.astype(np.float16), np.float16(np.inf)).astype(np.float64))
-
-
 def retuned(result: QuantizedWeight, codebooks: np.ndarray) -> QuantizedWeight:
     """`result` with its codebooks replaced by tuned float values [in, 256], stored as the result was
     (u8 levels on fp16 grids, or fp16): each column's entries sorted ascending and its codes renumbered
@@ -137,18 +130,13 @@ def retuned(result: QuantizedWeight, codebooks: np.ndarray) -> QuantizedWeight:
     ordered = np.where(used, np.take_along_axis(values, order, axis=1), 0.0)
     if result.codebook_grid is None:  # fp16 entries
         return replace(result, codes=codes, column_codebooks=ordered.astype(np.float16))
-    top = np.take_along_axis(ordered, (1 << result.bits.astype(np.int64))[:, None] - 1, axis=1)[:, 0]
-    offset = round_fp16(ordered[:, 0])
-    span = top - offset
-    step = np.where(span > 0, fp16_at_least(np.maximum(span, 0) / GRID_TOP), FP16_LEAST)
-    levels = np.where(used, np.clip(np.round((ordered - offset[:, None]) / step[:, None]), 0, GRID_TOP), 0)
-    for b in np.unique(result.bits):  # strictly increasing from 0 to 255, as grid_codebook makes them
+    levels = np.zeros((cols, MAX_ENTRIES), np.uint8)
+    entries = np.zeros((cols, MAX_ENTRIES), np.float32)
+    grid = np.zeros((cols, 2), np.float64)
+    for b in np.unique(result.bits):  # levels strictly increasing from 0 to 255, as the quantizer makes them
         columns, k = np.flatnonzero(result.bits == b), 1 << int(b)
-        levels[columns[:, None], np.arange(k)[None, :]] = strict_levels(levels[columns, :k])
-    levels = levels.astype(np.uint8)
-    entries = offset[:, None].astype(np.float32) + step[:, None].astype(np.float32) * levels.astype(np.float32)
-    entries = np.where(used, entries, 0).astype(np.float32)
-    grid = np.stack([offset, step], axis=1).astype(np.float16)
+        levels[columns, :k], grid[columns], entries[columns, :k] = grid_codebook(ordered[columns, :k])
+    grid = grid.astype(np.float16)
     return replace(result, codes=codes, column_codebooks=entries, codebook_levels=levels, codebook_grid=grid)
 
 
