@@ -6,7 +6,7 @@ import torch
 from claq_convert.quantize.convert import ConvertOptions, encode_result, run_conversion
 from claq_convert.quantize.pipeline import QuantConfig, quantize_weight
 from claq_convert.format.reader import decode_claq
-from claq_convert.quantize.tuning import retuned
+from claq_convert.quantize.tuning import DecodedWeight, retuned
 from conftest import build_tiny_model
 
 
@@ -30,6 +30,29 @@ def test_tuned_codebooks_are_stored_sorted_and_decode_to_the_tuned_values(codebo
     else:
         np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32))
     assert np.array_equal(decode_claq(48, encode_result(out)), got)  # what the writer checks before writing
+
+
+@pytest.mark.parametrize("codebook", ["grid", "f16"])
+def test_the_tuning_forward_sees_exactly_what_the_file_will_store(codebook):
+    """DecodedWeight's forward is retuned(...).dequantize() bit for bit (entries moved and out of order,
+    widths 3 and 4, outliers), and the loss's gradient still reaches every used entry."""
+    torch.manual_seed(1)
+    W = torch.randn(64, 32)
+    W[5, 3] = 9.0  # an outlier to reserve
+    result = quantize_weight(W, None, QuantConfig(bits=3.5, outlier_bits=0.5, codebook=codebook))
+    assert set(np.unique(result.bits)) == {3, 4} and result.outlier_values.size
+    decoded = DecodedWeight(result, transposed=False)
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        decoded.codebooks += torch.from_numpy(rng.normal(0, 0.2, (32, 256)).astype(np.float32))
+    forward = decoded(None)
+    stored = retuned(result, decoded.codebooks.detach().numpy()).dequantize()
+    assert np.array_equal(forward.detach().numpy(), stored)
+    assert not np.array_equal(forward.detach().numpy(), decoded.codebooks.detach().numpy()[np.arange(32), result.codes])
+    forward.square().sum().backward()
+    used = np.arange(256)[None, :] < (1 << result.bits.astype(np.int64))[:, None]
+    grad = decoded.codebooks.grad.numpy()
+    assert np.all(grad[~used] == 0) and np.count_nonzero(grad[used]) > 0.9 * used.sum()
 
 
 def _kl(teacher, student, windows):

@@ -148,6 +148,9 @@ CONFIGS.update({  # the head at --bpw rounded up (pipeline.head_target), its def
     # same setting on the windows the current claq-convert draws
     "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-sampler-v2": dict(
         bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192),
+    # the tuning's forward sees the codebooks as the file stores them (tuning.DecodedWeight): the same setting
+    "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-stored-forward": dict(
+        bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192),
 })
 
 
