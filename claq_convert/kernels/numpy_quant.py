@@ -126,7 +126,7 @@ def grid_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     span = centroids[..., -1] - offset
     step = np.where(span > 0, fp16_at_least(np.maximum(span, 0) / GRID_TOP), FP16_LEAST)
     levels = strict_levels(np.clip(np.round((centroids - offset[..., None]) / step[..., None]), 0, GRID_TOP))
-    values = (offset[..., None].astype(np.float32) + step[..., None].astype(np.float32) * levels.astype(np.float32))
+    values = offset[..., None].astype(np.float32) + step[..., None].astype(np.float32) * levels.astype(np.float32)
     return levels, np.stack([offset, step], axis=-1), values.astype(np.float64)
 
 
