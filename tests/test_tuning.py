@@ -107,3 +107,13 @@ def test_tuning_options_are_checked():
         QuantConfig(tune_steps=4, tune_lr=0.0).validate()
     with pytest.raises(ValueError, match="tune-steps"):
         QuantConfig(tune_steps=-1).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the tuned model lives on the GPU")
+def test_tuning_runs_where_the_model_is(text_file, tmp_path):
+    """The student sits on CUDA; every codebook parametrization must follow it there."""
+    model_dir = build_tiny_model(tmp_path / "llama", family="llama")
+    qc = QuantConfig(bpw=2.6, head_bits=3, tune_steps=4, tune_lr=3e-4)
+    record = run_conversion(ConvertOptions(model_dir=model_dir, out=tmp_path / "tuned.claq", quant=qc,
+                                           calib=(text_file,), nsamples=4, seqlen=32, device=torch.device("cuda")))
+    assert record["tuning"]["steps"] == 4 and np.isfinite(record["tuning"]["kl_last"])

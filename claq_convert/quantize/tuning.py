@@ -114,7 +114,7 @@ def attach(model: torch.nn.Module, results: dict[str, QuantizedWeight], transpos
     params = dict(model.named_parameters(remove_duplicate=False))
     decoded = {}
     for name, result in results.items():
-        module = DecodedWeight(result, transposed(name))
+        module = DecodedWeight(result, transposed(name)).to(params[name].device)  # the model may be on CUDA
         for alias in by_tensor[id(params[name])]:  # a tied head is the same tensor under a second name
             owner, _, leaf = alias.rpartition(".")
             parametrize.register_parametrization(model.get_submodule(owner), leaf, module, unsafe=True)
