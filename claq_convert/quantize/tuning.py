@@ -45,7 +45,7 @@ def grid_values(ordered: torch.Tensor) -> torch.Tensor:
     span = x[:, -1] - offset
     step = torch.where(span > 0, _fp16_at_least(span.clamp(min=0) / GRID_TOP), torch.full_like(span, FP16_LEAST))
     levels = torch.round((x - offset[:, None]) / step[:, None]).clamp(0, GRID_TOP)
-    index = torch.arange(k, dtype=torch.float64)
+    index = torch.arange(k, dtype=torch.float64, device=ordered.device)
     y = levels - index  # strict_levels: strictly rising from 0 to GRID_TOP, the Numba kernel's two passes
     y[:, 0] = 0
     y = torch.cummax(y, dim=1).values
