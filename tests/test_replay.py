@@ -106,11 +106,12 @@ def _results(model_dir, calibration, qc):
     return {name: r.dequantize() for name, r in quantize_model(ModelSource(model_dir), calibration, qc, batch_size=2)}
 
 
+@pytest.mark.parametrize("pull", [0.0, 0.25])  # --toward-source: the source layer replays as well
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
-def test_replayed_conversion_equals_the_recomputed_one(family, tmp_path, monkeypatch):
+def test_replayed_conversion_equals_the_recomputed_one(family, pull, tmp_path, monkeypatch):
     model_dir = build_tiny_model(tmp_path / family, family=family)
     calibration = torch.randint(2, 200, (5, 24), generator=torch.Generator().manual_seed(1))
-    qc = QuantConfig(bits=3.0)
+    qc = QuantConfig(bits=3.0, toward_source=pull)
     replayed = _results(model_dir, calibration, qc)
     monkeypatch.setattr(replay, "BUDGET_PER_STATE", 0)  # nothing kept: every pass computes everything
     recomputed = _results(model_dir, calibration, qc)

@@ -121,6 +121,22 @@ def test_interrupting_a_resumed_run_and_resuming_again(model_dir, text_file, ref
     assert out.read_bytes() == reference[".claq"]
 
 
+def test_a_conversion_toward_the_source_resumes_to_the_same_bytes(model_dir, text_file, reference, tmp_path,
+                                                                 monkeypatch):
+    """The source model's hidden states are not in the checkpoint: a resumed run computes them again from the
+    unquantized layers before its start, and must meet the very numbers the uninterrupted run carried."""
+    pulled = ("--toward-source", "0.25")
+    whole = tmp_path / "whole.claq"
+    assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, whole, *pulled)).exit_code == 0
+    out = tmp_path / "model.claq"
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoint, "finish_layer", interrupting(Checkpoint.finish_layer, at=1, after=True))
+        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *pulled)).exit_code == 130
+    result = CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *pulled, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == whole.read_bytes()
+
+
 def test_sigterm_unwinds_like_ctrl_c(model_dir, text_file, reference, tmp_path, monkeypatch):
     out = tmp_path / "model.claq"
     original = Checkpoint.finish_layer

@@ -9,6 +9,8 @@ The linears of one group are independent of each other, so they are quantized in
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import math
 import time
@@ -27,6 +29,7 @@ from ..timing import NO_TIMER, Timer
 from .columns import CODEBOOKS, column_ranking, column_reserve, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
 from .replay import LayerReplay
+from .target import toward_source
 from .tuning import TUNE_LR
 
 METHODS = ("claq", "kmeans", "gptq", "rtn")
@@ -64,12 +67,15 @@ class QuantConfig:
                                       # or "auto": grid where every width is <= columns.GRID_MAX_BITS
     tune_steps: int = 0               # > 0: codebooks (and norm scales) tuned by distillation, this many windows
     tune_lr: float = TUNE_LR          # the codebook entries' learning rate (tuning.py)
+    toward_source: float = 0.0        # claq/gptq: GPTQ's target pulled this share of the way toward the source
+                                      # layer's output on the source model's inputs (target.py)
     column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
                                       # widths (set per weight from a column allocation; not a user option)
 
     def validate(self) -> None:
         numbers = {"bits": self.bits, "outlier_bits": self.outlier_bits, "outlier_threshold": self.outlier_threshold,
-                   "percdamp": self.percdamp, "bpw": self.bpw, "head_bits": self.head_bits, "tune_lr": self.tune_lr}
+                   "percdamp": self.percdamp, "bpw": self.bpw, "head_bits": self.head_bits, "tune_lr": self.tune_lr,
+                   "toward_source": self.toward_source}
         for name, value in numbers.items():
             if value is not None and not math.isfinite(float(value)):
                 raise ValueError(f"{name} must be a finite number, not {value}")
@@ -105,6 +111,10 @@ class QuantConfig:
             raise ValueError("--tune-steps must be a whole number >= 0")
         if self.tune_steps and (self.method not in ("claq", "kmeans") or not 0 < float(self.tune_lr) < 1):
             raise ValueError("--tune-steps tunes codebooks (methods claq, kmeans), at a learning rate in (0, 1)")
+        if not 0 <= self.toward_source <= 1:
+            raise ValueError("--toward-source is a share of the way, in [0, 1]")
+        if self.toward_source and self.method not in ("claq", "gptq"):
+            raise ValueError("--toward-source moves GPTQ's target; use it with --method claq or gptq")
         if self.ranking not in ("outlier", "random"):
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
@@ -356,9 +366,15 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
         if start_states is None or len(start_states) != len(states) or not 0 < start_layer <= len(layers):
             raise ValueError(f"cannot resume at layer {start_layer} of {len(layers)} from "
                              f"{'no' if start_states is None else len(start_states)} calibration batches")
-        states = start_states
 
     needs_h = qc.method in ("claq", "gptq")
+    # --toward-source: the source model's own hidden states, beside the quantized model's (target.py)
+    source_states = None
+    if qc.toward_source and needs_h and start_layer < len(layers):
+        with timer.section("source states"):
+            source_states = _source_states(arch, source, states, kwargs, device, start_layer)
+    if start_layer:
+        states = start_states
     for index in progress(range(start_layer, len(layers)), "quantize layers", len(layers) - start_layer):
         with timer.section(f"layer {index}"):
             start = time.perf_counter()
@@ -368,14 +384,29 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 _materialise(layer, prefix, source, device)
             errors = []
             replay = LayerReplay(layer, arch.linears, states)
+            source_pass = source_replay = None
+            if source_states is not None:  # the layer with its source weights: nothing in it changes, so all
+                source_layer = copy.deepcopy(layer)   # of it may replay (what its groups' passes complete)
+                source_replay = LayerReplay(source_layer, arch.linears, source_states)
+                source_replay.finished(arch.linears)
+                source_pass = (source_layer, source_states, source_replay)
             for group in arch.family.groups:
                 linears = {name: layer.get_submodule(name) for name in group}
-                with timer.phase("forward"), replay.passing():
-                    hessians = _group_hessians(layer, linears, states, kwargs, timer, replay) if needs_h else {}
-                jobs = [(name, arch.family.layout(prefix + name + ".weight", linear.weight), hessians.get(name),
-                         _with_target(qc, targets, prefix + name + ".weight"),
-                         (row_weights or {}).get(prefix + name + ".weight")) for name, linear in linears.items()]
+                with (timer.phase("forward"), replay.passing(),
+                      source_replay.passing() if source_replay else contextlib.nullcontext()):
+                    hessians, crosses = (_group_hessians(layer, linears, states, kwargs, timer, replay, source_pass)
+                                         if needs_h else ({}, {}))
+                jobs = []
+                for name, linear in linears.items():
+                    full = prefix + name + ".weight"
+                    W = arch.family.layout(full, linear.weight)
+                    if name in crosses:
+                        with timer.phase("hessian"):
+                            W = toward_source(W, crosses[name], hessians[name], qc.toward_source, qc.percdamp)
+                    jobs.append((name, W, hessians.get(name), _with_target(qc, targets, full),
+                                 (row_weights or {}).get(full)))
                 hessians.clear()  # the jobs hold them, and let them go with the jobs
+                crosses.clear()
                 for name, result in quantize_group(jobs, workers, timer):
                     with timer.phase("finish"):
                         dequantized = arch.family.layout(prefix + name + ".weight", result.dequantize())
@@ -387,6 +418,13 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
             with timer.phase("forward"), replay.passing():
                 states = [_layer_output(layer(h, **kw)) for h, kw in replay.batches(states, kwargs)]
             replay.close()
+            if source_pass is not None:
+                source_layer = source_pass[0]
+                with timer.phase("forward"), source_replay.passing():
+                    source_states = [_layer_output(source_layer(h, **kw))
+                                     for h, kw in source_replay.batches(source_states, kwargs)]
+                source_replay.close()
+                del source_layer, source_pass, source_replay
             layer.to("meta")
             log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
         if on_layer is not None:
@@ -395,6 +433,18 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
     if qc.quantize_embeddings:
         yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer,
                                                 done, workers, row_weights or {})
+
+
+def _source_states(arch: Resolved, source: ModelSource, states: list, kwargs: list, device, layers: int) -> list:
+    """The source model's hidden states after its first `layers` decoder layers (a resumed conversion's
+    starting point; each layer materialised in turn), from the first layer's inputs `states`."""
+    states = [h.clone() for h in states]
+    for index in range(layers):
+        layer = arch.layers[index]
+        _materialise(layer, f"{arch.family.layers}.{index}.", source, device)
+        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        layer.to("meta")
+    return states
 
 
 def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str], Optional[str]]:
@@ -495,8 +545,12 @@ def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, 
 
 
 def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIMER,
-                    replay: Optional[LayerReplay] = None) -> dict[str, torch.Tensor]:
-    """H = 2/n sum x x^T (float32) for each linear of the group, over all calibration tokens.
+                    replay: Optional[LayerReplay] = None, source: Optional[tuple] = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(H, C) for each linear of the group, over all calibration tokens: H = 2/n sum x x^T (float32), and
+    with `source` = (the layer with its source weights, its source inputs one tensor a batch, and a
+    LayerReplay of it or None) C = 2/n sum x_f x^T, x_f the linear's input in the source model
+    (target.py; else C is empty).
 
     Pre-hooks read each linear's input before it runs, and the pass stops before the group's last linear
     computes anything (nothing after it is needed). A linear that reads the very tensor an earlier one of
@@ -506,8 +560,10 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
     others would only compute what nothing reads (on SmolLM2 a seventh of the calibration forward).
     """
     sums: dict[str, torch.Tensor] = {}
+    crosses: dict[str, torch.Tensor] = {}
     owners: dict[str, str] = {}  # linear -> the first linear of the group that reads its input
     seen: dict[str, torch.Tensor] = {}  # this batch: linear -> its input
+    seen_source: dict[str, torch.Tensor] = {}  # this batch: linear -> its input in the source model
     count = [0]
     first, last = list(linears)[0], list(linears)[-1]
     stop = [last]  # the linear before which a batch's pass ends
@@ -526,6 +582,11 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
                     if name not in sums:
                         sums[name] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
                     add_gram(sums[name], x)
+                    if source is not None:
+                        x_f = seen_source[name].reshape(-1, x.shape[-1]).float()
+                        if name not in crosses:
+                            crosses[name] = torch.zeros_like(sums[name])
+                        crosses[name].addmm_(x_f.T, x)
             if name == stop[0]:
                 missing = [n for n in linears if n not in seen] if name == last else []
                 if missing:
@@ -535,10 +596,31 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
                 raise _StopForward  # the rest of the layer is not needed for this group
         return record
 
+    def record_source(name):
+        def record(module, inputs):
+            seen_source[name] = inputs[0]
+            if name == stop[0]:
+                raise _StopForward
+        return record
+
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    source_batches = None
+    if source is not None:
+        source_layer, source_states, source_replay = source
+        handles += [source_layer.get_submodule(name).register_forward_pre_hook(record_source(name)) for name in linears]
+        source_batches = (source_replay.batches(source_states, kwargs) if source_replay is not None
+                          else zip(source_states, kwargs))
+    batches = replay.batches(states, kwargs) if replay is not None else zip(states, kwargs)
     try:
-        for h, kw in (replay.batches(states, kwargs) if replay is not None else zip(states, kwargs)):
+        for h, kw in batches:
             seen.clear()
+            if source_batches is not None:  # this batch's source inputs first, for the quantized pass to meet
+                h_f, _ = next(source_batches)
+                seen_source.clear()
+                try:
+                    source_layer(h_f, **kw)
+                except _StopForward:
+                    pass
             try:
                 layer(h, **kw)
             except _StopForward:
@@ -549,5 +631,9 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
         for handle in handles:
             handle.remove()
     seen.clear()
-    scaled = {name: total * (2.0 / count[0]) for name, total in sums.items()}
-    return {name: scaled[owners[name]] for name in linears}
+    seen_source.clear()
+    scale = 2.0 / count[0]
+    hessians = {name: total * scale for name, total in sums.items()}
+    crosses = {name: total * scale for name, total in crosses.items()}
+    return ({name: hessians[owners[name]] for name in linears},
+            {name: crosses[owners[name]] for name in linears} if crosses else {})

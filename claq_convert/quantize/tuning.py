@@ -69,7 +69,11 @@ class DecodedWeight(torch.nn.Module):
         self.transposed = transposed
         self.grid = result.codebook_grid is not None
         self.codebooks = torch.nn.Parameter(torch.from_numpy(result.column_codebooks.astype(np.float32)))
-        self.widths = [(torch.from_numpy(np.flatnonzero(result.bits == b)), 1 << int(b)) for b in np.unique(result.bits)]
+        self.widths = []  # (the buffer holding the columns of one width, its entry count): buffers follow .to()
+        for b in np.unique(result.bits):
+            self.register_buffer(f"columns_{int(b)}", torch.from_numpy(np.flatnonzero(result.bits == b)),
+                                 persistent=False)
+            self.widths.append((f"columns_{int(b)}", 1 << int(b)))
         flat = result.codes.astype(np.int64) + MAX_ENTRIES * np.arange(cols, dtype=np.int64)[None, :]
         self.register_buffer("index", torch.from_numpy(flat), persistent=False)
         out_cols = np.repeat(np.arange(cols), result.outlier_counts)
@@ -85,8 +89,8 @@ class DecodedWeight(torch.nn.Module):
             if not self.grid:
                 return c.to(torch.float16).float()
             out = torch.zeros_like(c)
-            for columns, k in self.widths:
-                columns = columns.to(c.device)
+            for buffer, k in self.widths:
+                columns = getattr(self, buffer)
                 ordered, order = torch.sort(c[columns, :k], dim=1, stable=True)
                 out[columns, :k] = torch.zeros_like(ordered).scatter_(1, order, grid_values(ordered))
             return out
