@@ -75,6 +75,20 @@ def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> P
     return directory
 
 
+def first_layer(model_dir: Path):
+    """(calibration [4, 32], resolved architecture, layer 0 materialised, its input states and keyword
+    arguments in two batches) of a tiny model, as the pipeline sees them (call under torch.no_grad)."""
+    from claq_convert.models.source import ModelSource
+    from claq_convert.quantize.pipeline import _first_layer_inputs, _materialise
+
+    source = ModelSource(model_dir)
+    calibration = torch.randint(0, source.config().vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    _, _, arch, states, kwargs = _first_layer_inputs(source, calibration, "cpu", batch_size=2)
+    layer = arch.layers[0]
+    _materialise(layer, f"{arch.family.layers}.0.", source, "cpu")
+    return calibration, arch, layer, states, kwargs
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

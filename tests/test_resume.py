@@ -129,9 +129,7 @@ def test_a_conversion_toward_the_source_resumes_to_the_same_bytes(model_dir, tex
     whole = tmp_path / "whole.claq"
     assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, whole, *pulled)).exit_code == 0
     out = tmp_path / "model.claq"
-    with monkeypatch.context() as patch:
-        patch.setattr(Checkpoint, "finish_layer", interrupting(Checkpoint.finish_layer, at=1, after=True))
-        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *pulled)).exit_code == 130
+    interrupted_checkpoint(model_dir, text_file, out, monkeypatch, *pulled)
     result = CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *pulled, "--resume"))
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == whole.read_bytes()
@@ -155,10 +153,11 @@ def test_sigterm_unwinds_like_ctrl_c(model_dir, text_file, reference, tmp_path, 
     assert result.exit_code == 0 and out.read_bytes() == reference[".claq"]
 
 
-def interrupted_checkpoint(model_dir, text_file, out, monkeypatch):
+def interrupted_checkpoint(model_dir, text_file, out, monkeypatch, *extra):
+    """A conversion (args plus `extra`) interrupted once layer 0 is saved: its checkpoint directory."""
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoint, "finish_layer", interrupting(Checkpoint.finish_layer, at=1, after=True))
-        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, out)).exit_code == 130
+        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *extra)).exit_code == 130
     return checkpoint_dir(out)
 
 
@@ -309,9 +308,7 @@ def test_a_measured_allocation_is_kept_and_not_measured_again(model_dir, text_fi
     whole = tmp_path / "whole.claq"
     assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, whole, *bpw)).exit_code == 0
     out = tmp_path / "model.claq"
-    with monkeypatch.context() as patch:
-        patch.setattr(Checkpoint, "finish_layer", interrupting(Checkpoint.finish_layer, at=1, after=True))
-        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *bpw)).exit_code == 130
+    interrupted_checkpoint(model_dir, text_file, out, monkeypatch, *bpw)
     assert (checkpoint_dir(out) / "allocation.json").is_file()
     allocations = interrupting(convert.allocate_bits, at=-1)
     monkeypatch.setattr(convert, "allocate_bits", allocations)

@@ -123,14 +123,12 @@ def test_bench_scale_smoke_runs_end_to_end_without_gguf(tmp_path):
 
 
 def test_group_hessians_are_shared_between_linears_reading_one_input_and_equal_to_separate_sums(tiny_model_dir):
-    from claq_convert.quantize.pipeline import _first_layer_inputs, _group_hessians, _materialise
+    from claq_convert.quantize.pipeline import _group_hessians
 
-    source = ModelSource(tiny_model_dir)
-    calibration = torch.randint(0, source.config().vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    from conftest import first_layer
+
     with torch.no_grad():
-        _, _, arch, states, kwargs = _first_layer_inputs(source, calibration, "cpu", batch_size=2)
-        layer = arch.layers[0]
-        _materialise(layer, "model.layers.0.", source, "cpu")
+        calibration, arch, layer, states, kwargs = first_layer(tiny_model_dir)
         reference = {}
 
         def record(name):

@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-from claq_convert.models.source import ModelSource
-from claq_convert.quantize.pipeline import QuantConfig, _first_layer_inputs, _group_hessians, _materialise
+from claq_convert.quantize.pipeline import QuantConfig, _group_hessians
 from claq_convert.quantize.target import toward_source
+
+from conftest import first_layer
 
 
 def grams(tokens: int = 400, features: int = 12, seed: int = 0):
@@ -44,12 +45,8 @@ def test_no_pull_no_signal_or_no_input_error_keeps_the_weight():
 
 
 def test_group_hessians_with_a_source_sum_the_cross_products(tiny_model_dir):
-    source = ModelSource(tiny_model_dir)
-    calibration = torch.randint(0, source.config().vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        _, _, arch, states, kwargs = _first_layer_inputs(source, calibration, "cpu", batch_size=2)
-        layer = arch.layers[0]
-        _materialise(layer, "model.layers.0.", source, "cpu")
+        calibration, arch, layer, states, kwargs = first_layer(tiny_model_dir)
         source_layer = copy.deepcopy(layer)
         g = torch.Generator().manual_seed(1)
         for parameter in layer.parameters():  # the quantized layer differs, so later groups' inputs differ too
