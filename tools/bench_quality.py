@@ -157,10 +157,10 @@ CONFIGS.update({  # GPTQ's target pulled a share of the way toward the source la
         bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192,
         toward_source=pull) for pull in (0.125, 0.25)})
 CONFIGS["cols-claq-bpw-4.6-head-5-toward-source-0.25"] = dict(bpw=4.6, allocation="fisher", toward_source=0.25)
-CONFIGS.update({  # ... and both again from other calibration seeds
+CONFIGS.update({  # ... and again from other calibration seeds, with and without the pull
     f"{name}-seed-{seed}": {**CONFIGS[name], "seed": seed} for seed in (1, 2) for name in (
         "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-stored-forward",
-        "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.25")})
+        "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125")})
 
 
 @click.command()
