@@ -173,3 +173,25 @@ def test_the_budget_is_at_most_half_the_free_memory(monkeypatch):
     assert LayerReplay(Toy(), ["inner.a", "b"], states).budget_bytes == replay.BUDGET_PER_STATE * 2 * 48
     monkeypatch.setattr(replay, "free_bytes", lambda device: 100)
     assert LayerReplay(Toy(), ["inner.a", "b"], states).budget_bytes == 50
+
+
+def test_the_source_layers_replay_and_the_quantized_ones_split_the_free_memory(tmp_path, monkeypatch):
+    """--toward-source runs two replays a layer: together they keep at most FREE_MEMORY_SHARE of it."""
+    from claq_convert.quantize import pipeline
+
+    budgets: list[int] = []
+
+    class Recorded(LayerReplay):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            budgets.append(self.budget_bytes)
+
+    monkeypatch.setattr(replay, "free_bytes", lambda device: 1000)
+    monkeypatch.setattr(pipeline, "LayerReplay", Recorded)
+    model_dir = build_tiny_model(tmp_path / "llama")
+    calibration = torch.randint(2, 200, (4, 16), generator=torch.Generator().manual_seed(3))
+    for pull, each in ((0.0, 500), (0.25, 250)):
+        budgets.clear()
+        list(quantize_model(ModelSource(model_dir), calibration,
+                            QuantConfig(bits=3.0, quantize_embeddings=False, toward_source=pull), batch_size=2))
+        assert budgets == [each] * (2 if pull else 1) * 2  # two layers

@@ -28,7 +28,7 @@ from ..progress import Progress, no_progress
 from ..timing import NO_TIMER, Timer
 from .columns import CODEBOOKS, column_ranking, column_reserve, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
-from .replay import LayerReplay
+from .replay import LayerReplay, memory_share
 from .target import toward_source
 from .tuning import TUNE_LR
 
@@ -383,11 +383,12 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
             with timer.phase("load"):
                 _materialise(layer, prefix, source, device)
             errors = []
-            replay = LayerReplay(layer, arch.linears, states)
+            share = memory_share(1 if source_states is None else 2)  # the source layer's replay beside it
+            replay = LayerReplay(layer, arch.linears, states, share)
             source_pass = source_replay = None
             if source_states is not None:  # the layer with its source weights: nothing in it changes, so all
                 source_layer = copy.deepcopy(layer)   # of it may replay (what its groups' passes complete)
-                source_replay = LayerReplay(source_layer, arch.linears, source_states)
+                source_replay = LayerReplay(source_layer, arch.linears, source_states, share)
                 source_replay.finished(arch.linears)
                 source_pass = (source_layer, source_states, source_replay)
             for group in arch.family.groups:

@@ -11,7 +11,7 @@ same kernels), and the file does not change.
 What a finished module holds is let go once a module around it holds every batch's output (the attention
 block's once o_proj is done stands for its q/k/v's); a module without a group linear is never kept (norms:
 cheap to run), and nothing is kept past BUDGET_PER_STATE times the layer's inputs or half the free
-memory: what does not fit is computed again, as before.
+memory (shared out when two replays run side by side): what does not fit is computed again, as before.
 """
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def free_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
+def memory_share(replays: int) -> float:
+    """The share of the free memory each of `replays` replays running side by side may keep."""
+    return FREE_MEMORY_SHARE / replays
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -73,6 +78,8 @@ class LayerReplay:
     """Outputs of one layer's finished submodules, per calibration batch and call.
 
     `linears`: the layer's group linears (relative names); `states`: its inputs, one tensor a batch.
+    `share`: the share of the free memory it may keep (`memory_share()` splits it between replays that run
+    side by side).
     `finished(names)` marks linears quantized (their weights already replaced); `passing()` wraps a pass
     over the batches, taken from `batches()`. A kept output is handed back only for the same batch, the
     same call of the module in that batch (a module a layer calls twice keeps two) and inputs with the
@@ -80,12 +87,13 @@ class LayerReplay:
     module would compute afresh instead of handing back what it computed from the unquantized inputs.
     """
 
-    def __init__(self, layer: torch.nn.Module, linears: Iterable[str], states: list):
+    def __init__(self, layer: torch.nn.Module, linears: Iterable[str], states: list,
+                 share: float = FREE_MEMORY_SHARE):
         self.layer = layer
         self.count = len(states)
         self.budget_bytes = BUDGET_PER_STATE * sum(nbytes(h) for h in states)
         if states:
-            self.budget_bytes = min(self.budget_bytes, int(FREE_MEMORY_SHARE * free_bytes(states[0].device)))
+            self.budget_bytes = min(self.budget_bytes, int(share * free_bytes(states[0].device)))
         self.pending = set(linears)
         self.under = {name: {linear for linear in self.pending if _within(linear, name)}
                       for name, _ in layer.named_modules() if name}
