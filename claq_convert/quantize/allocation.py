@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from ..format import spec
-from ..kernels import numba_quant as kernels
+from ..kernels import numba_quant
 from .columns import GRID_MAX_BITS, column_bits, grid_codebooks, outlier_order
 
 EXACT_BITS = 4   # SSE from the exact DP up to 16 clusters (cheap for every column)
@@ -102,7 +102,7 @@ def column_losses(W: np.ndarray, energy: Optional[np.ndarray], relative: bool = 
     """[in, MAX_BITS]: the loss of each column of W at widths 1..MAX_BITS, as `candidates` sums it."""
     rows = W.shape[0]
     weights = np.ones(rows) if row_weights is None else np.ascontiguousarray(row_weights, np.float64)
-    exact = kernels.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS, weights)
+    exact = numba_quant.column_sse_by_width(np.ascontiguousarray(W.T, np.float32), EXACT_BITS, weights)
     sse = np.concatenate([exact, exact[:, -1:] * 4.0 ** -np.arange(1, MAX_BITS - EXACT_BITS + 1)], axis=1)
     losses = (energy if fisher is None else fisher / (2 * rows))[:, None] * sse
     if relative and fisher is None:
@@ -139,7 +139,7 @@ def coded_level_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS,
     out = np.zeros(max_bits)
     for b in (range(2, max_bits + 1) if widths is None else [w for w in widths if 2 <= w <= max_bits]):
         levels = np.empty((picked.size, 1 << b), np.uint8)
-        kernels.data_free_levels(Wt, b, weights, levels)
+        numba_quant.data_free_levels(Wt, b, weights, levels)
         same = np.full(picked.size, b, np.int64)
         stream = encode_levels(levels.ravel(), same)
         out[b - 1] = 8.0 * (stream.size - spec.rice_table_bytes(same)) / picked.size

@@ -2,7 +2,7 @@
 
 The structure follows the reference `gptq.py`: dead columns, act-order, dampening, the upper Cholesky
 factor of H^-1, 128-column blocks with lazy batch updates. The inner loop over a block's columns
-runs in one Numba kernel (`kernels.gptq_block`) on the CPU; the Hessian, the Cholesky and the lazy
+runs in one Numba kernel (`numba_quant.gptq_block`) on the CPU; the Hessian, the Cholesky and the lazy
 updates stay on the weight's device (CUDA when present).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..format.spec import MAX_CODEBOOK  # 2**8 entries: the widest codebook the format holds
-from ..kernels import numba_quant as kernels
+from ..kernels import numba_quant
 from ..timing import NO_TIMER, Timer
 
 
@@ -94,7 +94,7 @@ class GPTQ:
         def run(i1: int, i2: int) -> float:
             W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
             Err1 = np.zeros_like(W1)
-            return kernels.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2],
+            return numba_quant.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2],
                                       reserve[i1:i2], fit_all, max_iter, scale, zero,
                                       *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:6]),
                                       *outputs[6:])
@@ -111,7 +111,7 @@ class GPTQ:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
         order from the already-updated weights, as the reference does with act-order groups. `grid`:
-        codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (kernels.MODE_GRID).
+        codebook entries as 8-bit levels on each column's fp16 (offset, step) grid (numba_quant.MODE_GRID).
         `timer` gets the phases cholesky, kmeans, gptq_update and finish (timing.py). Without a Hessian no
         column's error moves another, so `workers` threads take contiguous runs of blocks at once (the
         kernel releases the GIL); with one, columns go in order and workers > 1 lets each column's
@@ -119,7 +119,7 @@ class GPTQ:
         for bit. `row_weights` [out] (> 0):
         how much each output row's error counts in the codebooks' K-Means (None: equally). `shapes`
         (width -> fp16 values [S <= 256, 2**width], rows ascending, for every width in `bits`): each
-        column's codebook is offset + scale * one of its width's shapes (kernels.MODE_SHAPES)."""
+        column's codebook is offset + scale * one of its width's shapes (numba_quant.MODE_SHAPES)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         with timer.phase("cholesky"):
@@ -144,11 +144,11 @@ class GPTQ:
         grids = np.zeros((cols, 2), np.float64)
         Q = np.zeros((cols, rows), np.float32)
         loss = 0.0
-        mode = (kernels.MODE_UNIFORM if uniform else kernels.MODE_SHAPES if shapes else
-                kernels.MODE_GRID if grid else kernels.MODE_CODEBOOK)
-        if mode == kernels.MODE_SHAPES and not set(np.unique(bits).tolist()) <= set(shapes):
+        mode = (numba_quant.MODE_UNIFORM if uniform else numba_quant.MODE_SHAPES if shapes else
+                numba_quant.MODE_GRID if grid else numba_quant.MODE_CODEBOOK)
+        if mode == numba_quant.MODE_SHAPES and not set(np.unique(bits).tolist()) <= set(shapes):
             raise ValueError(f"shapes for widths {sorted(shapes)}, but the columns have {np.unique(bits).tolist()}")
-        shape_table = shape_tables(shapes) if mode == kernels.MODE_SHAPES else kernels.no_shapes()
+        shape_table = shape_tables(shapes) if mode == numba_quant.MODE_SHAPES else numba_quant.no_shapes()
         independent = self.H is None and not group_size and workers > 1
         if independent:
             scales, zeros = [scale], [zero]  # uniform: the one per-row grid (unused otherwise)
@@ -169,7 +169,7 @@ class GPTQ:
                 Err1 = np.zeros((i2 - i1, rows), np.float32)
             with timer.phase("kmeans"):
                 tick = time.perf_counter()
-                loss += kernels.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
+                loss += numba_quant.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
                                            max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
                                            Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], *shape_table,
                                            workers > 1)
@@ -196,7 +196,7 @@ class GPTQ:
                 scale=np.stack(scales[:1] if not group_size else scales).astype(np.float32) if uniform else None,
                 zero=np.stack(zeros[:1] if not group_size else zeros).astype(np.float32) if uniform else None,
                 group=group if uniform else None, loss=loss)
-            if mode == kernels.MODE_SHAPES:
+            if mode == numba_quant.MODE_SHAPES:
                 result.column_codebooks = codebooks  # the entries as decoded (binary32)
                 result.codebook_shapes = {b: np.asarray(v, np.float16) for b, v in shapes.items()}
                 result.shape_index, result.shape_affine = levels[:, 0].copy(), grids.astype(np.float16)
@@ -214,8 +214,8 @@ def shape_tables(shapes: dict) -> tuple[np.ndarray, np.ndarray]:
     most = max(len(v) for v in shapes.values())
     if most > 256 or any(np.asarray(v).shape[1:] != (1 << b,) for b, v in shapes.items()):
         raise ValueError("shapes: at most 256 of 2**width values each, for every width")
-    table = np.zeros((kernels.WIDTHS, most, MAX_CODEBOOK))
-    counts = np.zeros(kernels.WIDTHS, np.int64)
+    table = np.zeros((numba_quant.WIDTHS, most, MAX_CODEBOOK))
+    counts = np.zeros(numba_quant.WIDTHS, np.int64)
     for b, v in shapes.items():
         table[b, :len(v), :1 << b] = np.asarray(v, np.float16).astype(np.float64)
         counts[b] = len(v)
