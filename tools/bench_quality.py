@@ -68,7 +68,7 @@ SELF_CALIBRATED = {
 CONFIGS = {name: {"calib": (SELF,), **fields} for name, fields in SELF_CALIBRATED.items()}
 CONFIGS.update({  # v1 against v3 at the same widths, again from other calibration seeds ("seed": of the windows)
     f"{name}-seed-{seed}": {**CONFIGS[name], "seed": seed}
-    for seed in (1, 2, 3, 4) for name in ("claq-4-f16-codebooks-fp32-embedding", "claq-4-coded-levels-fp32-embedding")})
+    for seed in range(1, 10) for name in ("claq-4-f16-codebooks-fp32-embedding", "claq-4-coded-levels-fp32-embedding")})
 CONFIGS.update({  # the default calibration (self-sampled text and this Python's reference prose and code)
     "default-claq-4": dict(bits=4),
     "default-claq-4-fp32-embedding": dict(bits=4, quantize_embeddings=False),
