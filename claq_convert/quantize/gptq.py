@@ -95,9 +95,9 @@ class GPTQ:
             W1 = np.ascontiguousarray(W[:, i1:i2].T.cpu().numpy())
             Err1 = np.zeros_like(W1)
             return numba_quant.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2],
-                                      reserve[i1:i2], fit_all, max_iter, scale, zero,
-                                      *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:6]),
-                                      *outputs[6:])
+                                          reserve[i1:i2], fit_all, max_iter, scale, zero,
+                                          *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:6]),
+                                          *outputs[6:])
 
         tick = time.perf_counter()
         with ThreadPoolExecutor(workers, thread_name_prefix="claq-columns") as pool:
@@ -170,9 +170,9 @@ class GPTQ:
             with timer.phase("kmeans"):
                 tick = time.perf_counter()
                 loss += numba_quant.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
-                                           max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
-                                           Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], *shape_table,
-                                           workers > 1)
+                                               max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
+                                               Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], *shape_table,
+                                               workers > 1)
                 kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
                 with timer.phase("gptq_update"):
