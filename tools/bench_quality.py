@@ -165,6 +165,12 @@ CONFIGS.update({  # ... and again from other calibration seeds, with and without
     f"{name}-seed-{seed}": {**CONFIGS[name], "seed": seed} for seed in (1, 2) for name in (
         "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-stored-forward",
         "cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125")})
+# format v4: the code streams Huffman-coded where shorter, and the allocation pricing them so (the rows
+# above are version-3 files, written before; these have the widths that the coded bytes allow)
+CONFIGS.update({
+    f"cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes{suffix}": dict(
+        bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192,
+        toward_source=0.125, **extra) for suffix, extra in (("", {}), ("-seed-1", {"seed": 1}), ("-seed-2", {"seed": 2}))})
 
 
 @click.command()
@@ -230,9 +236,10 @@ def main(model, only, out, nsamples, resume, table_only, readme, threads, peers)
                       "outliers": s["outliers"], "file_bytes": record.get("file_bytes"),
                       "file_bits_per_parameter": record.get("file_bits_per_parameter"),
                       "convert_seconds": record["seconds"]["convert"], "kernel_seconds": s["kernel_seconds"]}
-        if stores:  # the codebooks' share of the honest bits, as claq-inspect reports it
+        if stores:  # the codebooks' and the codes' shares of the honest bits, as claq-inspect reports them
             with open_claq(options.out) as cf:
-                runs[name]["codebook_bpw"] = inspection.summarize(cf)["quantized"]["codebook_bpw"]
+                quantized = inspection.summarize(cf)["quantized"]
+            runs[name]["codebook_bpw"], runs[name]["code_bpw"] = quantized["codebook_bpw"], quantized["code_bpw"]
         click.echo(f"{name:24s} honest {s['honest_bpw']:.4f} bpw  " +
                    "  ".join(f"{t} {r['ppl']:.3f}" for t, r in record["ppl_after"].items()))
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def _field(obj, *keys):
 def summarize(cf) -> dict:
     tensors = {}
     histogram: dict[str, int] = {}
-    params = stored = outliers = all_params = codebook_bytes = 0
+    params = stored = outliers = all_params = codebook_bytes = code_bytes = streams = coded_streams = 0
     for name, tensor in cf.tensors.items():
         entry = {"kind": tensor["kind"], "shape": tensor["shape"], "stored_bytes": cf.stored_bytes(name)}
         all_params += math.prod(tensor["shape"])
@@ -43,6 +43,10 @@ def summarize(cf) -> dict:
             entry["codebook_bytes"] = sum(spec.align(e["length"]) for s, e in tensor["sections"].items()
                                           if s in ("codebooks", "codebook_grid", spec.RICE_SECTION))
             codebook_bytes += entry["codebook_bytes"]
+            code_sections = [s for s in tensor["sections"] if spec.is_code_section(s) or spec.is_huffman_section(s)]
+            code_bytes += sum(spec.align(tensor["sections"][s]["length"]) for s in code_sections)
+            streams += len(code_sections)
+            coded_streams += sum(map(spec.is_huffman_section, code_sections))
             params += rows * cols
             stored += entry["stored_bytes"]
             outliers += entry["outliers"]
@@ -60,7 +64,9 @@ def summarize(cf) -> dict:
             "quantized": {"tensors": sum(t["kind"] == spec.KIND_CLAQ for t in tensors.values()), "params": params,
                           "stored_bytes": stored, "honest_bpw": stored * 8 / params if params else None,
                           "bits_histogram": dict(sorted(histogram.items())), "outliers": outliers,
-                          "codebook_bytes": codebook_bytes, "codebook_bpw": codebook_bytes * 8 / params if params else None},
+                          "codebook_bytes": codebook_bytes, "codebook_bpw": codebook_bytes * 8 / params if params else None,
+                          "code_bytes": code_bytes, "code_bpw": code_bytes * 8 / params if params else None,
+                          "code_streams": streams, "coded_streams": coded_streams},
             "raw": {"tensors": sum(t["kind"] == spec.KIND_RAW for t in tensors.values()),
                     "stored_bytes": sum(t["stored_bytes"] for t in tensors.values() if t["kind"] == spec.KIND_RAW)},
             "conversion": {k: conversion.get(k) for k in ("tool", "quant", "calibration", "summary") if k in conversion}}
@@ -105,7 +111,8 @@ def render(summary: dict, per_tensor: bool = False) -> str:
              f"model: {safe_text(model['architectures'])} ({safe_text(model['model_type'])}), "
              f"{safe_text(model['layers'])} layers, hidden {safe_text(model['hidden_size'])}",
              f"quantized: {q['tensors']} tensors, {q['params']} weights, {q['stored_bytes']} bytes, "
-             + (f"honest {q['honest_bpw']:.4f} bpw (quantized tensors), codebooks {q['codebook_bpw']:.4f} of it"
+             + (f"honest {q['honest_bpw']:.4f} bpw (quantized tensors), codebooks {q['codebook_bpw']:.4f} of it, "
+                f"codes {q['code_bpw']:.4f} ({q['coded_streams']} of {q['code_streams']} streams Huffman-coded)"
                 if q["honest_bpw"] else "no weights"),
              "bit widths (columns): " + ", ".join(f"{b}-bit {n}" for b, n in q["bits_histogram"].items()),
              f"outliers: {q['outliers']}",

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from . import spec
+from .huffman import CodedCodesError, decode_codes, with_fixed_codes
 from .rice import CodedLevelsError, with_levels
 
 
@@ -151,6 +152,8 @@ def _is_uint(value) -> bool:
 def _expected_dtypes(section: str, version: int) -> tuple[str, ...]:
     if spec.is_code_section(section):
         return ("U32",)
+    if spec.is_huffman_section(section):
+        return ("U8",)
     return {"bit_widths": ("U8",), "codebooks": spec.CODEBOOK_DTYPES[version], "codebook_grid": ("F16",),
             spec.RICE_SECTION: ("U8",),
             "outlier_counts": ("U8", "U16"), "outlier_rows": ("U16", "U32"), "outlier_values": ("F16",)}[section]
@@ -276,6 +279,8 @@ def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, ver
         allowed.add("codebook_grid")
     if version in spec.RICE_VERSIONS:
         allowed.add(spec.RICE_SECTION)
+    if version in spec.HUFFMAN_VERSIONS:
+        allowed |= {spec.huffman_section(b) for b in spec.WIDTHS_BY_VERSION[version]}
     unknown = set(sections) - allowed
     if unknown:
         raise BadHeader(f"tensor {brief_repr(name)}: unknown section {brief_repr(sorted(unknown)[0])}", rule="CLAQ-H19")
@@ -287,6 +292,11 @@ def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, ver
     if "codebooks" in sections and spec.RICE_SECTION in sections:
         raise BadHeader(f"tensor {brief_repr(name)}: codebooks and {spec.RICE_SECTION} are both present",
                         rule="CLAQ-H34")
+    both = [b for b in spec.WIDTHS_BY_VERSION[version]
+            if spec.code_section(b) in sections and spec.huffman_section(b) in sections]
+    if both:
+        raise BadHeader(f"tensor {brief_repr(name)}: codes_{both[0]} and huffman_{both[0]} are both present",
+                        rule="CLAQ-H35")
     present = {"outlier_counts", "outlier_rows", "outlier_values"} & set(sections)
     if present and len(present) != 3:
         raise BadHeader(f"tensor {brief_repr(name)}: outlier sections must come together (counts, rows, values)",
@@ -345,7 +355,7 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
     """W[rows, in] float32 from a quantized weight's typed sections (the decoding rule of the spec)."""
     bits = sections["bit_widths"]
     cols = bits.size
-    sections = with_levels(sections)
+    sections = with_fixed_codes(with_levels(sections), rows)
     codebooks = spec.codebook_entries(sections["codebooks"], bits, sections.get("codebook_grid"))
     starts = spec.codebook_offsets(bits)
     W = np.empty((rows, cols), np.float32)
@@ -364,7 +374,7 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
                         widths: tuple = spec.ALLOWED_BITS) -> dict[str, np.ndarray]:
     """Values inside a quantized weight's sections: widths (those of the file's version), codebooks,
     streams, padding, outliers. Returns the sections with coded levels (codebook_rice) decoded into
-    `codebooks` (u8 levels), the one layout every decoder takes."""
+    `codebooks` (u8 levels) and coded streams (huffman_<b>) into codes_<b>, the one layout every decoder takes."""
     bits = sections["bit_widths"]
     bad = ~np.isin(bits, widths)
     if bad.any():
@@ -392,10 +402,19 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
         raise BadTensorData(f"tensor {brief_repr(name)}: codebooks contain a non-finite value", rule="CLAQ-T05")
     for b in widths:
         n_codes = int(np.count_nonzero(bits == b)) * rows
+        coded = sections.get(spec.huffman_section(b))
         words = sections.get(spec.code_section(b))
-        if (words is None) != (n_codes == 0):
-            raise BadTensorData(f"tensor {brief_repr(name)}: section codes_{b} must exist exactly when a column has {b} bits",
-                                rule="CLAQ-T06")
+        if (words is None and coded is None) != (n_codes == 0):
+            raise BadTensorData(f"tensor {brief_repr(name)}: section codes_{b} (or huffman_{b}) must exist exactly "
+                                f"when a column has {b} bits", rule="CLAQ-T06")
+        if coded is not None:
+            try:
+                codes = decode_codes(coded, b, n_codes)
+            except CodedCodesError as exc:
+                raise BadTensorData(f"tensor {brief_repr(name)} section huffman_{b}: {exc}", rule=exc.rule) from None
+            sections = {**{k: v for k, v in sections.items() if k != spec.huffman_section(b)},
+                        spec.code_section(b): spec.pack_codes(codes, b)}
+            continue
         if words is None:
             continue
         if words.size != spec.code_words(n_codes, b):

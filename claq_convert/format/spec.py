@@ -13,8 +13,10 @@ MAGIC = b"CLAQ"
 # Format versions this package reads -> the per-column widths each allows. v2 is v1 with widths up to 8
 # (codebooks of up to 256 entries), so every v1 file is a valid v2 file but for its version number.
 # v3 is v2 with coded u8 levels (section codebook_rice): every v2 file is a valid v3 file but for its number.
-WIDTHS_BY_VERSION = {1: (1, 2, 3, 4), 2: (1, 2, 3, 4, 5, 6, 7, 8), 3: (1, 2, 3, 4, 5, 6, 7, 8)}
-VERSION = 3                                # the version the writer writes
+# v4 is v3 with Huffman-coded code streams (sections huffman_<b>): every v3 file is a valid v4 file but for its number.
+WIDTHS_BY_VERSION = {1: (1, 2, 3, 4), 2: (1, 2, 3, 4, 5, 6, 7, 8), 3: (1, 2, 3, 4, 5, 6, 7, 8),
+                     4: (1, 2, 3, 4, 5, 6, 7, 8)}
+VERSION = 4                                # the version the writer writes
 PREAMBLE = struct.Struct("<4sIQ")          # magic, version (u32), header length (u64)
 ALIGNMENT = 64                             # header end and every section start
 MAX_HEADER_BYTES = 64 * 1024 * 1024        # a header is metadata, never bulk data
@@ -39,8 +41,7 @@ FILE_DTYPE = "U8"     # embedded files (tokenizer, chat template) are byte secti
 # Version 2: a file's entry also says how its bytes are stored ("zlib": RFC 1950 stream, as zlib.compress)
 # and its decoded size, checked (and capped) before anything is decompressed.
 FILE_ENCODINGS = ("none", "zlib")
-FILE_FIELDS_BY_VERSION = {1: SECTION_FIELDS, 2: SECTION_FIELDS + ("encoding", "size"),
-                          3: SECTION_FIELDS + ("encoding", "size")}
+FILE_FIELDS_BY_VERSION = {1: SECTION_FIELDS, **{v: SECTION_FIELDS + ("encoding", "size") for v in (2, 3, 4)}}
 MAX_FILE_BYTES = 1 << 28  # 256 MiB: embedded files are tokenizers and templates, never weights
 
 # Sections of a quantized weight: name -> dtype. codes_<b> exist for each width b in use;
@@ -55,15 +56,42 @@ CLAQ_SECTIONS = {
     "outlier_values": "F16",   # [n_outliers]: replaces the decoded value at (row, j)
 }
 CODES_PREFIX = "codes_"        # codes_<b>: U32 words, the packed codes of the columns of width b
-CODEBOOK_DTYPES = {1: ("F16",), 2: ("F16", "U8"), 3: ("F16", "U8")}  # fp16 entries, or u8 levels on a grid (v2+)
+CODEBOOK_DTYPES = {1: ("F16",), 2: ("F16", "U8"), 3: ("F16", "U8"), 4: ("F16", "U8")}  # fp16 entries, or u8 levels on a grid (v2+)
 
 # Version 3: coded u8 levels. A grid codebook's levels rise strictly from 0 to GRID_TOP, so only the inner
 # ones are stored, as gaps: level i = level i-1 + 1 + base + d, with d Rice-coded (parameter k) and base, k
 # per width and inner position from a table (formats/claq-v2.md, "Coded levels").
 RICE_SECTION = "codebook_rice"   # U8 [n]: the table, then the low bits of every d, then their high parts
-RICE_VERSIONS = (3,)
+RICE_VERSIONS = (3, 4)
 GRID_TOP = 255                   # the highest level of a grid codebook
 MAX_RICE_K = 7                   # a gap's low part has at most 7 bits (a level difference is below 256)
+
+# Version 4: a stream of codes may be stored Huffman-coded (section huffman_<b>, U8) instead of codes_<b>:
+# u32 bit offsets of every CHUNK_CODES-th code (chunks decode in parallel), a byte of codeword length per
+# code value, then the canonical codewords back to back, least significant bit first (claq-v2.md, "Coded codes").
+HUFFMAN_PREFIX = "huffman_"
+HUFFMAN_VERSIONS = (4,)
+CHUNK_CODES = 4096               # codes between two chunk offsets
+MAX_CODEWORD_BITS = 12           # a decoder finds each codeword with one lookup in a table of 2**12 entries
+MAX_CODED_STREAM_BITS = 1 << 32  # chunk offsets are u32: a longer stream is stored as codes_<b>
+
+
+def huffman_section(bits: int) -> str:
+    return f"{HUFFMAN_PREFIX}{bits}"
+
+
+def is_huffman_section(name: str) -> bool:
+    return name.startswith(HUFFMAN_PREFIX) and name[len(HUFFMAN_PREFIX):].isdigit()
+
+
+def chunk_count(n_codes: int) -> int:
+    """Chunks of a coded stream of n_codes codes: chunk c holds codes [c * CHUNK_CODES, (c + 1) * CHUNK_CODES)."""
+    return (n_codes + CHUNK_CODES - 1) // CHUNK_CODES
+
+
+def huffman_prefix_bytes(n_codes: int, bits: int) -> int:
+    """Bytes before a coded stream's codewords: its u32 chunk offsets and a length byte per code value."""
+    return 4 * chunk_count(n_codes) + (1 << bits)
 
 
 def inner_levels(bits: int) -> int:
@@ -167,10 +195,13 @@ def outlier_count_dtype(max_count: int) -> str:
 
 
 def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,
-                         grid: bool = False, coded_levels: "int | None" = None) -> dict[str, int]:
+                         grid: bool = False, coded_levels: "int | None" = None,
+                         coded_codes: "dict[int, int] | None" = None) -> dict[str, int]:
     """Byte length of every section of a quantized weight (before alignment padding); `grid`: u8 codebooks.
     Coded levels (v3) depend on the levels: `coded_levels` is the codebook_rice section's length; without
-    it a grid weight is priced as u8 levels, an upper bound (the writer codes them only when that is shorter)."""
+    it a grid weight is priced as u8 levels, an upper bound (the writer codes them only when that is shorter).
+    Coded codes (v4) likewise: `coded_codes` maps a width to its huffman_<b> section's length; the widths
+    it leaves out are priced as fixed-width words (codes_<b>), an upper bound."""
     lengths = {"bit_widths": bit_widths.size}
     if grid:
         lengths["codebook_grid"] = 4 * bit_widths.size
@@ -180,7 +211,9 @@ def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max
         lengths["codebooks"] = (1 if grid else 2) * int(codebook_offsets(bit_widths)[-1])
     for b in ALLOWED_BITS:
         n_cols = int(np.count_nonzero(bit_widths == b))
-        if n_cols:
+        if n_cols and coded_codes and b in coded_codes:
+            lengths[huffman_section(b)] = int(coded_codes[b])
+        elif n_cols:
             lengths[code_section(b)] = 4 * code_words(n_cols * rows, b)
     if n_outliers:
         lengths["outlier_counts"] = DTYPES[outlier_count_dtype(max_count)].itemsize * bit_widths.size
@@ -190,10 +223,11 @@ def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max
 
 
 def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,
-                      grid: bool = False, coded_levels: "int | None" = None) -> int:
+                      grid: bool = False, coded_levels: "int | None" = None,
+                      coded_codes: "dict[int, int] | None" = None) -> int:
     """Bytes the weight occupies in the file: its sections with their alignment padding."""
     return sum(align(n) for n in claq_section_lengths(rows, bit_widths, n_outliers, max_count, grid,
-                                                      coded_levels).values())
+                                                      coded_levels, coded_codes).values())
 
 
 def is_code_section(name: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import spec
+from .huffman import encode_codes
 from .rice import encode_levels
 
 _RAW_DTYPES = {np.dtype(v).str: k for k, v in spec.DTYPES.items() if k != "BF16"}
@@ -54,7 +55,12 @@ def encode_claq_sections(rows: int, bits: np.ndarray, codes: np.ndarray, column_
     for b in spec.ALLOWED_BITS:
         columns = spec.columns_of_width(bits, b)
         if columns.size:
-            sections[spec.code_section(b)] = spec.pack_codes(codes[:, columns].T.ravel(), b)
+            stream = codes[:, columns].T.ravel()
+            coded = encode_codes(stream, b) if spec.VERSION in spec.HUFFMAN_VERSIONS else None
+            if coded is None:  # coded only where that is shorter (encode_codes): never worse than fixed width
+                sections[spec.code_section(b)] = spec.pack_codes(stream, b)
+            else:
+                sections[spec.huffman_section(b)] = coded
     n_outliers = int(np.sum(outlier_counts))
     if n_outliers:
         count_dtype = spec.outlier_count_dtype(int(np.max(outlier_counts)))

@@ -32,7 +32,9 @@ the kernel above: 0.95x), bench/decode.json. Elsewhere, and for batches above 1,
 Decoding takes the same lookups there (`_lookup_decode`): a store instead of a sum.
 
 The kernels are unchecked (the caller, `modules.ClaqLinear`, builds consistent arrays); their
-NumPy twins are `kernels_numpy.decode_stream` / `product_stream`.
+NumPy twins are `kernels_numpy.decode_stream` / `product_stream`. `decode_huffman_chunks` expands a coded
+stream (format v4) to its codes for `format.huffman`, which checks its offsets and table first; its twin is
+`numpy_quant.decode_huffman_chunks`.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
+from ..format.spec import CHUNK_CODES, MAX_CODEWORD_BITS
 
 GROUP = 32          # codes per group: 32 codes of b bits fill exactly b words
 TILE_FLOATS = 8192  # product: the accumulator of one row tile (all batch rows), 32 KiB, stays in L1/L2
@@ -51,6 +54,7 @@ TILE_FLOATS = 8192  # product: the accumulator of one row tile (all batch rows),
 # tokens/s of 3: always parallel 57.0, from 256 KiB 57.0, from 4 MiB 53.8, never 50.6), and each region
 # stalls for milliseconds while another process holds the cores (there: never parallel did best)
 PARALLEL_BYTES = 1 << 18
+WINDOW_MASK = (1 << MAX_CODEWORD_BITS) - 1  # coded streams: the next 12 bits index the decode table
 
 
 @lru_cache(maxsize=None)
@@ -232,6 +236,34 @@ def _product_any(words, bits, tables, columns, rows, x, y, parts):
                     a[r] += xv * values[r]
     for p in range(parts):
         y += acc[p]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def decode_huffman_chunks(stream, n_bits, starts, symbol, length, codes, ends):
+    """Every chunk of a coded stream (format v4), in parallel: chunk c's codes from bit starts[c] on.
+
+    stream uint8 (n_bits / 8 bytes and 2 zero bytes more), starts int64 (each <= n_bits), symbol/length the
+    12-bit decode table (length 0: no codeword starts so). ends[c] = the bit after chunk c's last codeword,
+    or -1 where the chunk meets bits that start no codeword or a codeword runs past n_bits."""
+    n = codes.size
+    for c in prange(starts.size):
+        bit = starts[c]
+        end = min(n, (c + 1) * CHUNK_CODES)
+        for i in range(c * CHUNK_CODES, end):
+            if bit >= n_bits:
+                bit = -1
+                break
+            at = bit >> 3
+            window = (np.uint32(stream[at]) | (np.uint32(stream[at + 1]) << 8)
+                      | (np.uint32(stream[at + 2]) << 16)) >> np.uint32(bit & 7)
+            index = window & np.uint32(WINDOW_MASK)
+            size = length[index]
+            if size == 0 or bit + size > n_bits:
+                bit = -1
+                break
+            codes[i] = symbol[index]
+            bit += size
+        ends[c] = bit
 
 
 def _lookups(avx512: Optional[bool]) -> bool:

@@ -351,6 +351,24 @@ def data_free_levels(Wt, bits, weights, levels_out):
         grid_codebook(centroids, levels_out[j], np.empty(2, np.float64), np.empty(k, np.float64))
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def data_free_code_counts(Wt, bits, weights, counts_out):
+    """counts_out[j, c]: the rows of column j (Wt is W transposed, [n, out]) whose nearest entry of the
+    column's data-free grid codebook (as data_free_levels fits it) is c. The allocation codes these counts
+    to estimate what a width's code stream will cost in a file (format v4) before GPTQ has run."""
+    k = 1 << bits
+    for j in prange(Wt.shape[0]):
+        order = np.argsort(Wt[j], kind="mergesort")
+        xs = Wt[j][order].astype(np.float64)
+        prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs, weights[order])
+        centroids = kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k)
+        codebook = np.empty(k, np.float64)
+        grid_codebook(centroids, np.empty(k, np.uint8), np.empty(2, np.float64), codebook)
+        counts_out[j] = 0
+        for x in xs:
+            counts_out[j, nearest_code(x, codebook)] += 1
+
+
 @njit(cache=True, nogil=True)
 def nearest_code(x, codebook):
     """Index of the nearest entry of an ascending codebook (the lower index on a tie)."""

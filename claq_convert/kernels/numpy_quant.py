@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format.spec import unpack_codes
+from ..format.spec import CHUNK_CODES, MAX_CODEWORD_BITS, unpack_codes
 from .numba_quant import FP16_LEAST, GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
 from .shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 
@@ -335,3 +335,21 @@ def learn_shapes(Wt, weights, bits, count, rounds, max_iter):
         shapes = np.stack([normalize_shape(np.where(den[s] > 0, num[s] / np.where(den[s] > 0, den[s], 1), shapes[s]))
                            for s in range(len(shapes))])
     return shapes
+
+
+def decode_huffman_chunks(stream, n_bits, starts, symbol, length, codes, ends) -> None:
+    """numba_decode.decode_huffman_chunks, one codeword at a time: each codeword is the table entry of the
+    next 12 stream bits (least significant first), as long as its length says."""
+    for c, bit in enumerate(int(s) for s in starts):
+        for i in range(c * CHUNK_CODES, min(codes.size, (c + 1) * CHUNK_CODES)):
+            if bit >= n_bits:
+                bit = -1
+                break
+            window = int.from_bytes(bytes(stream[bit // 8:bit // 8 + 3]), "little") >> (bit % 8)
+            index = window % (1 << MAX_CODEWORD_BITS)
+            if length[index] == 0 or bit + int(length[index]) > n_bits:
+                bit = -1
+                break
+            codes[i] = symbol[index]
+            bit += int(length[index])
+        ends[c] = bit

@@ -3,9 +3,9 @@
 For every weight and every candidate setting (one width, or two adjacent widths split by Outlier
 Order as in adaptive precision) two numbers are known before any GPTQ runs:
 - its bytes in the file (spec.claq_stored_bytes: codes, codebooks, bit-width map, padding), exactly but
-  for coded grid levels (format v3), which depend on levels GPTQ has not fitted yet: those are estimated
-  from the weight's data-free codebooks (coded_level_bits, column unit), and budget.py holds the file to
-  the budget once they are known;
+  for coded grid levels (format v3) and coded code streams (v4), which depend on levels and codes GPTQ
+  has not fitted yet: those are estimated from the weight's data-free codebooks (coded_level_bits,
+  coded_code_bits, column unit), and budget.py holds the file to the budget once they are known;
 - its loss, sum_j E_j * SSE_j(b_j): the least K-Means error of column j at its width b_j (exact up to
   4 bits from one DP per column, extrapolated above) weighted by E_j = sum over calibration tokens of x_j**2, the diagonal of the
   weight's Hessian. That is the output error ||(W - Q) X||^2 the column would cause without GPTQ's
@@ -44,6 +44,10 @@ SAMPLE_ROWS = 4096   # about as many rows of each (a K-Means codebook of 2**5 en
 # a little of the budget unspent (0.007 bpw at 4.5, measured) so that budget.py's narrowing, which has no GPTQ
 # compensation (2,339 columns narrowed cost 5 points of ppl at 4.5 bpw with no margin), stays a guarantee.
 LEVEL_MARGIN = 1.25
+# GPTQ's codes are a little more even than the data-free ones: on SmolLM2's 3.5 bpw file the coded streams
+# took 1.023x the estimate (2 bits 1.037x, 3 bits 1.029x, 4 bits 1.017x, 5 bits 1.001x). Priced 1.03x, as
+# with the levels, budget.py's narrowing should not have to act.
+CODE_MARGIN = 1.03
 
 
 @dataclass(frozen=True)
@@ -110,16 +114,19 @@ def column_losses(W: np.ndarray, energy: Optional[np.ndarray], relative: bool = 
     return losses
 
 
-def column_bytes(rows: int, max_bits: int, grid: bool, level_bits: Optional[np.ndarray] = None) -> np.ndarray:
-    """[max_bits]: bytes a column adds at widths 1..max_bits: its codes and its codebook (grid: its fp16
+def column_bytes(rows: int, max_bits: int, grid: bool, level_bits: Optional[np.ndarray] = None,
+                 code_bits: Optional[np.ndarray] = None) -> np.ndarray:
+    """[max_bits]: bytes a column adds at widths 1..max_bits: its codes (fixed-width, or with `code_bits`
+    ([max_bits], coded_code_bits) their estimated coded bits) and its codebook (grid: its fp16
     offset and step, and a u8 level per entry, or with `level_bits` ([max_bits], coded_level_bits) the
-    estimated coded levels; else fp16 entries). Padding and the width map, a byte a column whatever its
-    width, are left to the exact count."""
+    estimated coded levels; else fp16 entries). Padding, chunk offsets, length tables and the width map,
+    a byte a column whatever its width, are left to the exact count."""
     widths = np.arange(1, max_bits + 1)
+    codes = rows * (widths if code_bits is None else CODE_MARGIN * np.asarray(code_bits[:max_bits], np.float64)) / 8
     if not grid:
-        return rows * widths / 8 + 2 * 2.0 ** widths
+        return codes + 2 * 2.0 ** widths
     levels = 2.0 ** widths if level_bits is None else LEVEL_MARGIN * np.asarray(level_bits[:max_bits], np.float64) / 8
-    return rows * widths / 8 + 4 + levels
+    return codes + 4 + levels
 
 
 def coded_level_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS,
@@ -146,6 +153,44 @@ def coded_level_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS,
     return out
 
 
+def coded_code_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS,
+                    row_weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """[max_bits]: the estimated bits a code of W takes at widths 1..max_bits once its stream is coded
+    (format v4): the codes of `sample` evenly spread columns under their data-free grid codebooks, pooled
+    per width, under the 12-bit-limited Huffman code the writer would build (huffman.limited_lengths), and
+    at most the width (the writer keeps a stream fixed-width where coding it is not shorter)."""
+    from ..format.huffman import coded_bits, limited_lengths
+
+    picked = np.unique(np.linspace(0, W.shape[1] - 1, min(sample, W.shape[1])).round().astype(np.int64))
+    stride = -(-W.shape[0] // SAMPLE_ROWS)
+    Wt = np.ascontiguousarray(W[::stride, picked].T, np.float32)
+    weights = np.ones(W.shape[0]) if row_weights is None else np.asarray(row_weights, np.float64)
+    weights = np.ascontiguousarray(weights[::stride])
+    out = np.arange(1, max_bits + 1, dtype=np.float64)
+    for b in range(2, max_bits + 1):
+        counts = np.empty((picked.size, 1 << b), np.int64)
+        numba_quant.data_free_code_counts(Wt, b, weights, counts)
+        pooled = counts.sum(axis=0)
+        out[b - 1] = min(b, coded_bits(pooled, limited_lengths(pooled)) / pooled.sum())
+    return out
+
+
+def coded_codes_bytes(rows: int, bit_widths: np.ndarray, code_bits: Optional[np.ndarray],
+                      margin: float = CODE_MARGIN) -> Optional[dict[int, int]]:
+    """width -> the priced length of its huffman_<b> section (chunk offsets, lengths, the estimated bits a
+    code times `margin`) where that is shorter than codes_<b>, as the writer chooses; None: no estimate."""
+    if code_bits is None:
+        return None
+    bits = np.asarray(bit_widths, np.int64)
+    out = {}
+    for b in np.unique(bits).tolist():
+        n = rows * int(np.count_nonzero(bits == b))
+        coded = spec.huffman_prefix_bytes(n, b) + int(np.ceil(margin * code_bits[b - 1] * n / 8))
+        if coded < 4 * spec.code_words(n, b):
+            out[b] = coded
+    return out
+
+
 def coded_levels_bytes(bit_widths: np.ndarray, level_bits: Optional[np.ndarray],
                        margin: float = LEVEL_MARGIN) -> Optional[int]:
     """The priced length of a grid weight's codebook_rice section (its table, its two bit streams) for
@@ -160,18 +205,22 @@ def coded_levels_bytes(bit_widths: np.ndarray, level_bits: Optional[np.ndarray],
 
 def allocate_columns(tables: dict[str, np.ndarray], rows: dict[str, int], budget_bytes: int,
                      codebook: str = "auto", outliers: Optional[dict[str, tuple[int, int]]] = None,
-                     level_bits: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+                     level_bits: Optional[dict[str, np.ndarray]] = None,
+                     code_bits: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
     """Widths per column (name -> int64 [in]) minimising the summed loss with the stored bytes
     (spec.claq_stored_bytes) within budget_bytes. tables: name -> column_losses. Widths stop where grid
     codebooks do (GRID_MAX_BITS) unless codebook is "f16", so every weight keeps its cheap codebooks.
     outliers: name -> (outliers kept, the most in one column), fixed beforehand and paid from the budget.
     level_bits: name -> coded_level_bits; grid levels are then priced as coded (an estimate: budget.py
-    holds the file to the budget), else as u8 bytes (an upper bound)."""
+    holds the file to the budget), else as u8 bytes (an upper bound). code_bits: name -> coded_code_bits;
+    code streams are then priced as coded (format v4; an estimate too), else as fixed-width words."""
     outliers = outliers or {}
     level_bits = level_bits or {}
+    code_bits = code_bits or {}
     grid = codebook != "f16"
     max_bits = GRID_MAX_BITS if grid else MAX_BITS
-    prices = {name: column_bytes(rows[name], max_bits, grid, level_bits.get(name)) for name in tables}
+    prices = {name: column_bytes(rows[name], max_bits, grid, level_bits.get(name), code_bits.get(name))
+              for name in tables}
     low = MIN_COLUMN_BITS
 
     def pick(lam: float) -> dict[str, np.ndarray]:
@@ -179,8 +228,8 @@ def allocate_columns(tables: dict[str, np.ndarray], rows: dict[str, int], budget
                 + low for name, L in tables.items()}
 
     def total(choice) -> int:
-        return sum(stored_estimate(rows[name], bits, outliers.get(name, (0, 0)), codebook, level_bits.get(name))
-                   for name, bits in choice.items())
+        return sum(stored_estimate(rows[name], bits, outliers.get(name, (0, 0)), codebook, level_bits.get(name),
+                                   code_bits.get(name)) for name, bits in choice.items())
 
     floor = total({name: np.full(L.shape[0], low, np.int64) for name, L in tables.items()})
     if floor > budget_bytes:
@@ -190,11 +239,12 @@ def allocate_columns(tables: dict[str, np.ndarray], rows: dict[str, int], budget
 
 
 def stored_estimate(rows: int, bits: np.ndarray, outliers: tuple[int, int], codebook: str,
-                    level_bits: Optional[np.ndarray] = None) -> int:
-    """A weight's bytes in the file at these column widths: exact but for coded levels (an estimate)."""
+                    level_bits: Optional[np.ndarray] = None, code_bits: Optional[np.ndarray] = None) -> int:
+    """A weight's bytes in the file at these column widths: exact but for coded levels and codes (estimates)."""
     grid = grid_codebooks(codebook, bits)
     return spec.claq_stored_bytes(rows, bits, *outliers, grid=grid,
-                                  coded_levels=coded_levels_bytes(bits, level_bits) if grid else None)
+                                  coded_levels=coded_levels_bytes(bits, level_bits) if grid else None,
+                                  coded_codes=coded_codes_bytes(rows, bits, code_bits))
 
 
 def _least_price(bytes_at, budget_bytes: int, steps: int) -> float:

@@ -386,7 +386,8 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     target (head_target) and are paid from the same budget first: their loss is not comparable with the
     blocks' (measured: allocated with them, the head fell to 1-2 bits and a relative error of 0.58).
     """
-    from .allocation import allocate, allocate_columns, candidates, coded_level_bits, column_losses, stored_estimate
+    from .allocation import (MAX_BITS, allocate, allocate_columns, candidates, coded_code_bits, coded_level_bits,
+                             column_losses, stored_estimate)
     from ..models.architectures import family_of
 
     start = time.perf_counter()
@@ -400,9 +401,11 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         energies = input_energies(source, calibration, device, quantize_embeddings=False)
     weights = weights or {}
     relative = qc.allocation == "relative"
-    rows, tables, params, outliers, level_bits = {}, {}, 0, {}, {}
-    # grid levels priced as the v3 writer codes them (estimated; within_budget holds the file to the budget)
+    rows, tables, params, outliers, level_bits, code_bits = {}, {}, 0, {}, {}, {}
+    # grid levels priced as the v3 writer codes them, code streams as v4 codes them (estimated;
+    # within_budget holds the file to the budget)
     coded = qc.allocation_unit == "column" and qc.codebook != "f16"
+    coded_streams = qc.allocation_unit == "column" and spec.VERSION in spec.HUFFMAN_VERSIONS
     for name in energies:  # one weight in memory at a time: only its loss table is kept
         W = family.layout(name, source.tensor(name).float().numpy())
         rows[name], params = W.shape[0], params + W.size
@@ -410,6 +413,8 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
             outliers[name] = _outlier_total(W, qc)
         if coded:
             level_bits[name] = coded_level_bits(W, GRID_MAX_BITS, row_weights=weights.get(name))
+        if coded_streams:
+            code_bits[name] = coded_code_bits(W, MAX_BITS, row_weights=weights.get(name))
         if qc.allocation_unit == "column":
             tables[name] = column_losses(W, energies[name], relative, columns.get(name), weights.get(name))
         else:
@@ -420,19 +425,20 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     width = int(round(head_target(qc)))
     for name in end_tensors(source) if qc.quantize_embeddings else ():
         end_rows, end_cols = source.shape(name)
-        W = source.tensor(name).float().numpy() if qc.outlier_bits or coded else None
+        W = source.tensor(name).float().numpy() if qc.outlier_bits or coded or coded_streams else None
         kept = _outlier_total(W, qc) if qc.outlier_bits else (0, 0)
         fixed += stored_estimate(end_rows, np.full(end_cols, width), kept, qc.codebook,
                                  coded_level_bits(W, GRID_MAX_BITS, widths=[width], row_weights=weights.get(name))
-                                 if coded and width <= GRID_MAX_BITS else None)
+                                 if coded and width <= GRID_MAX_BITS else None,
+                                 coded_code_bits(W, width, row_weights=weights.get(name)) if coded_streams else None)
         del W
         params += end_rows * end_cols
         targets[name] = (width, width, 0.0)
     budget = int(qc.bpw * params // 8)
     if qc.allocation_unit == "column":
-        widths = allocate_columns(tables, rows, budget - fixed, qc.codebook, outliers, level_bits)
+        widths = allocate_columns(tables, rows, budget - fixed, qc.codebook, outliers, level_bits, code_bits)
         spent = fixed + sum(stored_estimate(rows[name], bits, outliers.get(name, (0, 0)), qc.codebook,
-                                            level_bits.get(name)) for name, bits in widths.items())
+                                            level_bits.get(name), code_bits.get(name)) for name, bits in widths.items())
         targets.update({name: {"widths": bits.tolist()} for name, bits in widths.items()})
     else:
         choice = allocate(tables, budget - fixed)

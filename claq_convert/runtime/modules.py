@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..format import spec
+from ..format.huffman import with_fixed_codes
 from ..format.rice import with_levels
 from .torch_decoder import ClaqLayout, codebook_values, codes_at, decode_claq, to_torch
 
@@ -68,7 +69,8 @@ class ClaqLinear(torch.nn.Module):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
-        sections = with_levels(sections)  # coded levels (format v3) become u8 levels once, here
+        # coded levels (format v3) become u8 levels, coded streams (v4) fixed-width words: once, here
+        sections = with_fixed_codes(with_levels(sections), rows)
         self.out_features, self.in_features = rows, int(sections["bit_widths"].size)
         self.layout = ClaqLayout(np.asarray(sections["bit_widths"]), device)
         self.section_names = list(sections)
