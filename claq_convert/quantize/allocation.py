@@ -78,8 +78,12 @@ class Candidate:
 
 def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: bool = True,
                codebook: str = "auto", fisher: Optional[np.ndarray] = None,
-               row_weights: Optional[np.ndarray] = None) -> list[Candidate]:
-    """Every setting of one weight W[out, in] with its exact stored bytes and its estimated loss.
+               row_weights: Optional[np.ndarray] = None, level_bits: Optional[np.ndarray] = None,
+               code_bits: Optional[np.ndarray] = None) -> list[Candidate]:
+    """Every setting of one weight W[out, in] with its stored bytes and its estimated loss. The bytes are
+    exact but for coded grid levels and code streams, estimated from `level_bits` (coded_level_bits) and
+    `code_bits` (coded_code_bits) where given, as the column unit does (without them: u8 levels and
+    fixed-width codes, upper bounds).
 
     `relative` divides the loss by the weight's output energy sum_j E_j ||W[:, j]||^2, so each weight's
     loss is its error relative to its signal. Absolute errors grow with the residual stream along the
@@ -97,7 +101,7 @@ def candidates(W: np.ndarray, energy: np.ndarray, S: float = 13.0, relative: boo
     for setting in SETTINGS:
         bits = column_bits(order, setting.target, setting.low, setting.high)
         loss = float(np.sum(losses[cols, bits - 1]))
-        out.append(Candidate(setting, spec.claq_stored_bytes(rows, bits, 0, grid=grid_codebooks(codebook, bits)), loss))
+        out.append(Candidate(setting, stored_estimate(rows, bits, (0, 0), codebook, level_bits, code_bits), loss))
     return out
 
 

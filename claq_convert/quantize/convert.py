@@ -404,8 +404,8 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
     rows, tables, params, outliers, level_bits, code_bits = {}, {}, 0, {}, {}, {}
     # grid levels priced as the v3 writer codes them, code streams as v4 codes them (estimated;
     # within_budget holds the file to the budget)
-    coded = qc.allocation_unit == "column" and qc.codebook != "f16"
-    coded_streams = qc.allocation_unit == "column" and spec.VERSION in spec.HUFFMAN_VERSIONS
+    coded = qc.codebook != "f16"
+    coded_streams = spec.VERSION in spec.HUFFMAN_VERSIONS
     for name in energies:  # one weight in memory at a time: only its loss table is kept
         W = family.layout(name, source.tensor(name).float().numpy())
         rows[name], params = W.shape[0], params + W.size
@@ -419,7 +419,8 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
             tables[name] = column_losses(W, energies[name], relative, columns.get(name), weights.get(name))
         else:
             tables[name] = candidates(W, energies[name], qc.outlier_threshold, relative=relative,
-                                      codebook=qc.codebook, fisher=columns.get(name), row_weights=weights.get(name))
+                                      codebook=qc.codebook, fisher=columns.get(name), row_weights=weights.get(name),
+                                      level_bits=level_bits.get(name), code_bits=code_bits.get(name))
         del W
     fixed, targets = 0, {}
     width = int(round(head_target(qc)))
