@@ -1,7 +1,9 @@
 """The C reference reader (formats/c, written from formats/claq-v2.md alone) against the conformance vectors,
-a converted model and a synthetic file of every width and dtype (bit for bit with the Python reader), the
-spec's edge cases of the header, and a seeded mutation run under AddressSanitizer + UndefinedBehaviorSanitizer
-whose verdicts are compared with the Python reader's.
+a converted model and a synthetic file of every width and dtype (bit for bit with the Python reader), coded
+code streams (version 4, huffman_<b>: decoded as their fixed-width words, and every rule T19-T23, H35 on
+hand-built sections, rule for rule with the Python reader), the spec's edge cases of the header, and a seeded
+mutation run under AddressSanitizer + UndefinedBehaviorSanitizer whose verdicts are compared with the Python
+reader's.
 
 claq_dump's output (formats/c/README.md): "ok <version> <tensors> <files>", then per tensor
 "T =<name hex> <kind> <ndim> <dims...>" and "V <count> <float32 bits as 8 hex digits>...", per embedded file
@@ -39,6 +41,8 @@ SAN_ENV = {"ASAN_OPTIONS": "exitcode=86:detect_leaks=1:abort_on_error=0", "LSAN_
 CATEGORIES = ("TruncatedFile", "BadMagic", "UnsupportedVersion", "BadHeader", "BadLayout", "ChecksumMismatch",
               "BadTensorData", "BadFileData")
 LINE = re.compile(r"^(ok \d+ \d+ \d+|error (" + "|".join(CATEGORIES) + r"): [^\n]*)\n$")
+C_RULE = re.compile(r"\((CLAQ-[A-Z]\d+)\)")  # the rule a C message names, if any
+NAMED_RULES = {"CLAQ-T06", "CLAQ-H35"} | {f"CLAQ-T{n}" for n in range(19, 24)}  # those the C reader names
 MUTATION_SECONDS = float(os.environ.get("CLAQ_C_MUTATION_SECONDS", "60"))
 MUTATION_CASES = int(os.environ.get("CLAQ_C_MUTATION_CASES", "4000"))
 
@@ -203,6 +207,9 @@ def test_bad_vectors_give_the_expected_category(claq_dump, have_zlib, name):
     assert done.returncode == 1 and done.stderr == b""
     assert LINE.match(done.stdout.decode()), done.stdout
     assert verdict(done) == EXPECTED_BAD[name], (EXPECTED[name]["rule"], done.stdout)
+    named = C_RULE.search(done.stdout.decode())
+    if EXPECTED[name]["rule"] in NAMED_RULES or named:  # the rules the C reader names (coded streams, T06, H35)
+        assert named and named.group(1) in [EXPECTED[name]["rule"], *EXPECTED[name].get("also", [])], done.stdout
 
 
 def test_size_cap_vectors_give_the_expected_category(claq_dump, tmp_path):
@@ -251,18 +258,26 @@ def test_converted_model_bit_for_bit_with_the_python_reader(claq_dump, have_zlib
     got = compare_with_python(claq_dump, tiny_claq)
     with reader.ClaqFile(tiny_claq) as cf:
         sections = [t["sections"] for t in cf.tensors.values() if t["kind"] == "claq"]
-    widths = {k for s in sections for k in s if k.startswith("codes_")}
+    widths = {k.split("_")[1] for s in sections for k in s if k.startswith(("codes_", "huffman_"))}
     assert len(widths) >= 2 and any("outlier_counts" in s for s in sections)
+    assert any(k.startswith("huffman_") for s in sections for k in s)  # the writer codes streams where shorter
     assert any("codebook_grid" in s for s in sections)
     assert any(kind == "raw" for kind, _, _ in got["tensors"].values()) and got["files"]
 
 
 def _random_claq(rng: np.random.Generator, rows: int, bits: np.ndarray, grid: bool, outliers: int,
-                 max_count: int = 0) -> dict:
+                 max_count: int = 0, skew: float = 0.0) -> dict:
+    """The sections encode_claq_sections writes for random codes: uniform (stored as codes_<b>), or with skew,
+    geometric with that parameter (low codes serve most rows, as K-Means codes do: the writer stores a stream
+    as huffman_<b> where that is shorter)."""
     from claq_convert.format.writer import encode_claq_sections
 
     cols = bits.size
-    codes = np.stack([rng.integers(0, 1 << int(b), rows) for b in bits], axis=1).astype(np.uint8)
+    if skew:
+        codes = np.stack([np.minimum(rng.geometric(skew, rows) - 1, (1 << int(b)) - 1) for b in bits], axis=1)
+    else:
+        codes = np.stack([rng.integers(0, 1 << int(b), rows) for b in bits], axis=1)
+    codes = codes.astype(np.uint8)
     counts = np.zeros(cols, np.int64)
     counts[rng.integers(0, cols, outliers)] += 1
     if max_count:
@@ -283,8 +298,9 @@ def _random_claq(rng: np.random.Generator, rows: int, bits: np.ndarray, grid: bo
 
 @pytest.fixture(scope="module")
 def every_width_claq(tmp_path_factory) -> Path:
-    """Every width 1..8 (fp16 and grid codebooks, odd row counts so codes straddle words), u16 outlier
-    counts, u32 outlier rows (65537 rows), every raw dtype, a zlib and a stored embedded file."""
+    """Every width 1..8 (fp16 and grid codebooks, odd row counts so codes straddle words), coded streams of
+    widths 2..8 over several chunks (skewed codes, 4099 rows), u16 outlier counts, u32 outlier rows (65537
+    rows), every raw dtype, a zlib and a stored embedded file."""
     from claq_convert.format.writer import ClaqWriter
 
     rng = np.random.default_rng(7)
@@ -297,6 +313,9 @@ def every_width_claq(tmp_path_factory) -> Path:
                 w.add_quantized(f"w{rows}{'g' if grid else 'f'}", rows, _random_claq(rng, rows, bits, grid, 9))
         w.add_quantized("many_outliers", 300, _random_claq(rng, 300, np.array([7, 8, 5]), True, 3, max_count=290))
         w.add_quantized("tall", 65537, _random_claq(rng, 65537, np.array([1, 8]), False, 4))
+        for grid in (False, True):
+            bits = np.array([2, 3, 4, 5, 6, 7, 8, 5, 1], np.uint8)
+            w.add_quantized(f"coded{'g' if grid else 'f'}", 4099, _random_claq(rng, 4099, bits, grid, 7, skew=0.5))
         for dtype in ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32"):
             info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
             values = (rng.integers(info.min, info.max, (3, 5), dtype=dtype, endpoint=True) if info else
@@ -315,6 +334,7 @@ def test_every_width_and_dtype_bit_for_bit_with_the_python_reader(claq_dump, hav
     with reader.ClaqFile(every_width_claq) as cf:
         sections = {name: t["sections"] for name, t in cf.tensors.items()}
     assert {f"codes_{b}" for b in range(1, 9)} <= {k for s in sections.values() for k in s}
+    assert {f"huffman_{b}" for b in range(2, 9)} <= {k for s in sections.values() for k in s}
     assert sections["many_outliers"]["outlier_counts"]["dtype"] == "U16"
     assert sections["tall"]["outlier_rows"]["dtype"] == "U32"
     assert {e for e, _, _ in got["files"].values()} == {"zlib", "none"}
@@ -537,6 +557,193 @@ def test_header_edge_cases(claq_dump, tmp_path):
     assert not unexplained, unexplained
 
 
+# --------------------------------------------------------------------------- coded code streams (version 4)
+
+def _hand_coded(rng: np.random.Generator, rows: int, bits: list, codes: np.ndarray, lengths: dict) -> dict:
+    """A weight (fp16 codebooks) whose stream of each width b in `lengths` is huffman_<b> under those codeword
+    lengths, a code the writer would not choose (1-bit codes, an incomplete code, 12-bit codewords)."""
+    from claq_convert.format import huffman, spec
+    from claq_convert.format.writer import encode_claq_sections
+
+    bits = np.asarray(bits, np.uint8)
+    sections = encode_claq_sections(rows, bits, codes.astype(np.uint8),
+                                    rng.standard_normal((bits.size, 256)).astype(np.float16),
+                                    np.zeros(bits.size, np.int64), [], np.zeros(0, np.float16))
+    out = {}
+    for name, array in sections.items():
+        b = int(name.split("_")[1]) if name.startswith(("codes_", "huffman_")) else 0
+        if b in lengths:
+            stream = codes[:, spec.columns_of_width(bits, b)].T.ravel().astype(np.uint8)
+            out[spec.huffman_section(b)] = huffman.coded_section(stream, np.asarray(lengths[b]))
+        else:
+            out[name] = array
+    return out
+
+
+@pytest.fixture(scope="module")
+def coded_claq_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """The same weights twice: with coded streams (huffman_1 .. huffman_8: chunk boundaries on and off a
+    column's end, streams of one chunk and of one code, 12-bit codewords, an incomplete code, 1-bit codes),
+    and with every stream as its fixed-width words (codes_<b>)."""
+    from claq_convert.format import huffman
+    from claq_convert.format.writer import ClaqWriter
+
+    rng = np.random.default_rng(11)
+    weights = {}
+    for grid in (False, True):
+        for rows, skew in ((4096, 0.5), (4099, 0.4), (9001, 0.7), (3, 0.9), (1, 0.9)):
+            bits = np.array([2, 3, 4, 5, 6, 7, 8, 1, 8, 3], np.uint8)
+            weights[f"w{rows}{'g' if grid else 'f'}"] = (rows, _random_claq(rng, rows, bits, grid, 5, skew=skew))
+    rows = 6000
+    codes = np.stack([rng.integers(0, 2, rows), rng.integers(0, 2, rows), np.full(rows, 5),
+                      np.minimum(rng.geometric(0.5, rows) - 1, 12), rng.integers(0, 13, rows),
+                      rng.integers(0, 4, rows)], axis=1)
+    weights["hand"] = (rows, _hand_coded(rng, rows, [1, 1, 3, 4, 4, 2], codes, {
+        1: [1, 1],                                  # 1-bit codes, coded
+        3: [0, 0, 0, 0, 0, 1, 0, 0],                # one value used: the codeword 0 (an incomplete code)
+        4: list(range(1, 13)) + [12, 0, 0, 0]}))    # a complete code with codewords of 1 to 12 bits
+    paths = []
+    for which in ("coded", "fixed"):
+        path = tmp_path_factory.mktemp("claq-c-coded") / f"{which}.claq"
+        with ClaqWriter(path) as w:
+            for name, (rows, sections) in weights.items():
+                w.add_quantized(name, rows, sections if which == "coded" else huffman.with_fixed_codes(sections, rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_coded_streams_decode_as_their_fixed_width_words(claq_dump, coded_claq_pair):
+    from claq_convert.format import spec
+
+    coded, fixed = coded_claq_pair
+    with reader.ClaqFile(coded) as cf:
+        names = {k for t in cf.tensors.values() for k in t["sections"]}
+        assert {f"huffman_{b}" for b in range(1, 9)} <= names
+        chunks = spec.chunk_count(2 * 6000)  # hand's huffman_4: two columns of 6000 rows
+        assert cf.sections("hand")["huffman_4"][4 * chunks:4 * chunks + 16].max() == 12  # 12-bit codewords
+    with reader.ClaqFile(fixed) as cf:
+        assert not any(k.startswith("huffman_") for t in cf.tensors.values() for k in t["sections"])
+    got, expected = compare_with_python(claq_dump, coded), dump(claq_dump, fixed)
+    assert got["version"] == 4 and list(got["tensors"]) == list(expected["tensors"])
+    for name, (kind, shape, bits) in got["tensors"].items():
+        assert shape == expected["tensors"][name][1] and np.array_equal(bits, expected["tensors"][name][2]), name
+
+
+def python_rule(path: Path) -> tuple[str, str | None]:
+    """The Python reader's category and rule id ("ok", None when valid)."""
+    try:
+        with reader.ClaqFile(path) as cf:
+            cf.validate()
+        return "ok", None
+    except reader.ClaqFormatError as e:
+        return type(e).__name__, getattr(e, "rule", None)
+
+
+# The worked example of claq-v2.md ("Worked example (coded codes)"): 6 rows at 2 bits, codes 1, 1, 0, 2, 1, 1
+# under the lengths [2, 1, 2, 0] (1: "0", 0: "10", 2: "11"): K = 1 offset, 4 lengths, the codewords' byte.
+WORKED = bytes.fromhex("00000000" "02010200" "34")
+BOOK = (-1.0, -0.25, 0.5, 1.0)  # codebook of the 2-bit column
+
+
+def _coded_case(sections: list, rows: int = 6, bits: bytes = b"\2", version: int = 4) -> bytes:
+    """A one-tensor file "w" [rows, len(bits)] with fp16 codebooks (BOOK for 2-bit columns) and `sections`."""
+    books = b"".join(struct.pack(f"<{1 << b}e", *(BOOK if b == 2 else np.linspace(-1, 1, 1 << b))) for b in bits)
+    return build_file({"w": ("claq", [rows, len(bits)], [("bit_widths", "U8", [len(bits)], bits),
+                                                         ("codebooks", "F16", [len(books) // 2], books)] + sections)},
+                      version=version)
+
+
+def _huffman(payload: bytes, b: int = 2, dtype: str = "U8", name: str = "") -> tuple:
+    size = {"U8": 1, "I8": 1, "U16": 2, "U32": 4}[dtype]
+    return (name or f"huffman_{b}", dtype, [len(payload) // size], payload)
+
+
+def _two_chunks(rows: int = 4100, pad: int = 0, second: int | None = None) -> bytes:
+    """huffman_2 of `rows` codes 0 under the lengths [1, 0, 2, 0] (0: "0", 2: "10"; "11" starts no codeword): two
+    chunks (4096 codes, then rows - 4096), the second at bit `second` (4096 when right); `pad` ORed into the
+    last byte (bits rows - rows % 8 onwards: codewords of chunk 1, then padding)."""
+    stream = bytearray((rows + 7) // 8)
+    stream[-1] |= pad
+    return struct.pack("<II", 0, 4096 if second is None else second) + bytes([1, 0, 2, 0]) + bytes(stream)
+
+
+def _coded_rule_cases() -> dict:
+    """name -> (file bytes, expected category, expected rule (None: valid))."""
+    T = "BadTensorData"
+    codes_2 = ("codes_2", "U32", [1], struct.pack("<I", 0x5a5))  # 6 codes of 2 bits
+    cases = {
+        "worked_example": (_coded_case([_huffman(WORKED)]), "ok", None),
+        "worked_example_v3": (_coded_case([_huffman(WORKED)], version=3), "BadHeader", "CLAQ-H19"),
+        "huffman_9": (_coded_case([_huffman(WORKED, name="huffman_9")]), "BadHeader", "CLAQ-H19"),
+        "huffman_0": (_coded_case([_huffman(WORKED, name="huffman_0")]), "BadHeader", "CLAQ-H19"),
+        "huffman_02": (_coded_case([_huffman(WORKED, name="huffman_02")]), "BadHeader", "CLAQ-H19"),
+        "huffman_i8": (_coded_case([_huffman(WORKED, dtype="I8")]), "BadHeader", "CLAQ-H22"),
+        "huffman_u32": (_coded_case([_huffman(WORKED + bytes(3), dtype="U32")]), "BadHeader", "CLAQ-H22"),
+        "codes_and_huffman": (_coded_case([codes_2, _huffman(WORKED)]), "BadHeader", "CLAQ-H35"),
+        "codes_and_huffman_u32": (_coded_case([_huffman(WORKED + bytes(3), dtype="U32"), codes_2]), "BadHeader",
+                                  "CLAQ-H35"),  # H35 comes before H22
+        "huffman_without_width": (_coded_case([_huffman(WORKED), _huffman(WORKED, b=3)]), T, "CLAQ-T06"),
+        "width_without_stream": (_coded_case([_huffman(WORKED)], bits=b"\2\3"), T, "CLAQ-T06"),
+        "t19_short": (_coded_case([_huffman(WORKED[:8])]), T, "CLAQ-T19"),
+        "t19_longest_then_t23": (_coded_case([_huffman(WORKED + bytes(8))]), T, "CLAQ-T23"),  # 17 bytes: T19 allows
+        "t19_long": (_coded_case([_huffman(WORKED + bytes(9))]), T, "CLAQ-T19"),
+        "t19_before_t20": (_coded_case([_huffman(bytes(4) + bytes([13, 13, 13, 13]))]), T, "CLAQ-T19"),
+        "t19_rows_2^64-1": (_coded_case([_huffman(WORKED)], rows=2 ** 64 - 1), T, "CLAQ-T19"),
+        "t19_codes_overflow": (_coded_case([_huffman(WORKED)], rows=2 ** 63, bits=b"\2\2"), T, "CLAQ-T19"),
+        "t20_length_13": (_coded_case([_huffman(bytes.fromhex("00000000" "020d0200" "34"))]), T, "CLAQ-T20"),
+        "t20_no_length": (_coded_case([_huffman(bytes.fromhex("00000000" "00000000" "34"))]), T, "CLAQ-T20"),
+        "t20_kraft": (_coded_case([_huffman(bytes.fromhex("00000000" "01010200" "34"))]), T, "CLAQ-T20"),
+        "t20_before_t21": (_coded_case([_huffman(bytes.fromhex("01000000" "01010200" "34"))]), T, "CLAQ-T20"),
+        "t21_first_not_0": (_coded_case([_huffman(bytes.fromhex("01000000" "02010200" "34"))]), T, "CLAQ-T21"),
+        "t21_past_the_end": (_coded_case([_huffman(_two_chunks(second=4104 + 1))], rows=4100), T, "CLAQ-T21"),
+        "t21_at_the_end_then_t23": (_coded_case([_huffman(_two_chunks(second=4104))], rows=4100), T, "CLAQ-T23"),
+        "two_chunks": (_coded_case([_huffman(_two_chunks())], rows=4100), "ok", None),
+        "two_chunks_exact": (_coded_case([_huffman(_two_chunks(rows=8192))], rows=8192), "ok", None),
+        "t22_no_codeword": (_coded_case([_huffman(bytes.fromhex("00000000" "02010000" "34"))]), T, "CLAQ-T22"),
+        "t22_past_the_end": (_coded_case([_huffman(bytes.fromhex("00000000" "00000200" "00"))]), T, "CLAQ-T22"),
+        "t22_codeword_across_the_end": (_coded_case([_huffman(bytes.fromhex("00000000" "00000300" "0000"))]), T,
+                                        "CLAQ-T22"),
+        "t23_chunk_ends_early": (_coded_case([_huffman(_two_chunks(second=4097))], rows=4100), T, "CLAQ-T23"),
+        "t23_before_next_chunk_t22": (_coded_case([_huffman(_two_chunks(pad=0xf0, second=4100))], rows=4100), T,
+                                      "CLAQ-T23"),
+        "t22_in_chunk_1": (_coded_case([_huffman(_two_chunks(pad=0x0c))], rows=4100), T, "CLAQ-T22"),  # "11"
+        "t23_padding_bits": (_coded_case([_huffman(_two_chunks(pad=0x10))], rows=4100), T, "CLAQ-T23"),
+        "t23_padding_bit_7": (_coded_case([_huffman(bytes.fromhex("00000000" "02010200" "b4"))], rows=5), T,
+                              "CLAQ-T23"),
+        "t23_byte_after": (_coded_case([_huffman(WORKED + b"\0")]), T, "CLAQ-T23"),
+    }
+    # chunk 1 starts at the end of part 3 (T21 allows it), where chunk 0 ends: it meets no codeword (T22)
+    at_end = struct.pack("<II", 0, 8192) + bytes([2, 0, 0, 0]) + bytes(1024)  # 4096 codes 0 of 2 bits ("00")
+    cases["t22_chunk_at_the_end"] = (_coded_case([_huffman(at_end)], rows=4100), T, "CLAQ-T22")
+    # the least width of both codes_<b> and huffman_<b> is reported (H35); T06 and the stream rules go width by width
+    both = [("codes_3", "U32", [1], bytes(4)), ("huffman_3", "U8", [9], WORKED), codes_2, _huffman(WORKED)]
+    cases["codes_and_huffman_least_width"] = (_coded_case(both, bits=b"\2\3"), "BadHeader", "CLAQ-H35")
+    cases["width_2_t19_before_width_3_t06"] = (_coded_case([_huffman(WORKED[:8])], bits=b"\2\3"), T, "CLAQ-T19")
+    return cases
+
+
+CODED_RULE_CASES = _coded_rule_cases()
+
+
+@pytest.mark.parametrize("name", sorted(CODED_RULE_CASES))
+def test_coded_stream_rules_as_the_python_reader(claq_dump, tmp_path, name):
+    blob, category, rule = CODED_RULE_CASES[name]
+    path = tmp_path / f"{name}.claq"
+    path.write_bytes(blob)
+    done = run(claq_dump, path)
+    text = done.stdout.decode("utf-8", "replace")
+    assert LINE.match(text.split("\n", 1)[0] + "\n") and done.stderr == b"", text[:300]
+    assert verdict(done) == category, text[:300]
+    named = C_RULE.search(text.split("\n", 1)[0])
+    if rule in NAMED_RULES or named:
+        assert named and named.group(1) == rule, text[:300]
+    assert python_rule(path) == (category, rule)
+    if name == "codes_and_huffman_least_width":
+        assert "codes_2 and huffman_2" in text, text
+    if name == "worked_example":  # codes 1, 1, 0, 2, 1, 1
+        assert np.array_equal(parse_dump(text)["tensors"]["w"][2], f32_bits([[BOOK[c]] for c in (1, 1, 0, 2, 1, 1)]))
+
+
 # ------------------------------------------------------------------------------- mutation (sanitizers)
 
 def _entries(header: dict):
@@ -562,8 +769,9 @@ def _places(value, out):
     return out
 
 
-SECTION_NAMES = ["bit_widths", "codebooks", "codebook_grid", "outlier_counts", "outlier_rows", "outlier_values",
-                 "data", "codes_0", "codes_9", "codes_10", "extra"] + [f"codes_{b}" for b in range(1, 9)]
+SECTION_NAMES = ["bit_widths", "codebooks", "codebook_grid", "codebook_rice", "outlier_counts", "outlier_rows",
+                 "outlier_values", "data", "codes_0", "codes_9", "codes_10", "huffman_0", "huffman_9", "huffman_01",
+                 "extra"] + [f"codes_{b}" for b in range(1, 9)] + [f"huffman_{b}" for b in range(1, 9)]
 STRINGS = ["", "F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "raw", "claq", "none",
            "zlib", "x/y", "..", "\ud800", "é", "\u0000"]
 
@@ -677,18 +885,24 @@ def explained(c: str, message: str) -> bool:
     return c == "BadHeader" and any(re.search(p, message) for p in KNOWN_MUTATION_DISAGREEMENTS)
 
 
-def test_mutations_under_sanitizers(claq_dump_sanitized, tiny_claq, every_width_claq, tmp_path):
+def test_mutations_under_sanitizers(claq_dump_sanitized, tiny_claq, every_width_claq, coded_claq_pair, tmp_path):
     for i, (name, (blob, expected)) in enumerate(EDGE_CASES.items()):  # the edge cases, sanitized too
         path = tmp_path / f"edge{i}.claq"
         path.write_bytes(blob)
         done = run(claq_dump_sanitized, path, quiet=True, env=SAN_ENV)
         assert done.returncode in (0, 1) and done.stderr == b"" and verdict(done) == expected, (name, done)
+    for i, (name, (blob, expected, _)) in enumerate(CODED_RULE_CASES.items()):  # and the coded streams' cases
+        path = tmp_path / f"coded{i}.claq"
+        path.write_bytes(blob)
+        done = run(claq_dump_sanitized, path, quiet=True, env=SAN_ENV)
+        assert done.returncode in (0, 1) and done.stderr == b"" and verdict(done) == expected, (name, done)
     bases = [p.read_bytes() for p in GOOD + sorted(BAD.glob("*.claq"))]
-    bases += [tiny_claq.read_bytes(), every_width_claq.read_bytes()]
+    bases += [tiny_claq.read_bytes(), every_width_claq.read_bytes(), coded_claq_pair[0].read_bytes()]
+    bases += [blob for blob, _, _ in CODED_RULE_CASES.values()]  # small coded streams, valid and not
     rng = random.Random(20240611)
     path = tmp_path / "mutant.claq"
     keep = Path(os.environ["CLAQ_C_DISAGREEMENTS_DIR"]) if os.environ.get("CLAQ_C_DISAGREEMENTS_DIR") else None
-    start, cases, verdicts, disagreements = time.monotonic(), 0, {}, {}
+    start, cases, verdicts, disagreements, rules = time.monotonic(), 0, {}, {}, {}
     while cases < MUTATION_CASES and time.monotonic() - start < MUTATION_SECONDS:
         kind, blob = mutate(rng, rng.choice(bases))
         path.write_bytes(blob)
@@ -699,6 +913,12 @@ def test_mutations_under_sanitizers(claq_dump_sanitized, tiny_claq, every_width_
         c = verdict(done)
         py, message = python_verdict(path)
         verdicts[c] = verdicts.get(c, 0) + 1
+        named = C_RULE.search(text)
+        if named:  # a rule the C reader names (T06, T19-T23, H35): the Python reader's must be the same
+            rules[named.group(1)] = rules.get(named.group(1), 0) + 1
+            py_rule = python_rule(path)[1] if py == c else None
+            if py == c and py_rule != named.group(1):
+                c, py = f"{c} {named.group(1)}", f"{py} {py_rule}"
         cases += 1
         if c != py:
             key = (kind, c, py)
@@ -707,7 +927,8 @@ def test_mutations_under_sanitizers(claq_dump_sanitized, tiny_claq, every_width_
                 keep.mkdir(parents=True, exist_ok=True)
                 (keep / f"{cases:05d}-{kind}-{c}-{py}.claq").write_bytes(blob)
     elapsed = time.monotonic() - start
-    print(f"\nmutation run: {cases} cases in {elapsed:.1f} s; C verdicts {dict(sorted(verdicts.items()))}")
+    print(f"\nmutation run: {cases} cases in {elapsed:.1f} s; C verdicts {dict(sorted(verdicts.items()))}; "
+          f"rules named {dict(sorted(rules.items()))}")
     for (kind, c, py), examples in sorted(disagreements.items()):
         print(f"  disagreement ({kind}) C {c} vs Python {py}: {len(examples)} cases, e.g. {examples[0]}")
     assert cases >= min(MUTATION_CASES, 200)

@@ -171,6 +171,7 @@ CONFIGS.update({
     f"cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes{suffix}": dict(
         bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192,
         toward_source=0.125, **extra) for suffix, extra in (("", {}), ("-seed-1", {"seed": 1}), ("-seed-2", {"seed": 2}))})
+CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"] = dict(bpw=4.6, allocation="fisher")  # claq-convert's default, as v4
 
 
 @click.command()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..format import spec
+from ..format.huffman import decode_codes
 from ..format.rice import decode_levels
 
 
@@ -94,7 +95,12 @@ def decode_claq(rows: int, sections: dict[str, torch.Tensor], layout: ClaqLayout
     codebooks = codebook_values(sections, layout, dtype)
     Wt = None
     for b, columns in layout.columns.items():
-        codes = unpack_codes(sections[spec.code_section(b)], b, columns.numel() * rows).view(columns.numel(), rows)
+        n_codes = columns.numel() * rows
+        if spec.huffman_section(b) in sections:  # coded codes, decoded on the host (modules expand them at load)
+            coded = decode_codes(sections[spec.huffman_section(b)].cpu().numpy().view(np.uint8), b, n_codes)
+            codes = torch.from_numpy(coded.astype(np.int64)).to(codebooks.device).view(columns.numel(), rows)
+        else:
+            codes = unpack_codes(sections[spec.code_section(b)], b, n_codes).view(columns.numel(), rows)
         entries = layout.starts[columns][:, None] + torch.arange(1 << b, device=codes.device)
         values = torch.gather(codebooks[entries], 1, codes)  # each column's own small codebook
         if columns.numel() == layout.cols:  # one width for the whole weight: no scatter

@@ -1,9 +1,11 @@
 /*
- * claq.c - a reference reader for .claq files, written from formats/claq-v2.md alone (see claq.h).
+ * claq.c - a reference reader for .claq files, versions 1 to 4, written from formats/claq-v2.md alone
+ * (see claq.h).
  *
  * C99, libc only (zlib behind CLAQ_WITH_ZLIB). Every length, count, offset and product taken from a
  * file is checked (for overflow and against the file's size) before it is used to index, allocate or
- * loop; every failure is one of the spec's error categories with a one-line message.
+ * loop; every failure is one of the spec's error categories with a one-line message (those of the
+ * version-4 rules CLAQ-T06, T19-T23 and H35 end with the rule's id in parentheses).
  */
 #include "claq.h"
 
@@ -663,7 +665,7 @@ typedef struct tensor {
     uint64_t shape[8];
     size_t sec_first, sec_count;
     /* indices into the section table, NONE when absent */
-    size_t data, bw, grid, cb, rice, codes[9], oc, orow, oval;
+    size_t data, bw, grid, cb, rice, codes[9], huff[9], oc, orow, oval; /* huff[b]: huffman_<b> (version 4) */
     int checked;
 } tensor;
 
@@ -780,8 +782,8 @@ static const char *const ENTRY_KEYS[] = {"dtype", "shape", "offset", "length", "
  * of at most 8 non-negative integers), offset, length (> 0), crc32 (all: BadHeader), then the offset's alignment
  * (BadLayout), then length = product of shape * dtype size (BadHeader). What depends on where the entry is
  * (a raw tensor's "data", a quantized weight's sections, an embedded file) is checked by the caller after
- * all of a tensor's entries. The spec gives no order inside step 7; this is the reference reader's
- * (README.md, "Ambiguities"). with_file_keys: a version-2 embedded file (two keys more). */
+ * all of a tensor's entries. The spec's section 7.3 gives this order (it once gave none: README.md,
+ * "Ambiguities"). with_file_keys: a version-2 (3, 4) embedded file (two keys more). */
 static claq_status check_entry(claq_reader *r, size_t node, const char *where, int with_file_keys, size_t *index,
                                claq_error *err) {
     char msg[160];
@@ -857,7 +859,7 @@ static int file_name_ok(const char *s, size_t n) {
     return 1;
 }
 
-enum { S_BW, S_GRID, S_CB, S_RICE, S_CODES, S_OC, S_OROW, S_OVAL, S_UNKNOWN };
+enum { S_BW, S_GRID, S_CB, S_RICE, S_CODES, S_HUFF, S_OC, S_OROW, S_OVAL, S_UNKNOWN };
 
 static int classify_section(const char *s, size_t n, unsigned max_width, unsigned version, unsigned *width) {
 #define IS(lit) (n == sizeof(lit) - 1 && memcmp(s, lit, n) == 0)
@@ -872,13 +874,17 @@ static int classify_section(const char *s, size_t n, unsigned max_width, unsigne
         *width = (unsigned)(s[6] - '0');
         return S_CODES;
     }
+    if (version >= 4 && n == 9 && memcmp(s, "huffman_", 8) == 0 && s[8] >= '1' && s[8] <= '8') {
+        *width = (unsigned)(s[8] - '0');
+        return S_HUFF;
+    }
     return S_UNKNOWN;
 #undef IS
 }
 
 /* A tensor (sections 2, 4, 5): its keys, kind and shape; every section entry (check_entry); then what its
  * kind asks of its sections. What needs the data (codebook count, code stream lengths, the outlier
- * sections' sizes) is step 10 (check_claq_contents). */
+ * sections' sizes) is step 5 (check_claq_contents). */
 static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, claq_error *err) {
     static const char *const TENSOR_KEYS[] = {"kind", "shape", "sections"};
     char msg[160], where[200], qn[80], qs[64];
@@ -888,7 +894,7 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
     t->name = KEY(r, node);
     t->name_len = NODE(r, node)->klen;
     t->data = t->bw = t->grid = t->cb = t->rice = t->oc = t->orow = t->oval = NONE;
-    for (b = 0; b < 9; b++) t->codes[b] = NONE;
+    for (b = 0; b < 9; b++) t->codes[b] = t->huff[b] = NONE;
     quote(qn, sizeof qn, t->name, t->name_len);
     if (NODE(r, node)->type != J_OBJ) return fail(err, CLAQ_BAD_HEADER, "header: tensor %s is not an object", qn);
     if (!keys_exactly(r, node, TENSOR_KEYS, 3, msg, sizeof msg))
@@ -941,6 +947,7 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
         case S_CB: t->cb = idx; break;
         case S_RICE: t->rice = idx; break;
         case S_CODES: t->codes[b] = idx; break;
+        case S_HUFF: t->huff[b] = idx; break;
         case S_OC: t->oc = idx; break;
         case S_OROW: t->orow = idx; break;
         default: t->oval = idx; break;
@@ -956,6 +963,10 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: no codebooks section", qn);
         if (t->cb != NONE && t->rice != NONE)
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebooks and codebook_rice both present", qn);
+        for (b = 1; b <= 8; b++) /* CLAQ-H35, right after H34: the least such width */
+            if (t->codes[b] != NONE && t->huff[b] != NONE)
+                return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codes_%u and huffman_%u both present "
+                            "(CLAQ-H35)", qn, b, b);
         if (t->cb != NONE && r->secs[t->cb].dtype != CLAQ_F16 && !(r->version >= 2 && r->secs[t->cb].dtype == CLAQ_U8))
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codebooks is not %s", qn,
                         r->version >= 2 ? "F16 or U8" : "F16 (U8 codebooks need version 2)");
@@ -970,9 +981,12 @@ static claq_status check_tensor_header(claq_reader *r, size_t node, tensor *t, c
         for (b = 1; b <= 8; b++)
             if (t->codes[b] != NONE && r->secs[t->codes[b]].dtype != CLAQ_U32)
                 return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: codes_%u is not U32", qn, b);
+        for (b = 1; b <= 8; b++)
+            if (t->huff[b] != NONE && r->secs[t->huff[b]].dtype != CLAQ_U8)
+                return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: huffman_%u is not U8", qn, b);
         if ((t->oc != NONE) != (t->orow != NONE) || (t->oc != NONE) != (t->oval != NONE))
             return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: the outlier sections are not all present or all absent", qn);
-        if (t->oc != NONE) { /* their sizes (counts [in], rows and values [sum of counts]) are step 10's */
+        if (t->oc != NONE) { /* their sizes (counts [in], rows and values [sum of counts]) are step 5's */
             if (r->secs[t->oc].dtype != CLAQ_U8 && r->secs[t->oc].dtype != CLAQ_U16)
                 return fail(err, CLAQ_BAD_HEADER, "header: claq tensor %s: outlier_counts is not U8 or U16", qn);
             if (!(r->secs[t->orow].dtype == CLAQ_U32 || (r->secs[t->orow].dtype == CLAQ_U16 && out <= 65536)))
@@ -1085,7 +1099,7 @@ static int placed_cmp(const void *a, const void *b) {
     return x->index < y->index ? -1 : x->index > y->index;
 }
 
-/* Section 3 (step 8), from the header alone. */
+/* Section 3 (step 4), from the header alone. */
 static claq_status check_placement(claq_reader *r, claq_error *err) {
     size_t i;
     uint64_t expected = 0;
@@ -1126,8 +1140,8 @@ claq_status claq_open_memory(const void *data, size_t size, claq_reader **out, c
                     (unsigned long)size);
     if (memcmp(buf, "CLAQ", 4) != 0) return fail(err, CLAQ_BAD_MAGIC, "the magic is not CLAQ");
     version = rd32(buf + 4);
-    if (version < 1 || version > 3)
-        return fail(err, CLAQ_UNSUPPORTED_VERSION, "version %lu (this reader knows 1, 2 and 3)", (unsigned long)version);
+    if (version < 1 || version > 4)
+        return fail(err, CLAQ_UNSUPPORTED_VERSION, "version %lu (this reader knows 1 to 4)", (unsigned long)version);
     n = rd64(buf + 8);
     if (n > MAX_HEADER)
         return fail(err, CLAQ_BAD_HEADER, "header length %llu exceeds 64 MiB", (unsigned long long)n);
@@ -1261,7 +1275,7 @@ long long claq_find_embedded(const claq_reader *reader, const char *name, size_t
     return -1;
 }
 
-/* ------------------------------------------------------------------------- steps 9-10: tensors */
+/* ----------------------------------------------------------------------------- step 5: tensors */
 
 #define SEC_PTR(r, i) ((r)->data + (size_t)(r)->secs[(i)].offset)
 
@@ -1356,6 +1370,137 @@ static int rice_next(rice_cursor *c, unsigned b, unsigned char *levels) {
     return 1;
 }
 
+/* Coded codes (claq-v2.md section 5, "Coded codes", version 4): section huffman_<b> stands for the stream
+ * codes_<b>: K = ceil(n / 4096) u32 chunk offsets (part 1), 2^b codeword lengths (part 2), then the codewords
+ * back to back, least significant bit first (part 3), a canonical prefix code of at most 12 bits a codeword.
+ * huff_open checks CLAQ-T19 to T21 from the section's length, its lengths and its offsets, before any
+ * codeword is read; huff_table builds the 4096-entry decode table of the lengths; huff_check decodes every
+ * chunk (T22, T23). No allocation: the table is 8 KiB on the stack. Every read of part 3 is bounded by its
+ * length (huff_window reads the bytes past its end as zero). */
+#define CHUNK_CODES 4096u   /* codes between two chunk offsets */
+#define MAX_CODEWORD_BITS 12u
+#define HUFF_TABLE_SIZE (1u << MAX_CODEWORD_BITS)
+
+typedef struct huff_view {
+    const unsigned char *offsets, *lengths, *stream; /* parts 1, 2 and 3 */
+    uint64_t n, chunks, stream_bytes, stream_bits;
+    unsigned b;
+} huff_view;
+
+static claq_status huff_open(const claq_reader *r, size_t sec, unsigned b, uint64_t ncols, uint64_t out,
+                             huff_view *h, const char *qn, claq_error *err) {
+    const section *s = &r->secs[sec];
+    const unsigned char *p = SEC_PTR(r, sec);
+    const uint64_t symbols = (uint64_t)1 << b;
+    uint64_t n = 0, chunks = 0, prefix = 0, least = UINT64_MAX, most = UINT64_MAX, kraft = 0, c, bits;
+    unsigned longest = 0;
+    if (mul_u64(ncols, out, &n)) { /* else no section can hold the codes: least stays 2^64 - 1 */
+        chunks = n / CHUNK_CODES + (n % CHUNK_CODES != 0);
+        prefix = 4 * chunks + symbols; /* chunks <= 2^52: no overflow */
+        least = prefix + n / 8 + (n % 8 != 0);
+        if (mul_u64(n, MAX_CODEWORD_BITS, &bits)) most = prefix + bits / 8 + (bits % 8 != 0);
+    }
+    if (s->length < least || s->length > most) /* CLAQ-T19 */
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u holds %llu bytes; its codes of 1 to 12 bits "
+                    "with their chunk offsets and lengths take %llu to %llu (CLAQ-T19)", qn, b,
+                    (unsigned long long)s->length, (unsigned long long)least, (unsigned long long)most);
+    h->offsets = p;
+    h->lengths = p + 4 * chunks;
+    h->stream = p + prefix;
+    h->n = n;
+    h->chunks = chunks;
+    h->stream_bytes = s->length - prefix;
+    h->stream_bits = 8 * h->stream_bytes; /* the section lies in memory: far below 2^61 bytes */
+    h->b = b;
+    for (c = 0; c < symbols; c++) {
+        const unsigned l = h->lengths[c];
+        if (l > longest) longest = l;
+        if (l > 0 && l <= MAX_CODEWORD_BITS) kraft += (uint64_t)1 << (MAX_CODEWORD_BITS - l);
+    }
+    if (longest == 0 || longest > MAX_CODEWORD_BITS) /* CLAQ-T20 */
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u's codeword lengths must be 0 to 12, one at "
+                    "least above 0 (CLAQ-T20)", qn, b);
+    if (kraft > HUFF_TABLE_SIZE)
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u's codeword lengths break Kraft's inequality "
+                    "(CLAQ-T20)", qn, b);
+    for (c = 0; c < chunks; c++) { /* CLAQ-T21 */
+        const uint32_t at = rd32(h->offsets + 4 * c);
+        if ((c == 0 && at != 0) || at > h->stream_bits)
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u's chunk offset %llu is %lu; the first must "
+                        "be 0 and none past its %llu bits (CLAQ-T21)", qn, b, (unsigned long long)c,
+                        (unsigned long)at, (unsigned long long)h->stream_bits);
+    }
+    return CLAQ_OK;
+}
+
+/* table[w] = (len << 8) | s for every 12-bit window w (the next 12 bits, least significant first) whose low
+ * len bits are value s's codeword, bit-reversed (its first bit is the stream's first); 0 where the window
+ * starts no codeword. The canonical code (section 5): the values with a length, by (length, value), take 0,
+ * then each (previous + 1) << (its length - the previous length). The lengths passed CLAQ-T20. */
+static void huff_table(const huff_view *h, uint16_t *table) {
+    const unsigned symbols = 1u << h->b;
+    unsigned l, s, code = 0, previous = 0, k;
+    memset(table, 0, HUFF_TABLE_SIZE * sizeof *table);
+    for (l = 1; l <= MAX_CODEWORD_BITS; l++)
+        for (s = 0; s < symbols; s++) {
+            unsigned reversed = 0;
+            if (h->lengths[s] != l) continue;
+            code = previous ? (code + 1) << (l - previous) : 0;
+            previous = l;
+            for (k = 0; k < l; k++) reversed |= ((code >> (l - 1 - k)) & 1u) << k;
+            for (k = 0; k < (1u << (MAX_CODEWORD_BITS - l)); k++) /* reversed < 2^l: every index < 4096 */
+                table[reversed | (k << l)] = (uint16_t)((l << 8) | s);
+        }
+}
+
+/* The next 12 bits of part 3 from bit (< stream_bits), least significant first; bytes past the end read 0. */
+static unsigned huff_window(const huff_view *h, uint64_t bit) {
+    const uint64_t at = bit >> 3;
+    uint32_t v = 0;
+    unsigned k;
+    for (k = 0; k < 3; k++)
+        if (at + k < h->stream_bytes) v |= (uint32_t)h->stream[at + k] << (8 * k);
+    return (unsigned)(v >> (bit & 7u)) & (HUFF_TABLE_SIZE - 1);
+}
+
+/* Decodes the code at *bit: its value, and *bit moved past its codeword; -1 (and *bit unchanged) where the bits
+ * there start no codeword or it runs past the end of part 3 (CLAQ-T22). */
+static int huff_next(const huff_view *h, const uint16_t *table, uint64_t *bit) {
+    unsigned entry, l;
+    if (*bit >= h->stream_bits) return -1;
+    entry = table[huff_window(h, *bit)];
+    l = entry >> 8;
+    if (l == 0 || l > h->stream_bits - *bit) return -1;
+    *bit += l;
+    return (int)(entry & 0xffu);
+}
+
+/* CLAQ-T22 and T23, chunk by chunk: T22 for chunk c, then its end (T23), then chunk c + 1; after the last chunk,
+ * the last byte and its padding bits (T23). */
+static claq_status huff_check(const huff_view *h, const char *qn, claq_error *err) {
+    uint16_t table[HUFF_TABLE_SIZE];
+    uint64_t c, e, bit = 0;
+    huff_table(h, table);
+    for (c = 0; c < h->chunks; c++) {
+        const uint64_t last = h->n - c * CHUNK_CODES < CHUNK_CODES ? h->n : (c + 1) * CHUNK_CODES;
+        bit = rd32(h->offsets + 4 * c);
+        for (e = c * CHUNK_CODES; e < last; e++)
+            if (huff_next(h, table, &bit) < 0)
+                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u's chunk %llu meets, at bit %llu (code "
+                            "%llu), bits that start no codeword or a codeword past the end (CLAQ-T22)", qn, h->b,
+                            (unsigned long long)c, (unsigned long long)bit, (unsigned long long)e);
+        if (c + 1 < h->chunks && bit != rd32(h->offsets + 4 * (c + 1)))
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u's chunk %llu ends at bit %llu, not where "
+                        "chunk %llu starts (%lu) (CLAQ-T23)", qn, h->b, (unsigned long long)c, (unsigned long long)bit,
+                        (unsigned long long)(c + 1), (unsigned long)rd32(h->offsets + 4 * (c + 1)));
+    }
+    /* bit >= 1 here (n >= 1 codes of 1 bit at least) and <= stream_bits */
+    if ((bit - 1) / 8 != h->stream_bytes - 1 || ((bit & 7u) && (h->stream[bit >> 3] >> (bit & 7u)) != 0))
+        return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: huffman_%u's codewords end at bit %llu: the section must "
+                    "end with that byte, padded with zero bits (CLAQ-T23)", qn, h->b, (unsigned long long)bit);
+    return CLAQ_OK;
+}
+
 /* Section 7: the contents of a quantized weight. The header already guarantees the sections' dtypes,
  * bit_widths [in] and codebook_grid [2 in]; placement guarantees every section lies inside the data region. */
 static claq_status check_claq_contents(claq_reader *r, const tensor *t, const char *qn, claq_error *err) {
@@ -1386,70 +1531,16 @@ static claq_status check_claq_contents(claq_reader *r, const tensor *t, const ch
     } else if (book != r->secs[t->cb].count)
         return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebooks has %llu entries, the widths need %llu", qn,
                     (unsigned long long)r->secs[t->cb].count, (unsigned long long)book);
-    if (t->grid != NONE) {
+    if (t->grid != NONE) { /* CLAQ-T03 for every column, then T04 */
         const unsigned char *g = SEC_PTR(r, t->grid);
-        for (j = 0; j < in; j++) {
-            uint16_t off = rd16(g + 4 * j), step = rd16(g + 4 * j + 2);
-            if (!half_is_finite(off) || !half_is_finite(step))
+        for (j = 0; j < in; j++)
+            if (!half_is_finite(rd16(g + 4 * j)) || !half_is_finite(rd16(g + 4 * j + 2)))
                 return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: column %llu's grid is not finite", qn, (unsigned long long)j);
-            if (!(half_to_float(step) >= 0.0f))
+        for (j = 0; j < in; j++)
+            if (!(half_to_float(rd16(g + 4 * j + 2)) >= 0.0f))
                 return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: column %llu's grid step is negative", qn, (unsigned long long)j);
-        }
     }
-    for (b = 1; b <= 8; b++) {
-        uint64_t bits, words;
-        const section *s;
-        if ((t->codes[b] != NONE) != (ncols[b] != 0))
-            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u is %s", qn, b,
-                        ncols[b] ? "missing (a column has that width)" : "present but no column has that width");
-        if (!ncols[b]) continue;
-        s = &r->secs[t->codes[b]];
-        if (!mul_u64(ncols[b], out, &bits) || !mul_u64(bits, b, &bits))
-            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u would need more than 2^64 bits", qn, b);
-        words = bits / 32 + (bits % 32 != 0);
-        if (words != s->count)
-            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u has %llu words, needs %llu", qn, b,
-                        (unsigned long long)s->count, (unsigned long long)words);
-        if (bits % 32 != 0 && (rd32(SEC_PTR(r, t->codes[b]) + 4 * (words - 1)) >> (bits % 32)) != 0)
-            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u has non-zero padding bits", qn, b);
-    }
-    if (t->oc != NONE) {
-        const section *oc = &r->secs[t->oc], *orow = &r->secs[t->orow];
-        const unsigned char *ocp = SEC_PTR(r, t->oc), *orp = SEC_PTR(r, t->orow), *ovp = SEC_PTR(r, t->oval);
-        const int wide_counts = oc->dtype == CLAQ_U16, wide_rows = orow->dtype == CLAQ_U32;
-        uint64_t total = 0, k = 0;
-        if (oc->count != in || orow->count != r->secs[t->oval].count)
-            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier counts (%llu for %llu columns), rows (%llu) and "
-                        "values (%llu) disagree in size", qn, (unsigned long long)oc->count, (unsigned long long)in,
-                        (unsigned long long)orow->count, (unsigned long long)r->secs[t->oval].count);
-        for (j = 0; j < in; j++) {
-            uint64_t c = wide_counts ? rd16(ocp + 2 * j) : ocp[j];
-            if (c > out)
-                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: column %llu has %llu outliers for %llu rows", qn,
-                            (unsigned long long)j, (unsigned long long)c, (unsigned long long)out);
-            total += c; /* <= 65535 * in: no overflow */
-        }
-        if (total != orow->count)
-            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier counts sum to %llu, outlier_rows has %llu", qn,
-                        (unsigned long long)total, (unsigned long long)orow->count);
-        for (j = 0; j < in; j++) {
-            uint64_t c = wide_counts ? rd16(ocp + 2 * j) : ocp[j], m, prev = 0;
-            for (m = 0; m < c; m++, k++) {
-                uint64_t row = wide_rows ? rd32(orp + 4 * k) : rd16(orp + 2 * k);
-                if (row >= out)
-                    return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier row %llu out of range in column %llu", qn,
-                                (unsigned long long)row, (unsigned long long)j);
-                if (m > 0 && row <= prev)
-                    return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier rows of column %llu not strictly ascending",
-                                qn, (unsigned long long)j);
-                prev = row;
-            }
-        }
-        for (k = 0; k < total; k++)
-            if (!half_is_finite(rd16(ovp + 2 * k)))
-                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier value %llu is not finite", qn, (unsigned long long)k);
-    }
-    if (t->grid == NONE) {
+    if (t->grid == NONE) { /* CLAQ-T05: every entry, used by a code or not */
         for (e = 0; e < book; e++)
             if (!half_is_finite(rd16(cbp + 2 * e)))
                 return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codebook entry %llu is not finite", qn, (unsigned long long)e);
@@ -1466,6 +1557,70 @@ static claq_status check_claq_contents(claq_reader *r, const tensor *t, const ch
                                 (unsigned long long)e);
         }
     }
+    for (b = 1; b <= 8; b++) { /* CLAQ-T06, then T07 and T08 (codes_<b>) or T19 to T23 (huffman_<b>), width by width */
+        uint64_t bits, words;
+        const section *s;
+        const int present = t->codes[b] != NONE || t->huff[b] != NONE; /* not both: CLAQ-H35 */
+        if (present && !ncols[b])
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: %s_%u is present but no column has that width "
+                        "(CLAQ-T06)", qn, t->huff[b] != NONE ? "huffman" : "codes", b);
+        if (!present && ncols[b])
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u (or huffman_%u) is missing: a column has that "
+                        "width (CLAQ-T06)", qn, b, b);
+        if (!ncols[b]) continue;
+        if (t->huff[b] != NONE) {
+            huff_view h;
+            st = huff_open(r, t->huff[b], b, ncols[b], out, &h, qn, err);
+            if (!st) st = huff_check(&h, qn, err);
+            if (st) return st;
+            continue;
+        }
+        s = &r->secs[t->codes[b]];
+        if (!mul_u64(ncols[b], out, &bits) || !mul_u64(bits, b, &bits))
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u would need more than 2^64 bits", qn, b);
+        words = bits / 32 + (bits % 32 != 0);
+        if (words != s->count)
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u has %llu words, needs %llu", qn, b,
+                        (unsigned long long)s->count, (unsigned long long)words);
+        if (bits % 32 != 0 && (rd32(SEC_PTR(r, t->codes[b]) + 4 * (words - 1)) >> (bits % 32)) != 0)
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: codes_%u has non-zero padding bits", qn, b);
+    }
+    if (t->oc != NONE) { /* CLAQ-T09, T10, T11, T12, each over all outliers before the next */
+        const section *oc = &r->secs[t->oc], *orow = &r->secs[t->orow];
+        const unsigned char *ocp = SEC_PTR(r, t->oc), *orp = SEC_PTR(r, t->orow), *ovp = SEC_PTR(r, t->oval);
+        const int wide_counts = oc->dtype == CLAQ_U16, wide_rows = orow->dtype == CLAQ_U32;
+        uint64_t total = 0, k = 0;
+        if (oc->count != in || orow->count != r->secs[t->oval].count)
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier counts (%llu for %llu columns), rows (%llu) and "
+                        "values (%llu) disagree in size", qn, (unsigned long long)oc->count, (unsigned long long)in,
+                        (unsigned long long)orow->count, (unsigned long long)r->secs[t->oval].count);
+        for (j = 0; j < in; j++) total += wide_counts ? rd16(ocp + 2 * j) : ocp[j]; /* <= 65535 * in: no overflow */
+        if (total != orow->count)
+            return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier counts sum to %llu, outlier_rows has %llu", qn,
+                        (unsigned long long)total, (unsigned long long)orow->count);
+        for (k = 0; k < total; k++) {
+            uint64_t row = wide_rows ? rd32(orp + 4 * k) : rd16(orp + 2 * k);
+            if (row >= out)
+                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier row %llu (outlier %llu) out of range", qn,
+                            (unsigned long long)row, (unsigned long long)k);
+        }
+        for (k = 0; k < total; k++)
+            if (!half_is_finite(rd16(ovp + 2 * k)))
+                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier value %llu is not finite", qn, (unsigned long long)k);
+        for (j = 0, k = 0; j < in; j++) {
+            uint64_t c = wide_counts ? rd16(ocp + 2 * j) : ocp[j], m, prev = 0;
+            if (c > out)
+                return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: column %llu has %llu outliers for %llu rows", qn,
+                            (unsigned long long)j, (unsigned long long)c, (unsigned long long)out);
+            for (m = 0; m < c; m++, k++) {
+                uint64_t row = wide_rows ? rd32(orp + 4 * k) : rd16(orp + 2 * k);
+                if (m > 0 && row <= prev)
+                    return fail(err, CLAQ_BAD_TENSOR_DATA, "tensor %s: outlier rows of column %llu not strictly ascending",
+                                qn, (unsigned long long)j);
+                prev = row;
+            }
+        }
+    }
     return CLAQ_OK;
 }
 
@@ -1478,14 +1633,14 @@ claq_status claq_check_tensor(claq_reader *reader, size_t index, claq_error *err
     t = &reader->tensors[index];
     if (t->checked) return succeed(err);
     quote(qn, sizeof qn, t->name, t->name_len);
-    for (i = t->sec_first; i < t->sec_first + t->sec_count; i++) { /* step 9, sections in header order */
+    for (i = t->sec_first; i < t->sec_first + t->sec_count; i++) { /* CLAQ-C01, sections in header order */
         char qs[64];
         snprintf(what, sizeof what, "tensor %s section %s", qn,
                  quote(qs, sizeof qs, reader->secs[i].name, reader->secs[i].name_len));
         st = check_crc(reader, i, what, err);
         if (st) return st;
     }
-    if (t->kind == CLAQ_KIND_CLAQ) { /* step 10 */
+    if (t->kind == CLAQ_KIND_CLAQ) { /* CLAQ-T01 onwards */
         st = check_claq_contents(reader, t, qn, err);
         if (st) return st;
     }
@@ -1501,6 +1656,23 @@ static void decode_claq(const claq_reader *r, const tensor *t, float *dst) {
     float book[256];
     unsigned char levels[256];
     rice_cursor rc;
+    unsigned width;
+    for (width = 1; width <= 8; width++) { /* coded codes first: each code's value, into its own place in dst */
+        huff_view h;
+        uint16_t table[HUFF_TABLE_SIZE];
+        uint64_t bit = 0; /* checked: chunk 0 starts at bit 0 and every chunk where the one before it ends */
+        uint64_t ncols = 0;
+        if (t->huff[width] == NONE) continue;
+        for (j = 0; j < in; j++) ncols += bw[j] == width;
+        (void)huff_open(r, t->huff[width], width, ncols, out, &h, "", NULL); /* checked: succeeds */
+        huff_table(&h, table);
+        for (j = 0; j < in; j++)
+            if (bw[j] == width)
+                for (i = 0; i < out; i++) {
+                    const int v = huff_next(&h, table, &bit); /* >= 0: checked (CLAQ-T22) */
+                    dst[i * in + j] = (float)(v < 0 ? 0 : v);
+                }
+    }
     if (!cbp) { /* coded levels: checked already, walked again column by column */
         uint64_t ncols[9] = {0};
         for (j = 0; j < in; j++) ncols[bw[j]]++;
@@ -1509,7 +1681,7 @@ static void decode_claq(const claq_reader *r, const tensor *t, float *dst) {
     for (j = 0; j < in; j++) {
         const unsigned b = bw[j];
         const uint32_t mask = (1u << b) - 1u;
-        const unsigned char *words = SEC_PTR(r, t->codes[b]);
+        const unsigned char *words = t->codes[b] != NONE ? SEC_PTR(r, t->codes[b]) : NULL; /* NULL: coded */
         const uint64_t n = (uint64_t)1 << b, first = kcol[b]++ * out; /* code number of row 0 */
         uint64_t m;
         if (!cbp) rice_next(&rc, b, levels);
@@ -1520,7 +1692,12 @@ static void decode_claq(const claq_reader *r, const tensor *t, float *dst) {
         for (i = 0; i < out; i++) {
             const uint64_t bit = (first + i) * b, w = bit >> 5;
             const unsigned sh = (unsigned)(bit & 31u);
-            uint64_t v = rd32(words + 4 * w) >> sh;
+            uint64_t v;
+            if (!words) { /* coded: the value decoded above */
+                dst[i * in + j] = book[(unsigned)dst[i * in + j] & mask];
+                continue;
+            }
+            v = rd32(words + 4 * w) >> sh;
             if (sh + b > 32) v |= (uint64_t)rd32(words + 4 * (w + 1)) << (32 - sh);
             dst[i * in + j] = book[v & mask];
         }
@@ -1584,7 +1761,7 @@ claq_status claq_decode_tensor(claq_reader *reader, size_t index, float *dst, si
     return succeed(err);
 }
 
-/* ----------------------------------------------------------------------- step 11: embedded files */
+/* ------------------------------------------------------------------------ step 6: embedded files */
 
 #ifdef CLAQ_WITH_ZLIB
 /* Inflates one zlib stream into dst (or, with dst NULL, only counts), never producing more than size + 1
@@ -1683,7 +1860,7 @@ claq_status claq_read_embedded(claq_reader *reader, size_t index, void *dst, siz
 #endif
 }
 
-/* ------------------------------------------------------------------------- step 12: everything */
+/* -------------------------------------------------------------------------- step 7: everything */
 
 claq_status claq_validate(claq_reader *reader, size_t *uninflated, claq_error *err) {
     size_t i, skipped = 0;

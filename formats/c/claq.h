@@ -1,13 +1,14 @@
 /*
- * claq.h - a reference reader for .claq files (formats/claq-v2.md, which also covers version 1).
+ * claq.h - a reference reader for .claq files, versions 1 to 4 (formats/claq-v2.md, which also covers
+ * version 1).
  *
  * Written from the format specification alone. C99, libc only; define CLAQ_WITH_ZLIB (and link -lz)
  * to inflate zlib-encoded embedded files. Without it every other check still runs, and reading a
  * zlib-encoded embedded file answers CLAQ_NOT_INFLATABLE (a limit of this build, not a format error).
  *
- * Steps 1-8 of the spec's order of checks (preamble, header JSON and schema, placement) run when a
- * file is opened; steps 9-10 (checksums, tensor contents) the first time a tensor is checked or
- * decoded; step 11 (checksum, decoding) when an embedded file is read; claq_validate() runs step 12
+ * Steps 1-4 of the spec's order of checks (section 8: preamble, header JSON and schema, placement) run
+ * when a file is opened; step 5 (checksums, tensor contents) the first time a tensor is checked or
+ * decoded; step 6 (checksum, decoding) when an embedded file is read; claq_validate() runs step 7
  * (everything, then the padding bytes). Every failure is one of the spec's error categories
  * (claq_status values CLAQ_TRUNCATED_FILE .. CLAQ_BAD_FILE_DATA) with a one-line message.
  *
@@ -81,7 +82,7 @@ typedef struct claq_embedded_info {
 
 typedef struct claq_reader claq_reader;
 
-/* Opens a file held in memory (steps 1-8). The buffer is not copied: it must outlive the reader. On
+/* Opens a file held in memory (steps 1-4). The buffer is not copied: it must outlive the reader. On
  * success *out is a new reader; on failure *out is NULL and err (if not NULL) says why. */
 claq_status claq_open_memory(const void *data, size_t size, claq_reader **out, claq_error *err);
 
@@ -90,7 +91,7 @@ claq_status claq_open_path(const char *path, claq_reader **out, claq_error *err)
 
 void claq_close(claq_reader *reader);
 
-unsigned claq_version(const claq_reader *reader);           /* 1, 2 or 3 */
+unsigned claq_version(const claq_reader *reader);           /* 1, 2, 3 or 4 */
 
 /* The header's JSON text (without its padding), e.g. to read metadata.config. */
 const char *claq_header_json(const claq_reader *reader, size_t *length);
@@ -100,7 +101,8 @@ claq_status claq_tensor_info_at(const claq_reader *reader, size_t index, claq_te
 /* Index of the tensor named `name` (length name_len), or -1 if none. */
 long long claq_find_tensor(const claq_reader *reader, const char *name, size_t name_len);
 
-/* Steps 9-10 for one tensor: the CRC-32 of each section, then its contents (section 7). Cached. */
+/* Step 5 for one tensor: the CRC-32 of each section, then its contents (section 7.5; coded levels and coded
+ * code streams are checked and decoded too, without allocating). Cached. */
 claq_status claq_check_tensor(claq_reader *reader, size_t index, claq_error *err);
 
 /* Checks the tensor (as claq_check_tensor) and writes its count float32 values, row-major, to dst
@@ -112,11 +114,11 @@ size_t claq_embedded_count(const claq_reader *reader);      /* in header order *
 claq_status claq_embedded_info_at(const claq_reader *reader, size_t index, claq_embedded_info *info);
 long long claq_find_embedded(const claq_reader *reader, const char *name, size_t name_len);
 
-/* Step 11: checks the embedded file's CRC-32, then decodes it into dst (dst_size >= size). A zlib
+/* Step 6: checks the embedded file's CRC-32, then decodes it into dst (dst_size >= size). A zlib
  * stream must inflate to exactly size bytes and end exactly at the end of the section. */
 claq_status claq_read_embedded(claq_reader *reader, size_t index, void *dst, size_t dst_size, claq_error *err);
 
-/* Step 12: every tensor (header order), every embedded file (header order), then the padding bytes
+/* Step 7: every tensor (header order), every embedded file (header order), then the padding bytes
  * after every section. Without CLAQ_WITH_ZLIB, zlib files get their CRC-32 checked but are not
  * inflated; *uninflated (if not NULL) receives how many were skipped so. */
 claq_status claq_validate(claq_reader *reader, size_t *uninflated, claq_error *err);

@@ -441,6 +441,169 @@ FILE_NAMES = {"h28_name_slash": "a/b", "h28_name_backslash": "a\\b", "h28_name_d
               "h28_name_256_bytes": "x" * 256, "h28_name_256_bytes_utf8": "\u00e9" * 128,
               "h28_name_control": "x\u0001", "h28_name_no_break_space": "x\u00a0", "h28_name_private_use": "x\ue000"}
 
+# ------------------------------------------------------------------------------------------ version 4: coded codes
+# Sections huffman_<b>, written here bit by bit from claq-v2.md's text ("Coded codes"), not by the package's
+# encoder: the canonical code of the lengths, each codeword most significant bit first from the lowest bit
+# position, a u32 bit offset of every CHUNK-th code's codeword, the length bytes in between.
+CHUNK = 4096  # codes between two chunk offsets
+
+
+def canonical(lengths) -> dict:
+    """value -> its codeword as '0'/'1' characters, first bit first: the values with a length, sorted by
+    (length, value); the first gets 0, each next (previous + 1) << (its length - the previous one's)."""
+    order = sorted((n, s) for s, n in enumerate(lengths) if n)
+    words, code = {}, 0
+    for i, (n, s) in enumerate(order):
+        if i:
+            code = (code + 1) << (n - order[i - 1][0])
+        assert code < 1 << n, "the lengths break Kraft's inequality"
+        words[s] = format(code, f"0{n}b")
+    return words
+
+
+def huffman_parts(codes, lengths, replace=None) -> tuple[bytes, bytes, bytes]:
+    """(chunk offsets, length bytes, codewords) of huffman_<b> for `codes` (in stream order) under the canonical
+    code of `lengths` [2**b]; `replace` maps a code's index to the bits written in place of its codeword (the
+    offsets follow what is written)."""
+    words = canonical(lengths)
+    stream, starts = "", []
+    for e, c in enumerate(codes):
+        if e % CHUNK == 0:
+            starts.append(len(stream))
+        stream += (replace or {}).get(e) or words[c]
+    return u32(starts), bytes(lengths), bits_to_bytes(stream)
+
+
+def hsec(parts) -> tuple:
+    """A huffman_<b> section entry (dtype, shape, payload) from its three parts."""
+    payload = b"".join(parts)
+    return "U8", [len(payload)], payload
+
+
+def stream_of(columns) -> list:
+    """The codes of a stream: its columns' codes (each in row order), column after column."""
+    return [c for column in columns for c in column]
+
+
+# The spec's worked example: one column of 6 rows at 2 bits, codes 1, 1, 0, 2, 1, 1; lengths [2, 1, 2, 0].
+HWORKED_CODES, HWORKED_LENGTHS = [1, 1, 0, 2, 1, 1], [2, 1, 2, 0]
+HWORKED_PARTS = huffman_parts(HWORKED_CODES, HWORKED_LENGTHS)
+assert b"".join(HWORKED_PARTS) == bytes.fromhex("000000000201020034"), b"".join(HWORKED_PARTS).hex()
+HWORKED_BOOK = [-1.0, -0.25, 0.25, 1.0]
+HWORKED = ("claq", [6, 1], [
+    ("bit_widths", "U8", [1], bytes([2])),
+    ("codebooks", "F16", [4], f16(HWORKED_BOOK)),
+    ("huffman_2", *hsec(HWORKED_PARTS)),          # 9 bytes where codes_2 takes 4: valid, if not the writer's choice
+])
+HWORKED_VALUES = [[HWORKED_BOOK[c]] for c in HWORKED_CODES]
+
+# codes_<b> and huffman_<b> in one weight: out 5, in 4, widths [2, 3, 1, 3], one outlier. codes_2 holds column 0;
+# huffman_1 column 2, every code 1: an incomplete code of one codeword, "0" (the section at T19's least length);
+# huffman_3 columns 1 and 3 under an incomplete code with two 12-bit codewords (3 and 4) and one for a value the
+# stream does not use (5): 1 -> 0, 0 -> 10, 2 -> 110, 7 -> 1110, 5 -> 11110, 3 -> 111110000000, 4 -> 111110000001.
+MIX_CODES = [[3, 0, 1, 2, 1], [1, 0, 2, 7, 3], [1, 1, 1, 1, 1], [4, 1, 1, 0, 2]]  # per column, rows 0..4
+MIX_BOOKS = [[-1.0, -0.25, 0.25, 1.0], [-2.0, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0], [-0.5, 0.5],
+             [-3.0, -2.0, -1.0, -0.25, 0.25, 1.0, 2.0, 3.0]]
+MIX_LENGTHS = {1: [0, 1], 3: [2, 1, 3, 12, 12, 5, 0, 4]}
+MIX_STREAMS = {1: stream_of([MIX_CODES[2]]), 3: stream_of([MIX_CODES[1], MIX_CODES[3]])}
+MIX_PARTS = {b: huffman_parts(MIX_STREAMS[b], MIX_LENGTHS[b]) for b in (1, 3)}
+assert canonical(MIX_LENGTHS[3])[4] == "111110000001" and len(MIX_PARTS[3][2]) == 6  # 41 bits
+
+
+def mix(**changes) -> tuple:
+    tensor = ("claq", [5, 4], [
+        ("bit_widths", "U8", [4], bytes([2, 3, 1, 3])),
+        ("codebooks", "F16", [22], f16([v for book in MIX_BOOKS for v in book])),
+        ("codes_2", "U32", [1], u32([sum(c << (2 * i) for i, c in enumerate(MIX_CODES[0]))])),
+        ("huffman_1", *hsec(MIX_PARTS[1])),
+        ("huffman_3", *hsec(MIX_PARTS[3])),
+        ("outlier_counts", "U8", [4], bytes([0, 0, 0, 1])),
+        ("outlier_rows", "U16", [1], struct.pack("<H", 2)),
+        ("outlier_values", "F16", [1], f16([0.75])),
+    ])
+    return edit(tensor, **changes) if changes else tensor
+
+
+def _mix3(parts) -> tuple:
+    """MIX with its huffman_3 section made of these three parts."""
+    return mix(huffman_3=hsec(parts))
+
+
+MIX_VALUES = [[MIX_BOOKS[j][MIX_CODES[j][i]] for j in range(4)] for i in range(5)]
+MIX_VALUES[2][3] = 0.75  # the outlier
+
+# The longest codewords, and a section at T19's greatest length: 2 rows of 1 bit, lengths [12, 12] (incomplete).
+LONGEST = ("claq", [2, 1], [
+    ("bit_widths", "U8", [1], bytes([1])),
+    ("codebooks", "F16", [2], f16([-0.5, 0.5])),
+    ("huffman_1", *hsec(huffman_parts([1, 0], [12, 12]))),  # 000000000001 000000000000: 3 bytes, 12 bits a code
+])
+LONGEST_VALUES = [[0.5], [-0.5]]
+
+# Coded levels and coded codes in one weight: version 3's coded() with codes_3 stored as huffman_3.
+RICE_HUFFMAN = coded(codes_3=None, huffman_3=hsec(huffman_parts(CODED_CODES[1], [2, 0, 0, 2, 0, 2, 0, 2])))
+
+# Several chunks: 3000 rows x 2 columns at 2 bits, 6000 codes in 2 chunks (chunk 1 starts at row 1096 of column
+# 1, inside a byte); lengths [2, 1, 3, 3]: 1 -> 0, 0 -> 10, 2 -> 110, 3 -> 111, about 1.75 bits a code.
+CHUNKS_ROWS = 3000
+
+
+def _chunk_codes() -> list:
+    """6000 codes from a linear congruential generator, about half of them 1."""
+    codes, x = [], 12345
+    for _ in range(2 * CHUNKS_ROWS):
+        x = (x * 1103515245 + 12345) % (1 << 31)
+        r = (x >> 16) % 16
+        codes.append(1 if r < 8 else 0 if r < 12 else 2 if r < 14 else 3)
+    return codes
+
+
+CHUNKS_CODES = _chunk_codes()
+CHUNKS_LENGTHS = [2, 1, 3, 3]
+CHUNKS_PARTS = huffman_parts(CHUNKS_CODES, CHUNKS_LENGTHS)
+assert len(CHUNKS_PARTS[0]) == 8 and struct.unpack("<I", CHUNKS_PARTS[0][4:])[0] % 8
+CHUNKS_BOOKS = [[-1.0, -0.25, 0.25, 1.0], [-2.0, -0.5, 0.5, 2.0]]
+
+
+def chunks(parts=CHUNKS_PARTS) -> tuple:
+    return ("claq", [CHUNKS_ROWS, 2], [
+        ("bit_widths", "U8", [2], bytes([2, 2])),
+        ("codebooks", "F16", [8], f16([v for book in CHUNKS_BOOKS for v in book])),
+        ("huffman_2", *hsec(parts)),
+    ])
+
+
+CHUNKS_VALUES = [[CHUNKS_BOOKS[j][CHUNKS_CODES[j * CHUNKS_ROWS + i]] for j in range(2)] for i in range(CHUNKS_ROWS)]
+COMPACT_JSON = {"v4_chunks"}  # expected values written without indentation (6000 of them)
+
+VALID["v4_coded_codes"] = ({"worked": HWORKED, "mix": mix(), "longest": LONGEST, "rice": RICE_HUFFMAN}, NOTE2,
+                           {"worked": HWORKED_VALUES, "mix": MIX_VALUES, "longest": LONGEST_VALUES,
+                            "rice": CODED_VALUES}, 4)
+VALID["v4_chunks"] = ({"k": chunks()}, {}, {"k": CHUNKS_VALUES}, 4)
+B4 = {"w": WORKED, "norm": RAW, "h": mix(), "k": chunks()}  # the base of the version-4 vectors
+
+
+def v4(tensors=None, files=None, **kw) -> bytes:
+    return assemble(B4 if tensors is None else tensors, NOTE2 if files is None else files, METADATA, 4, **kw)
+
+
+def _mix3_replace(replace: dict, cut: "int | None" = None) -> tuple:
+    """MIX's huffman_3 with some codes' bits replaced, the codewords part cut to `cut` bytes."""
+    offsets, lengths, stream = huffman_parts(MIX_STREAMS[3], MIX_LENGTHS[3], replace)
+    return _mix3((offsets, lengths, stream[:cut]))
+
+
+def _mix3_lengths(lengths) -> tuple:
+    """MIX's huffman_3 with other length bytes (its offsets and codewords as they were)."""
+    return _mix3((MIX_PARTS[3][0], bytes(lengths), MIX_PARTS[3][2]))
+
+
+def _chunks_gap() -> tuple:
+    """CHUNKS with a zero bit after chunk 0's last codeword: chunk 1's offset one bit on, its codewords valid."""
+    last = CHUNKS_CODES[CHUNK - 1]
+    return chunks(huffman_parts(CHUNKS_CODES, CHUNKS_LENGTHS, {CHUNK - 1: canonical(CHUNKS_LENGTHS)[last] + "0"}))
+
+
 # name -> (make, category, rule, note[, also]): every rule of claq-v2.md section 7 has a file that breaks it and,
 # where a file can, no other rule ("also" lists the later rules a file of that rule cannot help breaking).
 BAD = {
@@ -448,7 +611,7 @@ BAD = {
     "wrong_magic": (lambda: b"GGUF" + assemble({"w": WORKED}, {}, METADATA)[4:], "BadMagic", "CLAQ-P02",
                     "magic GGUF"),
     "future_version": (lambda: assemble({"w": WORKED}, {}, METADATA, version=max(WIDTHS_BY_VERSION) + 1),
-                       "UnsupportedVersion", "CLAQ-P03", "version 3"),
+                       "UnsupportedVersion", "CLAQ-P03", f"version {max(WIDTHS_BY_VERSION) + 1}"),
     "truncated": (lambda: assemble({"w": WORKED}, {}, METADATA)[:-70], "BadLayout", "CLAQ-L04",
                   "the last 70 bytes cut off"),
     "short_preamble": (lambda: b"CLAQ\x01\x00", "TruncatedFile", "CLAQ-P01", "6 bytes"),
@@ -655,6 +818,48 @@ BAD = {
                               "BadTensorData", "CLAQ-T17", "a one-bit after the last gap's zero-bit"),
     "t18_rice_level_255": (lambda: v3({**B3, "c": coded(_rice_flip(0, 2, 95 ^ 150))}), "BadTensorData", "CLAQ-T18",
                            "column 0's second inner level decodes to 255 (its row's base 150 for 95)"),
+    # version 4: coded codes
+    "h19_v3_huffman": (lambda: v3({**B3, "h": mix()}), "BadHeader", "CLAQ-H19",
+                       "huffman_1 and huffman_3 in a version-3 file"),
+    "h22_huffman_i8": (lambda: v4({**B4, "h": mix(huffman_3=("I8", *hsec(MIX_PARTS[3])[1:]))}), "BadHeader",
+                       "CLAQ-H22", "huffman_3 of dtype I8"),
+    "h35_codes_and_huffman": (lambda: v4({**B4, "h": mix(codes_3=("U32", [1], u32([sum(
+        c << (3 * i) for i, c in enumerate(MIX_STREAMS[3]))])))}), "BadHeader", "CLAQ-H35",
+        "codes_3 (valid words) beside huffman_3"),
+    "t06_huffman_unused": (lambda: v4({**B4, "h": mix(huffman_4=hsec(huffman_parts([1] * 5, [0, 1] + [0] * 14)))}),
+                           "BadTensorData", "CLAQ-T06", "huffman_4 with no 4-bit column"),
+    "t06_huffman_missing": (lambda: v4({**B4, "h": mix(huffman_3=None)}), "BadTensorData", "CLAQ-T06",
+                            "3-bit columns with neither codes_3 nor huffman_3"),
+    "t19_huffman_short": (lambda: v4({**B4, "h": _mix3((*MIX_PARTS[3][:2], MIX_PARTS[3][2][:1]))}), "BadTensorData",
+                          "CLAQ-T19", "huffman_3 of 13 bytes: 10 codes of 1 bit or more need 14"),
+    "t19_huffman_long": (lambda: v4({**B4, "h": _mix3((*MIX_PARTS[3][:2], MIX_PARTS[3][2] + bytes(10)))}),
+                         "BadTensorData", "CLAQ-T19", "huffman_3 of 28 bytes: 10 codes of 12 bits or less need 27"),
+    "t20_length_13": (lambda: v4({**B4, "h": _mix3_lengths([2, 1, 3, 12, 12, 5, 13, 4])}), "BadTensorData",
+                      "CLAQ-T20", "value 6 (unused) has a codeword of 13 bits"),
+    "t20_kraft": (lambda: v4({**B4, "h": _mix3_lengths([2, 1, 3, 12, 12, 5, 5, 4])}), "BadTensorData", "CLAQ-T20",
+                  "value 6 (unused) has a codeword of 5 bits: Kraft's sum 4098"),
+    "t20_all_zero": (lambda: v4({**B4, "h": _mix3_lengths([0] * 8)}), "BadTensorData", "CLAQ-T20",
+                     "every codeword length of huffman_3 is 0"),
+    "t21_first_offset": (lambda: v4({**B4, "h": _mix3((u32([1]), MIX_PARTS[3][1], bits_to_bytes(
+        "0" + "".join(canonical(MIX_LENGTHS[3])[c] for c in MIX_STREAMS[3]))))}), "BadTensorData", "CLAQ-T21",
+        "huffman_3's codewords from bit 1, its only offset 1"),
+    "t21_offset_past_end": (lambda: v4({**B4, "k": chunks((u32([0, 8 * len(CHUNKS_PARTS[2]) + 1]),
+                                                           *CHUNKS_PARTS[1:]))}), "BadTensorData", "CLAQ-T21",
+                            "chunk 1's offset one bit past the end of the codewords"),
+    "t22_no_codeword": (lambda: v4({**B4, "h": mix(huffman_1=hsec(huffman_parts(MIX_STREAMS[1], MIX_LENGTHS[1],
+                                                                                {2: "1"})))}),
+                        "BadTensorData", "CLAQ-T22", "huffman_1 (one codeword, 0): its third bit is 1"),
+    "t22_no_codeword_12_bits": (lambda: v4({**B4, "h": _mix3_replace({4: "111111000000"})}), "BadTensorData",
+                                "CLAQ-T22", "huffman_3: 111111000000 in place of the codeword 111110000000"),
+    "t22_past_end": (lambda: v4({**B4, "h": _mix3_replace({9: "111110000000"}, 6)}), "BadTensorData", "CLAQ-T22",
+                     "huffman_3's last codeword (12 bits from bit 38) runs past its 48 bits"),
+    "t23_chunk_gap": (lambda: v4({**B4, "k": _chunks_gap()}), "BadTensorData", "CLAQ-T23",
+                      "a zero bit between chunk 0's last codeword and chunk 1's offset"),
+    "t23_trailing_byte": (lambda: v4({**B4, "h": _mix3((*MIX_PARTS[3][:2], MIX_PARTS[3][2] + bytes(1)))}),
+                          "BadTensorData", "CLAQ-T23", "a zero byte after huffman_3's last codeword's byte"),
+    "t23_padding_bits": (lambda: v4({**B4, "h": _mix3((*MIX_PARTS[3][:2], MIX_PARTS[3][2][:-1]
+                                                       + bytes([MIX_PARTS[3][2][-1] | 0x80])))}),
+                         "BadTensorData", "CLAQ-T23", "huffman_3's last padding bit (bit 47) is one"),
     # checksums
     "c01_crc": (lambda: v2(corrupt=hdr(lambda h: sec(h, "g", "codes_5").update(
         crc32=sec(h, "g", "codes_5")["crc32"] ^ 1))), "ChecksumMismatch", "CLAQ-C01", "g's codes_5, crc32 ^ 1"),
@@ -854,6 +1059,11 @@ GGUF_VALID = {  # name -> (parts, expected tensors, expected files (text), expec
     "v3_coded_levels": (gguf(tensors={**G_TENSORS, "c": coded()}, kvs={"claq.version": kv_u32(3)}),
                         {"norm": [1.0, -2.5, 0.25], "w": WORKED_VALUES, "g": GRID_VALUES, "c": CODED_VALUES},
                         {"note.txt": G_FILES["note.txt"].decode()}, {"blob.bin": G_FILES["blob.bin"].hex()}),
+    "v4_coded_codes": (gguf(tensors={**G_TENSORS, "c": coded(), "h": mix(), "k": HWORKED, "r": RICE_HUFFMAN},
+                            kvs={"claq.version": kv_u32(4)}),
+                       {"norm": [1.0, -2.5, 0.25], "w": WORKED_VALUES, "g": GRID_VALUES, "c": CODED_VALUES,
+                        "h": MIX_VALUES, "k": HWORKED_VALUES, "r": CODED_VALUES},
+                       {"note.txt": G_FILES["note.txt"].decode()}, {"blob.bin": G_FILES["blob.bin"].hex()}),
     # GGUF version 2, alignment 64, extension version 1, a 4-D tensor, a 63-byte name, only the required keys
     "minimal_v2_aligned_64": (gguf_parts(
         [("general.architecture", *kv_str("claq")), ("general.alignment", *kv_u32(64)),
@@ -921,10 +1131,15 @@ GGUF_BAD = {
                                  "no general.architecture"),
     "k01_architecture_number": (lambda: join(gguf(kvs={"general.architecture": kv_u32(0)})), "BadHeader",
                                 "GGUF-K01", "general.architecture a UINT32"),
-    "k02_version_4": (lambda: join(gguf(kvs={"claq.version": kv_u32(4)})), "BadHeader", "GGUF-K02",
-                      "claq.version 4"),
+    "k02_version_5": (lambda: join(gguf(kvs={"claq.version": kv_u32(5)})), "BadHeader", "GGUF-K02",
+                      "claq.version 5"),
     "h19_v2_codebook_rice": (lambda: join(gguf(tensors={**G_TENSORS, "c": coded()})), "BadHeader", "CLAQ-H19",
                              "codebook_rice in an extension-version-2 file"),
+    "h19_v3_huffman": (lambda: join(gguf(tensors={**G_TENSORS, "h": mix()}, kvs={"claq.version": kv_u32(3)})),
+                       "BadHeader", "CLAQ-H19", "huffman_1 and huffman_3 in an extension-version-3 file"),
+    "h35_codes_and_huffman": (lambda: join(gguf(tensors={**G_TENSORS, "h": mix(codes_3=("U32", [1], u32([sum(
+        c << (3 * i) for i, c in enumerate(MIX_STREAMS[3]))])))}, kvs={"claq.version": kv_u32(4)})), "BadHeader",
+        "CLAQ-H35", "codes_3 beside huffman_3"),
     "k02_version_string": (lambda: join(gguf(kvs={"claq.version": kv_str("2")})), "BadHeader", "GGUF-K02",
                            'claq.version "2"'),
     "k03_config_list": (lambda: join(gguf(kvs={"claq.config": kv_str("[]")})), "BadHeader", "GGUF-K03",
@@ -1065,7 +1280,8 @@ def write_all(directory: Path) -> None:
         (directory / f"{name}.claq").write_bytes(assemble(tensors, files, metadata, version, retext=retext))
         texts = {k: (v.stored if isinstance(v, Stored) else v).decode() for k, v in files.items()}
         expected = {"tensors": values, "files": texts}
-        (directory / f"{name}.json").write_text(json.dumps(expected, indent=1) + "\n")
+        text = json.dumps(expected, separators=(",", ":")) if name in COMPACT_JSON else json.dumps(expected, indent=1)
+        (directory / f"{name}.json").write_text(text + "\n")
     for name, (make, *_) in BAD.items():
         (directory / "bad" / f"{name}.claq").write_bytes(make())
     (directory / "bad" / "expected.json").write_text(json.dumps(
