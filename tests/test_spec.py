@@ -44,3 +44,9 @@ def test_section_lengths_and_stored_bytes():
     assert spec.claq_stored_bytes(100, bits, 3) == sum(spec.align(v) for v in lengths.values())
     assert "outlier_rows" not in spec.claq_section_lengths(100, bits, 0)
     assert spec.claq_section_lengths(100, bits, 300, max_count=300)["outlier_counts"] == 8
+
+
+def test_stream_section_names_take_ascii_digits_only():
+    assert spec.is_code_section("codes_3") and spec.is_huffman_section("huffman_8")
+    assert not spec.is_code_section("codes_²") and not spec.is_huffman_section("huffman_²")
+    assert not spec.is_huffman_section("huffman_") and not spec.is_code_section("codes_x")

@@ -4,9 +4,14 @@ ClaqFormatError is a failure, and so are a hang, a memory blow-up, an error mess
 and claq-inspect output that a file can forge.
 
 Seeds are the conformance vectors (formats/vectors, the hostile ones too) and a small .claq and .gguf of a
-complete tiny Llama, written here with the writer (no torch). Case i mutates one seed (even i a .claq, odd i
-a .gguf) with one to three mutations drawn from a generator seeded by (--seed, i), so every case can be
-rebuilt alone (--dump writes each failure class's first file). Each case is read as claq-inspect reads it
+complete tiny Llama, written here with the writer (no torch); its weights' skewed code streams are long
+enough that the writer Huffman-codes most of them (huffman_<b>, format v4). Case i mutates one seed (even i
+a .claq, odd i a .gguf) with one to three mutations drawn from a generator seeded by (--seed, i), so every
+case can be rebuilt alone (--dump writes each failure class's first file). Besides blind byte edits and
+JSON edits of the header, mutations know the structure: typed values poked into sections, and edits aimed
+at a huffman_<b> section's parts (a chunk offset, a codeword length, the codewords flipped, cut or
+extended, the stream coded anew with other lengths or another number of codes), the layout and checksum
+redone so that the content checks (CLAQ-T19 to T23) see them. Each case is read as claq-inspect reads it
 (open, validate, summarize, render) and then every tensor is decoded and every file inflated, in worker
 processes limited in address space (--memory-mb) and time (--timeout per case; a worker stuck in C code is
 killed and counted as a hang).
@@ -65,14 +70,33 @@ def _tokenizer_files() -> dict[str, bytes]:
             "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
 
-def _quantized(rng, rows: int, cols: int, widths, grid: bool, outliers: bool):
+def _codes(rng, rows: int, bits, skew):
+    """uint8 codes [rows, cols] of the columns' widths: uniform (skew None) or skewed the way K-Means codes
+    are, so that the writer Huffman-codes the stream (format v4): "normal" (the middle codes most used),
+    "geometric" (code 0 most, a long tail: codewords up to the 12-bit limit), "constant" (one code value:
+    a one-codeword, incomplete code)."""
+    import numpy as np
+
+    top = (1 << bits.astype(np.int64))[None, :]
+    if skew is None:
+        return (rng.integers(0, 256, (rows, bits.size)) % top).astype(np.uint8)
+    if skew == "normal":
+        codes = np.rint(rng.normal((top - 1) / 2, np.maximum(top / 10, 0.35), (rows, bits.size)))
+    elif skew == "geometric":
+        codes = rng.geometric(0.3, (rows, bits.size)) - 1
+    else:
+        codes = np.ones((rows, bits.size))
+    return np.clip(codes, 0, top - 1).astype(np.uint8)
+
+
+def _quantized(rng, rows: int, cols: int, widths, grid: bool, outliers: bool, skew=None):
     import numpy as np
 
     from claq_convert.format.writer import encode_claq_sections
 
     bits = rng.choice(widths, cols).astype(np.uint8)
     top = 1 << int(bits.max())
-    codes = (rng.integers(0, 256, (rows, cols)) % (1 << bits.astype(np.int64))[None, :]).astype(np.uint8)
+    codes = _codes(rng, rows, bits, skew)
     counts = rng.integers(0, 3, cols) if outliers else np.zeros(cols, np.int64)
     out_rows = np.concatenate([np.sort(rng.choice(rows, int(c), replace=False)) for c in counts]).astype(np.int64)
     values = rng.normal(0, 4, out_rows.size)
@@ -101,7 +125,7 @@ def write_seeds(directory: Path, reuse: bool = False) -> dict[str, list[Path]]:
         return {"claq": [claq, whole] + vectors, "gguf": [gguf_seed, gguf_whole]}
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1234)
-    hidden, inter, tokenizer = 16, 24, _tokenizer_files()
+    hidden, inter, tokenizer = 64, 128, _tokenizer_files()
     vocab = 24
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -112,15 +136,23 @@ def write_seeds(directory: Path, reuse: bool = False) -> dict[str, list[Path]]:
                                                               "outlier_threshold": 13.0},
                   "calibration": {"nsamples": 4, "seqlen": 32, "seed": 0, "sources": ["self", "/tmp/text.txt"]},
                   "summary": {"honest_bpw": 3.5, "params": 1234}}
-    linears = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
-               "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
-               "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    # name: (shape, widths, grid codebooks, codes). Streams of a few thousand skewed codes are Huffman-coded
+    # by the writer (huffman_<b>, format v4): one chunk or two (4096 codes a chunk), complete codes, an
+    # incomplete one (k_proj: one code value), codewords up to 12 bits (o_proj); uniform codes keep codes_<b>.
+    all_widths = (1, 2, 3, 4, 6, 8)
+    linears = {"self_attn.q_proj": ((hidden, hidden), all_widths, True, None),
+               "self_attn.k_proj": ((hidden // 2, hidden), (2,), False, "constant"),
+               "self_attn.v_proj": ((hidden // 2, hidden), (3, 4), True, "normal"),
+               "self_attn.o_proj": ((hidden, hidden), (8,), True, "geometric"),
+               "mlp.gate_proj": ((inter, hidden), (3,), True, "normal"),
+               "mlp.up_proj": ((inter, hidden), all_widths, False, "normal"),
+               "mlp.down_proj": ((hidden, inter), (2, 5), True, "normal")}
     with ClaqWriter(claq) as w:
         w.add_quantized("model.embed_tokens.weight", vocab,
                         _quantized(rng, vocab, hidden, (2, 3, 5), grid=False, outliers=True))
-        for i, (name, (rows, cols)) in enumerate(linears.items()):
+        for i, (name, ((rows, cols), widths, grid, skew)) in enumerate(linears.items()):
             w.add_quantized(f"model.layers.0.{name}.weight", rows,
-                            _quantized(rng, rows, cols, (1, 2, 3, 4, 6, 8), grid=i % 2 == 0, outliers=i % 3 != 1))
+                            _quantized(rng, rows, cols, widths, grid=grid, outliers=i % 3 != 1, skew=skew))
         w.add_raw("model.layers.0.input_layernorm.weight", rng.normal(1, 0.1, hidden).astype(np.float32))
         bf16 = (rng.normal(1, 0.1, hidden).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
         w.add_raw("model.layers.0.post_attention_layernorm.weight", bf16, dtype="BF16")
@@ -352,6 +384,10 @@ def poke_typed(rng: random.Random, payload: bytearray, dtype: str) -> str:
 def mutate_claq(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     parts = claq_parts(data)
     op = rng.choice(["bytes", "preamble", "json", "json", "json", "data", "data"] if parts else ["bytes", "preamble"])
+    if parts and b'"huffman_' in parts[1] and rng.random() < 0.25:  # coded streams: their own edits
+        done = mutate_claq_huffman(rng, parts)
+        if done is not None:
+            return done
     if op == "preamble":
         out = bytearray(data.ljust(16, b"\0"))
         at, size = rng.choice([(4, 4), (8, 8), (8, 8)])
@@ -389,6 +425,347 @@ def mutate_claq(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     out = bytearray(data)
     what = mutate_bytes(rng, out, 16 + (len(parts[1]) if parts else 0))
     return bytes(out), what
+
+
+# --------------------------------------------------------------------------- coded streams (huffman_<b>)
+
+def huffman_prefix(bits: int, n_codes: int) -> tuple[int, int]:
+    """(chunks, bytes before the codewords) of a huffman_<bits> section of n_codes codes (claq-v2.md)."""
+    from claq_convert.format import spec
+
+    return spec.chunk_count(n_codes), spec.huffman_prefix_bytes(n_codes, bits)
+
+
+REFERENCE_CODES = 1 << 17  # the plain decoder below reads streams up to this many codes (the seeds': 8192)
+
+
+def reference_codes(payload: bytes, bits: int, n_codes: int):
+    """The codes of a huffman_<bits> section by the spec's rules in plain Python (no library decoder, so a
+    mutation never depends on the code under test), or None where the section is not a valid one."""
+    from claq_convert.format.huffman import canonical_codewords
+
+    chunks, prefix = huffman_prefix(bits, n_codes)
+    if n_codes <= 0 or n_codes > REFERENCE_CODES or len(payload) < prefix:
+        return None
+    lengths = list(payload[4 * chunks:prefix])
+    if max(lengths) > 12 or not any(lengths) or sum(1 << (12 - n) for n in lengths if n) > 4096:
+        return None
+    table = {}  # (length, the codeword's bits as read, least significant first) -> value
+    for s, codeword in enumerate(canonical_codewords(lengths).tolist()):
+        if lengths[s]:
+            table[(lengths[s], int(codeword))] = s
+    stream = int.from_bytes(payload[prefix:], "little")
+    n_bits, bit, codes = 8 * (len(payload) - prefix), 0, []
+    offsets = struct.unpack_from(f"<{chunks}I", payload)
+    for e in range(n_codes):
+        if e % 4096 == 0 and offsets[e // 4096] != bit:
+            return None
+        window = (stream >> bit) & 0xFFF
+        for n in range(1, 13):
+            s = table.get((n, window & ((1 << n) - 1)))
+            if s is not None:
+                break
+        if s is None or bit + n > n_bits:
+            return None
+        codes.append(s)
+        bit += n
+    return codes if (bit + 7) // 8 == n_bits // 8 and not stream >> bit else None
+
+
+def _valid_lengths(rng: random.Random, codes, bits: int, lengths) -> tuple[list[int], str]:
+    """Other codeword lengths for the same codes that a valid section may have (each used value a length)."""
+    used = sorted(set(codes))
+    choice = rng.choice(["fixed", "longest", "spare", "swap"])
+    if choice == "fixed":  # every value bits long: a complete code, no shorter than codes_<b>
+        return [bits] * (1 << bits), "every codeword bits long"
+    if choice == "longest":  # every used value 12 bits: the longest section T19 allows
+        return [12 if s in used else 0 for s in range(1 << bits)], "every used codeword 12 bits"
+    new = list(lengths)
+    if choice == "spare":  # unused values given codewords too, while Kraft's inequality holds
+        room = 4096 - sum(1 << (12 - n) for n in new if n)
+        for s in range(1 << bits):
+            if not new[s] and room >= 1:
+                new[s] = 12
+                room -= 1
+        return new, "unused values given 12-bit codewords"
+    a, b = rng.choice(used), rng.choice(used)  # two used values trade lengths: the same code, other bits
+    new[a], new[b] = new[b], new[a]
+    return new, f"lengths of {a} and {b} swapped"
+
+
+def reencode_huffman(rng: random.Random, payload: bytes, bits: int, n_codes: int):
+    """The section coded anew from its codes: valid with other lengths, or for a few codes more or fewer
+    (a stream of another length: chunk offsets and bounds no longer fit), or with other code values."""
+    import numpy as np
+
+    from claq_convert.format.huffman import coded_section
+
+    codes = reference_codes(payload, bits, n_codes)
+    if codes is None:
+        return None
+    chunks, prefix = huffman_prefix(bits, n_codes)
+    lengths = list(payload[4 * chunks:prefix])
+    op = rng.choice(["lengths", "lengths", "count", "values"])
+    if op == "lengths":
+        lengths, what = _valid_lengths(rng, codes, bits, lengths)
+    elif op == "count":
+        d = rng.choice([-4096, -9, -1, 1, 8, 4096, 4097])
+        codes = codes[:d] if d < 0 else codes + [rng.choice(codes) for _ in range(d)]
+        what = f"{d:+d} codes"
+    else:  # other used values: still valid, other weights
+        used = [s for s in range(1 << bits) if lengths[s]]
+        for _ in range(rng.randint(1, 64)):
+            codes[rng.randrange(len(codes))] = rng.choice(used)
+        what = "other code values"
+    if not codes:
+        return None
+    return bytes(coded_section(np.array(codes, np.uint8), np.array(lengths, np.int64))), f"coded anew, {what}"
+
+
+def mutate_huffman(rng: random.Random, payload: bytes, bits: int, n_codes: int) -> tuple[bytes, str]:
+    """One edit aimed at a huffman_<bits> section of n_codes codes, at its parts (chunk offsets, codeword
+    lengths, codewords) or at the whole (coded anew): (new bytes, of any length; what was done)."""
+    out = bytearray(payload)
+    chunks, prefix = huffman_prefix(bits, n_codes)
+    if not 0 < n_codes <= 1 << 24 or len(out) < prefix:  # another mutation broke the section's frame
+        return bytes(out), f"frame broken: {mutate_bytes(rng, out, 0)}"
+    n_bits = 8 * (len(out) - prefix)
+    op = rng.choice(["offset", "offset", "length", "length", "lengths", "flip", "flip", "padding", "cut", "extend",
+                     "chunks", "reencode", "reencode"])
+    if op == "reencode":
+        done = reencode_huffman(rng, payload, bits, n_codes)
+        if done is not None:
+            return done
+        op = "flip"
+    if op == "offset":
+        c = rng.randrange(1, chunks) if chunks > 1 and rng.random() < 0.7 else rng.randrange(chunks)
+        old, = struct.unpack_from("<I", out, 4 * c)
+        near = [struct.unpack_from("<I", out, 4 * k)[0] for k in (c - 1, c + 1) if 0 <= k < chunks]
+        value = rng.choice([0, 1, 7, 8, 12, 13, old - 1, old + 1, old - 8, old + 8, old - 12, old + 12, n_bits - 1,
+                            n_bits, n_bits + 1, n_bits + 8, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1,
+                            rng.randrange(n_bits + 1)] + near) % 2 ** 32
+        struct.pack_into("<I", out, 4 * c, value)
+        return bytes(out), f"offset[{c}] {old} -> {value}"
+    lengths = range(4 * chunks, prefix)
+    if op == "length":
+        used = [at for at in lengths if out[at]]
+        at = rng.choice(used) if used and rng.random() < 0.6 else rng.choice(lengths)
+        old = out[at]
+        out[at] = rng.choice([0, 1, 2, 11, 12, 13, 16, 255, old - 1, old + 1]) % 256
+        return bytes(out), f"length[{at - 4 * chunks}] {old} -> {out[at]}"
+    if op == "lengths":
+        part = out[4 * chunks:prefix]
+        how = rng.choice(["shuffle", "reverse", "all", "swap"])
+        if how == "shuffle":
+            rng.shuffle(part)
+        elif how == "reverse":
+            part.reverse()
+        elif how == "all":
+            value = rng.choice([0, 1, bits, bits + 1, 12])
+            part[:] = bytes([value]) * len(part)
+            how = f"all {value}"
+        else:
+            a, b = rng.randrange(len(part)), rng.randrange(len(part))
+            part[a], part[b] = part[b], part[a]
+            how = f"swap {a} {b}"
+        out[4 * chunks:prefix] = part
+        return bytes(out), f"lengths {how}"
+    if op == "padding" and n_bits:  # bits after the last codeword, in the last byte
+        mask = rng.choice([0x80, 0xC0, 0xF0, 1 << rng.randrange(8)])
+        out[-1] |= mask
+        return bytes(out), f"last byte |= {mask:#x}"
+    if op == "cut" and n_bits:
+        n = rng.choice([1, 1, 2, 3, rng.randint(1, n_bits // 8)])
+        del out[len(out) - n:]
+        return bytes(out), f"codewords cut by {n} bytes"
+    if op == "extend":
+        n = rng.choice([1, 1, 2, 8, 200])
+        out += bytes(rng.getrandbits(8) for _ in range(n)) if rng.random() < 0.5 else b"\0" * n
+        return bytes(out), f"codewords extended by {n} bytes"
+    if op == "chunks":  # the offsets part loses, gains or reorders an offset: every later part shifts
+        c = rng.randrange(chunks)
+        how = rng.choice(["drop", "duplicate", "swap"])
+        if how == "drop":
+            del out[4 * c:4 * c + 4]
+        elif how == "duplicate":
+            out[4 * c:4 * c] = out[4 * c:4 * c + 4]
+        else:
+            d = rng.randrange(chunks)
+            out[4 * c:4 * c + 4], out[4 * d:4 * d + 4] = out[4 * d:4 * d + 4], out[4 * c:4 * c + 4]
+        return bytes(out), f"chunk offsets: {how} {c}"
+    if not n_bits:
+        return bytes(out), "no codewords to flip"
+    n = rng.randint(1, 4)
+    where = rng.choice(["anywhere", "chunk start", "end"])
+    for _ in range(n):
+        if where == "chunk start":
+            start = struct.unpack_from("<I", out, 4 * rng.randrange(chunks))[0]
+            bit = min(n_bits - 1, max(0, start + rng.randrange(-8, 24)))
+        elif where == "end":
+            bit = n_bits - 1 - rng.randrange(min(n_bits, 24))
+        else:
+            bit = rng.randrange(n_bits)
+        out[prefix + bit // 8] ^= 1 << (bit % 8)
+    return bytes(out), f"{n} codeword bit flips ({where})"
+
+
+def _span_ok(entry, size: int) -> bool:
+    return (isinstance(entry, dict) and type(entry.get("offset")) is int and type(entry.get("length")) is int
+            and 0 <= entry["offset"] <= entry["offset"] + entry["length"] <= size)
+
+
+def _huffman_width(section) -> int:
+    """b of a section named huffman_<b> (1 to 8), else 0."""
+    tail = section[len("huffman_"):] if isinstance(section, str) and section.startswith("huffman_") else ""
+    return int(tail) if tail.isascii() and tail.isdigit() and 1 <= int(tail) <= 8 else 0  # not "huffman_\u00b2"
+
+
+def claq_huffman_targets(tree, region: bytes) -> list:
+    """(tensor, section, entry, b, codes) of every huffman_<b> section of a parsed .claq header whose entry,
+    shape and bit_widths section still frame it (the codes: the columns of width b times the rows)."""
+    tensors = tree.get("tensors") if isinstance(tree, dict) else None
+    targets = []
+    for name, tensor in (tensors.items() if isinstance(tensors, dict) else ()):
+        sections = tensor.get("sections") if isinstance(tensor, dict) else None
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if not isinstance(sections, dict) or not isinstance(shape, list) or not shape or type(shape[0]) is not int \
+                or not _span_ok(sections.get("bit_widths"), len(region)):
+            continue
+        widths = region[sections["bit_widths"]["offset"]:][:sections["bit_widths"]["length"]]
+        targets += [(name, section, entry, _huffman_width(section), widths.count(_huffman_width(section)) * shape[0])
+                    for section, entry in sections.items() if _huffman_width(section) and _span_ok(entry, len(region))]
+    return targets
+
+
+def claq_replace(tree, region: bytes, entry: dict, payload: bytes) -> bytes:
+    """The data region with `entry`'s section replaced by `payload` of any length: the sections after it
+    move by the change in its aligned length, so the layout still tiles (CLAQ-L02 to L04)."""
+    from claq_convert.format.spec import align
+
+    start, old_end = entry["offset"], align(entry["offset"] + entry["length"])
+    new_end = align(start + len(payload))
+    tensors, files = tree.get("tensors"), tree.get("files")
+    others = [e for t in (tensors.values() if isinstance(tensors, dict) else ()) if isinstance(t, dict)
+              and isinstance(t.get("sections"), dict) for e in t["sections"].values()]
+    others += list(files.values()) if isinstance(files, dict) else []
+    for other in others:
+        if other is not entry and isinstance(other, dict) and type(other.get("offset")) is int \
+                and other["offset"] >= old_end:
+            other["offset"] += new_end - old_end
+    entry["length"] = len(payload)
+    if entry.get("dtype") == "U8" and isinstance(entry.get("shape"), list):
+        entry["shape"] = [len(payload)]
+    return region[:start] + payload + bytes(new_end - start - len(payload)) + region[old_end:]
+
+
+def rename_coded(rng: random.Random, tree) -> "str | None":
+    """A code stream section renamed: codes_<b> read as huffman_<b> (dtype U8), huffman_<b> as codes_<b> or as
+    the stream of another width, or under a name that only looks like one."""
+    tensors = tree.get("tensors") if isinstance(tree, dict) else None
+    streams = [(t, s) for t, tensor in (tensors.items() if isinstance(tensors, dict) else ())
+               if isinstance(tensor, dict) and isinstance(tensor.get("sections"), dict)
+               for s in tensor["sections"] if _huffman_width(s) or str(s).startswith("codes_")]
+    if not streams:
+        return None
+    name, old = rng.choice(streams)
+    sections = tensors[name]["sections"]
+    entry = sections[old]
+    if old.startswith("codes_"):
+        new, dtype, size = "huffman_" + old[len("codes_"):], "U8", 1
+    else:
+        b = _huffman_width(old)
+        new = rng.choice([f"codes_{b}", f"huffman_{b % 8 + 1}", f"huffman_{b - 1 or 8}", "huffman_0", "huffman_9",
+                          f"huffman_0{b}", "huffman_\u00b2", "huffman_\u0663", f"huffman_{b} "])
+        dtype, size = ("U32", 4) if new.startswith("codes_") and rng.random() < 0.7 else ("U8", 1)
+    if new in sections:
+        return None
+    if isinstance(entry, dict):
+        entry["dtype"] = dtype
+        if type(entry.get("length")) is int:
+            entry["shape"] = [entry["length"] // size]
+    tensors[name]["sections"] = {new if k == old else k: v for k, v in sections.items()}
+    return f"{name}: section {old} renamed {new!r} ({dtype})"
+
+
+def mutate_claq_huffman(rng: random.Random, parts) -> "tuple[bytes, str] | None":
+    """A huffman_<b> section of a .claq file edited by mutate_huffman, its checksum recomputed (mostly), so
+    the content checks T19-T23 run; or (now and then) a code stream renamed. None where the file has no
+    huffman_<b> section left."""
+    version, header, region = parts
+    tree = json.loads(header)
+    if rng.random() < 0.1:
+        what = rename_coded(rng, tree)
+        if what is not None:
+            return claq_assemble(version, json.dumps(tree).encode(), region), f"huffman rename {what}"
+    targets = claq_huffman_targets(tree, region)
+    if not targets:
+        return None
+    name, section, entry, bits, n_codes = rng.choice(targets)
+    new, what = mutate_huffman(rng, region[entry["offset"]:][:entry["length"]], bits, n_codes)
+    body = claq_replace(tree, region, entry, new)
+    stale = rng.random() < 0.05  # now and then the checksum stays the old one
+    if not stale:
+        entry["crc32"] = zlib.crc32(new)
+    return claq_assemble(version, json.dumps(tree).encode(), body), \
+        f"huffman {name}/{section}{' (stale crc)' if stale else ''}: {what}"
+
+
+def gguf_huffman_targets(data: bytes, fields, strings, data_start: int) -> list:
+    """(tensor, start, length, b, codes, infos) of every huffman_<b> tensor of a mapped CLAQ GGUF file whose
+    table entry, tensor info and bit_widths tensor still frame it; infos: each tensor's field offsets."""
+    texts = [(o, n) for o, n, label in strings if label == "claq.tensors"]
+    try:
+        table = json.loads(data[texts[0][0] + 8:][:texts[0][1]]) if texts else []
+    except (ValueError, RecursionError):
+        return []
+    infos: dict[str, dict] = {}
+    for offs, _, label in fields:
+        for field in (" n_dims", " dim 0", " offset"):
+            if label.endswith(field):
+                infos.setdefault(label[:-len(field)], {})[field.strip()] = offs
+
+    def span(name):
+        info = infos.get(name, {})
+        if len(info) != 3 or struct.unpack_from("<I", data, info["n_dims"])[0] != 1:
+            return None
+        start = data_start + struct.unpack_from("<Q", data, info["offset"])[0]
+        length = struct.unpack_from("<Q", data, info["dim 0"])[0]
+        return (start, length) if start + length <= len(data) else None
+
+    targets = []
+    for entry in table if isinstance(table, list) else ():
+        stem = entry.get("gguf") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        widths = span(f"{stem}.bit_widths") if isinstance(stem, str) else None
+        if widths is None or not isinstance(shape, list) or not shape or type(shape[0]) is not int:
+            continue
+        column_widths = data[widths[0]:widths[0] + widths[1]]
+        for name in infos:
+            bits = _huffman_width(name[len(stem) + 1:]) if name.startswith(stem + ".") else 0
+            if bits and span(name):
+                targets.append((name, *span(name), bits, column_widths.count(bits) * shape[0], infos))
+    return targets
+
+
+def mutate_gguf_huffman(rng: random.Random, data: bytes, fields, strings, data_start: int):
+    """A huffman_<b> tensor of a CLAQ GGUF file edited by mutate_huffman (GGUF has no checksums); a new length
+    goes into its dimension and the tensors after it move, so the layout stays aligned. None: no such tensor."""
+    targets = gguf_huffman_targets(data, fields, strings, data_start)
+    if not targets:
+        return None
+    name, start, length, bits, n_codes, infos = rng.choice(targets)
+    new, what = mutate_huffman(rng, data[start:start + length], bits, n_codes)
+    out = bytearray(data)
+    start -= data_start  # offsets within the data region, each tensor padded to the (default) 32 bytes
+    old_end, new_end = (start + n + (-(start + n) % 32) for n in (length, len(new)))
+    struct.pack_into("<Q", out, infos[name]["dim 0"], len(new))
+    for info in infos.values():
+        if "offset" in info:
+            offset, = struct.unpack_from("<Q", out, info["offset"])
+            if offset >= old_end:
+                struct.pack_into("<Q", out, info["offset"], offset + new_end - old_end)
+    body = new + bytes(new_end - start - len(new))
+    return bytes(out[:data_start + start]) + body + bytes(out[data_start + old_end:]), f"gguf huffman {name}: {what}"
 
 
 # --------------------------------------------------------------------------- GGUF mutations
@@ -459,6 +836,10 @@ def mutate_gguf(rng: random.Random, data: bytes) -> tuple[bytes, str]:
         return bytes(out), what
     fields, strings, header_end = mapped
     op = rng.choice(["bytes", "int", "int", "string", "json", "json", "data"])
+    if b".huffman_" in data[:header_end] and rng.random() < 0.25:  # coded streams: their own edits
+        done = mutate_gguf_huffman(rng, data, fields, strings, (header_end + 31) // 32 * 32)
+        if done is not None:
+            return done
     if op == "int":
         offs, size, label = rng.choice(fields)
         old = int.from_bytes(data[offs:offs + size], "little")
@@ -519,7 +900,8 @@ def make_case(seed: int, index: int, seeds: dict[str, list[Path]], cache: dict) 
 
 
 class OutputProblem(Exception):
-    """claq-inspect's output is not what it must be (a forged line, an unescaped control character)."""
+    """claq-inspect's output is not what it must be (a forged line, an unescaped control character), or the
+    readers accepted a coded stream that the spec's rules refuse or decoded it to other codes."""
 
 
 class CaseTimeout(BaseException):
@@ -559,8 +941,36 @@ def inspect_like(path: Path) -> None:
                 raise OutputProblem(f"tensor decoded to {decoded.shape} {decoded.dtype}, "
                                     f"its entry says {tensor['shape']}")
             cf.sections(name, copy=True)
+            if tensor["kind"] == "claq":
+                check_coded_streams(cf, name, tensor["shape"][0])
         for name in cf.files:
             cf.file(name)
+
+
+def check_coded_streams(cf, name: str, rows: int) -> None:
+    """Each huffman_<b> section of a weight the readers accept is valid by the fuzzer's own plain reading of
+    the spec (reference_codes) and decodes to the codes it gives: the readers accept no section the rules
+    refuse, and decode what they accept right."""
+    import numpy as np
+
+    from claq_convert.format import spec
+    from claq_convert.format.reader import check_claq_contents
+
+    sections = cf.sections(name)
+    coded = [s for s in sections if spec.is_huffman_section(s)]
+    if not coded:
+        return
+    fixed = check_claq_contents(name, rows, sections, cf.widths)
+    for section in coded:
+        bits = int(section[len(spec.HUFFMAN_PREFIX):])
+        n_codes = int(np.count_nonzero(sections["bit_widths"] == bits)) * rows
+        if n_codes > REFERENCE_CODES:
+            continue
+        ours = reference_codes(bytes(sections[section]), bits, n_codes)
+        if ours is None:
+            raise OutputProblem(f"{section} of {name[:60]!r} was accepted, but breaks the spec's rules")
+        if not np.array_equal(spec.unpack_codes(fixed[spec.code_section(bits)], bits, n_codes), ours):
+            raise OutputProblem(f"{section} of {name[:60]!r} decoded to other codes than the spec's")
 
 
 def site_of(exc: BaseException) -> tuple[str, str]:
@@ -759,6 +1169,7 @@ def main(argv=None) -> int:
 def summarize_run(args, seeds, index_file: Path, scratch: Path) -> dict:
     counts = {"valid": 0, "library": 0, "failure": 0}
     by_format = {"claq": 0, "gguf": 0}
+    huffman = {"valid": 0, "library": 0, "failure": 0}  # cases with an edit aimed at a huffman_<b> section
     errors: dict[str, int] = {}
     classes: dict[str, dict] = {}
     slowest = [0.0, None]
@@ -772,6 +1183,8 @@ def summarize_run(args, seeds, index_file: Path, scratch: Path) -> dict:
                 memory["largest_case_growth"] = {"bytes": event["rss_growth"], "case": event["i"],
                                                  "file_bytes": event["size"]}
             counts[event["outcome"]] += 1
+            if "huffman" in (event.get("mutation") or ""):
+                huffman[event["outcome"]] += 1
             if event.get("i") is not None:
                 by_format["claq" if event["i"] % 2 == 0 else "gguf"] += 1
             if event["outcome"] == "library":
@@ -802,6 +1215,7 @@ def summarize_run(args, seeds, index_file: Path, scratch: Path) -> dict:
         t.join()
     assert sum(counts.values()) == args.count, (counts, stop)
     return {"seed": args.seed, "first": args.first, "count": args.count, "per_format": by_format, "outcomes": counts,
+            "huffman_cases": huffman,
             "library_errors": dict(sorted(errors.items())), "slowest_case": {"seconds": round(slowest[0], 3),
                                                                             "case": slowest[1]},
             "memory": memory, "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -825,6 +1239,10 @@ def report(results: dict) -> str:
              f"slowest case {results['slowest_case']['seconds']} s; worker peak RSS "
              f"{results['memory']['worker_peak_rss'] / 2**20:.0f} MiB, " + _growth(results['memory']),
              "library errors: " + ", ".join(f"{k} {v}" for k, v in results["library_errors"].items())]
+    if "huffman_cases" in results:
+        h = results["huffman_cases"]
+        lines.append(f"edits of huffman_<b> sections: {sum(h.values())} cases, {h['valid']} valid, "
+                     f"{h['library']} library errors, {h['failure']} failures")
     for key, entry in results["failures"].items():
         lines.append(f"  {entry['count']:6d}  {key}  [case {entry['first_case']}: {entry['mutation']}] "
                      f"{(entry['message'] or '')[:120]!r}")

@@ -81,7 +81,8 @@ def huffman_section(bits: int) -> str:
 
 
 def is_huffman_section(name: str) -> bool:
-    return name.startswith(HUFFMAN_PREFIX) and name[len(HUFFMAN_PREFIX):].isdigit()
+    digits = name[len(HUFFMAN_PREFIX):]
+    return name.startswith(HUFFMAN_PREFIX) and digits.isascii() and digits.isdigit()  # not "huffman_²"
 
 
 def chunk_count(n_codes: int) -> int:
@@ -231,7 +232,8 @@ def claq_stored_bytes(rows: int, bit_widths: np.ndarray, n_outliers: int, max_co
 
 
 def is_code_section(name: str) -> bool:
-    return name.startswith(CODES_PREFIX) and name[len(CODES_PREFIX):].isdigit()
+    digits = name[len(CODES_PREFIX):]
+    return name.startswith(CODES_PREFIX) and digits.isascii() and digits.isdigit()  # not "codes_²"
 
 
 def code_section(bits: int) -> str:
