@@ -336,34 +336,38 @@ def column_sse_by_width(Wt, max_bits, weights):
     return out
 
 
+@njit(cache=True, nogil=True)
+def data_free_grid(w, weights, k, levels_out, codebook_out):
+    """Column w's values ascending, with its data-free grid codebook of k entries (exact K-Means weighted
+    by `weights`, float64 [out] > 0, as the quantizer weighs rows; then grid_codebook) in levels_out and
+    codebook_out."""
+    order = np.argsort(w, kind="mergesort")
+    xs = w[order].astype(np.float64)
+    prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs, weights[order])
+    centroids = kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k)
+    grid_codebook(centroids, levels_out, np.empty(2, np.float64), codebook_out)
+    return xs
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def data_free_levels(Wt, bits, weights, levels_out):
-    """The u8 levels [n, 2**bits] of each column's data-free grid codebook (exact K-Means weighted by
-    `weights`, float64 [out] > 0, as the quantizer weighs rows; then grid_codebook): Wt is W transposed
-    ([n, out], a column per row). The allocation codes them to estimate what a width's levels will cost in
-    a file before GPTQ has fitted the real ones."""
+    """The u8 levels [n, 2**bits] of each column's data-free grid codebook (data_free_grid): Wt is W
+    transposed ([n, out], a column per row). The allocation codes them to estimate what a width's levels
+    will cost in a file before GPTQ has fitted the real ones."""
     k = 1 << bits
     for j in prange(Wt.shape[0]):
-        order = np.argsort(Wt[j], kind="mergesort")
-        xs = Wt[j][order].astype(np.float64)
-        prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs, weights[order])
-        centroids = kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k)
-        grid_codebook(centroids, levels_out[j], np.empty(2, np.float64), np.empty(k, np.float64))
+        data_free_grid(Wt[j], weights, k, levels_out[j], np.empty(k, np.float64))
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def data_free_code_counts(Wt, bits, weights, counts_out):
     """counts_out[j, c]: the rows of column j (Wt is W transposed, [n, out]) whose nearest entry of the
-    column's data-free grid codebook (as data_free_levels fits it) is c. The allocation codes these counts
-    to estimate what a width's code stream will cost in a file (format v4) before GPTQ has run."""
+    column's data-free grid codebook (data_free_grid) is c. The allocation codes these counts to estimate
+    what a width's code stream will cost in a file (format v4) before GPTQ has run."""
     k = 1 << bits
     for j in prange(Wt.shape[0]):
-        order = np.argsort(Wt[j], kind="mergesort")
-        xs = Wt[j][order].astype(np.float64)
-        prefix_w, prefix, prefix_sq = weighted_prefix_sums(xs, weights[order])
-        centroids = kmeans_optimal_weighted(xs, prefix_w, prefix, prefix_sq, k)
         codebook = np.empty(k, np.float64)
-        grid_codebook(centroids, np.empty(k, np.uint8), np.empty(2, np.float64), codebook)
+        xs = data_free_grid(Wt[j], weights, k, np.empty(k, np.uint8), codebook)
         counts_out[j] = 0
         for x in xs:
             counts_out[j, nearest_code(x, codebook)] += 1

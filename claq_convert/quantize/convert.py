@@ -414,7 +414,7 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         if coded:
             level_bits[name] = coded_level_bits(W, GRID_MAX_BITS, row_weights=weights.get(name))
         if coded_streams:
-            code_bits[name] = coded_code_bits(W, MAX_BITS, row_weights=weights.get(name))
+            code_bits[name] = coded_code_bits(W, MAX_BITS)
         if qc.allocation_unit == "column":
             tables[name] = column_losses(W, energies[name], relative, columns.get(name), weights.get(name))
         else:
@@ -431,7 +431,7 @@ def allocate_bits(source: ModelSource, calibration: torch.Tensor, qc, device, lo
         fixed += stored_estimate(end_rows, np.full(end_cols, width), kept, qc.codebook,
                                  coded_level_bits(W, GRID_MAX_BITS, widths=[width], row_weights=weights.get(name))
                                  if coded and width <= GRID_MAX_BITS else None,
-                                 coded_code_bits(W, width, row_weights=weights.get(name)) if coded_streams else None)
+                                 coded_code_bits(W, width) if coded_streams else None)
         del W
         params += end_rows * end_cols
         targets[name] = (width, width, 0.0)
