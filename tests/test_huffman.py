@@ -227,7 +227,7 @@ def test_priced_coded_codes_enter_the_stored_bytes():
     bits = np.array([3] * 50 + [4] * 10)
     fixed = spec.claq_stored_bytes(1000, bits, 0, grid=True)
     priced = allocation.coded_codes_bytes(1000, bits, np.array([1.0, 1.9, 2.8, 3.7, 4.6, 5.5]))
-    assert set(priced) == {3, 4} and priced[3] == spec.huffman_prefix_bytes(50000, 3) + int(np.ceil(allocation.CODE_MARGIN * 2.8 * 50000 / 8))
+    assert set(priced) == {3, 4} and priced[3] == spec.huffman_prefix_bytes(50000, 3) + int(np.ceil(allocation.CODE_MARGIN[2] * 2.8 * 50000 / 8))
     coded = spec.claq_stored_bytes(1000, bits, 0, grid=True, coded_codes=priced)
     assert coded < fixed
     lengths = spec.claq_section_lengths(1000, bits, 0, grid=True, coded_codes=priced)

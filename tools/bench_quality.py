@@ -172,6 +172,9 @@ CONFIGS.update({
         bpw=3.5, outlier_bits=0.07, allocation="fisher", quantize_embeddings=False, tune_steps=192,
         toward_source=0.125, **extra) for suffix, extra in (("", {}), ("-seed-1", {"seed": 1}), ("-seed-2", {"seed": 2}))})
 CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"] = dict(bpw=4.6, allocation="fisher")  # claq-convert's default, as v4
+# the rows above priced codes from row-weighted data-free codes (they spent 3.434 bpw); this one from unweighted ones
+CONFIGS["cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes-unweighted-estimate"] = \
+    CONFIGS["cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes"]
 
 
 @click.command()

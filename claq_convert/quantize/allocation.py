@@ -44,10 +44,12 @@ SAMPLE_ROWS = 4096   # about as many rows of each (a K-Means codebook of 2**5 en
 # a little of the budget unspent (0.007 bpw at 4.5, measured) so that budget.py's narrowing, which has no GPTQ
 # compensation (2,339 columns narrowed cost 5 points of ppl at 4.5 bpw with no margin), stays a guarantee.
 LEVEL_MARGIN = 1.25
-# GPTQ's codes are a little more even than the data-free ones: on SmolLM2's 3.5 bpw files the coded streams
-# took 1.023x the estimate (2 bits 1.037x, 3 bits 1.029x, 4 bits 1.017x, 5 bits 1.001x; a v3 and a v4 file
-# alike). Priced 1.03x, as with the levels, budget.py's narrowing should not have to act.
-CODE_MARGIN = 1.03
+# GPTQ's codes are a little more even than the data-free ones, the more so the narrower: GPTQ's coded
+# streams over the unweighted estimate on SmolLM2, at 2 / 3 / 4 / 5 bits, 1.037 / 1.029 / 1.017 / 1.001x
+# (3.5 bpw v3 file), 1.038 / 1.030 / 1.017 / 1.001x (3.5 bpw v4), 1.045 / 1.043 / 1.017 / 1.006x (4.6 bpw v4
+# with its 5-bit head). One margin of 1.03 left 1.9% of the 4.6 budget unspent (4.511 bpw); a margin per
+# width a little above each measured ratio keeps budget.py's narrowing idle without wasting bytes.
+CODE_MARGIN = np.array([1.0, 1.05, 1.045, 1.02] + [1.01] * 4)  # widths 1..8
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def column_bytes(rows: int, max_bits: int, grid: bool, level_bits: Optional[np.n
     estimated coded levels; else fp16 entries). Padding, chunk offsets, length tables and the width map,
     a byte a column whatever its width, are left to the exact count."""
     widths = np.arange(1, max_bits + 1)
-    codes = rows * (widths if code_bits is None else CODE_MARGIN * np.asarray(code_bits[:max_bits], np.float64)) / 8
+    codes = rows * (widths if code_bits is None else CODE_MARGIN[:max_bits] * np.asarray(code_bits[:max_bits], np.float64)) / 8
     if not grid:
         return codes + 2 * 2.0 ** widths
     levels = 2.0 ** widths if level_bits is None else LEVEL_MARGIN * np.asarray(level_bits[:max_bits], np.float64) / 8
@@ -163,7 +165,7 @@ def coded_code_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS) 
     per width, under the 12-bit-limited Huffman code the writer would build (huffman.limited_lengths), and
     at most the width (the writer keeps a stream fixed-width where coding it is not shorter). Unweighted
     K-Means, though the quantizer weighs rows: the row-weighted estimate came out above what GPTQ's codes
-    took (a 3.5 bpw file spent 3.434), the unweighted one 1.023x below it on two files (CODE_MARGIN)."""
+    took (a 3.5 bpw file spent 3.434), the unweighted one below it by 0.1 to 4.5% a width (CODE_MARGIN)."""
     from ..format.huffman import coded_bits, limited_lengths
 
     picked = np.unique(np.linspace(0, W.shape[1] - 1, min(sample, W.shape[1])).round().astype(np.int64))
@@ -180,16 +182,16 @@ def coded_code_bits(W: np.ndarray, max_bits: int, sample: int = SAMPLE_COLUMNS) 
 
 
 def coded_codes_bytes(rows: int, bit_widths: np.ndarray, code_bits: Optional[np.ndarray],
-                      margin: float = CODE_MARGIN) -> Optional[dict[int, int]]:
+                      margin: np.ndarray = CODE_MARGIN) -> Optional[dict[int, int]]:
     """width -> the priced length of its huffman_<b> section (chunk offsets, lengths, the estimated bits a
-    code times `margin`) where that is shorter than codes_<b>, as the writer chooses; None: no estimate."""
+    code times the width's `margin`) where that is shorter than codes_<b>, as the writer chooses; None: no estimate."""
     if code_bits is None:
         return None
     bits = np.asarray(bit_widths, np.int64)
     out = {}
     for b in np.unique(bits).tolist():
         n = rows * int(np.count_nonzero(bits == b))
-        coded = spec.huffman_prefix_bytes(n, b) + int(np.ceil(margin * code_bits[b - 1] * n / 8))
+        coded = spec.huffman_prefix_bytes(n, b) + int(np.ceil(margin[b - 1] * code_bits[b - 1] * n / 8))
         if coded < 4 * spec.code_words(n, b):
             out[b] = coded
     return out
