@@ -1,6 +1,7 @@
-"""Reference NumPy decoder for .claq files: the spec (formats/claq-v1.md) in code.
+"""Reference NumPy decoder for .claq files: the spec (formats/claq-v2.md, versions 1 to 4) in code.
 
-NumPy and the standard library only (importable without torch). Opening a file validates the
+NumPy and the standard library only (importable without torch), but for coded code streams (format v4),
+whose chunks a Numba kernel decodes (format/huffman.py, loaded on first use). Opening a file validates the
 preamble, the header and the placement of every section before any data is read; decoding a
 tensor checks its checksums and contents. Every failure raises a subclass of ClaqFormatError whose
 message names the tensor or section.
