@@ -179,6 +179,11 @@ def decode_codes(section: np.ndarray, bits: int, n_codes: int) -> np.ndarray:
     return codes
 
 
+def fixed_words(section: np.ndarray, bits: int, n_codes: int) -> np.ndarray:
+    """The codes_<bits> words of a huffman_<bits> section (checked as decode_codes checks it)."""
+    return spec.pack_codes(decode_codes(section, bits, n_codes), bits)
+
+
 def with_fixed_codes(sections: dict, rows: int) -> dict:
     """A weight's NumPy sections with every coded stream (huffman_<b>) replaced by its fixed-width words
     (codes_<b>), the one layout the decoders and kernels take; others are returned as they are."""
@@ -190,5 +195,5 @@ def with_fixed_codes(sections: dict, rows: int) -> dict:
     for name in coded:
         b = int(name[len(spec.HUFFMAN_PREFIX):])
         n_codes = int(np.count_nonzero(bit_widths == b)) * rows
-        out[spec.code_section(b)] = spec.pack_codes(decode_codes(sections[name], b, n_codes), b)
+        out[spec.code_section(b)] = fixed_words(sections[name], b, n_codes)
     return out

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from . import spec
-from .huffman import CodedCodesError, decode_codes, with_fixed_codes
+from .huffman import CodedCodesError, fixed_words, with_fixed_codes
 from .rice import CodedLevelsError, with_levels
 
 
@@ -410,11 +410,11 @@ def check_claq_contents(name: str, rows: int, sections: dict[str, np.ndarray],
                                 f"when a column has {b} bits", rule="CLAQ-T06")
         if coded is not None:
             try:
-                codes = decode_codes(coded, b, n_codes)
+                words = fixed_words(coded, b, n_codes)
             except CodedCodesError as exc:
                 raise BadTensorData(f"tensor {brief_repr(name)} section huffman_{b}: {exc}", rule=exc.rule) from None
             sections = {**{k: v for k, v in sections.items() if k != spec.huffman_section(b)},
-                        spec.code_section(b): spec.pack_codes(codes, b)}
+                        spec.code_section(b): words}
             continue
         if words is None:
             continue
