@@ -175,6 +175,8 @@ CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"] = dict(bpw=4.6, allocation="fish
 # the rows above priced codes from row-weighted data-free codes (they spent 3.434 bpw); this one from unweighted ones
 CONFIGS["cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes-unweighted-estimate"] = \
     CONFIGS["cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes"]
+# the default again, with a margin per width on the code estimate (the row above it had one of 1.03)
+CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes-per-width-margins"] = CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"]
 
 
 @click.command()
