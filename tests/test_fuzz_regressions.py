@@ -2,6 +2,7 @@
 class, each refused with its own ClaqFormatError in one line, fast; then a short seeded fuzz run."""
 import importlib.util
 import json
+import random
 import struct
 import time
 from pathlib import Path
@@ -427,6 +428,23 @@ def test_the_fuzz_seeds_hold_coded_streams(tmp_path):
         assert len(streams) >= 8, streams
         assert any(n > spec.CHUNK_CODES for n in streams.values()), streams
         open_all(path)
+
+
+def test_huffman_edits_of_a_gguf_keep_offsets_that_an_earlier_edit_set_near_2_64(tmp_path):
+    """Case 63667 of seed 2027 poked a tensor's offset to 2**64 - 1, then grew a coded stream before it:
+    moving that offset must wrap as the u64 it is, not stop the fuzzer."""
+    fuzz = load_fuzzer()
+    data = bytearray(fuzz.write_seeds(tmp_path / "seeds")["gguf"][0].read_bytes())
+    fields, strings, header_end = fuzz.gguf_map(bytes(data))
+    offsets = [offs for offs, _, label in fields if label.endswith(" offset")]
+    last = max(offsets, key=lambda offs: struct.unpack_from("<Q", data, offs)[0])
+    struct.pack_into("<Q", data, last, 2 ** 64 - 1)
+    moved = set()
+    for seed in range(40):
+        done = fuzz.mutate_gguf_huffman(random.Random(seed), bytes(data), fields, strings, (header_end + 31) // 32 * 32)
+        assert done is not None
+        moved.add(struct.unpack_from("<Q", done[0], last)[0])
+    assert 2 ** 64 - 1 in moved and any(value < 2 ** 10 for value in moved), moved  # kept, and wrapped
 
 
 def test_a_short_seeded_fuzz_run_finds_only_library_errors(tmp_path):

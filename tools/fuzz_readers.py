@@ -762,8 +762,8 @@ def mutate_gguf_huffman(rng: random.Random, data: bytes, fields, strings, data_s
     for info in infos.values():
         if "offset" in info:
             offset, = struct.unpack_from("<Q", out, info["offset"])
-            if offset >= old_end:
-                struct.pack_into("<Q", out, info["offset"], offset + new_end - old_end)
+            if offset >= old_end:  # an earlier mutation may have left it near 2**64: u64 arithmetic
+                struct.pack_into("<Q", out, info["offset"], (offset + new_end - old_end) % 2 ** 64)
     body = new + bytes(new_end - start - len(new))
     return bytes(out[:data_start + start]) + body + bytes(out[data_start + old_end:]), f"gguf huffman {name}: {what}"
 
