@@ -211,6 +211,10 @@ DEFAULT_BPW = 4.6
                    "to the source layer's outputs, this share of the way (untuned it helps at 3.5 bpw; tuned, three "
                    "samples at 0.125 came out level with 0; README, \"GPTQ's target\"). The source layers run "
                    "too: one more layer in memory.")
+@click.option("--grid-guard", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Grid codebooks: a column whose 8-bit grid rounding would make more than this share of its error "
+                   "(a far outlier stretches the grid over its bulk) keeps up to 4 of its largest weights in fp16 "
+                   "as outliers, 32 bits each (e.g. 0.02; 0: off).")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration windows.")
 @click.option("--device", default="auto", show_default=True)
@@ -223,8 +227,8 @@ DEFAULT_BPW = 4.6
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a run record here.")
 @friendly_errors
 def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, row_weighting, ap_bits, outlier_bits, outlier_threshold, fit_outliers, ranking, calib,
-                nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, tune_steps, tune_lr, toward_source, seqlen,
-                seed,
+                nsamples, group_size, keep_embeddings, head_bits, codebook, raw_dtype, tune_steps, tune_lr, toward_source, grid_guard,
+                seqlen, seed,
                 device, out_format,
                 dry_run, resume, run_eval, json_path):
     """Quantize every block linear of MODEL (a model directory, or a hub id in the local Hugging Face cache)
@@ -272,7 +276,7 @@ def convert_cmd(model_dir, out, method, bits, bpw, allocation, allocation_unit, 
                      quantize_embeddings=not keep_embeddings, head_bits=head_bits, group_size=group_size, bpw=bpw,
                      allocation=allocation, allocation_unit=allocation_unit, row_weighting=row_weighting,
                      codebook=codebook, tune_steps=tune_steps, tune_lr=tune_lr,
-                     toward_source=toward_source)
+                     toward_source=toward_source, grid_guard=grid_guard)
     qc.validate()
     as_gguf = out is not None and (out_format == "gguf" or (out_format is None and out.suffix.lower() == ".gguf"))
     if as_gguf and not dry_run:  # before any work (run_conversion checks the family itself first)

@@ -135,7 +135,7 @@ def example_shapes():
                               for b in range(1, 5)})
 
 
-def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, weights=None):
+def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, weights=None, guard=0.0):
     cnt, rows = W1.shape
     weights = np.ones(rows) if weights is None else weights
     W = W1.copy()
@@ -146,8 +146,50 @@ def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, 
     scale, zero = np.full(rows, 0.03), np.full(rows, 7.0)
     shapes = example_shapes() if mode == kernels.MODE_SHAPES else kernels.no_shapes()
     loss = module.gptq_block(W, Hinv, weights, mode, bits, reserve, fit_all, max_iter, scale, zero, out["codebooks"],
-                             out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"], *shapes)
+                             out["codes"], out["reserved"], out["Q"], out["Err"], out["levels"], out["grids"], *shapes,
+                             False, guard)
     return loss, W, out
+
+
+def far_outlier_block(rng, rows=96, cnt=24):
+    """Gaussian columns; every third one has one weight 40 sigma out, which alone spans its grid."""
+    W1 = (rng.standard_normal((cnt, rows)) * 0.02).astype(np.float32)
+    W1[::3, 5] = 0.8
+    return W1, np.eye(cnt, dtype=np.float32), np.full(cnt, 4, np.int64), np.zeros(cnt, np.int64)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grid_guard_numba_equals_numpy_twin(weighted):
+    rng = np.random.default_rng(7)
+    W1, _, _, _ = far_outlier_block(rng)
+    _, Hinv, bits, reserve = block_inputs(rng, rows=W1.shape[1], cnt=W1.shape[0])  # GPTQ's updates between columns
+    bits, reserve = np.maximum(bits, 3), np.minimum(reserve, 1)
+    weights = np.random.default_rng(8).lognormal(0.0, 1.5, W1.shape[1]) if weighted else None
+    loss_a, W_a, a = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID, weights=weights, guard=0.02)
+    loss_b, W_b, b = run_block(kernels_numpy, W1, Hinv, bits, reserve, kernels.MODE_GRID, weights=weights, guard=0.02)
+    assert np.array_equal(W_a, W_b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    extra = a["reserved"].sum(axis=1) - reserve
+    assert extra.min() >= 0 and extra.max() <= kernels.GUARD_EXTRA and extra.sum() > 0, extra
+
+
+def test_grid_guard_reserves_the_far_outlier_and_nothing_else():
+    W1, Hinv, bits, reserve = far_outlier_block(np.random.default_rng(3))
+    _, _, plain = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID)
+    _, _, guarded = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID, guard=0.02)
+    far = np.arange(W1.shape[0]) % 3 == 0
+    assert plain["reserved"].sum() == 0
+    assert np.array_equal(guarded["reserved"][far].sum(axis=1), np.ones(far.sum()))  # the outlier, in fp16
+    assert np.all(guarded["reserved"][far][:, 5] == 1) and guarded["reserved"][~far].sum() == 0
+    error = lambda out: ((W1 - out["Q"]) ** 2).sum(axis=1)  # noqa: E731
+    assert np.all(error(guarded)[far] < 0.8 * error(plain)[far])  # the grid now spans the bulk alone
+    assert np.array_equal(error(guarded)[~far], error(plain)[~far])
+    # the share the guard reads: far above 2% on a far-outlier column's grid, small once it is reserved
+    shares = [kernels.grid_rounding_share(W1[i].astype(np.float64), np.ones(W1.shape[1]), out["Q"][i].astype(np.float64),
+                                          out["reserved"][i], out["grids"][i, 1]) for out in (plain, guarded) for i in (0,)]
+    assert shares[0] > 0.2 and shares[1] < 0.02, shares
 
 
 @pytest.mark.parametrize("mode,max_iter", [(kernels.MODE_CODEBOOK, 0), (kernels.MODE_CODEBOOK, 100),

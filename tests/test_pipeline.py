@@ -152,3 +152,35 @@ def test_the_heads_default_width_follows_the_rule_in_force():
     assert head_target(QuantConfig(bpw=4.6)) == 5 and head_target(QuantConfig(bpw=3.7)) == 4  # --bpw rounded up
     assert head_target(QuantConfig(bpw=3.0)) == 3 and head_target(QuantConfig(bpw=8.0)) == 8
     assert head_target(QuantConfig(bpw=4.6, head_bits=6)) == 6
+
+
+def test_the_grid_guard_keeps_a_far_outlier_in_fp16_and_the_budget(tiny_model_dir, text_file, tmp_path):
+    """A weight with a far outlier in one column: with --grid-guard that column keeps it in fp16 (its grid
+    then spans the bulk), no other column changes its reserve, and a --bpw file still holds its budget."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+
+    model = tmp_path / "far-outlier"
+    shutil.copytree(tiny_model_dir, model)
+    state = load_file(str(model / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name][3, 7] = 60 * state[name].abs().mean()
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    plain = run(model, method="claq", bits=4)[name]
+    guarded = run(model, method="claq", bits=4, grid_guard=0.02)[name]
+    assert plain.outlier_counts.sum() == 0 and guarded.outlier_counts[7] >= 1
+    first = np.concatenate([[0], np.cumsum(guarded.outlier_counts)])[7]
+    assert guarded.outlier_rows[first] == 3  # the outlier itself, in fp16 as GPTQ's updates left it
+    assert guarded.outlier_values[first] == pytest.approx(state[name][3, 7].item(), rel=0.02)
+    record = run_conversion(ConvertOptions(model_dir=model, out=tmp_path / "guarded.claq", quant=QuantConfig(
+        bpw=3.4, head_bits=3, grid_guard=0.02), calib=(text_file,), nsamples=4, seqlen=32))
+    assert_within_budget(record)
+    assert record["summary"]["outliers"] >= 1 and record["quant"]["grid_guard"] == 0.02
+    with pytest.raises(ValueError, match="grid-guard"):
+        QuantConfig(grid_guard=1.0).validate()
+    with pytest.raises(ValueError, match="grid-guard"):
+        QuantConfig(method="rtn", grid_guard=0.02).validate()
+

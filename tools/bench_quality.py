@@ -175,6 +175,22 @@ CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"] = dict(bpw=4.6, allocation="fish
 # the rows above priced codes from row-weighted data-free codes (they spent 3.434 bpw); this one from unweighted ones
 CONFIGS["cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes-unweighted-estimate"] = \
     CONFIGS["cols-claq-bpw-3.5-or-0.07-fp32-embedding-tune-192-toward-source-0.125-coded-codes"]
+# 4.5 bpw of blocks against Q4_K_M as format v4 (coded codes priced per width), over two seeds
+CONFIGS.update({f"cols-claq-bpw-4.5-fp32-embedding-coded-codes{suffix}": dict(
+    bpw=4.5, allocation="fisher", quantize_embeddings=False, **extra) for suffix, extra in (("", {}), ("-seed-1", {"seed": 1}))})
+# issue 11, v1 against v3 at equal widths: a far outlier stretches a column's 8-bit grid over its bulk;
+# --grid-guard keeps such columns' largest weights in fp16 (the same seeds as the rows above); "-again" reruns
+# the unguarded seed-0 row with today's code, to check that the older rows still pair with these
+CONFIGS["claq-4-coded-levels-fp32-embedding-again"] = CONFIGS["claq-4-coded-levels-fp32-embedding"]
+# (it did not: 27.87 / 25.34 / 37.40 / 11.01 against 27.82 / 24.96 / 36.87 / 11.21; the pipeline has changed
+# since), so v1's fp16 codebooks again too, at the seeds of the guarded rows
+CONFIGS.update({f"claq-4-f16-codebooks-fp32-embedding-again{suffix}": {
+    **CONFIGS["claq-4-f16-codebooks-fp32-embedding"], **({"seed": seed} if seed else {})}
+    for seed, suffix in [(0, "")] + [(k, f"-seed-{k}") for k in range(1, 7)]})
+CONFIGS.update({f"claq-4-grid-guard-0.02-fp32-embedding{suffix}": dict(
+    bits=4, quantize_embeddings=False, grid_guard=0.02, **({"seed": seed} if seed else {}))
+    for seed, suffix in [(0, "")] + [(k, f"-seed-{k}") for k in range(1, 7)]})
+CONFIGS["cols-claq-bpw-4.6-head-5-grid-guard-0.02"] = dict(bpw=4.6, allocation="fisher", grid_guard=0.02)  # the default, guarded
 # the default again, with a margin per width on the code estimate (the row above it had one of 1.03)
 CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes-per-width-margins"] = CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"]
 

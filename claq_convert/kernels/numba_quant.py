@@ -27,6 +27,8 @@ MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
 MODE_GRID = 2      # per-column K-Means codebook whose entries are 8-bit levels on the column's fp16 grid
 MODE_SHAPES = 3    # per-column codebook: fp16 offset + scale * one of the weight's shared shapes (kernels_shapes)
 FP16_LEAST = 2.0 ** -24  # the least positive fp16: the step of a constant column's grid (its levels stay distinct)
+GUARD_EXTRA = 4    # grid guard: at most this many outliers a column reserves beyond its planned ones
+MAX_GUARDED_RESERVE = 255  # ... and never more than a u8 outlier count holds (columns.MAX_RESERVE)
 WIDTHS = 9         # shape tables are indexed by width 0..8
 
 
@@ -448,8 +450,24 @@ def quantize_column_codebook(w, weights, bits, n_reserve, fit_all, max_iter, cod
 
 
 @njit(cache=True, nogil=True)
+def grid_rounding_share(w, weights, q, reserved, step):
+    """How much of a grid column's weighted squared error its grid's rounding makes, by expectation: a
+    codebook entry rounded to the nearest level moves by step^2/12 in mean square, so the fitted rows add
+    sum(weights) * step^2 / 12 to what their K-Means alone would leave. 0 for a column fitted exactly."""
+    error, added = 0.0, 0.0
+    for r in range(w.shape[0]):
+        if reserved[r] == 0:
+            e = w[r] - q[r]
+            error += weights[r] * e * e
+            added += weights[r]
+    if error <= 0.0:
+        return 0.0
+    return added * step * step / 12.0 / error
+
+
+@njit(cache=True, nogil=True)
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False):
+               codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False, guard=0.0):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
 
     W1 [cnt, rows] holds the block's columns as contiguous rows (W transposed); it is updated in
@@ -463,7 +481,9 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
     per-row grid (scale, zero) with 2**bits[0] levels. Outputs: codebooks [cnt, 256], codes/reserved/Q1/
     Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2. `parallel`: each
     column's exact K-Means shares its DP among Numba's threads (for long columns, when no other thread
-    is quantizing; the same result).
+    is quantizing; the same result). `guard` > 0 (MODE_GRID): a column whose grid rounding makes more than
+    this share of its error (grid_rounding_share) reserves its next largest |w| in fp16 and is fitted
+    again, at most GUARD_EXTRA times: a column with a far outlier has a coarse grid over its bulk.
     """
     cnt, rows = W1.shape
     loss = 0.0
@@ -472,8 +492,15 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
         d = Hinv1[i, i]
         q = np.empty(rows, np.float64)
         if mode != MODE_UNIFORM:
-            quantize_column_codebook(w, weights, bits[i], n_reserve[i], fit_all, max_iter, codebooks[i], codes[i],
-                                     reserved[i], q, mode, levels[i], grids[i], shapes, shape_counts, parallel)
+            n_keep = n_reserve[i]
+            most = min(n_keep + GUARD_EXTRA, MAX_GUARDED_RESERVE, rows - 1) if mode == MODE_GRID and guard > 0.0 \
+                else n_keep
+            while True:
+                quantize_column_codebook(w, weights, bits[i], n_keep, fit_all, max_iter, codebooks[i], codes[i],
+                                         reserved[i], q, mode, levels[i], grids[i], shapes, shape_counts, parallel)
+                if n_keep >= most or grid_rounding_share(w, weights, q, reserved[i], grids[i, 1]) <= guard:
+                    break
+                n_keep += 1
         else:
             maxq = (1 << bits[i]) - 1
             for r in range(rows):

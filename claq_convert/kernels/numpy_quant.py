@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..format.spec import CHUNK_CODES, MAX_CODEWORD_BITS, unpack_codes
-from .numba_quant import FP16_LEAST, GRID_TOP, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
+from .numba_quant import FP16_LEAST, GRID_TOP, GUARD_EXTRA, MAX_GUARDED_RESERVE, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
 from .shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 
 
@@ -173,10 +173,18 @@ def quantize_column_codebook(w, bits, n_reserve, fit_all, max_iter, grid=False, 
     return codebook, codes.astype(np.uint8), reserved, q, levels, offset_step
 
 
+def grid_rounding_share(w, weights, q, reserved, step) -> float:
+    """Twin of kernels.grid_rounding_share (sums in row order, as the kernel's loop)."""
+    fitted = reserved == 0
+    error = _seq_sum(weights[fitted] * (w[fitted] - q[fitted]) ** 2)
+    return 0.0 if error <= 0.0 else _seq_sum(weights[fitted]) * step * step / 12.0 / error
+
+
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
-               codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False):
+               codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False, guard=0.0):
     """Twin of kernels.gptq_block (`parallel` changes nothing there either: the twin has no threads)."""
     cnt, rows = W1.shape
+    u = np.ones(rows) if weights is None else np.asarray(weights, np.float64)
     loss = 0.0
     for i in range(cnt):
         w = W1[i].astype(np.float64)
@@ -184,8 +192,15 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
         if mode != MODE_UNIFORM:
             b = int(bits[i])
             table = shapes[b, :shape_counts[b], :1 << b] if mode == MODE_SHAPES else None
-            cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(
-                w, b, int(n_reserve[i]), fit_all, max_iter, mode == MODE_GRID, weights, table)
+            n_keep = int(n_reserve[i])
+            most = (min(n_keep + GUARD_EXTRA, MAX_GUARDED_RESERVE, rows - 1) if mode == MODE_GRID and guard > 0
+                    else n_keep)
+            while True:
+                cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(
+                    w, b, n_keep, fit_all, max_iter, mode == MODE_GRID, weights, table)
+                if n_keep >= most or grid_rounding_share(w, u, q, reserved[i], float(grids[i, 1])) <= guard:
+                    break
+                n_keep += 1
             codebooks[i, : cb.shape[0]] = cb
             levels[i, : lv.shape[0]] = lv
         else:

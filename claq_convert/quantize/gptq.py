@@ -87,7 +87,7 @@ class GPTQ:
                              outputs: tuple):
         """Every column through gptq_block with no Hessian (an identity factor), in `workers` contiguous
         runs of blocks at once; the block losses summed in column order. (loss, kernel seconds)."""
-        mode, bits, reserve, fit_all, max_iter, scale, zero = settings
+        mode, bits, reserve, fit_all, max_iter, scale, zero, guard = settings
         cols = W.shape[1]
         blocks = [(i1, min(i1 + self.blocksize, cols)) for i1 in range(0, cols, self.blocksize)]
 
@@ -97,7 +97,7 @@ class GPTQ:
             return numba_quant.gptq_block(W1, np.eye(i2 - i1, dtype=np.float32), weights, mode, bits[i1:i2],
                                           reserve[i1:i2], fit_all, max_iter, scale, zero,
                                           *(o[i1:i2] for o in outputs[:4]), Err1, *(o[i1:i2] for o in outputs[4:6]),
-                                          *outputs[6:])
+                                          *outputs[6:], False, guard)
 
         tick = time.perf_counter()
         with ThreadPoolExecutor(workers, thread_name_prefix="claq-columns") as pool:
@@ -107,7 +107,8 @@ class GPTQ:
     def quantize(self, bits: np.ndarray, reserve: Optional[np.ndarray] = None, uniform: bool = False,
                  fit_all: bool = False, max_iter: int = 0, group_size: int = 0, grid: bool = False,
                  timer: Timer = NO_TIMER, workers: int = 1,
-                 row_weights: Optional[np.ndarray] = None, shapes: Optional[dict] = None) -> QuantizedWeight:
+                 row_weights: Optional[np.ndarray] = None, shapes: Optional[dict] = None,
+                 grid_guard: float = 0.0) -> QuantizedWeight:
         """bits/reserve are per original column. `uniform`: per-row min-max grid of bits[0] levels, over
         the whole row, or (group_size > 0) fitted anew for every `group_size` columns in quantization
         order from the already-updated weights, as the reference does with act-order groups. `grid`:
@@ -119,7 +120,9 @@ class GPTQ:
         for bit. `row_weights` [out] (> 0):
         how much each output row's error counts in the codebooks' K-Means (None: equally). `shapes`
         (width -> fp16 values [S <= 256, 2**width], rows ascending, for every width in `bits`): each
-        column's codebook is offset + scale * one of its width's shapes (numba_quant.MODE_SHAPES)."""
+        column's codebook is offset + scale * one of its width's shapes (numba_quant.MODE_SHAPES).
+        `grid_guard` > 0 (grid only): a column whose grid rounding would make more than this share of its
+        error keeps its largest weights in fp16 until it does not (numba_quant.gptq_block)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         with timer.phase("cholesky"):
@@ -149,12 +152,13 @@ class GPTQ:
         if mode == numba_quant.MODE_SHAPES and not set(np.unique(bits).tolist()) <= set(shapes):
             raise ValueError(f"shapes for widths {sorted(shapes)}, but the columns have {np.unique(bits).tolist()}")
         shape_table = shape_tables(shapes) if mode == numba_quant.MODE_SHAPES else numba_quant.no_shapes()
+        guard = float(grid_guard) if mode == numba_quant.MODE_GRID else 0.0
         independent = self.H is None and not group_size and workers > 1
         if independent:
             scales, zeros = [scale], [zero]  # uniform: the one per-row grid (unused otherwise)
             with timer.phase("kmeans"):
                 loss, kernel_seconds = self._independent_columns(
-                    W, workers, weights, (mode, bits_p, reserve_p, fit_all, max_iter, scale, zero),
+                    W, workers, weights, (mode, bits_p, reserve_p, fit_all, max_iter, scale, zero, guard),
                     (codebooks, codes, reserved, Q, levels, grids, *shape_table))
         for i1 in [] if independent else range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
@@ -172,7 +176,7 @@ class GPTQ:
                 loss += numba_quant.gptq_block(W1, Hinv1, weights, mode, bits_p[i1:i2], reserve_p[i1:i2], fit_all,
                                                max_iter, scale, zero, codebooks[i1:i2], codes[i1:i2], reserved[i1:i2],
                                                Q[i1:i2], Err1, levels[i1:i2], grids[i1:i2], *shape_table,
-                                               workers > 1)
+                                               workers > 1, guard)
                 kernel_seconds += time.perf_counter() - tick
             if self.H is not None and i2 < cols:
                 with timer.phase("gptq_update"):

@@ -69,13 +69,15 @@ class QuantConfig:
     tune_lr: float = TUNE_LR          # the codebook entries' learning rate (tuning.py)
     toward_source: float = 0.0        # claq/gptq: GPTQ's target pulled this share of the way toward the source
                                       # layer's output on the source model's inputs (target.py)
+    grid_guard: float = 0.0           # grid codebooks: a column whose grid rounding makes more than this share
+                                      # of its error keeps its largest weights in fp16 (numba_quant.gptq_block)
     column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
                                       # widths (set per weight from a column allocation; not a user option)
 
     def validate(self) -> None:
         numbers = {"bits": self.bits, "outlier_bits": self.outlier_bits, "outlier_threshold": self.outlier_threshold,
                    "percdamp": self.percdamp, "bpw": self.bpw, "head_bits": self.head_bits, "tune_lr": self.tune_lr,
-                   "toward_source": self.toward_source}
+                   "toward_source": self.toward_source, "grid_guard": self.grid_guard}
         for name, value in numbers.items():
             if value is not None and not math.isfinite(float(value)):
                 raise ValueError(f"{name} must be a finite number, not {value}")
@@ -115,6 +117,10 @@ class QuantConfig:
             raise ValueError("--toward-source is a share of the way, in [0, 1]")
         if self.toward_source and self.method not in ("claq", "gptq"):
             raise ValueError("--toward-source moves GPTQ's target; use it with --method claq or gptq")
+        if not 0 <= self.grid_guard < 1:
+            raise ValueError("--grid-guard is a share of a column's error, in [0, 1) (0: off)")
+        if self.grid_guard and self.method not in ("claq", "kmeans"):
+            raise ValueError("--grid-guard guards codebook grids; use it with --method claq or kmeans")
         if self.ranking not in ("outlier", "random"):
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
@@ -148,7 +154,7 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], qc: QuantConfig,
         gptq = GPTQ(W, H if use_h else None, qc.blocksize, qc.percdamp, qc.actorder)
     return gptq.quantize(bits, reserve, uniform=uniform, fit_all=qc.fit_outliers, max_iter=qc.kmeans_iters,
                          group_size=qc.group_size, grid=not uniform and grid_codebooks(qc.codebook, bits), timer=timer,
-                         workers=workers, row_weights=None if uniform else row_weights)
+                         workers=workers, row_weights=None if uniform else row_weights, grid_guard=qc.grid_guard)
 
 
 def outlier_reserve(W: np.ndarray, qc: QuantConfig) -> np.ndarray:
