@@ -183,4 +183,6 @@ def test_the_grid_guard_keeps_a_far_outlier_in_fp16_and_the_budget(tiny_model_di
         QuantConfig(grid_guard=1.0).validate()
     with pytest.raises(ValueError, match="grid-guard"):
         QuantConfig(method="rtn", grid_guard=0.02).validate()
+    with pytest.raises(ValueError, match="grid-guard"):
+        QuantConfig(codebook="f16", grid_guard=0.02).validate()  # no grid to guard: refused, not ignored
 

@@ -119,8 +119,9 @@ class QuantConfig:
             raise ValueError("--toward-source moves GPTQ's target; use it with --method claq or gptq")
         if not 0 <= self.grid_guard < 1:
             raise ValueError("--grid-guard is a share of a column's error, in [0, 1) (0: off)")
-        if self.grid_guard and self.method not in ("claq", "kmeans"):
-            raise ValueError("--grid-guard guards codebook grids; use it with --method claq or kmeans")
+        if self.grid_guard and (self.method not in ("claq", "kmeans") or self.codebook == "f16"):
+            raise ValueError("--grid-guard guards grid codebooks; use it with --method claq or kmeans and "
+                             "--codebook auto or grid")
         if self.ranking not in ("outlier", "random"):
             raise ValueError(f"unknown column ranking {self.ranking!r}; use outlier or random")
 
