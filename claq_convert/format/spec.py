@@ -64,6 +64,7 @@ CODEBOOK_DTYPES = {1: ("F16",), 2: ("F16", "U8"), 3: ("F16", "U8"), 4: ("F16", "
 RICE_SECTION = "codebook_rice"   # U8 [n]: the table, then the low bits of every d, then their high parts
 RICE_VERSIONS = (3, 4)
 GRID_TOP = 255                   # the highest level of a grid codebook
+U8_COUNT_MAX = 255               # outlier counts up to this are stored as U8
 MAX_RICE_K = 7                   # a gap's low part has at most 7 bits (a level difference is below 256)
 
 # Version 4: a stream of codes may be stored Huffman-coded (section huffman_<b>, U8) instead of codes_<b>:
@@ -192,7 +193,7 @@ def outlier_row_dtype(rows: int) -> str:
 
 
 def outlier_count_dtype(max_count: int) -> str:
-    return "U8" if max_count <= 255 else "U16"
+    return "U8" if max_count <= U8_COUNT_MAX else "U16"
 
 
 def claq_section_lengths(rows: int, bit_widths: np.ndarray, n_outliers: int, max_count: int = 0,

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..format.spec import GRID_TOP  # the highest level of a codebook grid (levels are u8)
+from ..format.spec import GRID_TOP, U8_COUNT_MAX  # the top level of a codebook grid; the most u8 outlier counts hold
 
 # A kernel that reaches a parallel loop (gptq_block: kmeans_dp_parallel) segfaults when two threads call
 # it for the first time at once before Numba's threading layer has started (numba 0.68, omp; measured
@@ -27,8 +27,8 @@ MODE_UNIFORM = 1   # per-row asymmetric uniform grid (rtn, gptq baselines)
 MODE_GRID = 2      # per-column K-Means codebook whose entries are 8-bit levels on the column's fp16 grid
 MODE_SHAPES = 3    # per-column codebook: fp16 offset + scale * one of the weight's shared shapes (kernels_shapes)
 FP16_LEAST = 2.0 ** -24  # the least positive fp16: the step of a constant column's grid (its levels stay distinct)
-GUARD_EXTRA = 4    # grid guard: at most this many outliers a column reserves beyond its planned ones
-MAX_GUARDED_RESERVE = 255  # ... and never more than a u8 outlier count holds (columns.MAX_RESERVE)
+GUARD_EXTRA = 4    # grid guard: at most this many outliers a column reserves beyond its planned ones (and
+                   # never more than U8_COUNT_MAX, as columns.MAX_RESERVE caps the planned ones)
 WIDTHS = 9         # shape tables are indexed by width 0..8
 
 
@@ -493,7 +493,7 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
         q = np.empty(rows, np.float64)
         if mode != MODE_UNIFORM:
             n_keep = n_reserve[i]
-            most = min(n_keep + GUARD_EXTRA, MAX_GUARDED_RESERVE, rows - 1) if mode == MODE_GRID and guard > 0.0 \
+            most = min(n_keep + GUARD_EXTRA, U8_COUNT_MAX, rows - 1) if mode == MODE_GRID and guard > 0.0 \
                 else n_keep
             while True:
                 quantize_column_codebook(w, weights, bits[i], n_keep, fit_all, max_iter, codebooks[i], codes[i],

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format.spec import CHUNK_CODES, MAX_CODEWORD_BITS, unpack_codes
-from .numba_quant import FP16_LEAST, GRID_TOP, GUARD_EXTRA, MAX_GUARDED_RESERVE, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
+from ..format.spec import CHUNK_CODES, MAX_CODEWORD_BITS, U8_COUNT_MAX, unpack_codes
+from .numba_quant import FP16_LEAST, GRID_TOP, GUARD_EXTRA, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
 from .shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 
 
@@ -193,7 +193,7 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
             b = int(bits[i])
             table = shapes[b, :shape_counts[b], :1 << b] if mode == MODE_SHAPES else None
             n_keep = int(n_reserve[i])
-            most = (min(n_keep + GUARD_EXTRA, MAX_GUARDED_RESERVE, rows - 1) if mode == MODE_GRID and guard > 0
+            most = (min(n_keep + GUARD_EXTRA, U8_COUNT_MAX, rows - 1) if mode == MODE_GRID and guard > 0
                     else n_keep)
             while True:
                 cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(

@@ -13,7 +13,7 @@ import numpy as np
 from ..format import spec
 
 
-MAX_RESERVE = 255  # outliers per column, so the per-column counts fit in one byte
+MAX_RESERVE = spec.U8_COUNT_MAX  # outliers per column, so the per-column counts fit in one byte
 CODEBOOKS = ("auto", "grid", "f16")
 # u8 levels on a per-column fp16 grid cost 2**b + 4 bytes a column instead of 2 * 2**b, and add to a
 # column's K-Means SSE 0.1% at 3 bits, 0.5-0.7% at 4, 3% at 5, 14-18% at 6 (SmolLM2 q/k/down_proj): up to 5

@@ -152,7 +152,7 @@ class GPTQ:
         if mode == numba_quant.MODE_SHAPES and not set(np.unique(bits).tolist()) <= set(shapes):
             raise ValueError(f"shapes for widths {sorted(shapes)}, but the columns have {np.unique(bits).tolist()}")
         shape_table = shape_tables(shapes) if mode == numba_quant.MODE_SHAPES else numba_quant.no_shapes()
-        guard = float(grid_guard) if mode == numba_quant.MODE_GRID else 0.0
+        guard = float(grid_guard)  # the kernel acts on it in MODE_GRID only
         independent = self.H is None and not group_size and workers > 1
         if independent:
             scales, zeros = [scale], [zero]  # uniform: the one per-row grid (unused otherwise)
