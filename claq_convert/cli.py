@@ -213,8 +213,9 @@ DEFAULT_BPW = 4.6
                    "too: one more layer in memory.")
 @click.option("--grid-guard", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Grid codebooks: a column whose 8-bit grid rounding would make more than this share of its error "
-                   "(a far outlier stretches the grid over its bulk) keeps up to 4 of its largest weights in fp16 "
-                   "as outliers, 32 bits each (e.g. 0.02; 0: off).")
+                   "(a far outlier stretches the grid over its bulk) tries its largest weights in fp16 as outliers, "
+                   "32 bits each, and keeps up to 4 that cut its error by more than 32 bits would (e.g. 0.02; "
+                   "0: off).")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration windows.")
 @click.option("--device", default="auto", show_default=True)

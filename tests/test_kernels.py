@@ -151,7 +151,7 @@ def run_block(module, W1, Hinv, bits, reserve, mode, fit_all=False, max_iter=0, 
     return loss, W, out
 
 
-def far_outlier_block(rng, rows=96, cnt=24):
+def far_outlier_block(rng, rows=384, cnt=24):
     """Gaussian columns; every third one has one weight 40 sigma out, which alone spans its grid."""
     W1 = (rng.standard_normal((cnt, rows)) * 0.02).astype(np.float32)
     W1[::3, 5] = 0.8
@@ -164,15 +164,39 @@ def test_grid_guard_numba_equals_numpy_twin(weighted):
     W1, _, _, _ = far_outlier_block(rng)
     _, Hinv, bits, reserve = block_inputs(rng, rows=W1.shape[1], cnt=W1.shape[0])  # GPTQ's updates between columns
     bits, reserve = np.maximum(bits, 3), np.minimum(reserve, 1)
+    reserve[::3] = 0  # the far-outlier columns plan none: the guard's to find
     weights = np.random.default_rng(8).lognormal(0.0, 1.5, W1.shape[1]) if weighted else None
-    loss_a, W_a, a = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID, weights=weights, guard=0.02)
-    loss_b, W_b, b = run_block(kernels_numpy, W1, Hinv, bits, reserve, kernels.MODE_GRID, weights=weights, guard=0.02)
+    # 1e-9: every column tries a reserve, and most tries are undone (the twins must agree on both)
+    loss_a, W_a, a = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID, weights=weights, guard=1e-9)
+    loss_b, W_b, b = run_block(kernels_numpy, W1, Hinv, bits, reserve, kernels.MODE_GRID, weights=weights, guard=1e-9)
     assert np.array_equal(W_a, W_b)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     extra = a["reserved"].sum(axis=1) - reserve
     assert extra.min() >= 0 and extra.max() <= kernels.GUARD_EXTRA and extra.sum() > 0, extra
+    assert np.count_nonzero(extra[1::3]) + np.count_nonzero(extra[2::3]) < extra.size // 3, extra  # most undone
+
+
+def test_grid_guard_keeps_a_reserve_only_when_it_pays_for_its_bits():
+    """The guard looking at every column (1e-9; no GPTQ updates, so columns stand alone): each reserve it
+    keeps cut its column's error by the share GUARD_GAIN / rows, and the one more it tried did not."""
+    W1, Hinv, bits, reserve = far_outlier_block(np.random.default_rng(3))
+    rows = W1.shape[1]
+    keep = 1.0 - kernels.GUARD_GAIN / rows
+    error = lambda out: ((W1.astype(np.float64) - out["Q"]) ** 2).sum(axis=1)  # noqa: E731
+    _, _, guarded = run_block(kernels, W1, Hinv, bits, reserve, kernels.MODE_GRID, guard=1e-9)
+    extra = guarded["reserved"].sum(axis=1).astype(np.int64)
+    assert np.all(extra[::3] >= 1) and 0 < np.count_nonzero(extra) < extra.size  # kept some, undid others
+    fixed = {k: error(run_block(kernels, W1, Hinv, bits, np.full(W1.shape[0], k), kernels.MODE_GRID)[2])
+             for k in range(extra.max() + 2)}
+    for c in range(W1.shape[0]):
+        e = extra[c]
+        assert error(guarded)[c] == pytest.approx(fixed[e][c], rel=1e-6)
+        for k in range(e):  # every kept step paid ...
+            assert fixed[k + 1][c] <= fixed[k][c] * keep * (1 + 1e-6), (c, k)
+        if e < kernels.GUARD_EXTRA:  # ... and the next would not have
+            assert fixed[e + 1][c] > fixed[e][c] * keep * (1 - 1e-6), (c, e)
 
 
 def test_grid_guard_reserves_the_far_outlier_and_nothing_else():

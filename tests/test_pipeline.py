@@ -166,8 +166,8 @@ def test_the_grid_guard_keeps_a_far_outlier_in_fp16_and_the_budget(tiny_model_di
     model = tmp_path / "far-outlier"
     shutil.copytree(tiny_model_dir, model)
     state = load_file(str(model / "model.safetensors"))
-    name = "model.layers.1.mlp.down_proj.weight"
-    state[name][3, 7] = 60 * state[name].abs().mean()
+    name = "model.layers.1.mlp.up_proj.weight"  # 160 rows: a reserve must cut the column's error by 28%
+    state[name][3, 7] = 200 * state[name].abs().mean()
     save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
     plain = run(model, method="claq", bits=4)[name]
     guarded = run(model, method="claq", bits=4, grid_guard=0.02)[name]

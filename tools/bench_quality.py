@@ -193,6 +193,12 @@ CONFIGS.update({f"claq-4-grid-guard-0.02-fp32-embedding{suffix}": dict(
 CONFIGS["cols-claq-bpw-4.6-head-5-grid-guard-0.02"] = dict(bpw=4.6, allocation="fisher", grid_guard=0.02)  # the default, guarded
 # the default again, with a margin per width on the code estimate (the row above it had one of 1.03)
 CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes-per-width-margins"] = CONFIGS["cols-claq-bpw-4.6-head-5-coded-codes"]
+# the guard keeping a reserve only where it cuts the column's error by more than its 32 bits would buy
+# (numba_quant.GUARD_GAIN): the rows above kept every reserve it tried
+CONFIGS.update({f"claq-4-paid-grid-guard-0.02-fp32-embedding{suffix}": dict(
+    bits=4, quantize_embeddings=False, grid_guard=0.02, **({"seed": seed} if seed else {}))
+    for seed, suffix in [(0, "")] + [(k, f"-seed-{k}") for k in range(1, 7)]})
+CONFIGS["cols-claq-bpw-4.6-head-5-paid-grid-guard-0.02"] = dict(bpw=4.6, allocation="fisher", grid_guard=0.02)
 
 
 @click.command()

@@ -29,6 +29,11 @@ MODE_SHAPES = 3    # per-column codebook: fp16 offset + scale * one of the weigh
 FP16_LEAST = 2.0 ** -24  # the least positive fp16: the step of a constant column's grid (its levels stay distinct)
 GUARD_EXTRA = 4    # grid guard: at most this many outliers a column reserves beyond its planned ones (and
                    # never more than U8_COUNT_MAX, as columns.MAX_RESERVE caps the planned ones)
+# A guard outlier stores 32 bits (u16 row, f16 value). Where a column's error falls as 2^(-2 B / rows) with
+# its B bits, a bit buys a share 2 ln 2 / rows of the column's error, and an allocation whose columns all
+# stand at the same loss per bit (whatever their sensitivities) gains from an outlier only when it cuts the
+# column's error by more than 32 such bits buy: a share GUARD_GAIN / rows.
+GUARD_GAIN = 2.0 * np.log(2.0) * 32.0
 WIDTHS = 9         # shape tables are indexed by width 0..8
 
 
@@ -466,6 +471,16 @@ def grid_rounding_share(w, weights, q, reserved, step):
 
 
 @njit(cache=True, nogil=True)
+def weighted_error(w, weights, q):
+    """sum(weights * (w - q)^2) over every row of a column (its reserved rows' fp16 rounding included)."""
+    error = 0.0
+    for r in range(w.shape[0]):
+        e = w[r] - q[r]
+        error += weights[r] * e * e
+    return error
+
+
+@njit(cache=True, nogil=True)
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
                codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False, guard=0.0):
     """GPTQ's inner loop over one block of columns, all in Numba (no Python per column).
@@ -482,8 +497,9 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
     Err1 [cnt, rows]. Returns the block's summed loss sum((w - q)^2 / d^2) / 2. `parallel`: each
     column's exact K-Means shares its DP among Numba's threads (for long columns, when no other thread
     is quantizing; the same result). `guard` > 0 (MODE_GRID): a column whose grid rounding makes more than
-    this share of its error (grid_rounding_share) reserves its next largest |w| in fp16 and is fitted
-    again, at most GUARD_EXTRA times: a column with a far outlier has a coarse grid over its bulk.
+    this share of its error (grid_rounding_share) tries its next largest |w| in fp16, fitted again, and keeps
+    the refit when it cuts the column's weighted error by a share GUARD_GAIN / rows (the outlier pays for its
+    bits), at most GUARD_EXTRA times: a column with a far outlier has a coarse grid over its bulk.
     """
     cnt, rows = W1.shape
     loss = 0.0
@@ -495,12 +511,21 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
             n_keep = n_reserve[i]
             most = min(n_keep + GUARD_EXTRA, U8_COUNT_MAX, rows - 1) if mode == MODE_GRID and guard > 0.0 \
                 else n_keep
-            while True:
-                quantize_column_codebook(w, weights, bits[i], n_keep, fit_all, max_iter, codebooks[i], codes[i],
+            quantize_column_codebook(w, weights, bits[i], n_keep, fit_all, max_iter, codebooks[i], codes[i],
+                                     reserved[i], q, mode, levels[i], grids[i], shapes, shape_counts, parallel)
+            if n_keep < most:
+                error = weighted_error(w, weights, q)
+            while n_keep < most and grid_rounding_share(w, weights, q, reserved[i], grids[i, 1]) > guard:
+                kept_codebook, kept_codes, kept_reserved = codebooks[i].copy(), codes[i].copy(), reserved[i].copy()
+                kept_q, kept_levels, kept_grid = q.copy(), levels[i].copy(), grids[i].copy()
+                quantize_column_codebook(w, weights, bits[i], n_keep + 1, fit_all, max_iter, codebooks[i], codes[i],
                                          reserved[i], q, mode, levels[i], grids[i], shapes, shape_counts, parallel)
-                if n_keep >= most or grid_rounding_share(w, weights, q, reserved[i], grids[i, 1]) <= guard:
+                trial = weighted_error(w, weights, q)
+                if trial > error * (1.0 - GUARD_GAIN / rows):  # not worth its 32 bits: the fit before stands
+                    codebooks[i, :], codes[i, :], reserved[i, :] = kept_codebook, kept_codes, kept_reserved
+                    q[:], levels[i, :], grids[i, :] = kept_q, kept_levels, kept_grid
                     break
-                n_keep += 1
+                n_keep, error = n_keep + 1, trial
         else:
             maxq = (1 << bits[i]) - 1
             for r in range(rows):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..format.spec import CHUNK_CODES, MAX_CODEWORD_BITS, U8_COUNT_MAX, unpack_codes
-from .numba_quant import FP16_LEAST, GRID_TOP, GUARD_EXTRA, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
+from .numba_quant import FP16_LEAST, GRID_TOP, GUARD_EXTRA, GUARD_GAIN, MODE_GRID, MODE_SHAPES, MODE_UNIFORM
 from .shapes import FIT_ITERATIONS as SHAPE_FIT_ITERATIONS
 
 
@@ -180,6 +180,11 @@ def grid_rounding_share(w, weights, q, reserved, step) -> float:
     return 0.0 if error <= 0.0 else _seq_sum(weights[fitted]) * step * step / 12.0 / error
 
 
+def weighted_error(w, weights, q) -> float:
+    """Twin of kernels.weighted_error (summed in row order)."""
+    return _seq_sum(weights * (w - q) ** 2)
+
+
 def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, scale, zero,
                codebooks, codes, reserved, Q1, Err1, levels, grids, shapes, shape_counts, parallel=False, guard=0.0):
     """Twin of kernels.gptq_block (`parallel` changes nothing there either: the twin has no threads)."""
@@ -195,12 +200,16 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
             n_keep = int(n_reserve[i])
             most = (min(n_keep + GUARD_EXTRA, U8_COUNT_MAX, rows - 1) if mode == MODE_GRID and guard > 0
                     else n_keep)
-            while True:
-                cb, codes[i], reserved[i], q, lv, grids[i] = quantize_column_codebook(
-                    w, b, n_keep, fit_all, max_iter, mode == MODE_GRID, weights, table)
-                if n_keep >= most or grid_rounding_share(w, u, q, reserved[i], float(grids[i, 1])) <= guard:
+            fit = quantize_column_codebook(w, b, n_keep, fit_all, max_iter, mode == MODE_GRID, weights, table)
+            error = weighted_error(w, u, fit[3]) if n_keep < most else 0.0
+            while n_keep < most and grid_rounding_share(w, u, fit[3], fit[2], float(fit[5][1])) > guard:
+                trial = quantize_column_codebook(w, b, n_keep + 1, fit_all, max_iter, mode == MODE_GRID, weights,
+                                                 table)
+                trial_error = weighted_error(w, u, trial[3])
+                if trial_error > error * (1.0 - GUARD_GAIN / rows):
                     break
-                n_keep += 1
+                fit, error, n_keep = trial, trial_error, n_keep + 1
+            cb, codes[i], reserved[i], q, lv, grids[i] = fit
             codebooks[i, : cb.shape[0]] = cb
             levels[i, : lv.shape[0]] = lv
         else:

@@ -122,7 +122,8 @@ class GPTQ:
         (width -> fp16 values [S <= 256, 2**width], rows ascending, for every width in `bits`): each
         column's codebook is offset + scale * one of its width's shapes (numba_quant.MODE_SHAPES).
         `grid_guard` > 0 (grid only): a column whose grid rounding would make more than this share of its
-        error keeps its largest weights in fp16 until it does not (numba_quant.gptq_block)."""
+        error keeps its largest weights in fp16 while each cuts its error by more than its 32 bits would
+        buy spread over the column (numba_quant.gptq_block, GUARD_GAIN)."""
         start = time.perf_counter()
         kernel_seconds = 0.0
         with timer.phase("cholesky"):

@@ -70,7 +70,8 @@ class QuantConfig:
     toward_source: float = 0.0        # claq/gptq: GPTQ's target pulled this share of the way toward the source
                                       # layer's output on the source model's inputs (target.py)
     grid_guard: float = 0.0           # grid codebooks: a column whose grid rounding makes more than this share
-                                      # of its error keeps its largest weights in fp16 (numba_quant.gptq_block)
+                                      # of its error keeps its largest weights in fp16 where they pay for
+                                      # their bits (numba_quant.gptq_block)
     column_widths: Optional[tuple[int, ...]] = field(default=None, repr=False)  # one weight's allocated
                                       # widths (set per weight from a column allocation; not a user option)
 
