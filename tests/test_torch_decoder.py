@@ -189,6 +189,8 @@ def test_load_refuses_hostile_files_the_readers_accept_in_one_line(tiny_claq, tm
         "bad value": (dict(config={**config, "hidden_size": "wide"}), "config"),
         "huge vocabulary": (dict(config={**config, "vocab_size": 10 ** 12}), "does not fit"),
         "2**63 layers": (dict(config={**config, "num_hidden_layers": 2 ** 63}), "decoder layers"),
+        "2**32 layers, qwen2": (dict(config={**config, "model_type": "qwen2", "num_hidden_layers": 2 ** 32}),
+                                "decoder layers"),  # its config builds a list a layer: load() hung there
         "a layer too many": (dict(config={**config, "num_hidden_layers": config["num_hidden_layers"] + 1}),
                              "decoder layers"),
         "unknown tensor": (dict(extra_raw={"model.layers.0.extra.weight": np.ones(3, np.float32)}), "no such tensor"),

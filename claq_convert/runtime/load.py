@@ -37,11 +37,23 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> No
     setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
 
 
+# Config keys that count decoder layers. Some configs build a list a layer while they are made (Qwen2's
+# layer_types): a file claiming 2**32 layers hung load() there (found by the fuzzer), before the count could
+# be checked against the tensors (_check_layer_count), so a count beyond any model's is refused first.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+MAX_LAYERS = 1 << 16
+
+
 def _config_from(meta):
     from transformers import AutoConfig
 
     if not isinstance(meta, dict) or not isinstance(meta.get("model_type"), str):
         raise ValueError("the file's metadata holds no model config with a model_type: it cannot be run")
+    for key in LAYER_COUNT_KEYS:
+        count = meta.get(key)
+        if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_LAYERS:
+            raise ValueError(f"the file's config claims {str(count)[:30]} decoder layers ({key}), more than any "
+                             f"model has: its config is wrong")
     meta = dict(meta)
     try:
         return AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
