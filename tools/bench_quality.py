@@ -199,6 +199,8 @@ CONFIGS.update({f"claq-4-paid-grid-guard-0.02-fp32-embedding{suffix}": dict(
     bits=4, quantize_embeddings=False, grid_guard=0.02, **({"seed": seed} if seed else {}))
     for seed, suffix in [(0, "")] + [(k, f"-seed-{k}") for k in range(1, 7)]})
 CONFIGS["cols-claq-bpw-4.6-head-5-paid-grid-guard-0.02"] = dict(bpw=4.6, allocation="fisher", grid_guard=0.02)
+CONFIGS.update({f"{name}-seed-1": {**CONFIGS[name], "seed": 1} for name in (  # the default, paired on a 2nd seed
+    "cols-claq-bpw-4.6-head-5-coded-codes-per-width-margins", "cols-claq-bpw-4.6-head-5-paid-grid-guard-0.02")})
 
 
 @click.command()
