@@ -513,8 +513,7 @@ def gptq_block(W1, Hinv1, weights, mode, bits, n_reserve, fit_all, max_iter, sca
                 else n_keep
             quantize_column_codebook(w, weights, bits[i], n_keep, fit_all, max_iter, codebooks[i], codes[i],
                                      reserved[i], q, mode, levels[i], grids[i], shapes, shape_counts, parallel)
-            if n_keep < most:
-                error = weighted_error(w, weights, q)
+            error = weighted_error(w, weights, q) if n_keep < most else 0.0
             while n_keep < most and grid_rounding_share(w, weights, q, reserved[i], grids[i, 1]) > guard:
                 kept_codebook, kept_codes, kept_reserved = codebooks[i].copy(), codes[i].copy(), reserved[i].copy()
                 kept_q, kept_levels, kept_grid = q.copy(), levels[i].copy(), grids[i].copy()
