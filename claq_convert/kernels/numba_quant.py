@@ -15,7 +15,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..format.spec import GRID_TOP, U8_COUNT_MAX  # the top level of a codebook grid; the most u8 outlier counts hold
+from ..format.spec import CLAQ_SECTIONS, DTYPES, GRID_TOP, U8_COUNT_MAX  # GRID_TOP: a grid's top level;
+# U8_COUNT_MAX: the most outliers u8 counts hold
 
 # A kernel that reaches a parallel loop (gptq_block: kmeans_dp_parallel) segfaults when two threads call
 # it for the first time at once before Numba's threading layer has started (numba 0.68, omp; measured
@@ -29,11 +30,12 @@ MODE_SHAPES = 3    # per-column codebook: fp16 offset + scale * one of the weigh
 FP16_LEAST = 2.0 ** -24  # the least positive fp16: the step of a constant column's grid (its levels stay distinct)
 GUARD_EXTRA = 4    # grid guard: at most this many outliers a column reserves beyond its planned ones (and
                    # never more than U8_COUNT_MAX, as columns.MAX_RESERVE caps the planned ones)
-# A guard outlier stores 32 bits (u16 row, f16 value). Where a column's error falls as 2^(-2 B / rows) with
+# A guard outlier stores its row and value (32 bits). Where a column's error falls as 2^(-2 B / rows) with
 # its B bits, a bit buys a share 2 ln 2 / rows of the column's error, and an allocation whose columns all
 # stand at the same loss per bit (whatever their sensitivities) gains from an outlier only when it cuts the
-# column's error by more than 32 such bits buy: a share GUARD_GAIN / rows.
-GUARD_GAIN = 2.0 * np.log(2.0) * 32.0
+# column's error by more than its bits buy: a share GUARD_GAIN / rows.
+OUTLIER_BITS = 8 * sum(DTYPES[CLAQ_SECTIONS[s]].itemsize for s in ("outlier_rows", "outlier_values"))
+GUARD_GAIN = 2.0 * math.log(2.0) * OUTLIER_BITS
 WIDTHS = 9         # shape tables are indexed by width 0..8
 
 
