@@ -149,18 +149,24 @@ def test_claq_linear_kernels_match_the_reference_decoder(rows, grid, monkeypatch
 
 
 def test_claq_linear_product_follows_torch_threads():
+    import numba
+
     rows, cols = 96, 64
     sections = quantized_sections(rows, cols, 5, True, widths=(3, 4))
     layer = modules.ClaqLinear(rows, sections)
     x = torch.randn(1, cols)
     before = torch.get_num_threads()
+    numba_threads = []
     try:
         torch.set_num_threads(1)
         one = layer(x)
+        numba_threads.append(numba.get_num_threads())
         torch.set_num_threads(2)
         two = layer(x)
+        numba_threads.append(numba.get_num_threads())
     finally:
         torch.set_num_threads(before)
+    assert numba_threads == [1, min(2, numba.config.NUMBA_NUM_THREADS)]
     assert torch.equal(one, two)  # batch 1 sums each group of rows in one fixed order, whatever the threads
 
 

@@ -318,6 +318,18 @@ def decode_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.
         _decode_any(words, bits, tables, columns, first, rows, out_t)
 
 
+def product1_kernel(bits: int, rows: int, n_columns: int, avx512: Optional[bool] = None):
+    """The batch-1 kernel product_stream takes for a stream of `n_columns` columns, called as
+    kernel(words, tables, columns, rows, x[0], y[0]); None where rows are not whole groups (the general
+    kernel then). A caller that multiplies one weight many times (generation) chooses once."""
+    if rows % GROUP:
+        return None
+    if _lookups(avx512):
+        parallel, serial = _lookup_product1(bits, 64 if rows % 64 == 0 else GROUP)
+        return parallel if rows * n_columns * bits >= 8 * PARALLEL_BYTES else serial
+    return _aligned(bits)[1]
+
+
 def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np.ndarray, rows: int,
                    x: np.ndarray, y: np.ndarray, parts: int, avx512: Optional[bool] = None) -> None:
     """y[m, r] += sum_c x[m, columns[c]] * tables[c, code(c, r)] (x float32 [M, C], y float32 [M, rows]).
@@ -328,15 +340,11 @@ def product_stream(words: np.ndarray, bits: int, tables: np.ndarray, columns: np
     if columns.size == 0:
         return
     parts = max(1, min(parts, columns.size))
-    if _lookups(avx512) and x.shape[0] == 1 and rows % GROUP == 0:
-        parallel, serial = _lookup_product1(bits, 64 if rows % 64 == 0 else GROUP)
-        kernel = parallel if rows * columns.size * bits >= 8 * PARALLEL_BYTES else serial
+    kernel = product1_kernel(bits, rows, columns.size, avx512) if x.shape[0] == 1 else None
+    if kernel is not None:
         kernel(words, tables, columns, rows, x[0], y[0])
     elif rows % GROUP == 0:
         tile = max(GROUP, TILE_FLOATS // x.shape[0] // GROUP * GROUP)
-        if x.shape[0] == 1:
-            _aligned(bits)[1](words, tables, columns, rows, x[0], y[0])
-        else:
-            _aligned(bits)[2](words, tables, columns, rows, x, y, parts, tile)
+        _aligned(bits)[2](words, tables, columns, rows, x, y, parts, tile)
     else:
         _product_any(words, bits, tables, columns, rows, x, y, parts)

@@ -9,7 +9,7 @@ size) and multiplies by them with the fastest kernel the device has:
 | CUDA with Triton | Triton LUT GEMV from the codes, all widths in one launch | Triton decode + cuBLAS |
 | anything else | the portable Torch decoder (`torch_decoder.decode_claq`) + matmul | same |
 
-On a CPU with AVX-512 the batch-1 product looks up 16 codes per instruction (`simd`; generation at 2.3x
+On a CPU with AVX-512 the batch-1 product looks up 16 codes per instruction (`simd`; generation at 2.1-2.2x
 the fp32 model's tokens/s on 2 cores, bench/decode.json); on other CPUs, the scalar-lookup Numba kernel.
 
 `kernels="torch"` forces the portable decoder everywhere; it is also the bit-exact reference the tests
@@ -20,6 +20,7 @@ x[col] * (value - decoded code value) at their rows.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 import numpy as np
@@ -42,14 +43,21 @@ CHUNK_PARAMS = 1 << 20          # decoded floats per chunk on the CPU decode pat
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
 
 
+# Numba's thread count is per Python thread; it is set when torch's count is new to this thread, not
+# read back on every call (numba.get_num_threads costs 1 us, and a generation step makes 211 products)
+_numba_state = threading.local()
+
+
 def _numba_threads() -> int:
     """Numba's thread count made to follow torch's (never above what Numba started with)."""
-    import numba
+    wanted = torch.get_num_threads()
+    if getattr(_numba_state, "torch_threads", None) != wanted:
+        import numba
 
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if threads != numba.get_num_threads():
-        numba.set_num_threads(threads)
-    return threads
+        _numba_state.threads = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(_numba_state.threads)
+        _numba_state.torch_threads = wanted
+    return _numba_state.threads
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,10 +189,11 @@ class ClaqLinear(torch.nn.Module):
         if path == "torch" or (path == "triton" and flat.shape[0] > TRITON_PRODUCT_MAX_ROWS):
             return torch.nn.functional.linear(x, self.weight.to(x.dtype))
         if path == "numba":
-            y = self._numba_matmul(flat.to(torch.float32).contiguous())
+            y = self._numba_matmul((flat if flat.dtype == torch.float32 else flat.float()).contiguous())
         else:
             y = self._triton_product(flat.contiguous())
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        # a generation step makes ~200 of these calls: each torch call skipped is ~1 us of a ~20 ms token
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
     def _outlier_correction(self, xf: torch.Tensor, y: torch.Tensor) -> None:
         if self._has_outliers():
@@ -194,21 +203,35 @@ class ClaqLinear(torch.nn.Module):
         """(b, words, tables, columns) as NumPy views of the CPU buffers, made once (a generation step
         calls every weight: per-call conversions cost more than a small weight's kernel), and again when
         the buffers have moved."""
+        return self._numpy_plan()[0]
+
+    def _numpy_plan(self) -> tuple:
+        """(_numpy_streams, the batch-1 product's (kernel, words, tables, columns) per non-empty stream or
+        None where a stream takes the general kernel), made once like the views."""
         at = self._buffers[spec.code_section(self.widths[0])].data_ptr()
         cached = self.__dict__.get("_numpy_views")
         if cached is None or cached[0] != at:
-            cached = (at, [(b, w.numpy(), t.numpy(), c.cpu().numpy()) for b, w, t, c in self._streams()])
+            from ..kernels.numba_decode import product1_kernel
+
+            streams = [(b, w.numpy(), t.numpy(), c.cpu().numpy()) for b, w, t, c in self._streams()]
+            plan = [(product1_kernel(b, self.out_features, c.size), w, t, c) for b, w, t, c in streams if c.size]
+            cached = (at, streams, None if any(k is None for k, *_ in plan) else plan)
             self._numpy_views = cached
-        return cached[1]
+        return cached[1:]
 
     def _numba_matmul(self, xf: torch.Tensor) -> torch.Tensor:
         from ..kernels.numba_decode import decode_stream, product_stream
 
         threads = _numba_threads()
         y = torch.zeros(xf.shape[0], self.out_features, dtype=torch.float32)
-        if xf.shape[0] <= PRODUCT_MAX_ROWS:
+        streams, plan = self._numpy_plan()
+        if xf.shape[0] == 1 and plan is not None:  # generation: the kernels chosen once, called straight
+            x0, y0 = xf.numpy()[0], y.numpy()[0]
+            for kernel, words, tables, columns in plan:
+                kernel(words, tables, columns, self.out_features, x0, y0)
+        elif xf.shape[0] <= PRODUCT_MAX_ROWS:
             x_np, y_np = xf.numpy(), y.numpy()
-            for b, words, tables, columns in self._numpy_streams():
+            for b, words, tables, columns in streams:
                 product_stream(words, b, tables, columns, self.out_features, x_np, y_np, threads)
         else:  # many rows: a matmul per chunk of decoded columns, the chunk small enough to stay in cache
             step = max(1, CHUNK_PARAMS // self.out_features)
