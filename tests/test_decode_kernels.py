@@ -1,5 +1,7 @@
 """The Numba decode/product kernels against their NumPy twins, and ClaqLinear's kernel paths against the
 portable Torch decoder: decoding bit for bit, products to fp32 rounding."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -135,9 +137,12 @@ def test_claq_linear_kernels_match_the_reference_decoder(rows, grid, monkeypatch
     assert torch.equal(fast.decode(buffer), expected) and torch.equal(buffer.T, expected)  # decoded in place
     with pytest.raises(ValueError, match="out_t must be"):
         fast.decode(torch.empty(rows, cols))
-    monkeypatch.setattr(modules, "CHUNK_PARAMS", rows * 7)  # several column chunks per stream
     with torch.no_grad():
-        for batch in ((1, cols), (2, 3, cols), (16, cols), (2, 20, cols)):  # product kernel, then decode + matmul
+        # batch 1: the product kernel; more rows: decoded whole and one matmul, then (a chunk limit below
+        # the weight's size) several column chunks per stream
+        for batch, chunk in itertools.product(((1, cols), (2, 3, cols), (16, cols), (2, 20, cols)),
+                                              (modules.CHUNK_PARAMS, rows * 7)):
+            monkeypatch.setattr(modules, "CHUNK_PARAMS", chunk)
             x = torch.randn(*batch)
             reference = x.double() @ expected.double().T + torch.arange(rows, dtype=torch.float64)
             scale = x.abs().double() @ expected.abs().double().T + rows

@@ -7,7 +7,8 @@ is reported in GB/s of packed input and of decoded float32 output, beside a memc
 size measured in the same run (the machine is shared: ratios are what to compare). Then one batch-1
 product through every weight (the kernels straight from the codes, against F.linear with the decoded
 fp32 weights in memory), and greedy generation tokens/s of the .claq model (kernels; the portable
-decoder; cache=True) against the fp32 source model, with each one's peak resident memory.
+decoder; cache=True) against the fp32 source model, with each one's peak resident memory, and the
+time of one forward over a 512-token prompt (the kernels' many-row path) against the fp32 model's.
 JSON goes to bench/decode[-<device>].json with the machine.
 
     python tools/bench_decode.py out/smollm2-claq-4+0.claq [--source MODEL_DIR] [--device cuda]
@@ -85,6 +86,15 @@ def tokens_per_second(model, tokenizer, device, new_tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
+def prompt_seconds(model, device, tokens: int, repeat: int) -> float:
+    """Best time of one forward over a prompt of `tokens` random ids (batch rows > 1: decode + matmul)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        model(ids)  # warm-up
+        return best_of(lambda: model(ids), repeat, sync)
+
+
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -150,16 +160,21 @@ def main(file, source, device, repeat, new_tokens, out):
     for key, options in (("claq", {}), ("claq_portable", {"kernels": "torch"}), ("claq_cached", {"cache": True})):
         model, tokenizer = load(file, device=device, **options)
         g[key + "_tokens_per_s"] = tokens_per_second(model, tokenizer, device, new_tokens)
+        if key == "claq":
+            g["claq_prompt_512_seconds"] = prompt_seconds(model, device, 512, repeat)
         held[key] = held_bytes(model) + sum(m._weight.numel() * 4 for m in model.modules()
                                             if isinstance(m, ClaqLinear) and m._weight is not None)
         del model
     fp32, _ = load_hf(source, device)
     g["fp32_tokens_per_s"] = tokens_per_second(fp32, tokenizer, device, new_tokens)
+    g["fp32_prompt_512_seconds"] = prompt_seconds(fp32, device, 512, repeat)
     held["fp32"] = held_bytes(fp32)
     del fp32
     click.echo(f"generation tok/s: claq {g['claq_tokens_per_s']:.1f}, portable decoder {g['claq_portable_tokens_per_s']:.1f}, "
                f"cached {g['claq_cached_tokens_per_s']:.1f}, fp32 {g['fp32_tokens_per_s']:.1f} "
                f"({g['claq_tokens_per_s'] / g['fp32_tokens_per_s']:.2f}x fp32)")
+    click.echo(f"a 512-token prompt's forward: claq {g['claq_prompt_512_seconds']:.3f} s, fp32 "
+               f"{g['fp32_prompt_512_seconds']:.3f} s ({g['fp32_prompt_512_seconds'] / g['claq_prompt_512_seconds']:.2f}x fp32's speed)")
     click.echo("weights held: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in held.items())
                + f" (claq {held['claq'] / held['fp32']:.2f}x fp32)")
     if device.type == "cpu":

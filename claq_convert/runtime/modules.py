@@ -5,7 +5,7 @@ size) and multiplies by them with the fastest kernel the device has:
 
 | device | batch 1 (generation) | more rows (prompts, perplexity) |
 |---|---|---|
-| CPU | Numba product straight from the codes (`kernels_decode`) | Numba decode of column chunks + matmul |
+| CPU | Numba product straight from the codes (`kernels_decode`) | Numba decode (whole, or column chunks) + matmul |
 | CUDA with Triton | Triton LUT GEMV from the codes, all widths in one launch | Triton decode + cuBLAS |
 | anything else | the portable Torch decoder (`torch_decoder.decode_claq`) + matmul | same |
 
@@ -39,7 +39,11 @@ PRODUCT_MAX_ROWS = 1
 # one-launch GEMV 16.0 us at 4096 x 4096 4-bit in CUDA graphs (cuBLAS on the fp16 weight 14.1 us), where
 # decode + cuBLAS took 75.7 us by do_bench (the H100 run before it: 63.6); from 4 rows on, decode + cuBLAS wins.
 TRITON_PRODUCT_MAX_ROWS = 1
-CHUNK_PARAMS = 1 << 20          # decoded floats per chunk on the CPU decode path (4 MiB, stays in cache)
+# CPU, more than PRODUCT_MAX_ROWS rows: a weight of up to this many floats is decoded whole (fp32) and
+# multiplied once; a larger one a chunk of this many at a time. A 512-token SmolLM2 forward on 2 cores
+# took 1.31 s with chunks of 2**20 (a stream's columns at a time, the 49152-row head in chunks of 21
+# columns, each rewriting all of y), 1.06-1.14 s with 2**22 to 2**25; fp32 0.84-0.90 s.
+CHUNK_PARAMS = 1 << 22
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
 
 
@@ -156,6 +160,11 @@ class ClaqLinear(torch.nn.Module):
                                                          device=self.bit_widths.device)
         if Wt.shape != (self.in_features, self.out_features) or Wt.dtype != dtype or not Wt.is_contiguous():
             raise ValueError(f"out_t must be a contiguous {dtype} [{self.in_features}, {self.out_features}] tensor")
+        self._decode_into(Wt, path)
+        return Wt.T.to(self.compute_dtype)
+
+    def _decode_into(self, Wt: torch.Tensor, path: str) -> None:
+        """W^T into the contiguous [in, out] Wt by the "numba" or "triton" kernels, outliers included."""
         if path == "numba":
             from ..kernels.numba_decode import decode_stream
 
@@ -168,8 +177,7 @@ class ClaqLinear(torch.nn.Module):
             for b, words, tables, columns in self._streams():
                 decode_stream(words, b, tables, columns, self.out_features, Wt)
         if self._has_outliers():
-            Wt[self.outlier_cols, self.outlier_rows_long] = self.outlier_fp32.to(dtype)
-        return Wt.T.to(self.compute_dtype)
+            Wt[self.outlier_cols, self.outlier_rows_long] = self.outlier_fp32.to(Wt.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -223,6 +231,10 @@ class ClaqLinear(torch.nn.Module):
         from ..kernels.numba_decode import decode_stream, product_stream
 
         threads = _numba_threads()
+        if xf.shape[0] > PRODUCT_MAX_ROWS and self.in_features * self.out_features <= CHUNK_PARAMS:
+            Wt = torch.empty(self.in_features, self.out_features, dtype=torch.float32)  # many rows: decoded
+            self._decode_into(Wt, "numba")                                              # whole, one matmul
+            return torch.mm(xf, Wt)
         y = torch.zeros(xf.shape[0], self.out_features, dtype=torch.float32)
         streams, plan = self._numpy_plan()
         if xf.shape[0] == 1 and plan is not None:  # generation: the kernels chosen once, called straight
@@ -233,7 +245,7 @@ class ClaqLinear(torch.nn.Module):
             x_np, y_np = xf.numpy(), y.numpy()
             for b, words, tables, columns in streams:
                 product_stream(words, b, tables, columns, self.out_features, x_np, y_np, threads)
-        else:  # many rows: a matmul per chunk of decoded columns, the chunk small enough to stay in cache
+        else:  # a larger weight: a matmul per chunk of decoded columns of a stream
             step = max(1, CHUNK_PARAMS // self.out_features)
             local = torch.arange(min(step, self.in_features))
             buffer = torch.empty(local.numel(), self.out_features, dtype=torch.float32)
