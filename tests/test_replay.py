@@ -195,3 +195,19 @@ def test_the_source_layers_replay_and_the_quantized_ones_split_the_free_memory(t
         list(quantize_model(ModelSource(model_dir), calibration,
                             QuantConfig(bits=3.0, quantize_embeddings=False, toward_source=pull), batch_size=2))
         assert budgets == [each] * (2 if pull else 1) * 2  # two layers
+
+
+def test_return_freed_memory_hands_the_heaps_free_pages_back():
+    """Freed blocks below glibc's mmap threshold stay in its heap (resident) until trimmed: the pipeline
+    trims after each layer, as each layer frees its transients."""
+    from claq_convert.timing import rss_bytes
+
+    if replay._malloc_trim() is None or not rss_bytes():
+        pytest.skip("malloc_trim is glibc's; RSS is read from Linux's /proc")
+    blocks = [np.ones(64 * 1024 // 8) for _ in range(4096)]  # 256 MiB in 64 KiB blocks, from the heap
+    last = blocks[-1]  # the heap's top stays in use, so free() alone cannot shrink the heap
+    del blocks
+    before = rss_bytes()
+    replay.return_freed_memory()
+    assert before - rss_bytes() > 128 * 2**20
+    assert last.sum() == last.size

@@ -28,7 +28,7 @@ from ..progress import Progress, no_progress
 from ..timing import NO_TIMER, Timer
 from .columns import CODEBOOKS, column_ranking, column_reserve, grid_codebooks, plan_columns
 from .gptq import GPTQ, QuantizedWeight
-from .replay import LayerReplay, memory_share
+from .replay import LayerReplay, memory_share, return_freed_memory
 from .target import toward_source
 from .tuning import TUNE_LR
 
@@ -435,6 +435,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 source_replay.close()
                 del source_layer, source_pass, source_replay
             layer.to("meta")
+            return_freed_memory()
             log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
         if on_layer is not None:
             on_layer(index, states)

@@ -15,6 +15,7 @@ memory (shared out when two replays run side by side): what does not fit is comp
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,29 @@ def free_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # not a POSIX system that says
         return 1 << 62
+
+
+def return_freed_memory() -> None:
+    """Hand the pages of freed C heap memory back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    A layer's transients (activations, Hessians, the worker threads' K-Means scratch) are freed into
+    glibc's arenas, which keep them: the default SmolLM2 conversion's RSS grew 50-80 MB a layer (2.9 to
+    5.2 GB over 30 layers) while what it held grew 9.5 MB a layer. Trimmed after each layer, its peak
+    went from 5.6 to 3.6 GB; the layers took 185 s instead of 172 (the next layer faults its pages in
+    again; one run each)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc (musl, macOS), or no C library by that name
+        return None
 
 
 def memory_share(replays: int) -> float:
