@@ -41,8 +41,8 @@ PRODUCT_MAX_ROWS = 1
 TRITON_PRODUCT_MAX_ROWS = 1
 # CPU, more than PRODUCT_MAX_ROWS rows: a weight of up to this many floats is decoded whole (fp32) and
 # multiplied once; a larger one a chunk of this many at a time. A 512-token SmolLM2 forward on 2 cores
-# took 1.31 s with chunks of 2**20 (a stream's columns at a time, the 49152-row head in chunks of 21
-# columns, each rewriting all of y), 1.06-1.14 s with 2**22 to 2**25; fp32 0.84-0.90 s.
+# took 1.17-1.31 s when every weight went a stream (width) at a time in chunks of 2**20 (the 49152-row
+# head 21 columns a chunk, each rewriting all of y), 0.93-0.96 s now; fp32 0.87-0.91 s.
 CHUNK_PARAMS = 1 << 22
 KERNELS = ("auto", "torch", "numba", "triton")  # numba: CPU tensors; triton: CUDA (or TRITON_INTERPRET=1)
 
