@@ -88,8 +88,13 @@ def test_within_budget_fits_the_budget_and_leaves_a_fitting_set_alone():
     same, record = within_budget(results, total, stored_bytes)
     assert all(same[n] is results[n] for n in results) and record["narrowed_columns"] == 0
     assert record["quantized_bytes"] == record["quantized_bytes_before"] == total
-    fitted, record = within_budget(results, total - 150, stored_bytes)
+    replaced = []
+    fitted, record = within_budget(results, total - 150, stored_bytes, replaced=replaced.append)
     assert sum(stored_bytes(r) for r in fitted.values()) == record["quantized_bytes"] <= total - 150
+    # each result a narrower one took the place of was reported, and none that is kept
+    changed = {id(results[n]) for n in results if fitted[n] is not results[n]}
+    assert changed and changed <= {id(r) for r in replaced}
+    assert not {id(r) for r in replaced} & {id(r) for r in fitted.values()}
     assert record["narrowed_columns"] > 0 and record["quantized_bytes_before"] == total
     assert sum(int(r.bits.sum()) for r in fitted.values()) < sum(int(r.bits.sum()) for r in results.values())
     with pytest.raises(ValueError, match="raise --bpw"):
@@ -117,3 +122,26 @@ def test_a_conversion_whose_estimate_is_short_is_still_held_to_its_budget(tiny_m
                                       for t in record["tensors"].values())
         for name in record["tensors"]:
             assert list(cf.decode(name).shape) == record["tensors"][name]["shape"]
+
+
+def test_encoded_results_count_every_weight_but_hold_one_weights_sections(monkeypatch):
+    from claq_convert.quantize import convert
+
+    results = [_weight(20 + i) for i in range(4)]
+    sizes, encodings_of = [stored_bytes(r) for r in results], [encode_result(r) for r in results]
+    encodings = []
+    monkeypatch.setattr(convert, "encode_result", lambda r: encodings.append(r) or encode_result(r))
+    encoded = convert.EncodedResults()
+    assert [encoded.stored_bytes(r) for r in results] == sizes
+    assert len(encodings) == 4
+    # the budget pass counted all four; only the last one's sections are still held
+    assert encoded._latest[0] is results[-1]
+    for r, size, expected in zip(results, sizes, encodings_of):  # then each is written: counted once,
+        assert encoded.stored_bytes(r) == size                   # encoded again
+        sections = encoded.sections(r)
+        assert sections.keys() == expected.keys() and all(np.array_equal(sections[k], expected[k]) for k in sections)
+        encoded.release(r)
+    assert len(encodings) == 4 + 4 and encoded._latest is None and not encoded._counted
+    fresh = _weight(30)  # without a budget pass: counted, then written, one encoding
+    encoded.stored_bytes(fresh), encoded.sections(fresh)
+    assert len(encodings) == 9

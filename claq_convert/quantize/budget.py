@@ -73,9 +73,12 @@ def narrowed(result: QuantizedWeight, columns: np.ndarray) -> QuantizedWeight:
 
 
 def within_budget(results: dict[str, QuantizedWeight], budget_bytes: int, stored_bytes: Callable,
-                  log: Optional[Callable[[str], None]] = None) -> tuple[dict[str, QuantizedWeight], dict]:
+                  log: Optional[Callable[[str], None]] = None,
+                  replaced: Callable[[QuantizedWeight], None] = lambda result: None,
+                  ) -> tuple[dict[str, QuantizedWeight], dict]:
     """(results whose stored bytes, summed, are at most budget_bytes, a record). stored_bytes: result ->
-    its exact bytes in the file (convert.stored_bytes)."""
+    its exact bytes in the file (convert.stored_bytes); `replaced` is told of each result a narrower one
+    replaces (so that what was kept for it can go)."""
     results = dict(results)
     sizes = {name: stored_bytes(result) for name, result in results.items()}
     first, narrowed_total = sum(sizes.values()), 0
@@ -93,6 +96,7 @@ def within_budget(results: dict[str, QuantizedWeight], budget_bytes: int, stored
         take = order[:int(np.searchsorted(np.cumsum(saved[order]), excess)) + 1]
         for i in np.unique(names[take]):
             name = found[i][0]
+            replaced(results[name])
             results[name] = narrowed(results[name], columns[take[names[take] == i]])
             sizes[name] = stored_bytes(results[name])
         narrowed_total += int(take.size)
