@@ -86,10 +86,9 @@ def tokens_per_second(model, tokenizer, device, new_tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
-def prompt_seconds(model, device, tokens: int, repeat: int) -> float:
+def prompt_seconds(model, device, tokens: int, repeat: int, sync) -> float:
     """Best time of one forward over a prompt of `tokens` random ids (batch rows > 1: decode + matmul)."""
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         model(ids)  # warm-up
         return best_of(lambda: model(ids), repeat, sync)
@@ -161,13 +160,13 @@ def main(file, source, device, repeat, new_tokens, out):
         model, tokenizer = load(file, device=device, **options)
         g[key + "_tokens_per_s"] = tokens_per_second(model, tokenizer, device, new_tokens)
         if key == "claq":
-            g["claq_prompt_512_seconds"] = prompt_seconds(model, device, 512, repeat)
+            g["claq_prompt_512_seconds"] = prompt_seconds(model, device, 512, repeat, sync)
         held[key] = held_bytes(model) + sum(m._weight.numel() * 4 for m in model.modules()
                                             if isinstance(m, ClaqLinear) and m._weight is not None)
         del model
     fp32, _ = load_hf(source, device)
     g["fp32_tokens_per_s"] = tokens_per_second(fp32, tokenizer, device, new_tokens)
-    g["fp32_prompt_512_seconds"] = prompt_seconds(fp32, device, 512, repeat)
+    g["fp32_prompt_512_seconds"] = prompt_seconds(fp32, device, 512, repeat, sync)
     held["fp32"] = held_bytes(fp32)
     del fp32
     click.echo(f"generation tok/s: claq {g['claq_tokens_per_s']:.1f}, portable decoder {g['claq_portable_tokens_per_s']:.1f}, "

@@ -232,8 +232,9 @@ class ClaqLinear(torch.nn.Module):
 
         threads = _numba_threads()
         if xf.shape[0] > PRODUCT_MAX_ROWS and self.in_features * self.out_features <= CHUNK_PARAMS:
-            Wt = torch.empty(self.in_features, self.out_features, dtype=torch.float32)  # many rows: decoded
-            self._decode_into(Wt, "numba")                                              # whole, one matmul
+            # many rows: decoded whole, one matmul
+            Wt = torch.empty(self.in_features, self.out_features, dtype=torch.float32)
+            self._decode_into(Wt, "numba")
             return torch.mm(xf, Wt)
         y = torch.zeros(xf.shape[0], self.out_features, dtype=torch.float32)
         streams, plan = self._numpy_plan()
