@@ -1,4 +1,8 @@
 """The --bpw budget: coded levels estimated before GPTQ, and the file held to the budget after it."""
+import weakref
+from collections.abc import MutableMapping
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -85,20 +89,60 @@ def test_narrowing_costs_rank_a_column_with_close_entries_first():
 def test_within_budget_fits_the_budget_and_leaves_a_fitting_set_alone():
     results = {f"w{i}": _weight(10 + i, outlier_bits=0.1 * i) for i in range(3)}
     total = sum(stored_bytes(r) for r in results.values())
-    same, record = within_budget(results, total, stored_bytes)
+    same, record = within_budget(dict(results), total, stored_bytes)
     assert all(same[n] is results[n] for n in results) and record["narrowed_columns"] == 0
     assert record["quantized_bytes"] == record["quantized_bytes_before"] == total
-    replaced = []
-    fitted, record = within_budget(results, total - 150, stored_bytes, replaced=replaced.append)
+    fitted, record = within_budget(dict(results), total - 150, stored_bytes)
     assert sum(stored_bytes(r) for r in fitted.values()) == record["quantized_bytes"] <= total - 150
-    # each result a narrower one took the place of was reported, and none that is kept
-    changed = {id(results[n]) for n in results if fitted[n] is not results[n]}
-    assert changed and changed <= {id(r) for r in replaced}
-    assert not {id(r) for r in replaced} & {id(r) for r in fitted.values()}
     assert record["narrowed_columns"] > 0 and record["quantized_bytes_before"] == total
     assert sum(int(r.bits.sum()) for r in fitted.values()) < sum(int(r.bits.sum()) for r in results.values())
     with pytest.raises(ValueError, match="raise --bpw"):
-        within_budget(results, 10, stored_bytes)
+        within_budget(dict(results), 10, stored_bytes)
+
+
+class ReadWhenAsked(MutableMapping):
+    """Results as checkpoint.SavedResults hands them out: a fresh copy at each read. Counts the reads and
+    the most results alive at once (weak references: a copy is alive while anything holds it)."""
+
+    def __init__(self, results: dict):
+        self.results, self.reads, self.writes, self.alive, self.most_alive = dict(results), 0, 0, [], 0
+
+    def __getitem__(self, name):
+        self.reads += 1
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        copy = replace(self.results[name], codes=self.results[name].codes.copy())
+        self.alive.append(weakref.ref(copy))
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return copy
+
+    def __setitem__(self, name, result):
+        self.writes += 1
+        self.results[name] = result
+
+    def __delitem__(self, name):
+        del self.results[name]
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self):
+        return len(self.results)
+
+
+def test_within_budget_reads_a_weight_at_a_time_and_narrows_as_in_memory():
+    results = {f"w{i}": _weight(40 + i, outlier_bits=0.1 * (i % 2)) for i in range(6)}
+    total = sum(stored_bytes(r) for r in results.values())
+    budget = total - 600
+    expected, expected_record = within_budget(dict(results), budget, stored_bytes)
+    lazily = ReadWhenAsked(results)
+    fitted, record = within_budget(lazily, budget, stored_bytes)
+    assert fitted is lazily and record == expected_record and record["narrowed_columns"] > 0
+    for name in results:
+        assert np.array_equal(lazily.results[name].dequantize(), expected[name].dequantize())
+        assert np.array_equal(lazily.results[name].bits, expected[name].bits)
+    # read once to be counted, and once more before each narrowing of it
+    assert lazily.writes > 0 and lazily.reads == len(results) + lazily.writes
+    assert lazily.most_alive == 1  # each weight let go before the next is read
 
 
 def test_a_conversion_whose_estimate_is_short_is_still_held_to_its_budget(tiny_model_dir, text_file, tmp_path,
@@ -124,7 +168,7 @@ def test_a_conversion_whose_estimate_is_short_is_still_held_to_its_budget(tiny_m
             assert list(cf.decode(name).shape) == record["tensors"][name]["shape"]
 
 
-def test_encoded_results_count_every_weight_but_hold_one_weights_sections(monkeypatch):
+def test_encoded_results_hold_one_weights_sections_and_encode_it_once(monkeypatch):
     from claq_convert.quantize import convert
 
     results = [_weight(20 + i) for i in range(4)]
@@ -136,12 +180,11 @@ def test_encoded_results_count_every_weight_but_hold_one_weights_sections(monkey
     assert len(encodings) == 4
     # the budget pass counted all four; only the last one's sections are still held
     assert encoded._latest[0] is results[-1]
-    for r, size, expected in zip(results, sizes, encodings_of):  # then each is written: counted once,
-        assert encoded.stored_bytes(r) == size                   # encoded again
+    for r, size, expected in zip(results, sizes, encodings_of):  # then each is written: counted and
+        assert encoded.stored_bytes(r) == size                   # written on one encoding
         sections = encoded.sections(r)
         assert sections.keys() == expected.keys() and all(np.array_equal(sections[k], expected[k]) for k in sections)
-        encoded.release(r)
-    assert len(encodings) == 4 + 4 and encoded._latest is None and not encoded._counted
-    fresh = _weight(30)  # without a budget pass: counted, then written, one encoding
+    assert len(encodings) == 4 + 4
+    fresh = _weight(30)  # without a budget pass: counted, then written, on one encoding
     encoded.stored_bytes(fresh), encoded.sections(fresh)
     assert len(encodings) == 9

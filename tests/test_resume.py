@@ -5,6 +5,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from claq_convert.quantize import checkpoint as ckpt
@@ -315,3 +316,64 @@ def test_a_measured_allocation_is_kept_and_not_measured_again(model_dir, text_fi
     result = CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *bpw, "--resume"))
     assert result.exit_code == 0, result.output
     assert allocations.calls == 0 and out.read_bytes() == whole.read_bytes()
+
+
+# --------------------------------------------------------------------------- the budget pass reads the checkpoint
+def test_saved_results_are_read_from_their_files_and_narrowed_ones_kept_apart(tmp_path):
+    place = tmp_path / "out.claq.resume"
+    checkpoint = Checkpoint.open(place, {"x": 1}, resume=False)
+    first, second = random_result(), dataclasses.replace(random_result(), loss=2.0)
+    checkpoint.save_result("layers.0.w", first)
+    checkpoint.finish_layer(0, [torch.zeros(1, 2, 3)])
+    checkpoint.save_result("head", second, end=True)
+    saved = checkpoint.saved_results()
+    assert list(saved) == ["layers.0.w", "head"] and len(saved) == 2
+    assert_same(saved["head"].codes, second.codes) and saved["head"].loss == 2.0
+    assert saved["head"] is not saved["head"]  # read again at each ask: nothing is held
+    for loss in (3.0, 4.0):  # narrowed twice: the newer replaces the older
+        saved["layers.0.w"] = dataclasses.replace(first, loss=loss)
+        assert saved["layers.0.w"].loss == loss
+        assert [p.name for p in (place / "budget").iterdir()] == [f"{int(loss) - 3:04d}.npz"]
+    assert [name for name, result in checkpoint.results()] == ["layers.0.w", "head"]  # the layer's own file stays
+    assert next(checkpoint.results())[1].loss == first.loss
+    Checkpoint.open(place, {"x": 1}, resume=True)  # a resumed run makes the budget pass again
+    assert not (place / "budget").exists()
+
+
+def forced_narrowing(monkeypatch):
+    """Coded levels priced as free, so the allocation overspends and the budget pass must narrow."""
+    from claq_convert.quantize import allocation
+
+    monkeypatch.setattr(allocation, "coded_level_bits", lambda W, max_bits, **_: np.zeros(max_bits))
+
+
+def test_the_budget_pass_reads_the_checkpoint_and_writes_what_memory_would(model_dir, text_file, tmp_path,
+                                                                           monkeypatch):
+    from claq_convert.quantize import budget
+
+    bpw = ("--bpw", "3.4", "--outlier-bits", "0")
+    forced_narrowing(monkeypatch)
+    passes, within_budget, held_results = [], budget.within_budget, convert.held_results
+    with monkeypatch.context() as patch:  # every result held in memory, as without a checkpoint
+        patch.setattr(convert, "held_results", lambda stream, checkpoint: dict(stream))
+        patch.setattr(budget, "within_budget", lambda results, *a, **k: passes.append(
+            (type(results), *within_budget(results, *a, **k))) or passes[-1][1:])
+        in_memory = tmp_path / "memory.claq"
+        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, in_memory, *bpw)).exit_code == 0
+        out = tmp_path / "model.claq"
+        patch.setattr(convert, "held_results", held_results)
+        result = CliRunner().invoke(convert_cmd, args(model_dir, text_file, out, *bpw))
+        assert result.exit_code == 0, result.output
+    assert [kind for kind, _, _ in passes] == [dict, ckpt.SavedResults]
+    assert passes[0][2] == passes[1][2] and passes[1][2]["narrowed_columns"] > 0
+    assert out.read_bytes() == in_memory.read_bytes()
+
+    # interrupted while writing, with narrowed weights under budget/: resumed to the same bytes
+    again = tmp_path / "again.claq"
+    with monkeypatch.context() as patch:
+        patch.setattr(convert, "write_model_rest", interrupting(convert.write_model_rest, at=1))
+        assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, again, *bpw)).exit_code == 130
+    assert any((checkpoint_dir(again) / "budget").iterdir())
+    result = CliRunner().invoke(convert_cmd, args(model_dir, text_file, again, *bpw, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert again.read_bytes() == in_memory.read_bytes() and not checkpoint_dir(again).exists()

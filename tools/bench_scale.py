@@ -345,7 +345,7 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
     # output and those leaving its input; every layer's inputs wait on disk (quantize/fisher_stream.py)
     windows, hidden = min(FISHER_WINDOWS, nsamples), model["config"]["hidden_size"]
     by_layers = {}
-    for name in ("sensitivity", "allocation", "budget", "write"):  # the last two: weights held in memory (--bpw)
+    for name in ("sensitivity", "allocation", "budget", "write"):  # the last two: every weight read back (--bpw)
         if name not in sections:
             continue
         entry = sections[name]

@@ -10,10 +10,11 @@ encoded bytes until they fit, so `--bpw` stays "at most".
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, MutableMapping, Optional
 
 import numpy as np
 
+from ..progress import Progress, no_progress
 from .gptq import QuantizedWeight
 from .tuning import MAX_ENTRIES, retuned
 
@@ -72,23 +73,31 @@ def narrowed(result: QuantizedWeight, columns: np.ndarray) -> QuantizedWeight:
     return retuned(replace(result, bits=bits, codes=codes, info=info), entries)
 
 
-def within_budget(results: dict[str, QuantizedWeight], budget_bytes: int, stored_bytes: Callable,
-                  log: Optional[Callable[[str], None]] = None,
-                  replaced: Callable[[QuantizedWeight], None] = lambda result: None,
-                  ) -> tuple[dict[str, QuantizedWeight], dict]:
-    """(results whose stored bytes, summed, are at most budget_bytes, a record). stored_bytes: result ->
-    its exact bytes in the file (convert.stored_bytes); `replaced` is told of each result a narrower one
-    replaces (so that what was kept for it can go)."""
-    results = dict(results)
-    sizes = {name: stored_bytes(result) for name, result in results.items()}
+def within_budget(results: MutableMapping[str, QuantizedWeight], budget_bytes: int, stored_bytes: Callable,
+                  log: Optional[Callable[[str], None]] = None, progress: Progress = no_progress,
+                  ) -> tuple[MutableMapping[str, QuantizedWeight], dict]:
+    """(`results`, narrowed in place until their stored bytes, summed, are at most budget_bytes; a record).
+    stored_bytes: result -> its exact bytes in the file (convert.stored_bytes).
+
+    Each weight is read once to count and rank it, and again only if it is narrowed; between reads only
+    its byte count and its columns' ranks (24 bytes a column) are kept. So `results` may read each weight
+    from disk when asked (checkpoint.SavedResults): a whole model's results are never in memory at once.
+    """
+    sizes, ranks = {}, {}
+    for name in progress(list(results), "count the budget", len(results)):
+        result = results[name]
+        sizes[name] = stored_bytes(result)
+        if narrowable(result):
+            ranks[name] = narrowing_costs(result)
+        del result  # before the next one is read
     first, narrowed_total = sum(sizes.values()), 0
     while sum(sizes.values()) > budget_bytes:
         excess = sum(sizes.values()) - budget_bytes
-        found = [(name, *narrowing_costs(result)) for name, result in results.items() if narrowable(result)]
-        names = np.concatenate([np.full(c.size, i) for i, (_, c, _, _) in enumerate(found)] or [np.zeros(0, int)])
-        columns = np.concatenate([c for _, c, _, _ in found] or [np.zeros(0, int)]).astype(np.int64)
-        cost = np.concatenate([x for _, _, x, _ in found] or [np.zeros(0)])
-        saved = np.concatenate([s for _, _, _, s in found] or [np.zeros(0)])
+        found = list(ranks.items())
+        names = np.concatenate([np.full(c.size, i) for i, (_, (c, _, _)) in enumerate(found)] or [np.zeros(0, int)])
+        columns = np.concatenate([c for _, (c, _, _) in found] or [np.zeros(0, int)]).astype(np.int64)
+        cost = np.concatenate([x for _, (_, x, _) in found] or [np.zeros(0)])
+        saved = np.concatenate([s for _, (_, _, s) in found] or [np.zeros(0)])
         if columns.size == 0:
             raise ValueError(f"the quantized tensors take {excess} bytes more than the budget and no column can "
                              "be narrowed; raise --bpw")
@@ -96,9 +105,10 @@ def within_budget(results: dict[str, QuantizedWeight], budget_bytes: int, stored
         take = order[:int(np.searchsorted(np.cumsum(saved[order]), excess)) + 1]
         for i in np.unique(names[take]):
             name = found[i][0]
-            replaced(results[name])
-            results[name] = narrowed(results[name], columns[take[names[take] == i]])
-            sizes[name] = stored_bytes(results[name])
+            result = narrowed(results[name], columns[take[names[take] == i]])
+            results[name] = result
+            sizes[name], ranks[name] = stored_bytes(result), narrowing_costs(result)
+            del result
         narrowed_total += int(take.size)
     record = {"budget_bytes": int(budget_bytes), "quantized_bytes_before": int(first),
               "quantized_bytes": int(sum(sizes.values())), "narrowed_columns": narrowed_total}

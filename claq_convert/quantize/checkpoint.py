@@ -12,6 +12,8 @@ A conversion to OUT keeps the directory OUT.resume/ (`checkpoint_dir`) while it 
                          holds states.npz, the calibration hidden states after it (the next layer's inputs)
     end/0000.npz ...     the head and an untied input embedding, each saved when done
     pending/             the layer in progress: thrown away on resume
+    budget/              --bpw: the weights the budget pass narrowed (SavedResults); thrown away on
+                         resume, since the pass is made again from the saved results
 
 A layer appears by one rename (pending/ -> layer-N/) once its results and output states are on disk, so
 an interrupt at any point leaves a layer either complete or absent. Every file is written under a
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -38,6 +41,7 @@ from .gptq import QuantizedWeight
 MANIFEST = "manifest.json"
 PENDING = "pending"
 END = "end"
+BUDGET = "budget"
 STATES = "states.npz"
 LAYER_PREFIX = "layer-"
 FORMAT = 1  # of the checkpoint directory itself
@@ -230,6 +234,7 @@ class Checkpoint:
     def _clean(self) -> None:
         """Drop what an interrupt left half done: the layer in progress and temporary files."""
         shutil.rmtree(self.path / PENDING, ignore_errors=True)
+        shutil.rmtree(self.path / BUDGET, ignore_errors=True)
         for tmp in self.path.rglob("*.tmp"):
             tmp.unlink(missing_ok=True)
 
@@ -303,13 +308,19 @@ class Checkpoint:
         directory = self.path / END
         return sorted(directory.glob("*.npz")) if directory.is_dir() else []
 
+    def _result_paths(self) -> list[Path]:
+        """The file of every saved result, in the order the pipeline yielded them."""
+        layers = [path for directory in self._layer_dirs() for path in sorted(directory.glob("[0-9]*.npz"))]
+        return layers + self._end_paths()
+
     def results(self) -> Iterator[tuple[str, QuantizedWeight]]:
         """Every saved (name, result), in the order the pipeline yielded them, one in memory at a time."""
-        for directory in self._layer_dirs():
-            for path in sorted(directory.glob("[0-9]*.npz")):
-                yield load_result(path)
-        for path in self._end_paths():
+        for path in self._result_paths():
             yield load_result(path)
+
+    def saved_results(self) -> "SavedResults":
+        """Every saved result by name, read from its file when asked (SavedResults)."""
+        return SavedResults(self.path / BUDGET, {_result_name(path): path for path in self._result_paths()})
 
     def save_result(self, name: str, result: QuantizedWeight, end: bool = False) -> None:
         """A result of the layer in progress (kept once the layer finishes), or (end) of the head/embedding."""
@@ -344,3 +355,39 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class SavedResults(MutableMapping):
+    """name -> QuantizedWeight, each read from the checkpoint's file when asked, in the pipeline's order.
+
+    The --bpw budget pass needs every weight before any is written; held in memory they would take a
+    byte a parameter (7.4 GiB for a 7B), while the checkpoint already has each on disk. A result set
+    here (a narrowed weight) is saved under `scratch` and read from there from then on.
+    """
+
+    def __init__(self, scratch: Path, paths: dict[str, Path]):
+        self._scratch = Path(scratch)
+        self._paths = dict(paths)
+        self._written = 0
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        return load_result(self._paths[name])[1]
+
+    def __setitem__(self, name: str, result: QuantizedWeight) -> None:
+        self._scratch.mkdir(exist_ok=True)
+        path = self._scratch / f"{self._written:04d}.npz"
+        save_result(path, name, result)
+        self._written += 1
+        previous = self._paths.get(name)
+        self._paths[name] = path
+        if previous is not None and previous.parent == self._scratch:
+            previous.unlink(missing_ok=True)  # an earlier narrowing of the same weight
+
+    def __delitem__(self, name: str) -> None:
+        del self._paths[name]
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)

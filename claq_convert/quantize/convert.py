@@ -5,7 +5,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, MutableMapping, Optional
 
 import numpy as np
 import torch
@@ -63,15 +63,12 @@ def sections_bytes(sections: dict) -> int:
 
 
 class EncodedResults:
-    """Each result's stored bytes, counted by encoding it once, and the sections of the latest result
-    encoded. The budget pass counts every weight before any is written: holding each one's sections
-    until its write held them all at once (about the quantized tensors' size in the file, ~3.5 GiB for
-    a whole 7B), so a weight is encoded again when written (about 22 ns a parameter: 19 ms for a 1536 x
-    576 weight, some 2.4 min for a 7B). Without a budget pass, counting and writing a weight encode it once.
-    Each count is held with its result, so no other result can take its id while it is held."""
+    """The sections of the latest result encoded: a weight counted and then written is encoded once. The
+    budget pass counts every weight before any is written, and a weight is encoded again when written
+    (about 22 ns a parameter: 19 ms for a 1536 x 576 weight, some 2.4 min for a 7B): holding each one's
+    sections until its write held them all at once (about the quantized tensors' size in the file)."""
 
     def __init__(self):
-        self._counted: dict[int, tuple[QuantizedWeight, int]] = {}
         self._latest: Optional[tuple[QuantizedWeight, dict]] = None
 
     def sections(self, result: QuantizedWeight) -> dict:
@@ -84,15 +81,20 @@ class EncodedResults:
         """stored_bytes(result), counted on the encoding."""
         if result.method == "uniform":
             return stored_bytes(result)
-        counted = self._counted.get(id(result))
-        if counted is None or counted[0] is not result:
-            counted = self._counted[id(result)] = (result, sections_bytes(self.sections(result)))
-        return counted[1]
+        return sections_bytes(self.sections(result))
 
-    def release(self, result: QuantizedWeight) -> None:
-        self._counted.pop(id(result), None)
-        if self._latest is not None and self._latest[0] is result:
-            self._latest = None
+
+def held_results(stream, checkpoint: Optional[Checkpoint]) -> MutableMapping:
+    """Every (name, result) of `stream`, for the budget pass. With a checkpoint, which saved each result as it
+    came, they are read back from its files one at a time when asked (checkpoint.SavedResults); without
+    one they are held in memory."""
+    if checkpoint is None:
+        return dict(stream)
+    names = [name for name, _ in stream]  # each result goes as soon as the next comes
+    saved = checkpoint.saved_results()
+    if list(saved) != names:
+        raise RuntimeError(f"{checkpoint.path} does not hold the results the conversion made, in its order")
+    return saved
 
 
 def tensor_record(result: QuantizedWeight, nbytes: Optional[int] = None) -> dict:
@@ -217,21 +219,22 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     encoded = EncodedResults()
     try:
         stream = _quantized(options, source, calibration, targets, weights, progress, log, timer)
-        if qc.tune_steps:  # every weight first: tuning moves all codebooks at once
+        every = None  # tuning, --bpw: every result first, written once every layer's section has closed
+        if qc.tune_steps:  # tuning moves all codebooks at once
             with timer.section("tuning"):
-                tuned, norms, record["tuning"] = tune_model(options, dict(stream), calibration, progress, log)
-            stream = iter(tuned.items())
+                every, norms, record["tuning"] = tune_model(options, dict(stream), calibration, progress, log)
         if qc.bpw is not None:  # the allocation estimated coded levels: count what the file will hold
             from .budget import within_budget
 
+            if every is None:  # read back one at a time from a checkpoint (else held in memory)
+                every = held_results(stream, checkpoint)
             with timer.section("budget"):
-                fitted, record["budget"] = within_budget(dict(stream), record["allocation"]["budget_bytes"],
-                                                         encoded.stored_bytes, log, encoded.release)
-            stream = iter(fitted.items())
-        # held in memory (tuning, --bpw): the weights are written after every layer's section has closed
-        held = qc.tune_steps or qc.bpw is not None
+                every, record["budget"] = within_budget(every, record["allocation"]["budget_bytes"],
+                                                        encoded.stored_bytes, log, progress)
+        if every is not None:
+            stream = progress(every.items(), "write weights", len(every))
         for name, result in stream:
-            with timer.section("write") if held else contextlib.nullcontext(), timer.phase("write"):
+            with timer.section("write") if every is not None else contextlib.nullcontext(), timer.phase("write"):
                 tensors[name] = tensor_record(result, encoded.stored_bytes(result))
                 if writer is not None:
                     sections = encoded.sections(result)
@@ -242,7 +245,6 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                     if written != tensors[name]["stored_bytes"]:
                         raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) "
                                            f"disagrees with the file ({written})")
-                encoded.release(result)
             if options.evaluate:
                 results[name] = result
         record.update(tensors=tensors, summary=summarize(tensors))
