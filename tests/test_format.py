@@ -63,6 +63,45 @@ def test_roundtrip_is_bit_exact_for_every_width_and_raw_dtype(tmp_path):
         assert cf.metadata["config"] == {"model_type": "test"}
 
 
+def test_encoding_and_the_reference_decode_need_no_int64_array_per_code(monkeypatch):
+    # a whole weight is encoded (Huffman counts) and decoded (codebook indices) a block at a time: np.bincount
+    # and the index arrays took 8 bytes a code each (17.6 bytes a code for the write's decode check).
+    # Measured as the growth of the peak from one weight to one 4 times larger, with blocks small enough
+    # that their own arrays are a constant far below what a whole weight's would take
+    import tracemalloc
+
+    from claq_convert.format import huffman
+
+    monkeypatch.setattr(huffman, "ENCODE_BLOCK", 1 << 16)
+    monkeypatch.setattr(reader, "DECODE_BLOCK", 1 << 16)
+
+    def peaks(rows: int, cols: int = 192) -> tuple[int, int]:
+        rng = np.random.default_rng(3)
+        bits = np.where(np.arange(cols) % 3 == 0, 3, 5).astype(np.uint8)
+        codes = np.minimum(rng.geometric(0.3, (rows, cols)) - 1, (1 << bits.astype(int)) - 1).astype(np.uint8)
+        codebooks = np.sort(rng.standard_normal((cols, 32)), axis=1).astype(np.float32)
+        no_outliers = (np.zeros(cols, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float16))
+        tracemalloc.start()
+        try:
+            sections = encode_claq_sections(rows, bits, codes, codebooks, *no_outliers)
+            _, encoding = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            W = reader.decode_claq(rows, sections)
+            _, decoding = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert {"huffman_3", "huffman_5"} <= sections.keys()  # the coded path is the one measured
+        expected = np.take_along_axis(codebooks.astype(np.float16).astype(np.float32).T, codes.astype(np.int64), 0)
+        assert np.array_equal(W, expected)
+        return encoding, decoding
+
+    peaks(1 << 10)  # first calls compile and import what decoding needs
+    small, large = peaks(1 << 13), peaks(1 << 15)
+    n = ((1 << 15) - (1 << 13)) * 192
+    encoding, decoding = (large[0] - small[0]) / n, (large[1] - small[1]) / n
+    assert encoding < 2 and decoding < 8, (encoding, decoding)  # W alone is 4 bytes a code
+
+
 def test_an_interrupted_write_leaves_nothing(tmp_path):
     path = tmp_path / "x.claq"
     with pytest.raises(RuntimeError):

@@ -98,12 +98,21 @@ def coded_bits(counts: np.ndarray, lengths: np.ndarray) -> int:
     return int(np.sum(np.asarray(counts, np.int64) * np.asarray(lengths, np.int64)))
 
 
+def code_counts(codes: np.ndarray, size: int) -> np.ndarray:
+    """How often each of `size` values occurs in uint8 `codes`: np.bincount, ENCODE_BLOCK codes at a time
+    (np.bincount casts its input to int64: 8 bytes a code for a whole stream at once)."""
+    counts = np.zeros(size, np.int64)
+    for first in range(0, codes.size, ENCODE_BLOCK):
+        counts += np.bincount(codes[first:first + ENCODE_BLOCK], minlength=size)
+    return counts
+
+
 def encode_codes(codes: np.ndarray, bits: int) -> Optional[np.ndarray]:
     """Section huffman_<bits> for a stream's codes (uint8, in stream order), or None where it would not be
     shorter than the stream's fixed-width words (codes_<bits>) or its codewords reach 2**32 bits."""
     codes = np.asarray(codes, np.uint8).ravel()
     n = codes.size
-    counts = np.bincount(codes, minlength=1 << bits)
+    counts = code_counts(codes, 1 << bits)
     lengths = limited_lengths(counts)
     total = coded_bits(counts, lengths)
     size = spec.huffman_prefix_bytes(n, bits) + (total + 7) // 8
@@ -119,7 +128,7 @@ def coded_section(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes, np.uint8).ravel()
     lengths = np.asarray(lengths, np.int64)
     codewords = canonical_codewords(lengths)
-    total = coded_bits(np.bincount(codes, minlength=lengths.size), lengths)
+    total = coded_bits(code_counts(codes, lengths.size), lengths)
     words = np.zeros(total // 64 + 2, np.uint64)
     offsets = np.empty(spec.chunk_count(codes.size), "<u4")
     at = 0  # the bit where the block's first codeword starts

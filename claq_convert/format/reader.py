@@ -73,6 +73,7 @@ class BadFileData(ClaqFormatError):
 MAX_JSON_DEPTH, MAX_INT_DIGITS = spec.MAX_JSON_DEPTH, spec.MAX_INT_DIGITS
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _FILE_NAME_BAD = re.compile(r"[/\\]")
+DECODE_BLOCK = 1 << 20  # codes decode_claq looks up at a time: its int64 indices stay 8 MiB
 
 
 def brief_repr(value, limit: int = 120) -> str:
@@ -364,7 +365,10 @@ def decode_claq(rows: int, sections: dict[str, np.ndarray]) -> np.ndarray:
         columns = spec.columns_of_width(bits, b)
         if columns.size:
             codes = spec.unpack_codes(sections[spec.code_section(b)], b, columns.size * rows).reshape(columns.size, rows)
-            W[:, columns] = codebooks[starts[columns][:, None] + codes].T
+            step = max(1, DECODE_BLOCK // rows)  # the columns whose entry indices (int64) are made at once
+            for first in range(0, columns.size, step):
+                part = columns[first:first + step]
+                W[:, part] = codebooks[starts[part][:, None] + codes[first:first + step]].T
     if "outlier_counts" in sections:
         col_of = np.repeat(np.arange(cols), sections["outlier_counts"].astype(np.int64))
         W[sections["outlier_rows"].astype(np.int64), col_of] = sections["outlier_values"].astype(np.float32)

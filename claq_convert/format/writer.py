@@ -55,7 +55,7 @@ def encode_claq_sections(rows: int, bits: np.ndarray, codes: np.ndarray, column_
     for b in spec.ALLOWED_BITS:
         columns = spec.columns_of_width(bits, b)
         if columns.size:
-            stream = codes[:, columns].T.ravel()
+            stream = codes.T[columns].ravel()  # one copy, in stream order
             coded = encode_codes(stream, b) if spec.VERSION in spec.HUFFMAN_VERSIONS else None
             if coded is None:  # coded only where that is shorter (encode_codes): never worse than fixed width
                 sections[spec.code_section(b)] = spec.pack_codes(stream, b)
