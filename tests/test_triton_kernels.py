@@ -202,6 +202,22 @@ def test_one_launch_gemv_over_every_width(device, rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_gemv_plan_is_checked_once_and_called_again(device):
+    """GemvPlan: the streams checked and the launch built once, then each call takes a new x and y."""
+    streams, Wt = mixed_weight(7, 64, 30)
+    plan = kt.GemvPlan(one_launch_streams(streams, device), 64)
+    for seed in (1, 2):
+        x = torch.randn(1, 30, generator=torch.Generator().manual_seed(seed)).to(device)
+        y = torch.zeros(1, 64, device=device)
+        plan(x, y)
+        assert_product(y, np.zeros((1, 64)), x.float(), Wt)
+    with pytest.raises(ValueError, match=r"y must be a contiguous float32 \[1, 64\]"):
+        plan(x, torch.zeros(1, 63, device=device))
+    with pytest.raises(ValueError, match=r"x must be a float32/float16/bfloat16 \[1, C\]"):
+        plan(x.double(), torch.zeros(1, 64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_launch_schedule_covers_each_code_once(device):
     """Every (width, unit block, column) of the weight in exactly one program's slice, slices of about
     the same number of codes whatever the width."""
@@ -298,7 +314,13 @@ def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, row
     expected = torch.from_numpy(reader.decode_claq(rows, sections))
     layer = modules.ClaqLinear(rows, sections, device=device, kernels="triton")
     assert torch.equal(layer.decode().cpu(), expected)
-    assert (layer._gemv_schedule(torch.zeros(1, device=device)) is None) == (rows == 48)
+    plan = layer._gemv_plan()
+    assert (plan is None) == (rows == 48)
+    if plan is not None:  # made once, and again when the buffers move
+        assert layer._gemv_plan() is plan
+        for name, buffer in list(layer._buffers.items()):
+            layer._buffers[name] = buffer.clone()
+        assert layer._gemv_plan() is not plan
     with torch.no_grad():
         for batch in (1, 5, 20):  # 20 > TRITON_PRODUCT_MAX_ROWS: decode + matmul
             x = torch.randn(batch, cols)
@@ -332,3 +354,24 @@ def test_the_cuda_benchmark_runs_end_to_end_in_the_interpreter(tmp_path):
     assert json.loads((tmp_path / "smoke-sweep.json").read_text())["sweep_widths"] == widths
     aligned = [case for case in report["cases"] if case["rows"] % 32 == 0]  # the 64-row smoke shape
     assert aligned and all(set(case["graph"]["us"]) == {"fp16_linear", "lut", "lut_one_launch"} for case in aligned)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the stubbed launch is timed on the CPU")
+def test_the_launch_host_benchmark_times_both_paths_and_restores_the_kernel(tmp_path):
+    """tools/bench_launch_host.py: both paths timed per shape, JSON written, the real kernel put back."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_launch_host.py"
+    spec_ = importlib.util.spec_from_file_location("bench_launch_host", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    kernel = kt._gemv_widths_kernel
+    out = tmp_path / "host.json"
+    bench.main(["--calls", "20", "--rounds", "2", "--out", str(out)], standalone_mode=False)
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == set(bench.SHAPES) and report["device"] == "cpu"
+    for case in report["cases"].values():
+        assert all(len(case["rounds_us"][name]) == 2 and case["us"][name] > 0 for name in ("lut_gemv_streams", "gemv_plan"))
+    assert kt._gemv_widths_kernel is kernel

@@ -8,8 +8,8 @@ M = 1, 4, 16, it times in one run:
 - fp16_linear: F.linear(x, W) with the decoded fp16 weight (cuBLAS), the speed to beat;
 - lut: kernels_triton.lut_matmul_stream over every stream into a zeroed fp32 y (the zeroing included);
   at M = 1 that is the GEMV kernel, one launch a stream; lut_tiles: the tile kernel it replaced there
-  (block_r=128); lut_one_launch: kernels_triton.lut_gemv_streams, every stream in one launch from a
-  schedule built beforehand (as ClaqLinear keeps it), with the settings the benchmark chose (below);
+  (block_r=128); lut_one_launch: a kernels_triton.GemvPlan, every stream in one launch, its checks,
+  schedule and arguments made beforehand (as ClaqLinear keeps it), with the settings the benchmark chose (below);
 - decode_linear: kernels_triton.decode_stream to fp16 W^T, then F.linear;
 - decode: the decode kernel alone; torch_decoder: torch_decoder.decode_claq to fp16;
 - copy: a device-to-device copy of the fp16 weight's bytes (the bandwidth ceiling of a decode).
@@ -249,9 +249,11 @@ def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed
             schedule = kt.gemv_schedule({b: int(c.numel()) for _, b, _, c in streams}, rows, device,
                                         kt.gemv_widths_config(**(one_launch or {})))
 
+            plan = kt.GemvPlan(streams, rows, schedule, **(one_launch or {}))
+
             def lut_one_launch():
                 y.zero_()
-                kt.lut_gemv_streams(streams, rows, x, y, schedule, **(one_launch or {}))
+                plan(x, y)
 
             lut_one_launch()
             error = np.abs(y.cpu().numpy() - xs @ Wt64)
@@ -263,8 +265,8 @@ def run_case(weight: SyntheticWeight, device, time_us, failures: list[str], seed
                 gt = {"fp16_linear": graph_us([lambda W=W: torch.nn.functional.linear(x, W) for W in W16s]),
                      "lut": graph_us([lambda c=c: (y.zero_(), [kt.lut_matmul_stream(*s, rows, x, y) for s in c])
                                       for c in sets]),
-                     "lut_one_launch": graph_us([lambda c=c: (y.zero_(), kt.lut_gemv_streams(
-                         c, rows, x, y, schedule, **(one_launch or {}))) for c in sets])}
+                     "lut_one_launch": graph_us([lambda p=kt.GemvPlan(c, rows, schedule, **(one_launch or {})):
+                                                 (y.zero_(), p(x, y)) for c in sets])}
                 result.setdefault("graph", {"copies": {"fp16": len(W16s), "packed": len(sets)}})
                 result["graph"]["us"] = gt
                 result["graph"]["ratios"] = {"lut/fp16_linear": gt["lut"] / gt["fp16_linear"],

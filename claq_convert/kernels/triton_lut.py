@@ -10,8 +10,9 @@ the u32 words, LSB first (spec.pack_codes); `tables[c]` is that column's codeboo
   of its column's codebook, scaled by the input value of that column; the codes are read once and no
   decoded weight is written anywhere. A batch of one row (a GEMV, token-by-token generation) on a
   word-aligned stream takes `_gemv_kernel`, which reads each code word once; other batches `_lut_kernel`.
-- `lut_gemv_streams` is that GEMV over all of a weight's streams in one launch, each program taking the
-  slice of one stream that a schedule built once per weight names (`gemv_schedule`).
+- `GemvPlan` is that GEMV over all of a weight's streams in one launch, each program taking the slice
+  of one stream that a schedule built once per weight names (`gemv_schedule`); the plan checks the
+  streams and builds the launch once, so a call checks only x and y (`lut_gemv_streams`: plan and call).
 
 Outliers are not handled here: they are a sparse correction the caller applies (a scatter into the
 decoded W^T, or outlier_values times x added to y). Neither kernel checks `columns` against C (that
@@ -507,36 +508,59 @@ def gemv_schedule(counts: dict[int, int], rows: int, device, config: dict) -> to
     return torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).to(device)
 
 
-def lut_gemv_streams(streams, rows: int, x: torch.Tensor, y: torch.Tensor, schedule: torch.Tensor | None = None,
-                     **tuning) -> None:
-    """y += x . W^T for one row of x, every stream of the weight in one launch.
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class GemvPlan:
+    """y += x . W^T for one row of x, every stream of a weight in one launch, its streams checked and its
+    launch arguments built once: a call checks only x and y. A generation step makes a product per weight
+    (211 for SmolLM2), and the checks and argument list cost about 15 us a call in Python (2-core CPU,
+    kernel not launched), about what the kernel takes on a 7B-class weight.
 
     streams: (words, bits, tables, columns) per width, at most one each, every one word-aligned (rows *
-    bits a multiple of 32); `schedule`: gemv_schedule's list for these streams and `tuning` (made here
-    when None: pass it in when calling again). y: contiguous float32 [1, rows], accumulated into.
+    bits a multiple of 32), on one device; `schedule`: gemv_schedule's list for these streams and `tuning`
+    (made here when None). The plan holds the tensors it was given: make a new one when they change.
     """
-    rows = operator.index(rows)
-    streams = [(w, operator.index(b), t, c) for w, b, t, c in streams]
-    counts = {b: _check_stream(w, b, t, c, rows) for w, b, t, c in streams}
-    if len(counts) != len(streams):
-        raise ValueError("at most one stream a width")
-    if x.dim() != 2 or x.shape[0] != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
-            or any(w.device != x.device for w, *_ in streams):
-        raise ValueError("x must be a float32/float16/bfloat16 [1, C] tensor on the streams' device")
-    if y.dtype != torch.float32 or tuple(y.shape) != (1, rows) or not y.is_contiguous():
-        raise ValueError(f"y must be a contiguous float32 [1, {rows}] tensor")
-    config = gemv_widths_config(**tuning)
-    counts = {b: n for b, n in counts.items() if n}
-    if schedule is None:
-        schedule = gemv_schedule(counts, rows, x.device, config)
-    if not counts:
-        return
-    args = []
-    for b in range(1, 9):
-        stream = next((s for s in streams if s[1] == b and counts.get(b)), None)
-        args += [schedule] * 3 if stream is None else [stream[0], stream[2], stream[3]]  # absent: never read
-    _gemv_widths_kernel[(schedule.shape[0],)](
-        schedule, x, x.stride(1), y, rows, *args, WIDTHS=sum(1 << b for b in counts),
-        ROWS_ONE_WORD=config["rows_one_word"], C_ONE_WORD=config["c_one_word"],
-        ROWS_MULTI_WORD=config["rows_multi_word"], C_MULTI_WORD=config["c_multi_word"], PREFETCH=config["prefetch"],
-        num_warps=config["warps"])
+
+    def __init__(self, streams, rows: int, schedule: torch.Tensor | None = None, **tuning):
+        rows = operator.index(rows)
+        streams = [(w, operator.index(b), t, c) for w, b, t, c in streams]
+        counts = {b: _check_stream(w, b, t, c, rows) for w, b, t, c in streams}
+        if len(counts) != len(streams):
+            raise ValueError("at most one stream a width")
+        devices = {w.device for w, *_ in streams}
+        if len(devices) > 1:
+            raise ValueError(f"the streams must be on one device, got {sorted(map(str, devices))}")
+        config = gemv_widths_config(**tuning)
+        counts = {b: n for b, n in counts.items() if n}
+        self.rows, self.device = rows, next(iter(devices), None)
+        if schedule is None and counts:
+            schedule = gemv_schedule(counts, rows, self.device, config)
+        self.schedule = schedule
+        self._args = []
+        for b in range(1, 9):
+            stream = next((s for s in streams if s[1] == b and counts.get(b)), None)
+            self._args += [schedule] * 3 if stream is None else [stream[0], stream[2], stream[3]]  # absent: never read
+        self._grid = (schedule.shape[0],) if counts else None
+        self._settings = dict(WIDTHS=sum(1 << b for b in counts), ROWS_ONE_WORD=config["rows_one_word"],
+                              C_ONE_WORD=config["c_one_word"], ROWS_MULTI_WORD=config["rows_multi_word"],
+                              C_MULTI_WORD=config["c_multi_word"], PREFETCH=config["prefetch"],
+                              num_warps=config["warps"])
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (contiguous float32 [1, rows]) += x (float32/float16/bfloat16 [1, C], any stride) . W^T."""
+        if x.dim() != 2 or x.shape[0] != 1 or x.dtype not in _X_DTYPES \
+                or (self.device is not None and x.device != self.device):
+            raise ValueError("x must be a float32/float16/bfloat16 [1, C] tensor on the streams' device")
+        if y.dtype != torch.float32 or tuple(y.shape) != (1, self.rows) or not y.is_contiguous():
+            raise ValueError(f"y must be a contiguous float32 [1, {self.rows}] tensor")
+        if self._grid is not None:
+            _gemv_widths_kernel[self._grid](self.schedule, x, x.stride(1), y, self.rows, *self._args,
+                                            **self._settings)
+
+
+def lut_gemv_streams(streams, rows: int, x: torch.Tensor, y: torch.Tensor, schedule: torch.Tensor | None = None,
+                     **tuning) -> None:
+    """y += x . W^T for one row of x, every stream of the weight in one launch: GemvPlan(streams, rows,
+    schedule, **tuning)(x, y). Calling a weight again, keep its GemvPlan instead."""
+    GemvPlan(streams, rows, schedule, **tuning)(x, y)

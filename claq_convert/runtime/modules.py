@@ -263,28 +263,28 @@ class ClaqLinear(torch.nn.Module):
         from ..kernels import triton_lut as kernels_triton
 
         y = torch.zeros(flat.shape[0], self.out_features, dtype=torch.float32, device=flat.device)
-        schedule = self._gemv_schedule(flat) if flat.shape[0] == 1 else None
-        if schedule is not None:  # every stream in one launch
-            streams = [(words, b, tables, columns) for b, words, tables, columns in self._streams()]
-            kernels_triton.lut_gemv_streams(streams, self.out_features, flat, y, schedule)
+        plan = self._gemv_plan() if flat.shape[0] == 1 else None
+        if plan is not None:  # every stream in one launch
+            plan(flat, y)
         else:
             for b, words, tables, columns in self._streams():
                 kernels_triton.lut_matmul_stream(words, b, tables, columns, self.out_features, flat, y)
         self._outlier_correction(flat.float(), y)
         return y
 
-    def _gemv_schedule(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The one-launch GEMV's work list on x's device, made once (None where a stream is not
-        word-aligned: those take one launch a stream)."""
+    def _gemv_plan(self):
+        """The one-launch GEMV over the buffers (triton_lut.GemvPlan), made once, and again when they have
+        moved (None where a stream is not word-aligned: those take one launch a stream)."""
+        first = self._buffers[spec.code_section(self.widths[0])]
+        at = (first.device, first.data_ptr())
         cached = self.__dict__.get("_gemv_work")
-        if cached is None or cached[0] != x.device:
+        if cached is None or cached[0] != at:
             from ..kernels import triton_lut as kernels_triton
 
-            counts = {b: int(columns.numel()) for b, columns in self.layout.columns.items()}
-            aligned = all(self.out_features * b % spec.WORD_BITS == 0 for b in counts)
-            schedule = kernels_triton.gemv_schedule(counts, self.out_features, x.device,
-                                                    kernels_triton.gemv_widths_config()) if aligned else None
-            cached = self._gemv_work = (x.device, schedule)
+            streams = [(words, b, tables, columns) for b, words, tables, columns in self._streams()]
+            aligned = all(self.out_features * b % spec.WORD_BITS == 0 for _, b, _, _ in streams)
+            plan = kernels_triton.GemvPlan(streams, self.out_features) if aligned else None
+            cached = self._gemv_work = (at, plan)
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
