@@ -29,8 +29,8 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
