@@ -330,17 +330,24 @@ def test_claq_linear_triton_path_matches_the_reference_decoder(device, grid, row
             assert torch.all((y - reference).abs() <= 1e-5 * scale + 1e-6)
 
 
+def load_tool(name: str):
+    """The module tools/<name>.py (the tools are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec_ = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the smoke run is for the interpreter")
 def test_the_cuda_benchmark_runs_end_to_end_in_the_interpreter(tmp_path):
     """tools/bench_decode_cuda.py --smoke --sweep: every kernel checked against the reference, JSON written."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_decode_cuda.py"
-    spec_ = importlib.util.spec_from_file_location("bench_decode_cuda", path)
-    bench = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(bench)
+    bench = load_tool("bench_decode_cuda")
     out = tmp_path / "smoke.json"
     assert bench.main(["--smoke", "--sweep", "--sweep-widths", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -359,14 +366,9 @@ def test_the_cuda_benchmark_runs_end_to_end_in_the_interpreter(tmp_path):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the stubbed launch is timed on the CPU")
 def test_the_launch_host_benchmark_times_both_paths_and_restores_the_kernel(tmp_path):
     """tools/bench_launch_host.py: both paths timed per shape, JSON written, the real kernel put back."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_launch_host.py"
-    spec_ = importlib.util.spec_from_file_location("bench_launch_host", path)
-    bench = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(bench)
+    bench = load_tool("bench_launch_host")
     kernel = kt._gemv_widths_kernel
     out = tmp_path / "host.json"
     bench.main(["--calls", "20", "--rounds", "2", "--out", str(out)], standalone_mode=False)
