@@ -374,6 +374,9 @@ def test_the_budget_pass_reads_the_checkpoint_and_writes_what_memory_would(model
         patch.setattr(convert, "write_model_rest", interrupting(convert.write_model_rest, at=1))
         assert CliRunner().invoke(convert_cmd, args(model_dir, text_file, again, *bpw)).exit_code == 130
     assert any((checkpoint_dir(again) / "budget").iterdir())
+    loads = interrupting(Checkpoint.results, at=-1)
+    monkeypatch.setattr(Checkpoint, "results", loads)
     result = CliRunner().invoke(convert_cmd, args(model_dir, text_file, again, *bpw, "--resume"))
     assert result.exit_code == 0, result.output
+    assert loads.calls == 0  # the saved results are read back by the budget pass, not loaded on the way
     assert again.read_bytes() == in_memory.read_bytes() and not checkpoint_dir(again).exists()

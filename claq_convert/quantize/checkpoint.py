@@ -318,6 +318,10 @@ class Checkpoint:
         for path in self._result_paths():
             yield load_result(path)
 
+    def result_names(self) -> list[str]:
+        """The name of every saved result, in order (each file's small __meta__ member read, not its arrays)."""
+        return [_result_name(path) for path in self._result_paths()]
+
     def saved_results(self) -> "SavedResults":
         """Every saved result by name, read from its file when asked (SavedResults)."""
         return SavedResults(self.path / BUDGET, {_result_name(path): path for path in self._result_paths()})

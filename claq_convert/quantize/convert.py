@@ -218,7 +218,11 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     writer = ClaqWriter(options.out) if options.out is not None else None
     encoded = EncodedResults()
     try:
-        stream = _quantized(options, source, calibration, targets, weights, progress, log, timer)
+        # --bpw reads every result back from the checkpoint (held_results), so a resumed run need not load
+        # those it holds on the way; tuning takes them all in memory
+        read_back = checkpoint if qc.bpw is not None and not qc.tune_steps else None
+        stream = _quantized(options, source, calibration, targets, weights, progress, log, timer,
+                            load_saved=read_back is None)
         every = None  # tuning, --bpw: every result first, written once every layer's section has closed
         if qc.tune_steps:  # tuning moves all codebooks at once
             with timer.section("tuning"):
@@ -227,7 +231,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
             from .budget import within_budget
 
             if every is None:  # read back one at a time from a checkpoint (else held in memory)
-                every = held_results(stream, checkpoint)
+                every = held_results(stream, read_back)
             with timer.section("budget"):
                 every, record["budget"] = within_budget(every, record["allocation"]["budget_bytes"],
                                                         encoded.stored_bytes, log, progress)
@@ -314,8 +318,10 @@ def _sensitivity(options: ConvertOptions, source: ModelSource, calibration, allo
     return fisher, weights if wants_weights else None
 
 
-def _quantized(options: ConvertOptions, source: ModelSource, calibration, targets, weights, progress, log, timer):
-    """quantize_model's results; with a checkpoint, first those it holds, and each new one saved as it comes."""
+def _quantized(options: ConvertOptions, source: ModelSource, calibration, targets, weights, progress, log, timer,
+               load_saved: bool = True):
+    """quantize_model's results; with a checkpoint, first those it holds (without `load_saved` their names,
+    each with None, for a caller that reads them back itself), and each new one saved as it comes."""
     checkpoint = options.checkpoint
     if checkpoint is None:
         yield from quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
@@ -325,7 +331,7 @@ def _quantized(options: ConvertOptions, source: ModelSource, calibration, target
     if finished.layers or finished.ends:
         log(f"resuming from {checkpoint.path}: layers done {finished.layers}"
             + (f", and {', '.join(finished.ends)}" if finished.ends else ""))
-    yield from checkpoint.results()
+    yield from checkpoint.results() if load_saved else ((name, None) for name in checkpoint.result_names())
     ends = set(end_tensors(source)) if options.quant.quantize_embeddings else set()
     for name, result in quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
                                        targets=targets, threads=options.threads, timer=timer,
