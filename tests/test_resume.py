@@ -1,5 +1,6 @@
 """--resume: a conversion interrupted anywhere continues from its checkpoint and writes the very same bytes."""
 import dataclasses
+import json
 import os
 import signal
 
@@ -380,3 +381,26 @@ def test_the_budget_pass_reads_the_checkpoint_and_writes_what_memory_would(model
     assert result.exit_code == 0, result.output
     assert loads.calls == 0  # the saved results are read back by the budget pass, not loaded on the way
     assert again.read_bytes() == in_memory.read_bytes() and not checkpoint_dir(again).exists()
+
+
+@pytest.mark.parametrize("rule", [("--bpw", "3.4", "--outlier-bits", "0"), ()])
+def test_eval_of_a_written_conversion_reads_the_results_back(rule, model_dir, text_file, tmp_path, monkeypatch):
+    """--eval scores what the file holds: read back from the checkpoint one at a time (narrowed weights
+    too), the same numbers as a --dry-run, which holds its results in memory."""
+    forced_narrowing(monkeypatch)
+    kinds, apply_dequantized = [], convert.apply_dequantized
+    monkeypatch.setattr(convert, "apply_dequantized",
+                        lambda model, results: kinds.append(type(results)) or apply_dequantized(model, results))
+    records = []
+    quant = rule or ("--bits", "3.1", "--outlier-bits", "0.2")
+    for where in (["--dry-run"], [str(tmp_path / "model.claq")]):
+        out = tmp_path / f"run{len(records)}.json"
+        result = CliRunner().invoke(convert_cmd, [str(model_dir), *where, "--calib", str(text_file), "--nsamples",
+                                                  "4", "--seqlen", "32", *quant, "--eval", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        records.append(json.loads(out.read_text()))
+    assert kinds == [dict, ckpt.SavedResults]
+    scores = [{text: (r["ppl"], r["nll"], r["tokens"]) for text, r in record["ppl_after"].items()} for record in records]
+    assert scores[0] == scores[1] and records[0]["tensors"].keys() == records[1]["tensors"].keys()
+    if rule:
+        assert records[1]["budget"]["narrowed_columns"] > 0

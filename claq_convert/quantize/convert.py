@@ -212,7 +212,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                                                                    fisher, weights)
         if checkpoint is not None and saved is None:
             checkpoint.save_allocation(targets, record["allocation"])
-    results: dict[str, QuantizedWeight] = {}
+    results: MutableMapping[str, QuantizedWeight] = {}  # --eval's, where no checkpoint holds them
     tensors = {}
     norms: dict[str, torch.Tensor] = {}
     writer = ClaqWriter(options.out) if options.out is not None else None
@@ -249,7 +249,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                     if written != tensors[name]["stored_bytes"]:
                         raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) "
                                            f"disagrees with the file ({written})")
-            if options.evaluate:
+            if options.evaluate and (checkpoint is None or qc.tune_steps):  # else read back for --eval
                 results[name] = result
         record.update(tensors=tensors, summary=summarize(tensors))
         if writer is not None:
@@ -267,6 +267,8 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         record["parameters"] = source_parameters(source)
         record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
     if options.evaluate:
+        if checkpoint is not None and not qc.tune_steps:  # one at a time, as the file holds them
+            results = every if every is not None else checkpoint.saved_results()
         record.update(evaluate_before_after(options, results, progress, ppl_before, norms))
     return record
 
@@ -517,7 +519,7 @@ def load_sampler(model_dir: Path, device: torch.device):
     return model
 
 
-def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedWeight], progress: Progress,
+def evaluate_before_after(options: ConvertOptions, results: MutableMapping[str, QuantizedWeight], progress: Progress,
                           ppl_before: Optional[dict] = None, replaced: Optional[dict] = None) -> dict:
     """Perplexity on each evaluation text before and after; `ppl_before` (name -> result) reuses known
     baselines; `replaced`: raw tensors the file stores changed (tuned norm scales)."""
@@ -542,8 +544,9 @@ def evaluate_before_after(options: ConvertOptions, results: dict[str, QuantizedW
 
 
 @torch.no_grad()
-def apply_dequantized(model, results: dict[str, QuantizedWeight]) -> None:
-    """Replace each quantized weight of an fp32 model by its dequantized values (in place)."""
+def apply_dequantized(model, results: MutableMapping[str, QuantizedWeight]) -> None:
+    """Replace each quantized weight of an fp32 model by its dequantized values (in place), one result
+    read at a time (checkpoint.SavedResults reads each from disk when asked)."""
     from ..models.architectures import family_of
 
     family = family_of(model.config)
