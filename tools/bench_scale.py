@@ -6,8 +6,9 @@ heads) but only `--layers` decoder layers, random weights N(0, 0.02) stored as f
 per layer, in a temporary directory. Its vocabulary is a real tokenizer's: the SmolLM2 fixture's when it is
 on this machine (49152 tokens), else a tokenizer.json found in the repository, else a byte-level BPE trained
 on README.md (the vocabulary then padded to Llama-2's 32000). It converts the layers with the real
-pipeline (convert.run_conversion, 4 bits by default) under a timing.PhaseTimer, records the seconds of
-every phase of every layer and each section's peak memory, and projects a full 32-layer conversion.
+pipeline (convert.run_conversion, 4 bits by default) under a timing.PhaseTimer, with a checkpoint beside
+its output as the CLI keeps one (the --bpw budget pass reads every result back from it), records the
+seconds of every phase of every layer and each section's peak memory, and projects a full 32-layer conversion.
 
 Calibration is `--nsamples` windows of README.md's tokens: text shipped with the repository, the same on
 every machine, and next to free (self-sampling, the CLI default, runs the whole model for every token; it
@@ -430,7 +431,14 @@ def main(layers, nsamples, seqlen, bpw, bits, device, threads, head_rows, speedu
         options = ConvertOptions(model_dir=model_dir, out=Path(tmp) / "model.claq", quant=qc, nsamples=nsamples,
                                  seqlen=seqlen, device=device, threads=workers)
         start = time.perf_counter()
-        record = run_conversion(options, log=echo, calibration=calibration, timer=timer)
+        # with a checkpoint beside the output, as the CLI converts (--bpw's budget pass reads results back from it)
+        checkpoint = Checkpoint.open(checkpoint_dir(options.out), fingerprint(options), resume=False)
+        try:
+            record = run_conversion(replace(options, checkpoint=checkpoint), log=echo, calibration=calibration,
+                                    timer=timer)
+            report["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.path.rglob("*") if p.is_file())
+        finally:
+            checkpoint.remove()
         report["convert_seconds"] = time.perf_counter() - start
         report["file_bytes"] = record["file_bytes"]
         source = ModelSource(model_dir)
