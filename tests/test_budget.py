@@ -188,3 +188,24 @@ def test_encoded_results_hold_one_weights_sections_and_encode_it_once(monkeypatc
     fresh = _weight(30)  # without a budget pass: counted, then written, on one encoding
     encoded.stored_bytes(fresh), encoded.sections(fresh)
     assert len(encodings) == 9
+
+
+def test_code_counts_go_a_block_of_codes_at_a_time(monkeypatch):
+    # the budget pass ranks every weight, the head too: counting a whole weight at once took an int64
+    # index per code and np.bincount's int64 copy of it (16 bytes a code: 2 GB for a 7B's head)
+    import tracemalloc
+
+    from claq_convert.quantize import budget
+
+    monkeypatch.setattr(budget, "COUNT_BLOCK", 1 << 16)
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 16, (4096, 500)).astype(np.uint8)  # 2M codes; blocks of 16 columns, the last of 4
+    expected = np.stack([np.bincount(codes[:, j], minlength=budget.MAX_ENTRIES) for j in range(codes.shape[1])])
+    tracemalloc.start()
+    try:
+        counts = budget.code_counts(codes)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert counts.dtype == np.float64 and np.array_equal(counts, expected.astype(np.float64))
+    assert peak < 2 * codes.size, peak / codes.size

@@ -27,11 +27,21 @@ def narrowable(result: QuantizedWeight) -> bool:
     return result.method == "codebook" and result.codebook_shapes is None
 
 
+COUNT_BLOCK = 1 << 20  # codes counted at a time: the (column, code) indices are int64, 8 bytes a code
+
+
 def code_counts(codes: np.ndarray) -> np.ndarray:
-    """float64 [cols, MAX_ENTRIES]: how many rows of each column use each code (codes [rows, cols])."""
-    cols = codes.shape[1]
-    flat = (np.arange(cols)[None, :] * MAX_ENTRIES + codes.astype(np.int64)).ravel()
-    return np.bincount(flat, minlength=cols * MAX_ENTRIES).reshape(cols, MAX_ENTRIES).astype(np.float64)
+    """float64 [cols, MAX_ENTRIES]: how many rows of each column use each code (codes [rows, cols]),
+    counted COUNT_BLOCK codes at a time (a whole head at once took 16 bytes a code)."""
+    rows, cols = codes.shape
+    counts = np.empty((cols, MAX_ENTRIES), np.float64)
+    step = max(1, COUNT_BLOCK // max(rows, 1))
+    for first in range(0, cols, step):
+        part = codes[:, first:first + step]
+        n = part.shape[1]
+        flat = (np.arange(n)[None, :] * MAX_ENTRIES + part.astype(np.int64)).ravel()
+        counts[first:first + n] = np.bincount(flat, minlength=n * MAX_ENTRIES).reshape(n, MAX_ENTRIES)
+    return counts
 
 
 def narrowing_costs(result: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,7 +69,7 @@ def narrowed(result: QuantizedWeight, columns: np.ndarray) -> QuantizedWeight:
     bits = result.bits.copy()
     bits[columns] -= 1
     codes = result.codes.copy()
-    old = codes[:, columns].astype(np.int64)
+    old = codes[:, columns]  # uint8: no int64 array per code
     k = MAX_ENTRIES
     counts = code_counts(old)
     entries = result.column_codebooks.astype(np.float64).copy()
@@ -68,7 +78,7 @@ def narrowed(result: QuantizedWeight, columns: np.ndarray) -> QuantizedWeight:
     merged = np.where(na + nb > 0, (na * a + nb * b) / np.maximum(na + nb, 1), 0.5 * (a + b))
     entries[columns, :k // 2] = merged
     entries[columns, k // 2:] = 0.0
-    codes[:, columns] = (old >> 1).astype(np.uint8)
+    codes[:, columns] = old >> 1
     info = {**result.info, "narrowed_columns": result.info.get("narrowed_columns", 0) + int(columns.size)}
     return retuned(replace(result, bits=bits, codes=codes, info=info), entries)
 
