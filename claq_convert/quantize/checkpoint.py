@@ -232,7 +232,8 @@ class Checkpoint:
         return cls(path, resumed=False)
 
     def _clean(self) -> None:
-        """Drop what an interrupt left half done: the layer in progress and temporary files."""
+        """Drop what an interrupt left half done or what is made again: the layer in progress, the budget
+        pass's narrowed weights, temporary files."""
         shutil.rmtree(self.path / PENDING, ignore_errors=True)
         shutil.rmtree(self.path / BUDGET, ignore_errors=True)
         for tmp in self.path.rglob("*.tmp"):
