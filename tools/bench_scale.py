@@ -252,6 +252,11 @@ def group_speedup(source: ModelSource, qc: QuantConfig, tokens: int, seqlen: int
             "speedup": timings["sequential"] / timings["parallel"], "identical": identical}
 
 
+def tree_bytes(directory: Path) -> int:
+    """Bytes of every file under `directory` (a checkpoint's size on disk)."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
 class _TimedCheckpoint(Checkpoint):
     """A checkpoint that counts the seconds spent saving, and stops the conversion after layer `stop_after`."""
     seconds = 0.0
@@ -282,7 +287,7 @@ def resume_check(options: ConvertOptions, calibration: torch.Tensor, reference: 
         try:
             run_conversion(replace(options, out=out, checkpoint=checkpoint), log=echo, calibration=calibration)
         except KeyboardInterrupt:
-            report["checkpoint_bytes_after_layer_0"] = sum(p.stat().st_size for p in place.rglob("*") if p.is_file())
+            report["checkpoint_bytes_after_layer_0"] = tree_bytes(place)
         report[run] = {"seconds": time.perf_counter() - start, "saving_seconds": checkpoint.seconds}
     checkpoint.remove()
     report["identical"] = out.read_bytes() == reference.read_bytes()
@@ -436,7 +441,7 @@ def main(layers, nsamples, seqlen, bpw, bits, device, threads, head_rows, speedu
         try:
             record = run_conversion(replace(options, checkpoint=checkpoint), log=echo, calibration=calibration,
                                     timer=timer)
-            report["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.path.rglob("*") if p.is_file())
+            report["checkpoint_bytes"] = tree_bytes(checkpoint.path)
         finally:
             checkpoint.remove()
         report["convert_seconds"] = time.perf_counter() - start

@@ -218,11 +218,11 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     writer = ClaqWriter(options.out) if options.out is not None else None
     encoded = EncodedResults()
     try:
-        # --bpw reads every result back from the checkpoint (held_results), so a resumed run need not load
-        # those it holds on the way; tuning takes them all in memory
-        read_back = checkpoint if qc.bpw is not None and not qc.tune_steps else None
+        # the checkpoint holds every result as the file will, unless tuning changes them: --bpw and --eval
+        # read them back from it one at a time (so a resumed --bpw run need not load them on the way)
+        read_back = checkpoint if not qc.tune_steps else None
         stream = _quantized(options, source, calibration, targets, weights, progress, log, timer,
-                            load_saved=read_back is None)
+                            load_saved=read_back is None or qc.bpw is None)
         every = None  # tuning, --bpw: every result first, written once every layer's section has closed
         if qc.tune_steps:  # tuning moves all codebooks at once
             with timer.section("tuning"):
@@ -249,7 +249,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
                     if written != tensors[name]["stored_bytes"]:
                         raise RuntimeError(f"{name}: byte accounting ({tensors[name]['stored_bytes']}) "
                                            f"disagrees with the file ({written})")
-            if options.evaluate and (checkpoint is None or qc.tune_steps):  # else read back for --eval
+            if options.evaluate and read_back is None:
                 results[name] = result
         record.update(tensors=tensors, summary=summarize(tensors))
         if writer is not None:
@@ -267,8 +267,8 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         record["parameters"] = source_parameters(source)
         record["file_bits_per_parameter"] = record["file_bytes"] * 8 / record["parameters"]
     if options.evaluate:
-        if checkpoint is not None and not qc.tune_steps:  # one at a time, as the file holds them
-            results = every if every is not None else checkpoint.saved_results()
+        if read_back is not None:  # one at a time, as the file holds them
+            results = every if every is not None else read_back.saved_results()
         record.update(evaluate_before_after(options, results, progress, ppl_before, norms))
     return record
 
