@@ -89,7 +89,25 @@ def test_the_sampling_batch_keeps_the_kv_cache_bounded():
     large = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32)
     assert calibration.sampling_batch(small, 512) == calibration.SAMPLING_BATCH == 64
     assert calibration.sampling_batch(large, 512) == 8  # 537 MB of fp32 keys and values a sequence, 4 GiB in all
+    assert calibration.sampling_batch(large, 512, torch.bfloat16) == 16  # a 16-bit sampler's cache is half that
     assert calibration.sampling_batch(object(), 512) == calibration.SAMPLING_BATCH  # no shapes to go by
+
+
+def test_the_default_batch_counts_the_cache_in_the_samplers_dtype(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
+    first = torch.arange(2, model.config.vocab_size)
+    config = model.config
+    heads = config.num_attention_heads
+    per_sequence_fp32 = (config.num_hidden_layers * 2 * (config.num_key_value_heads or heads)
+                         * (getattr(config, "head_dim", None) or config.hidden_size // heads) * 10 * 4)
+    monkeypatch.setattr(calibration, "SAMPLING_CACHE_BYTES", 2 * per_sequence_fp32)  # fp32: 2 at once; bf16: 4
+    assert calibration.sampling_batch(model.config, 10) == 2
+    assert calibration.sampling_batch(model.config, 10, torch.bfloat16) == 4
+    default = calibration.sample_windows(model, first, nsamples=4, seqlen=10, seed=3)
+    assert torch.equal(default, calibration.sample_windows(model, first, nsamples=4, seqlen=10, seed=3, batch_size=4))
+    assert not torch.equal(default, calibration.sample_windows(model, first, nsamples=4, seqlen=10, seed=3, batch_size=2))
 
 
 def test_the_first_batches_of_a_larger_sample_are_the_smaller_sample(tiny_model_dir):

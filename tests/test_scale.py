@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from claq_convert.format import spec
@@ -120,6 +121,21 @@ def test_bench_scale_smoke_runs_end_to_end_without_gguf(tmp_path):
     assert report["settings"]["bpw"] is not None and {"sensitivity", "allocation"} <= set(sections)
     for name in ("sensitivity", "allocation"):
         assert projection["scaled_with_layers"][name]["seconds"] >= 16 * sections[name]["seconds"]
+
+
+def test_bench_sampling_smoke_times_both_depths_and_projects_the_default_self_windows(tmp_path):
+    out = tmp_path / "sampling.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_sampling.py"), "--smoke", "--batches", "2,4",
+                           "--out", str(out), "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {f"layers {d}, batch {b}" for d in (1, 2) for b in (2, 4)}
+    assert all(seconds > 0 for seconds in report["runs"].values())
+    assert report["settings"]["default_self_windows"] == 64 and report["sampler_dtype"] == "bfloat16"  # fp16 on disk, as the CLI loads it on the CPU
+    for batch, p in report["projection"].items():
+        per_batch = p["seconds_outside_layers_per_batch"] + 32 * p["seconds_per_layer_per_batch"]
+        assert p["seconds"] == pytest.approx(64 // int(batch) * per_batch)
+    assert report["projection"]["4"]["kv_cache_bytes"] == 2 * report["projection"]["2"]["kv_cache_bytes"]
 
 
 def test_group_hessians_are_shared_between_linears_reading_one_input_and_equal_to_separate_sums(tiny_model_dir):

@@ -12,7 +12,7 @@ seconds of every phase of every layer and each section's peak memory, and projec
 
 Calibration is `--nsamples` windows of README.md's tokens: text shipped with the repository, the same on
 every machine, and next to free (self-sampling, the CLI default, runs the whole model for every token; it
-is not what is measured here). Forward and Hessian time grow with the calibration tokens; the projection
+is not what is measured here: tools/bench_sampling.py measures it). Forward and Hessian time grow with the calibration tokens; the projection
 is also given at the CLI's default of 64 windows, those phases scaled linearly.
 
 The head and the (untied, as in Llama-2) input embedding are quantized at 6 bits, one single-threaded

@@ -139,21 +139,22 @@ def sample_tokens(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # Sequences sampled at once: 64 take 3.97 ms a token on SmolLM2 (2 cores, windows of 256 tokens), 32 take
-# 5.23 ms; fewer where their KV cache (fp32 keys and values of every layer) would pass SAMPLING_CACHE_BYTES
-# (a 7B Llama at 512 tokens: 8).
+# 5.23 ms; fewer where their KV cache (keys and values of every layer, in the sampler's dtype) would pass
+# SAMPLING_CACHE_BYTES (a 16-bit 7B Llama at 512 tokens: 16; in fp32, 8).
 SAMPLING_BATCH = 64
 SAMPLING_CACHE_BYTES = 4 << 30
 
 
-def sampling_batch(config, seqlen: int) -> int:
-    """How many sequences sample_windows writes at once for a model of this config (1 to SAMPLING_BATCH)."""
+def sampling_batch(config, seqlen: int, dtype: torch.dtype = torch.float32) -> int:
+    """How many sequences sample_windows writes at once for a model of this config whose keys and values
+    are `dtype` (1 to SAMPLING_BATCH)."""
     layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
     if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int) and heads > 0):
         return SAMPLING_BATCH
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_sequence = layers * 2 * kv_heads * head_dim * seqlen * 4
+    per_sequence = layers * 2 * kv_heads * head_dim * seqlen * dtype.itemsize
     return int(max(1, min(SAMPLING_BATCH, SAMPLING_CACHE_BYTES // max(per_sequence, 1))))
 
 
@@ -168,7 +169,7 @@ def sample_windows(model, first_tokens: torch.Tensor, nsamples: int, seqlen: int
     generator, drawn batch after batch, so the result depends on the seed and the batch size, not on
     the device; the first n of a larger set are the set of n when n is a multiple of the batch size.
     """
-    batch_size = batch_size or sampling_batch(model.config, seqlen)
+    batch_size = batch_size or sampling_batch(model.config, seqlen, next(model.parameters()).dtype)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     # transformers 5 renamed past_key_values to cache; the cache is updated in place under either name
