@@ -189,7 +189,7 @@ DEFAULT_BPW = 4.6
               help="Calibration source, repeatable: a text or JSONL file, 'self' (text sampled from the model "
                    "itself), or a text of this Python: 'python-code' (its standard library), 'python-docs' (its "
                    "language reference). --nsamples windows split evenly, or N windows each (every source "
-                   "then names its N). Default: self.")
+                   "then names its N). Default: self:64, python-docs:16, python-code:16 (shares of --nsamples).")
 @click.option("--nsamples", default=DEFAULT_NSAMPLES, show_default=True, help="Calibration windows.")
 @click.option("--group-size", type=int, default=0, show_default=True,
               help="gptq/rtn baselines: one grid per this many columns (128 is the usual HF setting).")

@@ -98,3 +98,24 @@ def test_an_interrupted_gguf_write_leaves_nothing(tiny_model_dir, text_file, tmp
     with pytest.raises(KeyboardInterrupt):
         gguf_ext.claq_to_gguf(claq, tmp_path / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.claq"]
+
+
+@pytest.mark.parametrize("short_of", ["weights", "cache"])
+def test_self_sampling_that_would_not_fit_in_memory_is_refused_with_what_to_do(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               short_of):
+    from claq_convert.quantize import convert, replay
+
+    weights = (tiny_model_dir / "model.safetensors").stat().st_size
+    loads, load = [], convert.load_sampler
+    monkeypatch.setattr(convert, "load_sampler", lambda *args: loads.append(1) or load(*args))
+    # free memory as asked before loading, then after: the weights fit exactly where the KV cache is what is short
+    free = iter([weights - 1] if short_of == "weights" else [weights, 1])
+    monkeypatch.setattr(replay, "free_bytes", lambda device: next(free))
+    result = CliRunner().invoke(convert_cmd, [str(tiny_model_dir), str(tmp_path / "x.claq"), "--calib", "self",
+                                              "--nsamples", "2", "--seqlen", "16"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    error = result.output.strip().splitlines()[-1]  # after transformers' own bar where the weights were loaded
+    for needle in ("--calib python-docs", "MiB free", "its weights" if short_of == "weights" else "of 2 sequences"):
+        assert needle in error, result.output
+    assert loads == ([] if short_of == "weights" else [1])  # the weights are refused before they are loaded
+    assert not list(tmp_path.iterdir())

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_scale import LLAMA2_7B, SMOKE, build_model, echo, machine_info  # noqa: E402
 from claq_convert.quantize.calibration import (  # noqa: E402
-    SELF, default_sources, first_token_candidates, parse_source, sample_windows, sampling_batch)
+    SELF, cache_bytes_per_sequence, default_sources, first_token_candidates, parse_source, sample_windows,
+    sampling_batch)
 from claq_convert.quantize.convert import load_sampler  # noqa: E402
 
 DEPTHS = (1, 2)
@@ -45,14 +46,6 @@ def default_self_windows() -> int:
         if str(name) == SELF:
             return int(count)
     return 0
-
-
-def cache_bytes(config, batch: int, seqlen: int, dtype: torch.dtype) -> int:
-    """Keys and values of every layer for `batch` sequences of `seqlen` tokens."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers * 2 * kv_heads * head_dim * seqlen * batch * dtype.itemsize
 
 
 def time_batch(model, first_tokens, batch: int, seqlen: int) -> float:
@@ -74,7 +67,7 @@ def project(runs: dict, batches: list[int], windows: int, layers: int, config_7b
         out[str(batch)] = {"seconds_per_layer_per_batch": per_layer, "seconds_outside_layers_per_batch": outside,
                            "seconds": seconds, "hours": seconds / 3600,
                            "ms_per_token": per_batch / (batch * (seqlen - 1)) * 1e3,
-                           "kv_cache_bytes": cache_bytes(config_7b, batch, seqlen, dtype)}
+                           "kv_cache_bytes": batch * cache_bytes_per_sequence(config_7b, seqlen, dtype)}
     return out
 
 

@@ -145,16 +145,23 @@ SAMPLING_BATCH = 64
 SAMPLING_CACHE_BYTES = 4 << 30
 
 
-def sampling_batch(config, seqlen: int, dtype: torch.dtype = torch.float32) -> int:
-    """How many sequences sample_windows writes at once for a model of this config whose keys and values
-    are `dtype` (1 to SAMPLING_BATCH)."""
+def cache_bytes_per_sequence(config, seqlen: int, dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """Keys and values of every layer for one sequence of `seqlen` tokens (None: the config does not say)."""
     layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
     if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int) and heads > 0):
-        return SAMPLING_BATCH
+        return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_sequence = layers * 2 * kv_heads * head_dim * seqlen * dtype.itemsize
+    return layers * 2 * kv_heads * head_dim * seqlen * dtype.itemsize
+
+
+def sampling_batch(config, seqlen: int, dtype: torch.dtype = torch.float32) -> int:
+    """How many sequences sample_windows writes at once for a model of this config whose keys and values
+    are `dtype` (1 to SAMPLING_BATCH)."""
+    per_sequence = cache_bytes_per_sequence(config, seqlen, dtype)
+    if per_sequence is None:
+        return SAMPLING_BATCH
     return int(max(1, min(SAMPLING_BATCH, SAMPLING_CACHE_BYTES // max(per_sequence, 1))))
 
 

@@ -180,7 +180,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     from transformers import AutoTokenizer
 
     from ..models.architectures import family_of
-    from .calibration import calibration_set, default_sources, describe
+    from .calibration import SELF, calibration_set, default_sources, describe, window_counts
 
     qc = options.quant
     qc.validate()
@@ -194,7 +194,10 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         calibration = checkpoint.calibration()
     if calibration is None:
         with timer.section("calibration"):
-            calibration = calibration_set(sources, tokenizer, lambda: load_sampler(options.model_dir, options.device),
+            self_windows = sum(n for s, n in zip(*window_counts(sources, options.nsamples)) if str(s) == SELF)
+            calibration = calibration_set(sources, tokenizer,
+                                          lambda: load_sampler_within_memory(options.model_dir, options.device,
+                                                                             options.seqlen, self_windows),
                                           options.nsamples, options.seqlen, options.seed, progress=progress)
     if checkpoint is not None:
         checkpoint.save_calibration(calibration)
@@ -505,6 +508,35 @@ def source_parameters(source: ModelSource) -> int:
             for name in f.keys():
                 total += int(np.prod(f.get_slice(name).get_shape()))
     return total
+
+
+def load_sampler_within_memory(model_dir: Path, device: torch.device, seqlen: int, windows: int):
+    """load_sampler's model for `windows` self-sampled windows, refused with what to do instead where it
+    would not fit in the memory free on `device`: its weights (the checkpoint's bytes, before loading),
+    then the KV cache of the sequences sampled at once (after). Thrashing through the weights at every token,
+    or being killed once they are loaded, would cost the user far more than the one line."""
+    from ..data import DataError
+    from .calibration import cache_bytes_per_sequence, sampling_batch
+    from .replay import free_bytes
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    def refuse_unless_free(need: int, what: str) -> None:
+        free = free_bytes(device)
+        if need > free:
+            raise DataError(f"sampling calibration text from the model needs {what} in memory, {size(need)}, and "
+                            f"{device} has {size(free)} free; calibrate on text instead (--calib python-docs "
+                            "--calib python-code, or --calib FILE) or free memory")
+
+    refuse_unless_free(sum(path.stat().st_size for path in set(ModelSource(model_dir).files.values())),
+                       "its weights")
+    model = load_sampler(model_dir, device)
+    dtype = next(model.parameters()).dtype
+    batch = min(sampling_batch(model.config, seqlen, dtype), windows)
+    refuse_unless_free(batch * (cache_bytes_per_sequence(model.config, seqlen, dtype) or 0),
+                       f"beside its weights the keys and values of {batch} sequences")
+    return model
 
 
 def load_sampler(model_dir: Path, device: torch.device):
