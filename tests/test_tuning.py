@@ -94,10 +94,12 @@ def test_tuning_brings_the_file_closer_to_the_source_model(family, text_file, tm
         for steps, record in records.items():
             from_file = perplexity(loaded[steps], tokenizer, text_file, seqlen=512).ppl
             assert from_file == pytest.approx(record["ppl_after"]["text"]["ppl"], rel=1e-5)
-        # a random model's ppl (~311, near its vocabulary's size) is no quality to improve: tuning brings the
-        # file's ppl closer to the source model's, as it brings its distribution (the KL above)
+        # a random model's ppl (~312, near its vocabulary's size) is no quality to improve, and which file's ppl
+        # lies nearer the source's is within float noise (0.46% against 0.45% on an AMX machine, the other way
+        # on another): the KL above is the measure of closeness; here both stay near the source
         source = plain["ppl_before"]["text"]["ppl"]
-        assert abs(tuned["ppl_after"]["text"]["ppl"] - source) < abs(plain["ppl_after"]["text"]["ppl"] - source)
+        for record in (plain, tuned):
+            assert abs(record["ppl_after"]["text"]["ppl"] / source - 1) < 0.02
 
 
 def test_tuning_options_are_checked():
