@@ -19,6 +19,10 @@ FAMILY_CONFIGS = {
     "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16),
     "phi3": dict(), "gpt_neox": dict(), "opt": dict(ffn_dim=160, word_embed_proj_dim=64),
     "gpt2": dict(n_inner=160),  # Conv1D linears (weights stored [in, out]), learned positions
+    "olmo2": dict(), "olmo3": dict(), "granite": dict(), "stablelm": dict(), "smollm3": dict(),
+    "helium": dict(head_dim=16), "cohere": dict(), "cohere2": dict(), "exaone4": dict(), "seed_oss": dict(),
+    "ernie4_5": dict(), "arcee": dict(), "nemotron": dict(), "starcoder2": dict(), "phi": dict(),
+    "glm": dict(), "glm4": dict(), "gptj": dict(n_inner=160, rotary_dim=8),
 }
 
 

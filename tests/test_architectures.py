@@ -98,6 +98,9 @@ def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_fil
     config["model_type"] = "rwkv"
     with pytest.raises(architectures.ArchitectureError, match="supported: .*llama"):
         architectures.family_of(type("C", (), config)())
+    config["model_type"] = "mixtral"  # known, and refused with the reason
+    with pytest.raises(architectures.ArchitectureError, match="'mixtral' is not supported: a mixture-of-experts"):
+        architectures.family_of(type("C", (), config)())
 
 
 def test_a_wrong_entry_fails_loudly():
@@ -159,3 +162,24 @@ def test_conv1d_weights_are_quantized_and_applied_as_out_in(tmp_path, text_file)
         assert torch.equal(params[name], torch.from_numpy(result.dequantize()).T)
         # quantized, not scrambled: close to the original stored [in, out] weight
         assert torch.linalg.norm(params[name] - original[name]) < 0.2 * torch.linalg.norm(original[name])
+
+
+def test_every_family_has_a_gguf_mapping_and_the_spec_lists_each():
+    """A supported type the GGUF extension did not map would be refused after the whole conversion; the
+    spec's table (formats/gguf-claq.md section 1) follows gguf_ext.GGUF_ARCH."""
+    import re
+    from pathlib import Path
+
+    from claq_convert.format import gguf_ext
+
+    assert set(architectures.supported_model_types()) == set(gguf_ext.GGUF_ARCH)
+    spec = (Path(__file__).resolve().parents[1] / "formats" / "gguf-claq.md").read_text()
+    header = spec.index("| `model_type` | llama.cpp architecture")
+    table = spec[spec.index("\n", header):spec.index("## 2. Keys")]
+    listed = {}
+    for types, arch in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| (.+) \|$", table, re.M):
+        for model_type in re.findall(r"`(\w+)`", types):
+            named = re.fullmatch(r"`([\w-]+)`", arch)
+            listed[model_type] = model_type if arch == "the same name" else named.group(1) if named else None
+            assert named or arch == "the same name" or arch.startswith("none"), arch
+    assert listed == gguf_ext.GGUF_ARCH

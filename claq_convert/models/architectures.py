@@ -59,8 +59,26 @@ class Family:
 
 
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), "model.layers",
-           _LLAMA_GROUPS, "model.norm"),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
+                     "granite", "stablelm", "smollm3", "helium", "cohere", "cohere2", "exaone4", "seed_oss",
+                     "ernie4_5"), "model.layers", _LLAMA_GROUPS, "model.norm"),
+    # an MLP without a gate: up, an activation, down
+    Family("ungated", ("arcee", "nemotron"), "model.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.up_proj",),
+            ("mlp.down_proj",)), "model.norm"),
+    Family("starcoder2", ("starcoder2",), "model.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.c_fc",),
+            ("mlp.c_proj",)), "model.norm"),
+    # parallel attention and MLP reading one norm's output: fc1 could join q/k/v, listed apart as gpt_neox's
+    Family("phi", ("phi",), "model.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.dense",), ("mlp.fc1",),
+            ("mlp.fc2",)), "model.final_layernorm"),
+    Family("glm4", ("glm", "glm4"), "model.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+            ("mlp.down_proj",)), "model.norm"),
+    Family("gptj", ("gptj",), "transformer.h",
+           (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
+           "transformer.ln_f"),
     # fused projections: one linear per group
     Family("phi3", ("phi3",), "model.layers",
            (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)), "model.norm"),
@@ -77,8 +95,16 @@ FAMILIES = (
            (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), "transformer.ln_f", conv1d=True),
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
-# Known and refused, with the reason (rather than "unsupported"); none at present:
-_REFUSED: dict[str, str] = {}
+# Known and refused, with the reason (rather than "unsupported"):
+_MOE = "a mixture-of-experts model: this version quantizes dense decoder layers only"
+_REFUSED: dict[str, str] = {
+    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "deepseek_v3",
+                         "llama4_text")},
+    "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
+            "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
+    "apertus": "its xIELU activation (parameters and stored buffers inside the MLP) is not handled by the "
+               "layer-by-layer passes of this version",
+}
 
 
 class ArchitectureError(ValueError):
