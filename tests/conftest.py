@@ -23,6 +23,8 @@ FAMILY_CONFIGS = {
     "helium": dict(head_dim=16), "cohere": dict(), "cohere2": dict(), "exaone4": dict(), "seed_oss": dict(),
     "ernie4_5": dict(), "arcee": dict(), "nemotron": dict(), "starcoder2": dict(), "phi": dict(),
     "glm": dict(), "glm4": dict(), "gptj": dict(n_inner=160, rotary_dim=8),
+    "falcon": dict(), "bloom": dict(), "persimmon": dict(), "mpt": dict(), "codegen": dict(n_inner=160, rotary_dim=8),
+    "xglm": dict(), "biogpt": dict(),
 }
 
 

@@ -59,14 +59,16 @@ _KEY_RULES = {"general.architecture": "GGUF-K01", KEY_VERSION: "GGUF-K02", KEY_C
 
 
 # HF model_type -> llama.cpp's architecture name, whose tensor names and hyperparameter keys the file uses
-# (OPT, OLMo 3 and Helium have none in gguf-py 0.19: their tensors keep their Hugging Face names, and no
-# hyperparameter keys are written).
+# (where gguf-py 0.19 has none, as for OPT, the tensors keep their Hugging Face names, and no hyperparameter
+# keys are written). formats/gguf-claq.md section 1 lists this table.
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
              "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox", "gpt2": "gpt2",
              "opt": None, "olmo2": "olmo2", "olmo3": None, "granite": "granite", "stablelm": "stablelm",
              "smollm3": "smollm3", "helium": None, "cohere": "command-r", "cohere2": "cohere2", "exaone4": "exaone4",
              "seed_oss": "seed_oss", "ernie4_5": "ernie4_5", "arcee": "arcee", "nemotron": "nemotron",
-             "starcoder2": "starcoder2", "phi": "phi2", "glm": "chatglm", "glm4": "glm4", "gptj": "gptj"}
+             "starcoder2": "starcoder2", "phi": "phi2", "glm": "chatglm", "glm4": "glm4", "gptj": "gptj",
+             "falcon": "falcon", "bloom": "bloom", "mpt": "mpt", "persimmon": None, "codegen": None, "xglm": None,
+             "biogpt": None}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:
