@@ -21,7 +21,7 @@ FAMILY_CONFIGS = {
     "gpt2": dict(n_inner=160),  # Conv1D linears (weights stored [in, out]), learned positions
     "olmo2": dict(), "olmo3": dict(), "granite": dict(), "stablelm": dict(), "smollm3": dict(),
     "helium": dict(head_dim=16), "cohere": dict(), "cohere2": dict(), "exaone4": dict(), "seed_oss": dict(),
-    "ernie4_5": dict(), "arcee": dict(), "nemotron": dict(), "starcoder2": dict(), "phi": dict(),
+    "ernie4_5": dict(), "arcee": dict(), "nemotron": dict(), "apertus": dict(), "starcoder2": dict(), "phi": dict(),
     "glm": dict(), "glm4": dict(), "gptj": dict(n_inner=160, rotary_dim=8),
     "falcon": dict(), "bloom": dict(), "persimmon": dict(), "mpt": dict(), "codegen": dict(n_inner=160, rotary_dim=8),
     "xglm": dict(), "biogpt": dict(),

@@ -375,3 +375,18 @@ def test_version_1_files_stay_readable_with_their_own_widths(tmp_path):
                 assert cf.version == 1 and np.array_equal(cf.decode("w"), r.dequantize())
         else:
             inspect_fails(v1, "codes_5")  # v1 knows no 5-bit stream
+
+
+def test_a_scalar_is_stored_as_shape_one_and_the_writer_refuses_shapes_the_readers_refuse(tmp_path):
+    from claq_convert.quantize.convert import raw_array
+
+    array, dtype = raw_array(torch.tensor(0.5, dtype=torch.bfloat16))
+    assert array.shape == (1,) and dtype == "BF16"
+    with ClaqWriter(tmp_path / "a.claq") as writer:
+        for shape in [(), (2, 0), (1,) * (spec.MAX_DIMS + 1)]:
+            with pytest.raises(ValueError, match="positive sizes"):
+                writer.add_raw("t", np.zeros(shape, np.float32))
+        writer.add_raw("scalar", array, dtype=dtype)
+        writer.add_raw("deep", np.zeros((1,) * spec.MAX_DIMS, np.float32))
+    with reader.ClaqFile(tmp_path / "a.claq") as cf:
+        assert cf.tensors["scalar"]["shape"] == [1] and len(cf.tensors["deep"]["shape"]) == spec.MAX_DIMS

@@ -65,7 +65,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox", "gpt2": "gpt2",
              "opt": None, "olmo2": "olmo2", "olmo3": None, "granite": "granite", "stablelm": "stablelm",
              "smollm3": "smollm3", "helium": None, "cohere": "command-r", "cohere2": "cohere2", "exaone4": "exaone4",
-             "seed_oss": "seed_oss", "ernie4_5": "ernie4_5", "arcee": "arcee", "nemotron": "nemotron",
+             "seed_oss": "seed_oss", "ernie4_5": "ernie4_5", "arcee": "arcee", "nemotron": "nemotron", "apertus": "apertus",
              "starcoder2": "starcoder2", "phi": "phi2", "glm": "chatglm", "glm4": "glm4", "gptj": "gptj",
              "falcon": "falcon", "bloom": "bloom", "mpt": "mpt", "persimmon": None, "codegen": None, "xglm": None,
              "biogpt": None}

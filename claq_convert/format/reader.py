@@ -240,8 +240,8 @@ def _check_section_entry(where: str, entry, fields: tuple = spec.SECTION_FIELDS)
         raise BadHeader(f"{where}: needs exactly the fields {', '.join(fields)}", rule="CLAQ-H10")
     _check_dtype(where, entry["dtype"])
     shape = entry["shape"]
-    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_uint(d) for d in shape):
-        raise BadHeader(f"{where}: shape must be a list of at most 8 non-negative integers", rule="CLAQ-H12")
+    if not isinstance(shape, list) or len(shape) > spec.MAX_DIMS or not all(_is_uint(d) for d in shape):
+        raise BadHeader(f"{where}: shape must be a list of at most {spec.MAX_DIMS} non-negative integers", rule="CLAQ-H12")
     for field in ("offset", "length", "crc32"):
         if not _is_uint(entry[field]):
             raise BadHeader(f"{where}: {field} must be a non-negative integer", rule="CLAQ-H13")
@@ -261,8 +261,9 @@ def check_tensor_entry(name: str, kind, shape) -> None:
     if not isinstance(kind, str) or kind not in spec.KINDS:
         raise BadHeader(f"tensor {brief_repr(name)}: unknown kind {brief_repr(kind)} (this reader knows {', '.join(spec.KINDS)})",
                         rule="CLAQ-H07")
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_uint(d) and d > 0 for d in shape):
-        raise BadHeader(f"tensor {brief_repr(name)}: shape must list 1 to 8 positive integers", rule="CLAQ-H08")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= spec.MAX_DIMS or not all(_is_uint(d) and d > 0 for d in shape):
+        raise BadHeader(f"tensor {brief_repr(name)}: shape must list 1 to {spec.MAX_DIMS} positive integers",
+                        rule="CLAQ-H08")
 
 
 def check_tensor_sections(name: str, kind: str, shape: list, sections: dict, version: int) -> None:

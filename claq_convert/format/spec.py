@@ -43,6 +43,7 @@ FILE_DTYPE = "U8"     # embedded files (tokenizer, chat template) are byte secti
 FILE_ENCODINGS = ("none", "zlib")
 FILE_FIELDS_BY_VERSION = {1: SECTION_FIELDS, **{v: SECTION_FIELDS + ("encoding", "size") for v in (2, 3, 4)}}
 MAX_FILE_BYTES = 1 << 28  # 256 MiB: embedded files are tokenizers and templates, never weights
+MAX_DIMS = 8              # a tensor's and a section's shape list at most this many sizes (CLAQ-H08, CLAQ-H12)
 
 # Sections of a quantized weight: name -> dtype. codes_<b> exist for each width b in use;
 # the outlier sections exist only when the weight has outliers.

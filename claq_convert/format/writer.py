@@ -117,8 +117,11 @@ class ClaqWriter:
             raise ValueError(f"name {name!r} must be non-empty printable text")
 
     def add_raw(self, name: str, array: np.ndarray, dtype: Optional[str] = None) -> None:
-        """A tensor stored as is; dtype "BF16" takes the raw uint16 bits of a bfloat16 tensor."""
+        """A tensor stored as is; dtype "BF16" takes the raw uint16 bits of a bfloat16 tensor. A shape holds
+        1 to 8 positive sizes (CLAQ-H08): a scalar is given as [1] (convert.raw_array)."""
         self._check_name(name)
+        if not 1 <= array.ndim <= spec.MAX_DIMS or 0 in array.shape:
+            raise ValueError(f"tensor {name!r}: shape {list(array.shape)} is not 1 to {spec.MAX_DIMS} positive sizes")
         dtype = dtype or _dtype_name(array)
         entry = self._section(array.reshape(-1), dtype)
         entry["shape"] = [int(d) for d in array.shape]

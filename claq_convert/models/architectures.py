@@ -63,7 +63,7 @@ FAMILIES = (
                      "granite", "stablelm", "smollm3", "helium", "cohere", "cohere2", "exaone4", "seed_oss",
                      "ernie4_5"), "model.layers", _LLAMA_GROUPS, "model.norm"),
     # an MLP without a gate: up, an activation, down
-    Family("ungated", ("arcee", "nemotron"), "model.layers",
+    Family("ungated", ("arcee", "nemotron", "apertus"), "model.layers",
            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.up_proj",),
             ("mlp.down_proj",)), "model.norm"),
     Family("starcoder2", ("starcoder2",), "model.layers",
@@ -119,8 +119,6 @@ _REFUSED: dict[str, str] = {
                          "llama4_text")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
-    "apertus": "its xIELU activation (parameters and stored buffers inside the MLP) is not handled by the "
-               "layer-by-layer passes of this version",
 }
 
 

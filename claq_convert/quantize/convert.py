@@ -136,9 +136,12 @@ RAW_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 def raw_array(tensor: torch.Tensor, dtype: Optional[str] = None) -> tuple[np.ndarray, str]:
-    """A tensor kept raw, as (array, .claq dtype): its source dtype unless `dtype` overrides (never upcast silently)."""
+    """A tensor kept raw, as (array, .claq dtype): its source dtype unless `dtype` overrides (never upcast
+    silently); a scalar as shape [1] (the format's shapes have 1 to 8 sizes)."""
     if dtype is not None:
         tensor = tensor.to(RAW_DTYPES[dtype])
+    if tensor.dim() == 0:
+        tensor = tensor.reshape(1)
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16), "BF16"
     array = tensor.numpy()

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .pipeline import (_first_layer_inputs, _layer_output, _materialise, _parameter_name, _set_tensor,
+from .pipeline import (_first_layer_inputs, _layer_output, _materialise, _parameter_name, _release, _set_tensor,
     head_and_embedding_names, outside_modules)
 from ..models.architectures import resolve, skeleton
 from ..models.source import ModelSource
@@ -97,7 +97,7 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
             outputs = [layer(h, **kw) for h, kw in zip(states, kwargs)]
             as_tuple = isinstance(outputs[0], tuple)
             states = [_layer_output(out) for out in outputs]
-            layer.to("meta")
+            _release(layer)
             next(steps, None)
 
     squares = SquaredGradients(family.transposed)
@@ -115,7 +115,7 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
             grads[k] = x.grad
         for handle in handles:
             handle.remove()
-        layer.to("meta")
+        _release(layer)
         next(steps, None)
     head_name = tail.head_sums(squares, states, windows, grads) if head else None
     next(steps, None)

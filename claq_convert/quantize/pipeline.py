@@ -270,6 +270,14 @@ def _materialise(module: torch.nn.Module, prefix: str, source: ModelSource, devi
         _set_tensor(module, name, source.tensor(prefix + name).float().to(device))
 
 
+def _release(module: torch.nn.Module) -> None:
+    """A materialised module's parameters back to the meta device; its buffers stay: _materialise loads
+    parameters only, and a buffer built with the module (an activation's constants: Apertus's xIELU) is
+    needed again when a later pass materialises the module anew."""
+    for name, param in list(module.named_parameters()):
+        _set_tensor(module, name, param.detach().to("meta"))
+
+
 def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -307,7 +315,7 @@ def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, 
     arch.layers[0] = catcher.layer
     for name, module in outside:
         if module is not arch.final_norm:
-            module.to("meta")
+            _release(module)
     return model, config, arch, [h for h, _ in catcher.records], [kw for _, kw in catcher.records]
 
 
@@ -335,7 +343,7 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
         states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
         for handle in handles:
             handle.remove()
-        layer.to("meta")
+        _release(layer)
     if quantize_embeddings:
         head_name, _ = head_and_embedding_names(model, config, set(source.names()))
         norm = arch.final_norm
@@ -434,7 +442,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                                      for h, kw in source_replay.batches(source_states, kwargs)]
                 source_replay.close()
                 del source_layer, source_pass, source_replay
-            layer.to("meta")
+            _release(layer)
             return_freed_memory()
             log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
         if on_layer is not None:
@@ -453,7 +461,7 @@ def _source_states(arch: Resolved, source: ModelSource, states: list, kwargs: li
         layer = arch.layers[index]
         _materialise(layer, f"{arch.family.layers}.{index}.", source, device)
         states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
-        layer.to("meta")
+        _release(layer)
     return states
 
 

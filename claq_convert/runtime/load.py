@@ -108,15 +108,25 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
         _check_layer_count(config, family, cf.tensors)
         model = _skeleton(config, device, dtype)
         parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
+        # buffers a checkpoint stores (an activation's constants: Apertus's xIELU), kept raw like parameters
+        buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False)
+                   if n.rpartition(".")[2] not in model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
         for name, tensor in cf.tensors.items():
-            if name not in parameters:
+            target_tensor = parameters.get(name, buffers.get(name))
+            if target_tensor is None:
                 raise ValueError(f"{name}: a {config.model_type} model has no such tensor")
-            if tensor["kind"] == spec.KIND_RAW and tuple(tensor["shape"]) != tuple(parameters[name].shape):
-                raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {tuple(parameters[name].shape)}")
+            shape = tuple(target_tensor.shape)
+            if tensor["kind"] == spec.KIND_RAW and tuple(tensor["shape"]) != (shape or (1,)):  # a scalar is stored as [1]
+                raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {shape}")
             sections = cf.sections(name, copy=True)  # owned arrays: nothing of the map stays resident
             if tensor["kind"] == spec.KIND_RAW:
-                values = decode_tensor(name, tensor, sections, copy=False)
-                _set_parameter(model, name, torch.from_numpy(values).to(device=device, dtype=dtype))
+                values = torch.from_numpy(decode_tensor(name, tensor, sections, copy=False)).reshape(shape)
+                if name in parameters:
+                    _set_parameter(model, name, values.to(device=device, dtype=dtype))
+                else:
+                    owner, _, leaf = name.rpartition(".")
+                    kept = dtype if values.is_floating_point() else values.dtype  # an integer buffer stays one
+                    model.get_submodule(owner).register_buffer(leaf, values.to(device=device, dtype=kept))
                 continue
             module_name = name.removesuffix(".weight")
             target = model.get_submodule(module_name)
