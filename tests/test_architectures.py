@@ -183,3 +183,30 @@ def test_every_family_has_a_gguf_mapping_and_the_spec_lists_each():
             listed[model_type] = model_type if arch == "the same name" else named.group(1) if named else None
             assert named or arch == "the same name" or arch.startswith("none"), arch
     assert listed == gguf_ext.GGUF_ARCH
+
+
+@pytest.mark.parametrize("converted_family", ["apertus"], indirect=True)
+def test_stored_buffers_load_raw_and_nothing_else_poses_as_one(converted_family, tmp_path):
+    """Apertus's xIELU keeps scalar constants as buffers its checkpoint stores: the file keeps them raw as
+    shape [1] and load() gives them back their shape; a forged name is refused as before."""
+    from test_format import rewrite
+
+    _, _, path, _ = converted_family
+    beta, up = "model.layers.0.mlp.act_fn.beta", "model.layers.0.mlp.up_proj.weight"
+    with reader.ClaqFile(path) as cf:
+        assert cf.tensors[beta]["kind"] == "raw" and cf.tensors[beta]["shape"] == [1]
+        stored = float(cf.decode(beta)[0])
+    model, _ = load(path)
+    assert model.get_buffer(beta).shape == () and float(model.get_buffer(beta)) == stored
+
+    def renamed(names: dict):
+        def fn(header):  # the same entries in the same order, under other names
+            header["tensors"] = {names.get(n, n): t for n, t in header["tensors"].items()}
+        return fn
+
+    computed = rewrite(path, tmp_path / "a.claq", renamed({beta: "model.rotary_emb.inv_freq"}))
+    with pytest.raises(ValueError, match="no such tensor"):
+        load(computed)
+    swapped = rewrite(path, tmp_path / "b.claq", renamed({beta: up, up: beta}))  # the quantized entry comes first
+    with pytest.raises(ValueError, match="a buffer of the model, stored quantized"):
+        load(swapped)

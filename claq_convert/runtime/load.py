@@ -32,6 +32,17 @@ def _tokenizer_from(cf):
             raise ValueError(f"the file's tokenizer cannot be loaded ({_brief(error)})") from None
 
 
+def _stored_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent buffers by name: those a checkpoint stores (an activation's constants, as
+    Apertus's xIELU keeps), which the file keeps raw like parameters; computed ones (rotary tables) are not."""
+    stored = {}
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            stored[name] = buffer
+    return stored
+
+
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
@@ -108,13 +119,13 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
         _check_layer_count(config, family, cf.tensors)
         model = _skeleton(config, device, dtype)
         parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
-        # buffers a checkpoint stores (an activation's constants: Apertus's xIELU), kept raw like parameters
-        buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False)
-                   if n.rpartition(".")[2] not in model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
+        buffers = _stored_buffers(model)
         for name, tensor in cf.tensors.items():
             target_tensor = parameters.get(name, buffers.get(name))
             if target_tensor is None:
                 raise ValueError(f"{name}: a {config.model_type} model has no such tensor")
+            if name in buffers and tensor["kind"] != spec.KIND_RAW:
+                raise ValueError(f"{name}: a buffer of the model, stored quantized; only weights are quantized")
             shape = tuple(target_tensor.shape)
             if tensor["kind"] == spec.KIND_RAW and tuple(tensor["shape"]) != (shape or (1,)):  # a scalar is stored as [1]
                 raise ValueError(f"{name}: file shape {tensor['shape']} does not fit the model's {shape}")
