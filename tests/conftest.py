@@ -25,6 +25,10 @@ FAMILY_CONFIGS = {
     "glm": dict(), "glm4": dict(), "gptj": dict(n_inner=160, rotary_dim=8),
     "falcon": dict(), "bloom": dict(), "persimmon": dict(), "mpt": dict(), "codegen": dict(n_inner=160, rotary_dim=8),
     "xglm": dict(), "biogpt": dict(),
+    # variants whose layers differ: Falcon-40B's separate norms for attention and MLP, q/k norms
+    "falcon-new": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2),
+    "stablelm-qk": dict(model_type="stablelm", use_qkv_bias=True, qk_layernorm=True),
+    "mpt-qk": dict(model_type="mpt", attn_config={"qk_ln": True}),
 }
 
 
