@@ -172,3 +172,11 @@ def test_group_hessians_are_shared_between_linears_reading_one_input_and_equal_t
         _group_hessians(layer, {n: layer.get_submodule(n) for n in (q, k, v)}, states, kwargs)
         handle.remove()
         assert len(states) == 2 and len(calls) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here the script would run the GPU checks")
+def test_the_device_check_script_says_in_one_line_that_it_needs_a_gpu(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "tools" / "device_check.sh")], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "sees no CUDA GPU" in done.stderr
