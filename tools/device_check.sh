@@ -11,7 +11,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-out/device}
-STEP_SECONDS=${STEP_SECONDS:-240}
+# bounds in seconds: 300 + 150 + 150 fit one 600 s call of a lent machine
+TEST_SECONDS=${TEST_SECONDS:-300}
+BENCH_SECONDS=${BENCH_SECONDS:-150}
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
 
@@ -22,18 +24,18 @@ fi
 "$PY" -c "import torch, triton; print('gpu:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)"
 
 failed=0
-step() {  # step NAME COMMAND...: run with a time bound, report how it ended
-  local name=$1; shift
+step() {  # step NAME SECONDS COMMAND...: run with a time bound, report how it ended
+  local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  if timeout "$STEP_SECONDS" "$@"; then
+  if timeout "$limit" "$@"; then
     echo "device_check: $name passed in $((SECONDS - start)) s"
   else
     echo "device_check: $name FAILED (status $?) after $((SECONDS - start)) s" >&2
     failed=$((failed + 1))
   fi
 }
-step "triton kernels compiled for CUDA" "$PY" -m pytest -q -x tests/test_triton_kernels.py
-step "GEMV against cuBLAS" "$PY" tools/bench_decode_cuda.py --out "$OUT/decode-cuda.json"
-step "host cost a call" "$PY" tools/bench_launch_host.py --cuda --out "$OUT/launch-host-cuda.json"
+step "triton kernels compiled for CUDA" "$TEST_SECONDS" "$PY" -m pytest -q -x tests/test_triton_kernels.py
+step "GEMV against cuBLAS" "$BENCH_SECONDS" "$PY" tools/bench_decode_cuda.py --out "$OUT/decode-cuda.json"
+step "host cost a call" "$BENCH_SECONDS" "$PY" tools/bench_launch_host.py --cuda --out "$OUT/launch-host-cuda.json"
 echo "device_check: $failed step(s) failed; results in $OUT"
 exit "$failed"
