@@ -210,3 +210,10 @@ def test_stored_buffers_load_raw_and_nothing_else_poses_as_one(converted_family,
     swapped = rewrite(path, tmp_path / "b.claq", renamed({beta: up, up: beta}))  # the quantized entry comes first
     with pytest.raises(ValueError, match="a buffer of the model, stored quantized"):
         load(swapped)
+
+
+def test_refused_types_are_real_and_not_supported():
+    from transformers import CONFIG_MAPPING
+
+    assert not set(architectures._REFUSED) & set(architectures.supported_model_types())
+    assert all(t in CONFIG_MAPPING for t in list(architectures._REFUSED) + architectures.supported_model_types())

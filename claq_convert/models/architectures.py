@@ -115,8 +115,10 @@ _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 # Known and refused, with the reason (rather than "unsupported"):
 _MOE = "a mixture-of-experts model: this version quantizes dense decoder layers only"
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "deepseek_v3",
-                         "llama4_text")},
+    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "olmoe",
+                         "granitemoe", "granitemoeshared", "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4_text",
+                         "phimoe", "dbrx", "jetmoe", "jamba", "minimax", "glm4_moe", "ernie4_5_moe",
+                         "hunyuan_v1_moe", "dots1", "cohere2_moe", "exaone_moe", "lfm2_moe", "afmoe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
