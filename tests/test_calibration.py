@@ -98,10 +98,7 @@ def test_the_default_batch_counts_the_cache_in_the_samplers_dtype(tiny_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
     first = torch.arange(2, model.config.vocab_size)
-    config = model.config
-    heads = config.num_attention_heads
-    per_sequence_fp32 = (config.num_hidden_layers * 2 * (config.num_key_value_heads or heads)
-                         * (getattr(config, "head_dim", None) or config.hidden_size // heads) * 10 * 4)
+    per_sequence_fp32 = calibration.cache_bytes_per_sequence(model.config, 10)
     monkeypatch.setattr(calibration, "SAMPLING_CACHE_BYTES", 2 * per_sequence_fp32)  # fp32: 2 at once; bf16: 4
     assert calibration.sampling_batch(model.config, 10) == 2
     assert calibration.sampling_batch(model.config, 10, torch.bfloat16) == 4

@@ -32,20 +32,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_scale import LLAMA2_7B, SMOKE, build_model, echo, machine_info  # noqa: E402
 from claq_convert.quantize.calibration import (  # noqa: E402
-    SELF, cache_bytes_per_sequence, default_sources, first_token_candidates, parse_source, sample_windows,
-    sampling_batch)
+    DEFAULT_NSAMPLES, cache_bytes_per_sequence, default_sources, first_token_candidates, sample_windows,
+    sampling_batch, self_windows)
 from claq_convert.quantize.convert import load_sampler  # noqa: E402
 
 DEPTHS = (1, 2)
-
-
-def default_self_windows() -> int:
-    """How many windows the CLI's default calibration samples from the model (64 of 96)."""
-    for source in default_sources():
-        name, count = parse_source(source)
-        if str(name) == SELF:
-            return int(count)
-    return 0
 
 
 def time_batch(model, first_tokens, batch: int, seqlen: int) -> float:
@@ -88,7 +79,7 @@ def main(batches, seqlen, smoke, workdir, out):
     shape = SMOKE if smoke else LLAMA2_7B
     seqlen = seqlen or (64 if smoke else 512)
     batches = sorted({int(b) for b in batches.split(",") if b.strip()})
-    windows = default_self_windows()
+    windows = self_windows(default_sources(), DEFAULT_NSAMPLES)  # the CLI default's: 64 of 96
     report = {"tool": "tools/bench_sampling.py", "machine": machine_info(device),
               "settings": {"seqlen": seqlen, "batches": batches, "depths": list(DEPTHS), "smoke": smoke,
                            "default_self_windows": windows}, "runs": {}}

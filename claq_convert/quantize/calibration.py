@@ -108,6 +108,12 @@ def window_counts(sources: Sequence[Source], nsamples: int) -> tuple[list[Source
     return names, split_counts(nsamples, len(sources))
 
 
+def self_windows(sources: Sequence[Source], nsamples: int) -> int:
+    """How many of the windows these sources make are sampled from the model itself (window_counts)."""
+    sources, counts = window_counts(sources, nsamples)
+    return sum(count for source, count in zip(sources, counts) if str(source) == SELF)
+
+
 def text_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, where: str = "the text") -> torch.Tensor:
     """`nsamples` random `seqlen`-token windows (seeded) of a token stream: LongTensor [nsamples, seqlen]."""
     if ids.numel() <= seqlen:

@@ -183,7 +183,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     from transformers import AutoTokenizer
 
     from ..models.architectures import family_of
-    from .calibration import SELF, calibration_set, default_sources, describe, window_counts
+    from .calibration import calibration_set, default_sources, describe, self_windows
 
     qc = options.quant
     qc.validate()
@@ -197,10 +197,10 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
         calibration = checkpoint.calibration()
     if calibration is None:
         with timer.section("calibration"):
-            self_windows = sum(n for s, n in zip(*window_counts(sources, options.nsamples)) if str(s) == SELF)
+            sampled = self_windows(sources, options.nsamples)
             calibration = calibration_set(sources, tokenizer,
                                           lambda: load_sampler_within_memory(options.model_dir, options.device,
-                                                                             options.seqlen, self_windows),
+                                                                             options.seqlen, sampled),
                                           options.nsamples, options.seqlen, options.seed, progress=progress)
     if checkpoint is not None:
         checkpoint.save_calibration(calibration)

@@ -315,8 +315,8 @@ class ClaqEmbedding(ClaqLinear):
         self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
         # a scaled embedding (Gemma's: rows times sqrt(hidden), a buffer; XGLM's and BioGPT's, a float) keeps its
         # scale; the tied head reads unscaled rows
-        scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32 if isinstance(scale, float) else None)
-        self.register_buffer("embed_scale", None if scale is None else scale.to(device), persistent=False)
+        self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).to(device),
+                             persistent=False)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] for a 1-D LongTensor of distinct, ascending row ids: [len(ids), hidden]."""
