@@ -29,6 +29,13 @@ FAMILY_CONFIGS = {
     "falcon-new": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2),
     "stablelm-qk": dict(model_type="stablelm", use_qkv_bias=True, qk_layernorm=True),
     "mpt-qk": dict(model_type="mpt", attn_config={"qk_ln": True}),
+    # mixtures of experts: 4 experts, 2 a token
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=96),
 }
 
 

@@ -56,12 +56,13 @@ def test_streamed_fisher_sums_equal_the_whole_model_ones(family, tmp_path, monke
     from transformers import AutoModelForCausalLM
 
     from claq_convert.quantize import convert
-    from claq_convert.models.architectures import resolve
+    from claq_convert.models.architectures import resolve, unstack_experts
     from claq_convert.quantize.pipeline import head_and_embedding_names
     from claq_convert.models.source import ModelSource
 
     directory = build_tiny_model(tmp_path / family, family=family)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    unstack_experts(model, model.config)  # a mixture's experts one weight each, as measured
     arch = resolve(model, model.config)
     source = ModelSource(directory)
     head = head_and_embedding_names(model, model.config, set(source.names()))[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import re
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -68,7 +69,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "seed_oss": "seed_oss", "ernie4_5": "ernie4_5", "arcee": "arcee", "nemotron": "nemotron", "apertus": "apertus",
              "starcoder2": "starcoder2", "phi": "phi2", "glm": "chatglm", "glm4": "glm4", "gptj": "gptj",
              "falcon": "falcon", "bloom": "bloom", "mpt": "mpt", "persimmon": None, "codegen": None, "xglm": None,
-             "biogpt": None}
+             "biogpt": None, "mixtral": "llama", "phimoe": "phimoe", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "olmoe": "olmoe"}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:
@@ -79,10 +81,16 @@ def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -
     stem, dot, suffix = hf_name.rpartition(".")
     if base_arch is not None and dot:
         arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[base_arch]
-        mapped = gguf.get_tensor_name_map(arch, n_layers).get_name(stem)
+        # one expert's matrix: llama.cpp's name of the experts' stacked tensor, then the expert's index
+        expert = _EXPERT.fullmatch(stem)
+        key, index = (expert["stacked"] + expert["matrix"], "." + expert["index"]) if expert else (stem, "")
+        mapped = gguf.get_tensor_name_map(arch, n_layers).get_name(key)
         if mapped is not None:
-            return f"{mapped}.{suffix}"
+            return f"{mapped}{index}.{suffix}"
     return hf_name
+
+
+_EXPERT = re.compile(r"(?P<stacked>.+\.experts\.)(?P<index>\d+)\.(?P<matrix>\w+)")
 
 
 def standard_config(config: dict) -> dict:
@@ -115,6 +123,10 @@ def _arch_keys(config: dict, arch: Optional[str]) -> dict:
               K.Attention.LAYERNORM_EPS: ("float32", config.get("layer_norm_eps", config.get("layer_norm_epsilon"))),
               K.Rope.DIMENSION_COUNT: ("uint32", config.get("head_dim") or (hidden // heads if heads and hidden else None)),
               K.LLM.VOCAB_SIZE: ("uint32", config.get("vocab_size")),
+              K.LLM.EXPERT_COUNT: ("uint32", config.get("num_local_experts", config.get("num_experts"))),
+              K.LLM.EXPERT_USED_COUNT: ("uint32", config.get("num_experts_per_tok")),
+              K.LLM.EXPERT_FEED_FORWARD_LENGTH: ("uint32", config.get("moe_intermediate_size")),
+              K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH: ("uint32", config.get("shared_expert_intermediate_size")),
               K.Rope.FREQ_BASE: ("float32", config.get("rope_theta") or _rope_theta(config))}
     ok = {"uint32": _is_count, "float32": _is_float32}
     return {key.format(arch=arch): (kind, value) for key, (kind, value) in values.items() if ok[kind](value)}

@@ -18,6 +18,11 @@ import torch
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+EXPERT = "*"  # in a group name: every expert of the layer's experts module (experts.py), expert by expert
+_MOE_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+               ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
+# checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
+_W123 = (("block_sparse_moe.", "mlp."), ("w1.", "gate_proj."), ("w2.", "down_proj."), ("w3.", "up_proj."))
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,12 @@ class Family:
     layers: str                               # dotted path of the ModuleList of decoder layers
     groups: tuple[tuple[str, ...], ...]       # linears of one layer, in true-sequential groups
     final_norm: Optional[str]                 # the norm before the head (None: the head reads the last layer)
-    renames: tuple[tuple[str, str], ...] = () # (checkpoint prefix, module prefix) where the two differ
+    renames: tuple[tuple[str, str], ...] = () # (checkpoint segments, module segments) where the two differ,
+                                              # replaced wherever they begin a dotted segment of a name
+    experts: Optional[str] = None             # the layer's experts module, stacked by transformers, unstacked
+                                              # into one linear per expert and matrix (experts.py)
+    kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
+                                              # expert's one-row gate: small, and a flipped route costs more)
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
                                               # linear (llama.cpp's GGUF stores GPT-2 that way too)
@@ -96,6 +106,17 @@ FAMILIES = (
     Family("gptj", ("gptj",), "transformer.h",
            (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
            "transformer.ln_f"),
+    # mixture of experts: each expert's matrices quantized apart, from the tokens routed to it; routers raw
+    Family("moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts"),
+    Family("mixtral", ("mixtral",), "model.layers", _MOE_GROUPS, "model.norm", renames=_W123, experts="mlp.experts"),
+    Family("phimoe", ("phimoe",), "model.layers", _MOE_GROUPS, "model.norm",
+           renames=(("block_sparse_moe.gate.", "mlp.router."),) + _W123, experts="mlp.experts",
+           kept=("mlp.router",)),  # its router is a linear
+    Family("qwen2_moe", ("qwen2_moe",), "model.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+            ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
+             "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj")),
+           "model.norm", experts="mlp.experts", kept=("mlp.shared_expert_gate",)),
     # fused projections: one linear per group
     Family("phi3", ("phi3",), "model.layers",
            (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)), "model.norm"),
@@ -113,12 +134,13 @@ FAMILIES = (
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 # Known and refused, with the reason (rather than "unsupported"):
-_MOE = "a mixture-of-experts model: this version quantizes dense decoder layers only"
+_MOE = ("a mixture-of-experts model whose experts this version does not unstack (supported mixtures: "
+        "mixtral, phimoe, qwen2_moe, qwen3_moe, olmoe)")
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "olmoe",
-                         "granitemoe", "granitemoeshared", "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4_text",
-                         "phimoe", "dbrx", "jetmoe", "jamba", "minimax", "glm4_moe", "ernie4_5_moe",
-                         "hunyuan_v1_moe", "dots1", "cohere2_moe", "exaone_moe", "lfm2_moe", "afmoe")},
+    **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "gpt_oss",
+                         "deepseek_v2", "deepseek_v3", "llama4_text", "dbrx", "jetmoe", "jamba", "minimax",
+                         "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "cohere2_moe", "exaone_moe",
+                         "lfm2_moe", "afmoe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
@@ -128,10 +150,16 @@ class ArchitectureError(ValueError):
     """The model's family is unknown, or its module graph does not match its family's entry."""
 
 
-def module_names(model_type: Optional[str]) -> dict[str, str]:
-    """checkpoint prefix -> module prefix for this model type ({} when the names agree or it is unknown)."""
+def module_name(model_type: Optional[str], stored: str) -> str:
+    """The module's name for the checkpoint tensor `stored` of a `model_type` checkpoint: each of the family's
+    renames applied where it begins a dotted segment (the name itself for most families, or an unknown type)."""
     family = _BY_MODEL_TYPE.get(model_type)
-    return dict(family.renames) if family else {}
+    if family is None or not family.renames:
+        return stored
+    dotted = "." + stored
+    for old, new in family.renames:
+        dotted = dotted.replace("." + old, "." + new)
+    return dotted[1:]
 
 
 def transposed_weight(model_type: Optional[str], name: str) -> bool:
@@ -194,12 +222,27 @@ def skeleton(config, device="cpu", dtype: torch.dtype = torch.float32):
 
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        unstack_experts(model, config)
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.device != torch.device(device):
                 persistent = name not in module._non_persistent_buffers_set
                 module.register_buffer(name, buffer.to(device), persistent=persistent)
     return model.eval()
+
+
+def unstack_experts(model, config) -> None:
+    """A mixture-of-experts model's stacked experts as one linear per expert and matrix (experts.py), in
+    place, values kept (a model from from_pretrained) or on meta (a skeleton); other models unchanged."""
+    from .experts import unstack_experts as unstack
+
+    family = _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    if family is None or family.experts is None:
+        return
+    try:
+        unstack(model.get_submodule(family.layers), family.experts)
+    except (AttributeError, ValueError) as exc:
+        raise ArchitectureError(f"{family.name} entry does not match this {config.model_type} model: {exc}") from None
 
 
 def inside(name: str, prefix: str) -> bool:
@@ -209,14 +252,33 @@ def inside(name: str, prefix: str) -> bool:
 
 @dataclass
 class Resolved:
-    """A family entry checked against one model: its layer list and final norm, as modules."""
+    """A family entry checked against one model: its layer list and final norm, as modules, and the
+    groups of every layer with each expert named (`groups`: the entry's with EXPERT expanded)."""
     family: Family
     layers: torch.nn.ModuleList
     final_norm: Optional[torch.nn.Module]
+    groups: tuple[tuple[str, ...], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
-        return tuple(name for group in self.family.groups for name in group)
+        return tuple(name for group in self.groups for name in group)
+
+    @property
+    def routed(self) -> frozenset[str]:
+        """The linears that see only the tokens routed to their expert (a calibration batch may miss one)."""
+        return frozenset(n for n in self.linears if self.family.experts and inside(n, self.family.experts))
+
+
+def expanded(groups: tuple[tuple[str, ...], ...], experts: int) -> tuple[tuple[str, ...], ...]:
+    """The groups with each name holding EXPERT repeated for experts 0..experts-1, expert by expert (an
+    expert's gate beside its up: they read one input)."""
+    out = []
+    for group in groups:
+        plain = [n for n in group if EXPERT not in n.split(".")]
+        each = [n for n in group if EXPERT in n.split(".")]
+        names = [n.replace(f".{EXPERT}.", f".{e}.") for e in range(experts) for n in each]
+        out.append(tuple(names + plain))
+    return tuple(out)
 
 
 def resolve(model, config) -> Resolved:
@@ -231,9 +293,19 @@ def resolve(model, config) -> Resolved:
         raise ArchitectureError(f"{family.name} entry does not match this {config.model_type} model: {exc}") from None
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise ArchitectureError(f"{family.name} entry: {family.layers} is not a non-empty list of layers")
-    grouped = [name for group in family.groups for name in group]
+    from .experts import ExpertLinears
+
+    groups = family.groups
+    if family.experts is not None:
+        experts = layers[0].get_submodule(family.experts) if _has(layers[0], family.experts) else None
+        if not isinstance(experts, ExpertLinears):
+            raise ArchitectureError(f"{family.name} entry: layer 0's {family.experts} is not unstacked experts "
+                                    "(architectures.unstack_experts)")
+        groups = expanded(groups, len(experts))
+    grouped = [name for group in groups for name in group]
     for index, layer in enumerate(layers):
-        found = sorted(n for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, family.linear_type())))
+        found = sorted(n for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, family.linear_type()))
+                       and n not in family.kept)
         if sorted(grouped) != found:
             raise ArchitectureError(f"{family.name} entry: layer {index} has linears {found}, the entry names "
                                     f"{sorted(grouped)}; a variant this version does not know")
@@ -241,4 +313,12 @@ def resolve(model, config) -> Resolved:
         if other:  # a weight in the other layout would be quantized transposed
             raise ArchitectureError(f"{family.name} entry: layer {index}'s {', '.join(other)} is not a "
                                     f"{family.linear_type().__name__}; a variant this version does not know")
-    return Resolved(family, layers, norm)
+    return Resolved(family, layers, norm, groups)
+
+
+def _has(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -76,18 +76,13 @@ class ModelSource:
             raise SourceError(f"{self.dir} has no model.safetensors (pickle checkpoints are not read)")
         self._handles = {}
         # names as the model's modules have them (transformers renames some checkpoint keys on load)
-        from .architectures import module_names
+        from .architectures import module_name
 
         try:
             model_type = json.loads((self.dir / "config.json").read_text()).get("model_type")
         except (json.JSONDecodeError, AttributeError):
             raise SourceError(f"{self.dir / 'config.json'} is not a JSON object") from None
-        renames = module_names(model_type)
-
-        def module_name(stored: str) -> str:
-            return next((new + stored[len(old):] for old, new in renames.items() if stored.startswith(old)), stored)
-
-        self._stored = {module_name(name): name for name in files}  # module name -> checkpoint key
+        self._stored = {module_name(model_type, name): name for name in files}  # module name -> checkpoint key
         self.files = {name: files[stored] for name, stored in self._stored.items()}
 
     def names(self) -> list[str]:

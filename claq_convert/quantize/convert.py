@@ -284,12 +284,13 @@ def tune_model(options: ConvertOptions, results: dict[str, QuantizedWeight], cal
     """Codebooks (and norm scales) tuned by distillation from the source model (tuning.py)."""
     from transformers import AutoModelForCausalLM
 
-    from ..models.architectures import family_of
+    from ..models.architectures import family_of, unstack_experts
     from .tuning import tune
 
     qc = options.quant
     teacher = load_sampler(options.model_dir, options.device).float()
     student = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device)
+    unstack_experts(student, student.config)  # one weight per expert matrix, as quantized
     family = family_of(student.config)
     start = time.perf_counter()
     tuned, norms, record = tune(student, teacher, results, family.transposed, calibration, qc.tune_steps, qc.tune_lr,
@@ -582,9 +583,10 @@ def evaluate_before_after(options: ConvertOptions, results: MutableMapping[str, 
 def apply_dequantized(model, results: MutableMapping[str, QuantizedWeight]) -> None:
     """Replace each quantized weight of an fp32 model by its dequantized values (in place), one result
     read at a time (checkpoint.SavedResults reads each from disk when asked)."""
-    from ..models.architectures import family_of
+    from ..models.architectures import family_of, unstack_experts
 
     family = family_of(model.config)
+    unstack_experts(model, model.config)  # the results name each expert's matrices
     params = dict(model.named_parameters())
     for name, result in results.items():
         params[name].copy_(torch.from_numpy(family.layout(name, result.dequantize())))

@@ -343,6 +343,10 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
         states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
         for handle in handles:
             handle.remove()
+        for n in arch.routed:  # an expert no calibration token reached
+            name = prefix + n + ".weight"
+            if name not in energies:
+                energies[name] = torch.zeros(layer.get_submodule(n).in_features, dtype=torch.float64, device=device)
         _release(layer)
     if quantize_embeddings:
         head_name, _ = head_and_embedding_names(model, config, set(source.names()))
@@ -407,11 +411,12 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 source_replay = LayerReplay(source_layer, arch.linears, source_states, share)
                 source_replay.finished(arch.linears)
                 source_pass = (source_layer, source_states, source_replay)
-            for group in arch.family.groups:
+            for group in arch.groups:
                 linears = {name: layer.get_submodule(name) for name in group}
                 with (timer.phase("forward"), replay.passing(),
                       source_replay.passing() if source_replay else contextlib.nullcontext()):
-                    hessians, crosses = (_group_hessians(layer, linears, states, kwargs, timer, replay, source_pass)
+                    hessians, crosses = (_group_hessians(layer, linears, states, kwargs, timer, replay, source_pass,
+                                                          arch.routed)
                                          if needs_h else ({}, {}))
                 jobs = []
                 for name, linear in linears.items():
@@ -563,7 +568,8 @@ def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, 
 
 
 def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIMER,
-                    replay: Optional[LayerReplay] = None, source: Optional[tuple] = None
+                    replay: Optional[LayerReplay] = None, source: Optional[tuple] = None,
+                    routed: Collection[str] = frozenset()
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(H, C) for each linear of the group, over all calibration tokens: H = 2/n sum x x^T (float32), and
     with `source` = (the layer with its source weights, its source inputs one tensor a batch, and a
@@ -576,15 +582,22 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
     that one's sum instead of accumulating a copy: the same numbers, once. When the first batch shows
     every linear of the group reading one tensor, the later batches stop before the first linear: the
     others would only compute what nothing reads (on SmolLM2 a seventh of the calibration forward).
+
+    `routed` linears (experts') read only the tokens routed to their expert, a different number each, and
+    may read none in a batch: n is counted per input, and a group holding them runs the whole layer (no
+    linear of it is sure to run last). An expert no calibration token reached gets H = None, and is
+    quantized without one, as the calibration-free methods are. They get no C: the source model routes
+    its own tokens, so an expert's tokens there and here need not be the same ones.
     """
     sums: dict[str, torch.Tensor] = {}
     crosses: dict[str, torch.Tensor] = {}
     owners: dict[str, str] = {}  # linear -> the first linear of the group that reads its input
     seen: dict[str, torch.Tensor] = {}  # this batch: linear -> its input
     seen_source: dict[str, torch.Tensor] = {}  # this batch: linear -> its input in the source model
-    count = [0]
+    counts: dict[str, int] = {}  # linear -> rows of its input, summed over the batches
     first, last = list(linears)[0], list(linears)[-1]
-    stop = [last]  # the linear before which a batch's pass ends
+    sparse = any(name in routed for name in linears)
+    stop = [None if sparse else last]  # the linear before which a batch's pass ends
 
     def hook(name):
         def record(module, inputs):
@@ -595,12 +608,13 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
                                    "another; the group's Hessians would be inconsistent")
             seen[name] = x
             if owner == name:
+                counts[name] = counts.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
                 with timer.phase("hessian"):
                     x = x.reshape(-1, x.shape[-1]).float()
                     if name not in sums:
                         sums[name] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
                     add_gram(sums[name], x)
-                    if source is not None:
+                    if source is not None and name not in routed:
                         x_f = seen_source[name].reshape(-1, x.shape[-1]).float()
                         if name not in crosses:
                             crosses[name] = torch.zeros_like(sums[name])
@@ -610,14 +624,20 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
                 if missing:
                     raise RuntimeError(f"{last} ran before {', '.join(missing)} of its group: the family table's "
                                        "order differs from this model's forward pass")
-                count[0] += x.reshape(-1, x.shape[-1]).shape[0]
                 raise _StopForward  # the rest of the layer is not needed for this group
         return record
+
+    # the source pass needs the inputs of the group's unrouted linears only, and must stop inside the layer:
+    # a pass that completed a module of the source layer (all finished) would have later passes replay it
+    # whole, past the hooks of the linears inside
+    source_stop = next((n for n in reversed(list(linears)) if n not in routed), None) if sparse else None
+    if sparse and source_stop is None:
+        source = None  # a group of experts only: nothing of the source pass is used
 
     def record_source(name):
         def record(module, inputs):
             seen_source[name] = inputs[0]
-            if name == stop[0]:
+            if name == (source_stop if sparse else stop[0]):
                 raise _StopForward
         return record
 
@@ -625,7 +645,8 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
     source_batches = None
     if source is not None:
         source_layer, source_states, source_replay = source
-        handles += [source_layer.get_submodule(name).register_forward_pre_hook(record_source(name)) for name in linears]
+        handles += [source_layer.get_submodule(name).register_forward_pre_hook(record_source(name))
+                    for name in linears if name not in routed]
         source_batches = (source_replay.batches(source_states, kwargs) if source_replay is not None
                           else zip(source_states, kwargs))
     batches = replay.batches(states, kwargs) if replay is not None else zip(states, kwargs)
@@ -643,15 +664,18 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
                 layer(h, **kw)
             except _StopForward:
                 pass
-            if set(owners.values()) == {first}:  # one input for all: the rest need not run
+            if not sparse and set(owners.values()) == {first}:  # one input for all: the rest need not run
                 stop[0] = first
     finally:
         for handle in handles:
             handle.remove()
     seen.clear()
     seen_source.clear()
-    scale = 2.0 / count[0]
-    hessians = {name: total * scale for name, total in sums.items()}
-    crosses = {name: total * scale for name, total in crosses.items()}
-    return ({name: hessians[owners[name]] for name in linears},
-            {name: crosses[owners[name]] for name in linears} if crosses else {})
+    hessians = {name: total * (2.0 / counts[name]) for name, total in sums.items()}
+    crosses = {name: total * (2.0 / counts[name]) for name, total in crosses.items()}
+    missing = [name for name in linears if name not in owners]
+    if any(name not in routed for name in missing):
+        raise RuntimeError(f"{', '.join(n for n in missing if n not in routed)} never ran in the calibration "
+                           "pass: the family table names a linear this model's forward does not use")
+    return ({name: hessians[owners[name]] if name in owners else None for name in linears},
+            {name: crosses[owners[name]] for name in linears if owners.get(name) in crosses})

@@ -1,0 +1,136 @@
+"""Mixture-of-experts layers: unstacked experts compute what transformers' stacked ones do, each expert's
+Hessian comes from the tokens routed to it, and an expert no calibration token reaches is still quantized."""
+import numpy as np
+import pytest
+import torch
+
+from claq_convert.models import architectures
+from claq_convert.models.experts import ExpertLinears, is_stacked, unstack_experts
+from claq_convert.models.source import ModelSource
+
+from conftest import FAMILY_CONFIGS, build_tiny_model, first_layer
+
+MOE = sorted(f for f in FAMILY_CONFIGS if architectures.family_of(
+    type("C", (), {"model_type": FAMILY_CONFIGS[f].get("model_type", f)})()).experts)
+
+
+def test_the_mixture_families_are_in_the_matrix():
+    assert MOE == ["mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_unstacked_experts_compute_what_transformers_computes(family, tmp_path):
+    """Same logits as transformers' own stacked experts, and every unstacked weight is a checkpoint tensor
+    (under the family's renames) with the checkpoint's values."""
+    from transformers import AutoModelForCausalLM
+
+    directory = build_tiny_model(tmp_path / family, family=family)
+    stacked = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    architectures.unstack_experts(model, model.config)
+    arch = architectures.resolve(model, model.config)
+    experts = arch.layers[0].get_submodule(arch.family.experts)
+    assert isinstance(experts, ExpertLinears) and len(experts) == 4
+    assert arch.routed == {n for n in arch.linears if ".experts." in n} and len(arch.routed) == 12
+    ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stacked(ids).logits, rtol=0, atol=1e-5)
+    source = ModelSource(directory)
+    params = dict(model.named_parameters())
+    assert set(params) <= set(source.names())
+    for name in [n for n in params if ".experts." in n]:
+        assert torch.equal(params[name], source.tensor(name)), name
+
+
+def test_each_expert_gets_the_hessian_of_its_own_tokens(tmp_path):
+    from claq_convert.quantize.pipeline import _group_hessians
+
+    model_dir = build_tiny_model(tmp_path / "mixtral", family="mixtral")
+    with torch.no_grad():
+        _, arch, layer, states, kwargs = first_layer(model_dir)
+        group = arch.groups[2]  # every expert's gate and up
+        inputs: dict[str, list] = {}
+        handles = [layer.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+            for n in group]
+        for h, kw in zip(states, kwargs):
+            layer(h, **kw)
+        for handle in handles:
+            handle.remove()
+        hessians, _ = _group_hessians(layer, {n: layer.get_submodule(n) for n in group}, states, kwargs,
+                                      routed=arch.routed)
+    counts = []
+    for name in group:
+        x = torch.cat(inputs[name])
+        counts.append(x.shape[0])
+        torch.testing.assert_close(hessians[name], 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    tokens = sum(h.shape[0] * h.shape[1] for h in states)
+    assert sum(counts) == 2 * 2 * tokens and len(set(counts)) > 1  # top-2, gate and up: tokens differ per expert
+
+
+def _never_to_expert_3(monkeypatch):
+    """Route every slot meant for expert 3 to expert 2 instead (Mixtral's router)."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    forward = modeling_mixtral.MixtralTopKRouter.forward
+
+    def rerouted(self, hidden_states):
+        logits, scores, index = forward(self, hidden_states)
+        return logits, scores, torch.where(index == 3, 2, index)
+    monkeypatch.setattr(modeling_mixtral.MixtralTopKRouter, "forward", rerouted)
+
+
+def test_an_expert_no_token_reaches_is_quantized_without_a_hessian(tmp_path, text_file, monkeypatch):
+    from claq_convert.format import reader
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.pipeline import QuantConfig, _group_hessians
+
+    model_dir = build_tiny_model(tmp_path / "mixtral", family="mixtral")
+    _never_to_expert_3(monkeypatch)
+    with torch.no_grad():
+        _, arch, layer, states, kwargs = first_layer(model_dir)
+        group = arch.groups[2]
+        hessians, _ = _group_hessians(layer, {n: layer.get_submodule(n) for n in group}, states, kwargs,
+                                      routed=arch.routed)
+    assert [n for n in group if hessians[n] is None] == ["mlp.experts.3.gate_proj", "mlp.experts.3.up_proj"]
+    path = tmp_path / "m.claq"
+    run_conversion(ConvertOptions(model_dir=model_dir, out=path, quant=QuantConfig(bits=3.1),
+                                  calib=(text_file,), nsamples=4, seqlen=32))
+    source = ModelSource(model_dir)
+    with reader.ClaqFile(path) as cf:
+        for matrix in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.0.mlp.experts.3.{matrix}.weight"
+            assert cf.tensors[name]["kind"] == "claq"
+            W = source.tensor(name).numpy()
+            assert np.linalg.norm(cf.decode(name) - W) < 0.5 * np.linalg.norm(W)
+
+
+def test_only_the_stacked_layout_is_unstacked():
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    config = AutoConfig.for_model("gpt_oss", hidden_size=16, intermediate_size=8, num_local_experts=2)
+    assert not is_stacked(GptOssExperts(config))  # biases beside the matrices: not the layout unstacked
+    layers = torch.nn.ModuleList([torch.nn.Module()])
+    layers[0].experts = GptOssExperts(config)
+    with pytest.raises(ValueError, match="layer 0's experts is a GptOssExperts, not experts stacked"):
+        unstack_experts(layers, "experts")
+
+
+def test_checkpoint_names_of_mixtral_lineage_become_module_names():
+    name = architectures.module_name
+    assert name("mixtral", "model.layers.3.block_sparse_moe.experts.7.w1.weight") == "model.layers.3.mlp.experts.7.gate_proj.weight"
+    assert name("mixtral", "model.layers.3.block_sparse_moe.experts.7.w2.weight") == "model.layers.3.mlp.experts.7.down_proj.weight"
+    assert name("mixtral", "model.layers.3.block_sparse_moe.gate.weight") == "model.layers.3.mlp.gate.weight"
+    assert name("phimoe", "model.layers.3.block_sparse_moe.gate.weight") == "model.layers.3.mlp.router.weight"
+    assert name("gpt_neox", "embed_out.weight") == "lm_head.weight"
+    assert name("llama", "model.layers.0.mlp.w1.weight") == "model.layers.0.mlp.w1.weight"
+
+
+def test_gguf_names_an_expert_by_llama_cpp_stacked_tensor_and_index():
+    from claq_convert.format.gguf_ext import gguf_name
+
+    assert gguf_name("model.layers.3.mlp.experts.7.gate_proj.weight", 4, "qwen3moe") == "blk.3.ffn_gate_exps.7.weight"
+    assert gguf_name("model.layers.3.mlp.experts.7.down_proj.weight", 4, "llama") == "blk.3.ffn_down_exps.7.weight"
+    assert gguf_name("model.layers.3.mlp.shared_expert.up_proj.weight", 4, "qwen2moe") == "blk.3.ffn_up_shexp.weight"
+    assert gguf_name("model.layers.3.mlp.gate.weight", 4, "olmoe") == "blk.3.ffn_gate_inp.weight"
