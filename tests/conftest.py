@@ -36,6 +36,15 @@ FAMILY_CONFIGS = {
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                       shared_expert_intermediate_size=96),
+    # ... whose first layer is dense
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=48, moe_layer_start_index=1,
+                         moe_layer_end_index=1, moe_num_shared_experts=1),
+    "exaone_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1),
+    "afmoe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_dense_layers=1,
+                  num_shared_experts=1, head_dim=16),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16),
+    "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16),
 }
 
 
@@ -67,6 +76,9 @@ def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> P
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, Conv1D)):
                 module.weight.mul_(1 + 3 * (torch.rand_like(module.weight) < 0.01))
+        for p in model.parameters():  # a router initialised to zeros would send every token to the same experts
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.02)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory

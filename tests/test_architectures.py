@@ -37,7 +37,7 @@ def test_family_converts_loads_and_matches_the_in_memory_model(converted_family)
     config = reference.config
     architectures.unstack_experts(reference, config)  # a mixture's experts one linear each, as the file has them
     resolved = architectures.resolve(reference, config)
-    expected = {f"{resolved.family.layers}.{i}.{n}.weight" for i in range(2) for n in resolved.linears}
+    expected = {f"{resolved.family.layers}.{i}.{n}.weight" for i in range(2) for n in resolved.linears(i)}
     with reader.ClaqFile(path) as cf:
         quantized = {n for n, t in cf.tensors.items() if t["kind"] == "claq"}
         assert expected < quantized  # every block linear, plus the head / embeddings

@@ -15,7 +15,8 @@ MOE = sorted(f for f in FAMILY_CONFIGS if architectures.family_of(
 
 
 def test_the_mixture_families_are_in_the_matrix():
-    assert MOE == ["mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
+    assert MOE == ["afmoe", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "glm4_moe", "hunyuan_v1_moe", "mixtral", "olmoe",
+                   "phimoe", "qwen2_moe", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -29,9 +30,9 @@ def test_unstacked_experts_compute_what_transformers_computes(family, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     architectures.unstack_experts(model, model.config)
     arch = architectures.resolve(model, model.config)
-    experts = arch.layers[0].get_submodule(arch.family.experts)
+    experts = arch.layers[-1].get_submodule(arch.family.experts)  # a mixture's first layers may be dense
     assert isinstance(experts, ExpertLinears) and len(experts) == 4
-    assert arch.routed == {n for n in arch.linears if ".experts." in n} and len(arch.routed) == 12
+    assert arch.routed == {n for n in arch.linears(1) if ".experts." in n} and len(arch.routed) == 12
     ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, stacked(ids).logits, rtol=0, atol=1e-5)
@@ -48,7 +49,7 @@ def test_each_expert_gets_the_hessian_of_its_own_tokens(tmp_path):
     model_dir = build_tiny_model(tmp_path / "mixtral", family="mixtral")
     with torch.no_grad():
         _, arch, layer, states, kwargs = first_layer(model_dir)
-        group = arch.groups[2]  # every expert's gate and up
+        group = arch.groups(0)[2]  # every expert's gate and up
         inputs: dict[str, list] = {}
         handles = [layer.get_submodule(n).register_forward_pre_hook(
             lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
@@ -89,7 +90,7 @@ def test_an_expert_no_token_reaches_is_quantized_without_a_hessian(tmp_path, tex
     _never_to_expert_3(monkeypatch)
     with torch.no_grad():
         _, arch, layer, states, kwargs = first_layer(model_dir)
-        group = arch.groups[2]
+        group = arch.groups(0)[2]
         hessians, _ = _group_hessians(layer, {n: layer.get_submodule(n) for n in group}, states, kwargs,
                                       routed=arch.routed)
     assert [n for n in group if hessians[n] is None] == ["mlp.experts.3.gate_proj", "mlp.experts.3.up_proj"]
@@ -134,3 +135,24 @@ def test_gguf_names_an_expert_by_llama_cpp_stacked_tensor_and_index():
     assert gguf_name("model.layers.3.mlp.experts.7.down_proj.weight", 4, "llama") == "blk.3.ffn_down_exps.7.weight"
     assert gguf_name("model.layers.3.mlp.shared_expert.up_proj.weight", 4, "qwen2moe") == "blk.3.ffn_up_shexp.weight"
     assert gguf_name("model.layers.3.mlp.gate.weight", 4, "olmoe") == "blk.3.ffn_gate_inp.weight"
+
+
+def test_a_router_bias_the_checkpoint_stores_is_what_calibration_routes_with(tmp_path):
+    """GLM-4.5's routers keep a learned score bias as a buffer: the layer passes load it from the checkpoint
+    (the value the module computes at init, zeros, would route other tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from claq_convert.quantize.pipeline import _materialise
+
+    directory = build_tiny_model(tmp_path / "glm4_moe", family="glm4_moe")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    bias.copy_(torch.arange(bias.numel(), dtype=bias.dtype))
+    model.save_pretrained(str(directory))
+    source = ModelSource(directory)
+    config = source.config()
+    skeleton = architectures.skeleton(config)
+    layer = architectures.resolve(skeleton, config).layers[1]
+    assert not layer.mlp.gate.e_score_correction_bias.any()  # as built
+    _materialise(layer, "model.layers.1.", source, "cpu")
+    assert torch.equal(layer.mlp.gate.e_score_correction_bias, torch.arange(bias.numel(), dtype=bias.dtype))

@@ -66,7 +66,7 @@ def test_streamed_fisher_sums_equal_the_whole_model_ones(family, tmp_path, monke
     arch = resolve(model, model.config)
     source = ModelSource(directory)
     head = head_and_embedding_names(model, model.config, set(source.names()))[0]
-    names = [f"{arch.family.layers}.{i}.{n}.weight" for i in range(len(arch.layers)) for n in arch.linears]
+    names = [f"{arch.family.layers}.{i}.{n}.weight" for i in range(len(arch.layers)) for n in arch.linears(i)]
     windows = torch.randint(2, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
     expected = fisher_sums(model, names + [head], windows, arch.family.transposed)
 

@@ -19,8 +19,10 @@ import torch
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 EXPERT = "*"  # in a group name: every expert of the layer's experts module (experts.py), expert by expert
-_MOE_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-               ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
+_ATTENTION = _LLAMA_GROUPS[:2]
+_MOE_GROUPS = _ATTENTION + (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
+_SHARED_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_experts.gate_proj",
+                    "mlp.shared_experts.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_experts.down_proj"))
 # checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
 _W123 = (("block_sparse_moe.", "mlp."), ("w1.", "gate_proj."), ("w2.", "down_proj."), ("w3.", "up_proj."))
 
@@ -38,6 +40,7 @@ class Family:
                                               # into one linear per expert and matrix (experts.py)
     kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
                                               # expert's one-row gate: small, and a flipped route costs more)
+    dense: Optional[tuple[tuple[str, ...], ...]] = None  # a mixture's groups in its layers without experts
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
                                               # linear (llama.cpp's GGUF stores GPT-2 that way too)
@@ -117,6 +120,24 @@ FAMILIES = (
             ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
              "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj")),
            "model.norm", experts="mlp.experts", kept=("mlp.shared_expert_gate",)),
+    # mixtures whose first layers are dense, with shared experts beside the routed ones
+    Family("glm4_moe", ("glm4_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
+           experts="mlp.experts", dense=_LLAMA_GROUPS),
+    Family("ernie4_5_moe", ("ernie4_5_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
+           experts="mlp.experts", dense=_LLAMA_GROUPS, renames=(("mlp.moe_statics.", "mlp.gate.moe_statics."),)),
+    Family("exaone_moe", ("exaone_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
+           experts="mlp.experts", dense=_LLAMA_GROUPS,
+           renames=(("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),)),
+    # gated attention: its gate_proj reads the layer's normed input beside q/k/v; a linear router
+    Family("afmoe", ("afmoe",), "model.layers",
+           (_ATTENTION[0] + ("self_attn.gate_proj",),) + _ATTENTION[1:] + _SHARED_EXPERTS, "model.norm",
+           experts="mlp.experts", dense=((_ATTENTION[0] + ("self_attn.gate_proj",),) + _LLAMA_GROUPS[1:]),
+           kept=("mlp.router.gate",)),
+    Family("hunyuan_v1_moe", ("hunyuan_v1_moe",), "model.layers",
+           _ATTENTION + (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_mlp.gate_proj",
+                          "mlp.shared_mlp.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_mlp.down_proj")),
+           "model.norm", experts="mlp.experts", kept=("mlp.gate.wg",)),
+    Family("cohere2_moe", ("cohere2_moe",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts"),
     # fused projections: one linear per group
     Family("phi3", ("phi3",), "model.layers",
            (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)), "model.norm"),
@@ -134,13 +155,12 @@ FAMILIES = (
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 # Known and refused, with the reason (rather than "unsupported"):
-_MOE = ("a mixture-of-experts model whose experts this version does not unstack (supported mixtures: "
-        "mixtral, phimoe, qwen2_moe, qwen3_moe, olmoe)")
+_MOE = ("a mixture-of-experts model whose experts or layers this version does not know (its mixtures: "
+        "those with `experts` in architectures.FAMILIES)")
 _REFUSED: dict[str, str] = {
     **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "llama4_text", "dbrx", "jetmoe", "jamba", "minimax",
-                         "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "cohere2_moe", "exaone_moe",
-                         "lfm2_moe", "afmoe")},
+                         "dots1", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
@@ -252,21 +272,25 @@ def inside(name: str, prefix: str) -> bool:
 
 @dataclass
 class Resolved:
-    """A family entry checked against one model: its layer list and final norm, as modules, and the
-    groups of every layer with each expert named (`groups`: the entry's with EXPERT expanded)."""
+    """A family entry checked against one model: its layer list and final norm, as modules, and each
+    layer's groups with every expert named (the entry's groups with EXPERT expanded, or its dense ones)."""
     family: Family
     layers: torch.nn.ModuleList
     final_norm: Optional[torch.nn.Module]
-    groups: tuple[tuple[str, ...], ...] = ()
+    layer_groups: tuple[tuple[tuple[str, ...], ...], ...] = ()  # per layer
 
-    @property
-    def linears(self) -> tuple[str, ...]:
-        return tuple(name for group in self.groups for name in group)
+    def groups(self, index: int) -> tuple[tuple[str, ...], ...]:
+        return self.layer_groups[index]
+
+    def linears(self, index: int) -> tuple[str, ...]:
+        """The quantized linears of layer `index`, relative names, in group order."""
+        return tuple(name for group in self.layer_groups[index] for name in group)
 
     @property
     def routed(self) -> frozenset[str]:
         """The linears that see only the tokens routed to their expert (a calibration batch may miss one)."""
-        return frozenset(n for n in self.linears if self.family.experts and inside(n, self.family.experts))
+        return frozenset(n for groups in self.layer_groups for group in groups for n in group
+                         if self.family.experts and inside(n, self.family.experts))
 
 
 def expanded(groups: tuple[tuple[str, ...], ...], experts: int) -> tuple[tuple[str, ...], ...]:
@@ -293,17 +317,10 @@ def resolve(model, config) -> Resolved:
         raise ArchitectureError(f"{family.name} entry does not match this {config.model_type} model: {exc}") from None
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise ArchitectureError(f"{family.name} entry: {family.layers} is not a non-empty list of layers")
-    from .experts import ExpertLinears
-
-    groups = family.groups
-    if family.experts is not None:
-        experts = layers[0].get_submodule(family.experts) if _has(layers[0], family.experts) else None
-        if not isinstance(experts, ExpertLinears):
-            raise ArchitectureError(f"{family.name} entry: layer 0's {family.experts} is not unstacked experts "
-                                    "(architectures.unstack_experts)")
-        groups = expanded(groups, len(experts))
-    grouped = [name for group in groups for name in group]
+    layer_groups = []
     for index, layer in enumerate(layers):
+        groups = _layer_groups(family, layer, index)
+        grouped = [name for group in groups for name in group]
         found = sorted(n for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, family.linear_type()))
                        and n not in family.kept)
         if sorted(grouped) != found:
@@ -313,7 +330,27 @@ def resolve(model, config) -> Resolved:
         if other:  # a weight in the other layout would be quantized transposed
             raise ArchitectureError(f"{family.name} entry: layer {index}'s {', '.join(other)} is not a "
                                     f"{family.linear_type().__name__}; a variant this version does not know")
-    return Resolved(family, layers, norm, groups)
+        layer_groups.append(groups)
+    return Resolved(family, layers, norm, tuple(layer_groups))
+
+
+def _layer_groups(family: Family, layer: torch.nn.Module, index: int) -> tuple[tuple[str, ...], ...]:
+    """The groups of one layer: the entry's, with its experts named where the layer has them, the entry's
+    dense groups where a mixture's layer has none (its first layers, often)."""
+    from .experts import ExpertLinears
+
+    if family.experts is None:
+        return family.groups
+    if not _has(layer, family.experts):
+        if family.dense is None:
+            raise ArchitectureError(f"{family.name} entry: layer {index} has no {family.experts}, and the entry "
+                                    "knows no dense layers; a variant this version does not know")
+        return family.dense
+    experts = layer.get_submodule(family.experts)
+    if not isinstance(experts, ExpertLinears):
+        raise ArchitectureError(f"{family.name} entry: layer {index}'s {family.experts} is not unstacked experts "
+                                "(architectures.unstack_experts)")
+    return expanded(family.groups, len(experts))
 
 
 def _has(module: torch.nn.Module, name: str) -> bool:

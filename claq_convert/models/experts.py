@@ -80,9 +80,13 @@ def unstacked(module: torch.nn.Module) -> ExpertLinears:
 
 def unstack_experts(layers: torch.nn.ModuleList, path: str) -> None:
     """Every layer's stacked experts module at `path` replaced by its ExpertLinears (in place); a layer
-    whose module at `path` is already unstacked is left as it is."""
+    whose module at `path` is already unstacked, or that has none (a dense layer of the mixture), is left
+    as it is."""
     for index, layer in enumerate(layers):
-        module = layer.get_submodule(path)
+        try:
+            module = layer.get_submodule(path)
+        except AttributeError:
+            continue
         if isinstance(module, ExpertLinears):
             continue
         if not is_stacked(module):

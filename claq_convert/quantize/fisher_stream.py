@@ -108,7 +108,7 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
         layer = layers[index]
         prefix = f"{family.layers}.{index}."
         _materialise(layer, prefix, source, device)
-        handles = [squares.watch(prefix + n + ".weight", layer.get_submodule(n).weight) for n in arch.linears]
+        handles = [squares.watch(prefix + n + ".weight", layer.get_submodule(n).weight) for n in arch.linears(index)]
         for k, (x, kw) in enumerate(zip(inputs.take(index), kwargs)):
             x = x.detach().requires_grad_(True)
             torch.autograd.backward(_layer_output(layer(x, **kw)), grads[k])
@@ -119,7 +119,7 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
         next(steps, None)
     head_name = tail.head_sums(squares, states, windows, grads) if head else None
     next(steps, None)
-    order = [f"{family.layers}.{i}.{n}.weight" for i in range(len(layers)) for n in arch.linears]
+    order = [f"{family.layers}.{i}.{n}.weight" for i in range(len(layers)) for n in arch.linears(i)]
     return squares.sums(head_name, order + ([head_name] if head_name else []))
 
 

@@ -266,8 +266,14 @@ def _set_tensor(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> No
 
 
 def _materialise(module: torch.nn.Module, prefix: str, source: ModelSource, device) -> None:
+    """The module's parameters from the checkpoint, in float32 on `device`; and its buffers the checkpoint
+    stores (a router's learned score bias: what a module computes at init would route differently)."""
     for name, _ in list(module.named_parameters()):
         _set_tensor(module, name, source.tensor(prefix + name).float().to(device))
+    for name, buffer in list(module.named_buffers()):
+        if prefix + name in source.files:
+            with torch.no_grad():
+                buffer.copy_(source.tensor(prefix + name))
 
 
 def _release(module: torch.nn.Module) -> None:
@@ -339,11 +345,12 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
     for index, layer in enumerate(arch.layers):
         prefix = f"{arch.family.layers}.{index}."
         _materialise(layer, prefix, source, device)
-        handles = [layer.get_submodule(n).register_forward_hook(hook(prefix + n + ".weight")) for n in arch.linears]
+        handles = [layer.get_submodule(n).register_forward_hook(hook(prefix + n + ".weight"))
+                   for n in arch.linears(index)]
         states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
         for handle in handles:
             handle.remove()
-        for n in arch.routed:  # an expert no calibration token reached
+        for n in arch.routed & set(arch.linears(index)):  # an expert no calibration token reached
             name = prefix + n + ".weight"
             if name not in energies:
                 energies[name] = torch.zeros(layer.get_submodule(n).in_features, dtype=torch.float64, device=device)
@@ -404,14 +411,14 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 _materialise(layer, prefix, source, device)
             errors = []
             share = memory_share(1 if source_states is None else 2)  # the source layer's replay beside it
-            replay = LayerReplay(layer, arch.linears, states, share)
+            replay = LayerReplay(layer, arch.linears(index), states, share)
             source_pass = source_replay = None
             if source_states is not None:  # the layer with its source weights: nothing in it changes, so all
                 source_layer = copy.deepcopy(layer)   # of it may replay (what its groups' passes complete)
-                source_replay = LayerReplay(source_layer, arch.linears, source_states, share)
-                source_replay.finished(arch.linears)
+                source_replay = LayerReplay(source_layer, arch.linears(index), source_states, share)
+                source_replay.finished(arch.linears(index))
                 source_pass = (source_layer, source_states, source_replay)
-            for group in arch.groups:
+            for group in arch.groups(index):
                 linears = {name: layer.get_submodule(name) for name in group}
                 with (timer.phase("forward"), replay.passing(),
                       source_replay.passing() if source_replay else contextlib.nullcontext()):
