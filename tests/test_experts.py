@@ -156,3 +156,35 @@ def test_a_router_bias_the_checkpoint_stores_is_what_calibration_routes_with(tmp
     assert not layer.mlp.gate.e_score_correction_bias.any()  # as built
     _materialise(layer, "model.layers.1.", source, "cpu")
     assert torch.equal(layer.mlp.gate.e_score_correction_bias, torch.arange(bias.numel(), dtype=bias.dtype))
+
+
+def test_experts_are_budgeted_per_use_and_an_unreached_one_at_its_siblings_level():
+    from claq_convert.quantize.sensitivity import FisherSums, per_expert_use
+
+    name = "model.layers.0.mlp.experts.{}.gate_proj.weight".format
+    columns = {name(0): np.array([4.0, 8.0]), name(1): np.array([1.0, 3.0]), name(2): np.zeros(2),
+               "model.layers.0.self_attn.q_proj.weight": np.array([5.0, 6.0])}
+    rows = {n: c[::-1].copy() for n, c in columns.items()}
+    sums = FisherSums(columns, rows, tokens={name(0): 40, name(1): 20, name(2): 0})
+    even, unreached = per_expert_use(sums)
+    mean = 20  # (40 + 20 + 0) / 3 tokens an expert
+    np.testing.assert_allclose(even.columns[name(0)], [2.0, 4.0])   # x 20/40
+    np.testing.assert_allclose(even.columns[name(1)], [1.0, 3.0])   # x 20/20
+    np.testing.assert_allclose(even.columns[name(2)], [2.5, 2.5])   # the siblings' mean level, evenly
+    np.testing.assert_allclose(even.rows[name(0)], rows[name(0)] * mean / 40)
+    assert not even.rows[name(2)].any() and unreached == 1
+    assert even.columns["model.layers.0.self_attn.q_proj.weight"] is columns["model.layers.0.self_attn.q_proj.weight"]
+    assert per_expert_use(FisherSums(columns, rows))[0].columns == columns  # a dense model: unchanged
+
+
+def test_the_fisher_pass_counts_the_tokens_routed_to_each_expert(tmp_path):
+    from claq_convert.quantize.convert import measure_fisher
+
+    model_dir = build_tiny_model(tmp_path / "mixtral", family="mixtral")
+    windows = torch.randint(2, 200, (3, 24), generator=torch.Generator().manual_seed(0))
+    sums = measure_fisher(ModelSource(model_dir), windows, torch.device("cpu"))
+    for layer in range(2):
+        for matrix in ("gate_proj", "up_proj", "down_proj"):
+            counts = [sums.tokens[f"model.layers.{layer}.mlp.experts.{e}.{matrix}.weight"] for e in range(4)]
+            assert sum(counts) == 2 * windows.numel()  # two experts a token
+    assert not any(".self_attn." in n for n in sums.tokens)

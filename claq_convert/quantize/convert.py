@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint
 from .columns import GRID_MAX_BITS
 from .gptq import QuantizedWeight
 from .pipeline import QuantConfig, head_target, input_energies, quantize_model
-from .sensitivity import FISHER_WINDOWS, FisherSums, weights_by_name
+from .sensitivity import FISHER_WINDOWS, FisherSums, per_expert_use, weights_by_name
 
 
 @dataclass
@@ -320,6 +320,7 @@ def _sensitivity(options: ConvertOptions, source: ModelSource, calibration, allo
             fisher = measure_fisher(source, calibration, options.device, progress,
                                     head=wants_weights and qc.quantize_embeddings)
             record["sensitivity"]["seconds"] = time.perf_counter() - tick
+        fisher, _ = per_expert_use(fisher)  # a mixture's experts budgeted as if used alike
     if wants_weights and weights is None:
         weights = weights_by_name(fisher)
         if checkpoint is not None:

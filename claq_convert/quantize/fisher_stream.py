@@ -109,6 +109,8 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
         prefix = f"{family.layers}.{index}."
         _materialise(layer, prefix, source, device)
         handles = [squares.watch(prefix + n + ".weight", layer.get_submodule(n).weight) for n in arch.linears(index)]
+        handles += [squares.count(prefix + n + ".weight", layer.get_submodule(n))
+                    for n in arch.linears(index) if n in arch.routed]
         for k, (x, kw) in enumerate(zip(inputs.take(index), kwargs)):
             x = x.detach().requires_grad_(True)
             torch.autograd.backward(_layer_output(layer(x, **kw)), grads[k])

@@ -16,7 +16,8 @@ compensation treats each row alike).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -43,6 +44,39 @@ class FisherSums:
     columns: dict[str, np.ndarray]  # name -> float64 [in]
     rows: dict[str, np.ndarray]     # name -> float64 [out]
     head: Optional[str] = None      # which name is the output head (its rows are tokens), if any
+    tokens: dict[str, int] = field(default_factory=dict)  # an expert's weight -> the tokens routed to it
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def per_expert_use(sums: FisherSums) -> tuple[FisherSums, int]:
+    """(the sums with every expert's as if the experts of its layer were used alike, how many expert weights
+    no measured token reached).
+
+    An expert's sums grow with the tokens the calibration routed to it, and which experts a text uses
+    depends on the text (code experts, math experts): allocating by the calibration's routing would starve
+    the experts its domains happen not to use, and give an unreached expert the narrowest width for every
+    column. So each expert's sums are divided by its tokens and multiplied by the mean over its siblings
+    (the same matrix of the layer's other experts): what it costs per use, at an even share of the use.
+    An unreached expert's columns get its siblings' mean level, evenly (its per-column profile is unknown);
+    its rows stay zero (the row weights of its K-Means are then even)."""
+    siblings: dict[str, list[str]] = {}
+    for name in sums.tokens:
+        siblings.setdefault(_EXPERT_INDEX.sub(".experts.*.", name), []).append(name)
+    columns, rows, unreached = dict(sums.columns), dict(sums.rows), 0
+    for names in siblings.values():
+        mean = sum(sums.tokens[n] for n in names) / len(names)
+        reached = [n for n in names if sums.tokens[n] > 0]
+        for n in reached:
+            columns[n] = sums.columns[n] * (mean / sums.tokens[n])
+            rows[n] = sums.rows[n] * (mean / sums.tokens[n])
+        level = float(np.mean([columns[n].mean() for n in reached])) if reached else 0.0
+        for n in names:
+            if sums.tokens[n] == 0:
+                columns[n] = np.full_like(sums.columns[n], level)
+                unreached += 1
+    return FisherSums(columns, rows, sums.head, dict(sums.tokens)), unreached
 
 
 def row_weights(row_sums: np.ndarray, power: float = 1.0) -> np.ndarray:
@@ -77,6 +111,15 @@ class SquaredGradients:
         self.transposed = transposed
         self.columns: dict[str, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def count(self, name: str, module: torch.nn.Module) -> "torch.utils.hooks.RemovableHandle":
+        """Count the tokens `module` (an expert's linear, weight `name`) is given."""
+        self.tokens.setdefault(name, 0)
+
+        def hook(_module, inputs):
+            self.tokens[name] += inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]
+        return module.register_forward_pre_hook(hook)
 
     def watch(self, name: str, param: torch.nn.Parameter) -> "torch.utils.hooks.RemovableHandle":
         """Start summing `param` (stored [out, in], or [in, out] where transposed(name)) under `name`."""
@@ -97,7 +140,8 @@ class SquaredGradients:
         """The sums so far, named in `order` (default: as first watched)."""
         names = list(self.columns) if order is None else list(order)
         return FisherSums(columns={n: self.columns[n].cpu().numpy() for n in names},
-                          rows={n: self.rows[n].cpu().numpy() for n in names}, head=head)
+                          rows={n: self.rows[n].cpu().numpy() for n in names}, head=head,
+                          tokens={n: self.tokens[n] for n in names if n in self.tokens})
 
 
 def window_loss(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
