@@ -45,6 +45,13 @@ FAMILY_CONFIGS = {
                   num_shared_experts=1, head_dim=16),
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16),
     "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16),
+    # latent attention, q through a low-rank pair (V3) or straight (V2-Lite)
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
+                        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_group=1, topk_group=1, num_key_value_heads=4),
+    "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_group=1, topk_group=1, num_key_value_heads=4),
 }
 
 
@@ -66,10 +73,10 @@ def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> P
     bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
     extra = dict(FAMILY_CONFIGS[family])
-    config = AutoConfig.for_model(extra.pop("model_type", family), vocab_size=len(tokenizer), hidden_size=64,
-                                  intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
-                                  pad_token_id=1, **extra)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0,
+                    eos_token_id=1, pad_token_id=1)
+    config = AutoConfig.for_model(extra.pop("model_type", family), **{**settings, **extra})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # heavier tails than the init, so Outlier Order has something to rank

@@ -71,7 +71,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "falcon": "falcon", "bloom": "bloom", "mpt": "mpt", "persimmon": None, "codegen": None, "xglm": None,
              "biogpt": None, "mixtral": "llama", "phimoe": "phimoe", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
              "olmoe": "olmoe", "glm4_moe": "glm4moe", "ernie4_5_moe": "ernie4_5-moe", "exaone_moe": "exaone-moe",
-             "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None}
+             "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None,
+             "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:

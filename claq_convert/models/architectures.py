@@ -19,8 +19,11 @@ import torch
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 EXPERT = "*"  # in a group name: every expert of the layer's experts module (experts.py), expert by expert
+OPTIONAL = "?"  # ending a group name: a linear some configurations of the family have and others lack
 _ATTENTION = _LLAMA_GROUPS[:2]
 _MOE_GROUPS = _ATTENTION + (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
+_LATENT_ATTENTION = (("self_attn.q_proj?", "self_attn.q_a_proj?", "self_attn.kv_a_proj_with_mqa"),
+                     ("self_attn.q_b_proj?", "self_attn.kv_b_proj"), ("self_attn.o_proj",))
 _SHARED_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_experts.gate_proj",
                     "mlp.shared_experts.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_experts.down_proj"))
 # checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
@@ -138,6 +141,11 @@ FAMILIES = (
                           "mlp.shared_mlp.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_mlp.down_proj")),
            "model.norm", experts="mlp.experts", kept=("mlp.gate.wg",)),
     Family("cohere2_moe", ("cohere2_moe",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts"),
+    # latent attention: q straight (q_proj) or through a low-rank pair (q_a_proj, norm, q_b_proj) by config;
+    # the compressed kv (kv_a_proj_with_mqa) and its expansion (kv_b_proj) beside them
+    Family("deepseek", ("deepseek_v2", "deepseek_v3"), "model.layers",
+           _LATENT_ATTENTION + _SHARED_EXPERTS, "model.norm", experts="mlp.experts",
+           dense=_LATENT_ATTENTION + _LLAMA_GROUPS[2:]),
     # fused projections: one linear per group
     Family("phi3", ("phi3",), "model.layers",
            (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)), "model.norm"),
@@ -159,8 +167,7 @@ _MOE = ("a mixture-of-experts model whose experts or layers this version does no
         "those with `experts` in architectures.FAMILIES)")
 _REFUSED: dict[str, str] = {
     **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "gpt_oss",
-                         "deepseek_v2", "deepseek_v3", "llama4_text", "dbrx", "jetmoe", "jamba", "minimax",
-                         "dots1", "lfm2_moe")},
+                         "llama4_text", "dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
@@ -340,17 +347,28 @@ def _layer_groups(family: Family, layer: torch.nn.Module, index: int) -> tuple[t
     from .experts import ExpertLinears
 
     if family.experts is None:
-        return family.groups
+        return _present(family.groups, layer)
     if not _has(layer, family.experts):
         if family.dense is None:
             raise ArchitectureError(f"{family.name} entry: layer {index} has no {family.experts}, and the entry "
                                     "knows no dense layers; a variant this version does not know")
-        return family.dense
+        return _present(family.dense, layer)
     experts = layer.get_submodule(family.experts)
     if not isinstance(experts, ExpertLinears):
         raise ArchitectureError(f"{family.name} entry: layer {index}'s {family.experts} is not unstacked experts "
                                 "(architectures.unstack_experts)")
-    return expanded(family.groups, len(experts))
+    return _present(expanded(family.groups, len(experts)), layer)
+
+
+def _present(groups: tuple[tuple[str, ...], ...], layer: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The groups with each OPTIONAL name kept (as a plain name) where the layer has it, dropped elsewhere."""
+    out = []
+    for group in groups:
+        names = tuple(n.removesuffix(OPTIONAL) for n in group
+                      if not n.endswith(OPTIONAL) or _has(layer, n.removesuffix(OPTIONAL)))
+        if names:
+            out.append(names)
+    return tuple(out)
 
 
 def _has(module: torch.nn.Module, name: str) -> bool:

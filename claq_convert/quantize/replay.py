@@ -202,9 +202,13 @@ FINGERPRINT_STRIDE = 61
 
 def fingerprint(args: tuple, kwargs: dict) -> tuple:
     """The shapes and float64 sums of every FINGERPRINT_STRIDE-th entry of every tensor among a call's
-    arguments."""
-    return tuple((tuple(t.shape), float(t.reshape(-1)[::FINGERPRINT_STRIDE].sum(dtype=torch.float64)))
+    arguments (a complex tensor's real and imaginary parts: DeepSeek-V2's rotary factors)."""
+    return tuple((tuple(t.shape), float(_real(t).reshape(-1)[::FINGERPRINT_STRIDE].sum(dtype=torch.float64)))
                  for t in _tensors((args, tuple(kwargs.values()))))
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _keepable(value: Any) -> bool:
