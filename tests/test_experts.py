@@ -188,3 +188,26 @@ def test_the_fisher_pass_counts_the_tokens_routed_to_each_expert(tmp_path):
             counts = [sums.tokens[f"model.layers.{layer}.mlp.experts.{e}.{matrix}.weight"] for e in range(4)]
             assert sum(counts) == 2 * windows.numel()  # two experts a token
     assert not any(".self_attn." in n for n in sums.tokens)
+
+
+@pytest.mark.parametrize("family, arch", [("qwen3_moe", "qwen3moe"), ("ernie4_5_moe", "ernie4_5-moe")])
+def test_the_gguf_names_experts_and_counts_them_as_llama_cpp_does(family, arch, tmp_path, text_file):
+    import gguf
+
+    from claq_convert.format.gguf_ext import GgufClaqFile, claq_to_gguf
+    from claq_convert.quantize.convert import ConvertOptions, run_conversion
+    from claq_convert.quantize.pipeline import QuantConfig
+
+    model_dir = build_tiny_model(tmp_path / family, family=family)
+    run_conversion(ConvertOptions(model_dir=model_dir, out=tmp_path / "m.claq", quant=QuantConfig(bits=3.1),
+                                  calib=(text_file,), nsamples=4, seqlen=32))
+    path = claq_to_gguf(tmp_path / "m.claq", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(path))
+    value = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith(arch + ".")}
+    assert value[f"{arch}.expert_count"] == 4 and value[f"{arch}.expert_used_count"] == 2
+    assert value[f"{arch}.expert_feed_forward_length"] == 48
+    names = {t.name for t in reader.tensors}
+    assert "blk.1.ffn_gate_exps.3.weight.bit_widths" in names and "blk.1.ffn_down_exps.0.weight.bit_widths" in names
+    with GgufClaqFile(path) as g:
+        g.validate()
+        assert "model.layers.1.mlp.experts.3.gate_proj.weight" in g.tensors

@@ -125,13 +125,19 @@ def _arch_keys(config: dict, arch: Optional[str]) -> dict:
               K.Attention.LAYERNORM_EPS: ("float32", config.get("layer_norm_eps", config.get("layer_norm_epsilon"))),
               K.Rope.DIMENSION_COUNT: ("uint32", config.get("head_dim") or (hidden // heads if heads and hidden else None)),
               K.LLM.VOCAB_SIZE: ("uint32", config.get("vocab_size")),
-              K.LLM.EXPERT_COUNT: ("uint32", config.get("num_local_experts", config.get("num_experts"))),
-              K.LLM.EXPERT_USED_COUNT: ("uint32", config.get("num_experts_per_tok")),
+              K.LLM.EXPERT_COUNT: ("uint32", _first(config, "num_local_experts", "num_experts", "n_routed_experts",
+                                                    "moe_num_experts")),
+              K.LLM.EXPERT_USED_COUNT: ("uint32", _first(config, "num_experts_per_tok", "moe_k", "moe_topk")),
               K.LLM.EXPERT_FEED_FORWARD_LENGTH: ("uint32", config.get("moe_intermediate_size")),
               K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH: ("uint32", config.get("shared_expert_intermediate_size")),
               K.Rope.FREQ_BASE: ("float32", config.get("rope_theta") or _rope_theta(config))}
     ok = {"uint32": _is_count, "float32": _is_float32}
     return {key.format(arch=arch): (kind, value) for key, (kind, value) in values.items() if ok[kind](value)}
+
+
+def _first(config: dict, *keys: str):
+    """The value of the first of `keys` the config has (families name one setting differently)."""
+    return next((config[key] for key in keys if config.get(key) is not None), None)
 
 
 def _rope_theta(config: dict):

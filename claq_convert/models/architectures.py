@@ -163,8 +163,8 @@ FAMILIES = (
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 # Known and refused, with the reason (rather than "unsupported"):
-_MOE = ("a mixture-of-experts model whose experts or layers this version does not know (its mixtures: "
-        "those with `experts` in architectures.FAMILIES)")
+_MOE = ("a mixture-of-experts model whose experts or layers this version does not know; its mixtures: "
+        + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
     **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "gpt_oss",
                          "llama4_text", "dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},

@@ -57,7 +57,7 @@ def is_stacked(module: torch.nn.Module) -> bool:
     gate_up, down = params["gate_up_proj"], params["down_proj"]
     return (gate_up.dim() == down.dim() == 3 and gate_up.shape[0] == down.shape[0]
             and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
-            and callable(getattr(module, "act_fn", None)))
+            and callable(act_fn))
 
 
 def unstacked(module: torch.nn.Module) -> ExpertLinears:
