@@ -211,3 +211,27 @@ def test_the_gguf_names_experts_and_counts_them_as_llama_cpp_does(family, arch, 
     with GgufClaqFile(path) as g:
         g.validate()
         assert "model.layers.1.mlp.experts.3.gate_proj.weight" in g.tensors
+
+
+def test_a_checkpoint_with_stacked_experts_fails_in_one_line_before_any_work(tmp_path, text_file):
+    """A mixture saved in transformers' in-memory layout (3-D experts) is not the layout read here."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from claq_convert.cli import convert_cmd
+
+    model_dir = build_tiny_model(tmp_path / "qwen3_moe", family="qwen3_moe")
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up = [torch.cat([tensors.pop(f"{prefix}{e}.gate_proj.weight"), tensors.pop(f"{prefix}{e}.up_proj.weight")])
+                   for e in range(4)]
+        tensors[prefix + "gate_up_proj"] = torch.stack(gate_up)
+        tensors[prefix + "down_proj"] = torch.stack([tensors.pop(f"{prefix}{e}.down_proj.weight") for e in range(4)])
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(convert_cmd, [str(model_dir), str(out / "m.claq"), "--calib", str(text_file)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "lacks model.layers.0.mlp.experts.0.gate_proj.weight" in result.output
+    assert "calibration" not in result.output.lower() and not any(out.iterdir())

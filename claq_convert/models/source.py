@@ -109,3 +109,22 @@ class ModelSource:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(str(self.dir))
+
+
+def check_checkpoint(source: ModelSource) -> None:
+    """Before any work: the model's family entry fits its module graph (architectures.resolve), and the
+    checkpoint holds every parameter the model has, at its shape (under the family's renames). A checkpoint
+    of another layout (a mixture saved with its experts stacked) fails here in one line, not hours in."""
+    from .architectures import resolve, skeleton
+
+    config = source.config()
+    model = skeleton(config, "meta")
+    resolve(model, config)
+    stored = set(source.names())
+    for name, param in model.named_parameters():
+        if name not in stored:
+            raise SourceError(f"{source.dir} lacks {name}, which a {config.model_type} model has: a checkpoint "
+                              "of another layout, or an incomplete one")
+        if source.shape(name) != tuple(param.shape):
+            raise SourceError(f"{source.dir}: {name} is {list(source.shape(name))} in the checkpoint, "
+                              f"{list(param.shape)} in a {config.model_type} model of its config")

@@ -14,7 +14,7 @@ from .. import __version__
 from ..format import spec
 from ..format.reader import decode_claq
 from ..format.writer import ClaqWriter, encode_claq_sections
-from ..models.source import ModelSource
+from ..models.source import ModelSource, check_checkpoint
 from ..progress import Progress, no_progress
 from ..timing import NO_TIMER, Timer
 from .calibration import DEFAULT_NSAMPLES
@@ -189,6 +189,7 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
     qc.validate()
     source = ModelSource(options.model_dir)
     family_of(source.config())
+    check_checkpoint(source)
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
     sources = tuple(options.calib) or default_sources(options.nsamples)
     start = time.perf_counter()
