@@ -123,6 +123,17 @@ def test_bench_scale_smoke_runs_end_to_end_without_gguf(tmp_path):
         assert projection["scaled_with_layers"][name]["seconds"] >= 16 * sections[name]["seconds"]
 
 
+def test_bench_scale_smoke_converts_a_mixture_of_experts_with_its_experts_stored_apart(tmp_path):
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_scale.py"), "--smoke", "--shape", "qwen3-30b-a3b",
+                           "--no-speedup", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["shape"] == "qwen3-30b-a3b" and report["projection"]["layers"] == 48
+    assert {"layer 0", "layer 1", "sensitivity", "allocation"} <= set(report["timing"]["sections"])
+
+
 def test_bench_sampling_smoke_times_both_depths_and_projects_the_default_self_windows(tmp_path):
     out = tmp_path / "sampling.json"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_sampling.py"), "--smoke", "--batches", "2,4",

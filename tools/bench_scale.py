@@ -24,7 +24,12 @@ and checks the two agree bit for bit. `--resume-check` converts twice more with 
 interrupted once layer 0 is saved, then resumed; it reports the checkpoint's cost (seconds spent saving,
 bytes on disk) and whether the resumed file is byte for byte the uninterrupted one.
 
+`--shape qwen3-30b-a3b` builds a mixture of experts with Qwen3-30B-A3B's shapes instead (hidden 2048, 128
+experts of 768 with 8 a token, 48 layers, its 151936-token vocabulary), the experts stored one tensor per
+expert matrix as its checkpoints are; its random router spreads the calibration tokens over the experts.
+
     python tools/bench_scale.py                          # --layers 2 on the CPU -> bench/scale-cpu.json
+    python tools/bench_scale.py --shape qwen3-30b-a3b    # -> bench/scale-cpu-qwen3-30b-a3b.json
     python tools/bench_scale.py --device cuda            # -> bench/scale-cuda.json
     python tools/bench_scale.py --smoke --out /tmp/s.json   # tiny shapes, seconds: the tool end to end
 
@@ -61,10 +66,20 @@ from claq_convert.quantize.sensitivity import FISHER_WINDOWS  # noqa: E402
 from claq_convert.models.source import ModelSource  # noqa: E402
 from claq_convert.timing import PhaseTimer  # noqa: E402
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                 num_hidden_layers=32, rms_norm_eps=1e-5, max_position_embeddings=4096, vocab_size=32000)
-SMOKE = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4,
+LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                 num_key_value_heads=32, num_hidden_layers=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                 vocab_size=32000)
+# a mixture of experts: Qwen3-30B-A3B's shapes (128 experts of 768, 8 a token; 48 layers)
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_hidden_layers=48, rms_norm_eps=1e-6,
+                     max_position_embeddings=40960, vocab_size=151936)
+SHAPES = {"llama-2-7b": LLAMA2_7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
+SMOKE = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4,
              num_hidden_layers=32, rms_norm_eps=1e-5, max_position_embeddings=256, vocab_size=300)
+SMOKE_MOE = dict(QWEN3_30B_A3B, hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_experts=8,
+                 num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=256, vocab_size=300)
 WEIGHT_STD = 0.02
 CALIBRATION_TEXT = ROOT / "README.md"
 ROW_PHASES = ("load", "plan", "kmeans", "gptq_update", "finish")  # grow with the head's rows; the others do not
@@ -127,20 +142,24 @@ def write_tokenizer(directory: Path) -> str:
 
 
 def build_model(directory: Path, shape: dict, layers: int, seed: int = 0) -> dict:
-    """A Llama directory with `shape`'s sizes and `layers` decoder layers, fp16 N(0, WEIGHT_STD) weights
-    (norms 1) in one safetensors shard per layer, written tensor by tensor (memory: one layer)."""
+    """A model directory with `shape`'s type and sizes and `layers` decoder layers, fp16 N(0, WEIGHT_STD)
+    weights (norms 1) in one safetensors shard per layer, written tensor by tensor (memory: one layer); a
+    mixture's experts one tensor per expert matrix, as its checkpoints store them."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoConfig, AutoTokenizer
+
+    from claq_convert.models.architectures import skeleton
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_source = write_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     vocab = max(len(tokenizer), shape["vocab_size"])
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers, "vocab_size": vocab}, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    settings = {k: v for k, v in shape.items() if k != "model_type"}
+    config = AutoConfig.for_model(shape["model_type"], **{**settings, "num_hidden_layers": layers, "vocab_size": vocab},
+                                  tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
     config.save_pretrained(str(directory))
-    with torch.device("meta"):
-        names = [(n, tuple(p.shape)) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()]
+    names = [(n, tuple(p.shape)) for n, p in skeleton(config, "meta").named_parameters()]
 
     def shard_of(name: str) -> str:
         parts = name.split(".")
@@ -402,24 +421,29 @@ def project(report: dict, layers: int, target_layers: int, nsamples: int, seqlen
               help="Also time layer 0's q/k/v one by one against in parallel threads.")
 @click.option("--resume-check", "resume_check_", is_flag=True,
               help="Also convert with a checkpoint, interrupted after layer 0 and resumed (twice the layers' time).")
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default="llama-2-7b", show_default=True,
+              help="Whose layer shapes: a dense 7B, or a mixture of experts (Qwen3-30B-A3B).")
 @click.option("--smoke", is_flag=True, help="Tiny shapes (hidden 64): checks the tool end to end in seconds.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the temporary model and .claq go (default: the system's temp dir).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON report (default: bench/scale-cpu.json or bench/scale-cuda.json).")
-def main(layers, nsamples, seqlen, bpw, bits, device, threads, head_rows, speedup, resume_check_, smoke, workdir, out):
-    """Convert a few Llama-2-7B-shaped layers with the real pipeline and project a whole 7B conversion."""
+def main(layers, nsamples, seqlen, bpw, bits, device, threads, head_rows, speedup, resume_check_, shape, smoke, workdir,
+         out):
+    """Convert a few layers of a 7B-class model's shapes with the real pipeline and project the whole conversion."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
-    out = out or ROOT / "bench" / f"scale-{device.type}.json"
-    shape = SMOKE if smoke else LLAMA2_7B
+    named = shape
+    out = out or ROOT / "bench" / (f"scale-{device.type}.json" if named == "llama-2-7b" else
+                                   f"scale-{device.type}-{named}.json")
+    shape = (SMOKE if named == "llama-2-7b" else SMOKE_MOE) if smoke else SHAPES[named]
     nsamples = nsamples or (4 if smoke else 8)
     seqlen = seqlen or (64 if smoke else 512)
     head_rows = head_rows if head_rows is not None else 512 if smoke else 2048
     qc = QuantConfig(bits=bits or 4.0, bpw=None if bits else bpw, quantize_embeddings=head_rows == 0)
     workers = worker_count(threads)
     report = {"tool": "tools/bench_scale.py", "machine": machine_info(device),
-              "settings": {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "bits": qc.bits, "bpw": qc.bpw,
+              "settings": {"shape": named, "layers": layers, "nsamples": nsamples, "seqlen": seqlen, "bits": qc.bits, "bpw": qc.bpw,
                            "head_bits": head_target(qc), "workers": workers, "head_rows": head_rows, "smoke": smoke,
                            "calibration": f"{nsamples} windows of {CALIBRATION_TEXT.name}"}}
     with tempfile.TemporaryDirectory(prefix="claq-scale-", dir=workdir) as tmp:
@@ -457,7 +481,7 @@ def main(layers, nsamples, seqlen, bpw, bits, device, threads, head_rows, speedu
         if speedup:
             echo(f"q/k/v of layer 0: one by one, then {workers} at once")
             report["group_speedup"] = group_speedup(source, qc, nsamples * seqlen, seqlen, device, max(workers, 2))
-    report["projection"] = project(report["timing"], layers, LLAMA2_7B["num_hidden_layers"], nsamples, seqlen,
+    report["projection"] = project(report["timing"], layers, SHAPES[named]["num_hidden_layers"], nsamples, seqlen,
                                    head_rows, report["model"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
