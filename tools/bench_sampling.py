@@ -98,7 +98,8 @@ def main(batches, seqlen, smoke, workdir, out):
                 echo(f"{depth} layer(s), {batch} sequences: {seconds:.1f} s a batch of {seqlen} tokens")
             del model
         config = AutoConfig.from_pretrained(str(model_dir))
-    full = AutoConfig.for_model("llama", **{**shape, "vocab_size": config.vocab_size})
+    full = AutoConfig.for_model(shape["model_type"], **{**{k: v for k, v in shape.items() if k != "model_type"},
+                                                     "vocab_size": config.vocab_size})
     report["sampler_dtype"] = str(dtype).replace("torch.", "")
     report["cli_batch"] = sampling_batch(full, seqlen, dtype)
     report["weights_bytes_32_layers"] = report["models"]["1"]["parameters"] * dtype.itemsize + (
