@@ -272,6 +272,18 @@ def unstack_experts(model, config) -> None:
         raise ArchitectureError(f"{family.name} entry does not match this {config.model_type} model: {exc}") from None
 
 
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers by name: those a checkpoint stores (an activation's constants, as
+    Apertus's xIELU keeps; a router's learned score bias), which the file keeps raw like parameters;
+    computed ones (rotary tables) are not, as transformers' own loading ignores them."""
+    stored = {}
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            stored[name] = buffer
+    return stored
+
+
 def inside(name: str, prefix: str) -> bool:
     """Whether the dotted `name` is `prefix` or lies below it."""
     return name == prefix or name.startswith(prefix + ".")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..format import spec
-from ..models.architectures import Resolved, inside, resolve, skeleton
+from ..models.architectures import Resolved, inside, persistent_buffers, resolve, skeleton
 from ..models.source import ModelSource
 from ..progress import Progress, no_progress
 from ..timing import NO_TIMER, Timer
@@ -266,11 +266,12 @@ def _set_tensor(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> No
 
 
 def _materialise(module: torch.nn.Module, prefix: str, source: ModelSource, device) -> None:
-    """The module's parameters from the checkpoint, in float32 on `device`; and its buffers the checkpoint
-    stores (a router's learned score bias: what a module computes at init would route differently)."""
+    """The module's parameters from the checkpoint, in float32 on `device`; and its persistent buffers the
+    checkpoint stores (a router's learned score bias: what the module computes at init would route
+    differently), as transformers' own loading sets them."""
     for name, _ in list(module.named_parameters()):
         _set_tensor(module, name, source.tensor(prefix + name).float().to(device))
-    for name, buffer in list(module.named_buffers()):
+    for name, buffer in persistent_buffers(module).items():
         if prefix + name in source.files:
             with torch.no_grad():
                 buffer.copy_(source.tensor(prefix + name))

@@ -9,7 +9,7 @@ import torch
 from ..format import spec
 from ..format.gguf_ext import open_model_file
 from ..format.reader import check_claq_contents, decode_tensor
-from ..models.architectures import family_of, skeleton
+from ..models.architectures import family_of, persistent_buffers, skeleton
 from .modules import ClaqEmbedding, ClaqLinear, ClaqTiedHead
 
 
@@ -30,17 +30,6 @@ def _tokenizer_from(cf):
             raise
         except BaseException as error:  # the tokenizers library panics (a BaseException) on some bad files
             raise ValueError(f"the file's tokenizer cannot be loaded ({_brief(error)})") from None
-
-
-def _stored_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's persistent buffers by name: those a checkpoint stores (an activation's constants, as
-    Apertus's xIELU keeps), which the file keeps raw like parameters; computed ones (rotary tables) are not."""
-    stored = {}
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        owner, _, leaf = name.rpartition(".")
-        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
-            stored[name] = buffer
-    return stored
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -119,7 +108,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
         _check_layer_count(config, family, cf.tensors)
         model = _skeleton(config, device, dtype)
         parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
-        buffers = _stored_buffers(model)
+        buffers = persistent_buffers(model)
         for name, tensor in cf.tensors.items():
             target_tensor = parameters.get(name, buffers.get(name))
             if target_tensor is None:
