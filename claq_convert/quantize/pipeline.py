@@ -279,8 +279,8 @@ def _materialise(module: torch.nn.Module, prefix: str, source: ModelSource, devi
 
 def _release(module: torch.nn.Module) -> None:
     """A materialised module's parameters back to the meta device; its buffers stay: _materialise loads
-    parameters only, and a buffer built with the module (an activation's constants: Apertus's xIELU) is
-    needed again when a later pass materialises the module anew."""
+    only the buffers the checkpoint stores, and one built with the module (an activation's constants, a
+    rotary table) is needed again when a later pass materialises the module anew."""
     for name, param in list(module.named_parameters()):
         _set_tensor(module, name, param.detach().to("meta"))
 
