@@ -77,13 +77,13 @@ def load_any(model: Path, device, cache: bool = False):
 
 def load_hf(model_dir: Path, device):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .models.source import ModelSource
+    from .models.source import ModelSource, load_pretrained
 
     ModelSource(model_dir)  # validates the directory with a readable error
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    model = load_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, tokenizer
 
 

@@ -16,7 +16,9 @@ FAMILY_CONFIGS = {
     "llama": dict(tie_word_embeddings=True),
     "llama-untied": dict(model_type="llama", tie_word_embeddings=False),
     "mistral": dict(), "qwen2": dict(), "qwen3": dict(head_dim=16),
-    "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=16),
+    # a sliding-window layer, then a full one with its own (global) rotary table
+    "gemma3_text": dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(), "gpt_neox": dict(), "opt": dict(ffn_dim=160, word_embed_proj_dim=64),
     "gpt2": dict(n_inner=160),  # Conv1D linears (weights stored [in, out]), learned positions
     "olmo2": dict(), "olmo3": dict(), "granite": dict(), "stablelm": dict(), "smollm3": dict(),
@@ -45,6 +47,12 @@ FAMILY_CONFIGS = {
                   num_shared_experts=1, head_dim=16),
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16),
     "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16),
+    # checkpoints that stack the experts: gpt-oss (biases, interleaved gate/up, sliding and full attention)
+    # and GraniteMoE, with a shared MLP or not
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96),
     # latent attention, q through a low-rank pair (V3) or straight (V2-Lite)
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
@@ -102,7 +110,7 @@ def first_layer(model_dir: Path):
     _, _, arch, states, kwargs = _first_layer_inputs(source, calibration, "cpu", batch_size=2)
     layer = arch.layers[0]
     _materialise(layer, f"{arch.family.layers}.0.", source, "cpu")
-    return calibration, arch, layer, states, kwargs
+    return calibration, arch, layer, states, kwargs[0]
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from claq_convert.models import architectures
 from claq_convert.format import inspection, reader
 from claq_convert.quantize import pipeline
 from claq_convert.cli import convert_cmd, inspect_cmd
+from claq_convert.models.source import ModelSource
 from claq_convert.quantize.convert import ConvertOptions, run_conversion
 from claq_convert.quantize.pipeline import QuantConfig
 from claq_convert.runtime.load import load
@@ -99,9 +100,38 @@ def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_fil
     config["model_type"] = "rwkv"
     with pytest.raises(architectures.ArchitectureError, match="supported: .*llama"):
         architectures.family_of(type("C", (), config)())
-    config["model_type"] = "gpt_oss"  # known, and refused with the reason
-    with pytest.raises(architectures.ArchitectureError, match="'gpt_oss' is not supported: a mixture-of-experts .* mixtral"):
+    config["model_type"] = "llama4_text"  # known, and refused with the reason
+    with pytest.raises(architectures.ArchitectureError, match="'llama4_text' is not supported: a mixture-of-experts .* mixtral"):
         architectures.family_of(type("C", (), config)())
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss", "gemma2"])
+def test_each_layer_is_called_with_its_own_keywords(family, tmp_path):
+    """A sliding-window layer and a full one get different masks (and Gemma 3's global layers their own
+    rotary table): the pass that feeds the layers records what transformers calls each layer with."""
+    from transformers import AutoModelForCausalLM
+
+    directory = build_tiny_model(tmp_path / family, family=family)
+    ids = torch.randint(2, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    called = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, args, kwargs: called.append(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        _, _, _, _, recorded = pipeline._first_layer_inputs(ModelSource(directory), ids, "cpu", 2)
+    assert len(recorded) == len(called) == 2 and len(recorded[0]) == 1
+
+    def tensors(value):
+        return [value] if isinstance(value, torch.Tensor) else [t for v in value for t in tensors(v)] \
+            if isinstance(value, (tuple, list)) else []
+    for index, kwargs in enumerate(called):
+        for name in ("attention_mask", "position_embeddings"):
+            expected, got = tensors(kwargs.get(name)), tensors(recorded[index][0].get(name))
+            assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected)), (index, name)
+    first, second = (tensors(recorded[i][0].get("attention_mask")) + tensors(recorded[i][0]["position_embeddings"])
+                     for i in (0, 1))
+    assert len(first) != len(second) or not all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_a_wrong_entry_fails_loudly():
@@ -149,7 +179,7 @@ def test_conv1d_weights_are_quantized_and_applied_as_out_in(tmp_path, text_file)
     ids = calibration_set((text_file,), AutoTokenizer.from_pretrained(str(directory)), None, 4, 32)
     # GPT-2's model passes the layer its causal mask positionally: recorded under the parameter's name
     _, _, _, _, kwargs = pipeline._first_layer_inputs(source, ids, "cpu", 8)
-    assert {"cache", "attention_mask", "position_ids"} <= set(kwargs[0])
+    assert {"cache", "attention_mask", "position_ids"} <= set(kwargs[0][0])
     qc = QuantConfig(bits=4, quantize_embeddings=False)
     results = dict(quantize_model(source, ids, qc))
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)

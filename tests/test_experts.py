@@ -16,7 +16,8 @@ MOE = sorted(f for f in FAMILY_CONFIGS if architectures.family_of(
 
 def test_the_mixture_families_are_in_the_matrix():
     assert MOE == ["afmoe", "cohere2_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone_moe", "glm4_moe",
-                   "hunyuan_v1_moe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
+                   "gpt_oss", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "mixtral", "olmoe", "phimoe",
+                   "qwen2_moe", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -106,12 +107,15 @@ def test_an_expert_no_token_reaches_is_quantized_without_a_hessian(tmp_path, tex
             assert np.linalg.norm(cf.decode(name) - W) < 0.5 * np.linalg.norm(W)
 
 
-def test_only_the_stacked_layout_is_unstacked():
+def test_only_the_layout_a_family_names_is_unstacked():
     from transformers import AutoConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
+    from claq_convert.models.experts import GPT_OSS
+
     config = AutoConfig.for_model("gpt_oss", hidden_size=16, intermediate_size=8, num_local_experts=2)
-    assert not is_stacked(GptOssExperts(config))  # biases beside the matrices: not the layout unstacked
+    assert not is_stacked(GptOssExperts(config))  # biases beside the matrices: not the plain layout
+    assert is_stacked(GptOssExperts(config), GPT_OSS)
     layers = torch.nn.ModuleList([torch.nn.Module()])
     layers[0].experts = GptOssExperts(config)
     with pytest.raises(ValueError, match="layer 0's experts is a GptOssExperts, not experts stacked"):
@@ -213,25 +217,50 @@ def test_the_gguf_names_experts_and_counts_them_as_llama_cpp_does(family, arch, 
         assert "model.layers.1.mlp.experts.3.gate_proj.weight" in g.tensors
 
 
-def test_a_checkpoint_with_stacked_experts_fails_in_one_line_before_any_work(tmp_path, text_file):
-    """A mixture saved in transformers' in-memory layout (3-D experts) is not the layout read here."""
-    from click.testing import CliRunner
+def _stack_experts(model_dir, layers=2, experts=4):
+    """Rewrite a qwen3_moe checkpoint's per-expert matrices as transformers 5 holds them: 3-D stacks."""
     from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up = [torch.cat([tensors.pop(f"{prefix}{e}.gate_proj.weight"), tensors.pop(f"{prefix}{e}.up_proj.weight")])
+                   for e in range(experts)]
+        tensors[prefix + "gate_up_proj"] = torch.stack(gate_up)
+        tensors[prefix + "down_proj"] = torch.stack([tensors.pop(f"{prefix}{e}.down_proj.weight") for e in range(experts)])
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    return tensors
+
+
+def test_a_checkpoint_that_stacks_its_experts_reads_as_one_that_keeps_them_apart(tmp_path):
+    """A mixture saved in transformers' in-memory layout (3-D experts) reads expert by expert: the same names
+    and values as the per-expert checkpoint, and the stacks themselves are not parameters of the model."""
+    from claq_convert.models.source import check_checkpoint
+
+    apart = build_tiny_model(tmp_path / "apart", family="qwen3_moe")
+    stacked = build_tiny_model(tmp_path / "stacked", family="qwen3_moe")
+    _stack_experts(stacked)
+    a, b = ModelSource(apart), ModelSource(stacked)
+    assert sorted(a.names()) == sorted(b.names())
+    assert not any(n.endswith(("gate_up_proj", "experts.down_proj")) for n in b.names())
+    for name in a.names():
+        assert b.shape(name) == a.shape(name) and torch.equal(b.tensor(name), a.tensor(name)), name
+    check_checkpoint(b)
+
+
+def test_stacked_experts_that_do_not_fit_one_another_fail_in_one_line_before_any_work(tmp_path, text_file):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
 
     from claq_convert.cli import convert_cmd
 
     model_dir = build_tiny_model(tmp_path / "qwen3_moe", family="qwen3_moe")
-    tensors = load_file(str(model_dir / "model.safetensors"))
-    for layer in range(2):
-        prefix = f"model.layers.{layer}.mlp.experts."
-        gate_up = [torch.cat([tensors.pop(f"{prefix}{e}.gate_proj.weight"), tensors.pop(f"{prefix}{e}.up_proj.weight")])
-                   for e in range(4)]
-        tensors[prefix + "gate_up_proj"] = torch.stack(gate_up)
-        tensors[prefix + "down_proj"] = torch.stack([tensors.pop(f"{prefix}{e}.down_proj.weight") for e in range(4)])
+    tensors = _stack_experts(model_dir)
+    tensors["model.layers.1.mlp.experts.down_proj"] = tensors["model.layers.1.mlp.experts.down_proj"][:, :, :40].clone()
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     out.mkdir()
     result = CliRunner().invoke(convert_cmd, [str(model_dir), str(out / "m.claq"), "--calib", str(text_file)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "lacks model.layers.0.mlp.experts.0.gate_proj.weight" in result.output
+    assert "model.layers.1.mlp.experts holds stacked experts of shapes [4, 96, 64] and [4, 64, 40]" in result.output
     assert "calibration" not in result.output.lower() and not any(out.iterdir())

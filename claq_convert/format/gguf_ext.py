@@ -71,7 +71,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "falcon": "falcon", "bloom": "bloom", "mpt": "mpt", "persimmon": None, "codegen": None, "xglm": None,
              "biogpt": None, "mixtral": "llama", "phimoe": "phimoe", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
              "olmoe": "olmoe", "glm4_moe": "glm4moe", "ernie4_5_moe": "ernie4_5-moe", "exaone_moe": "exaone-moe",
-             "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None,
+             "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None, "gpt_oss": "gpt-oss",
+             "granitemoe": "granitemoe", "granitemoeshared": "granitemoe",
              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 
@@ -85,14 +86,17 @@ def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -
         arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[base_arch]
         # one expert's matrix: llama.cpp's name of the experts' stacked tensor, then the expert's index
         expert = _EXPERT.fullmatch(stem)
-        key, index = (expert["stacked"] + expert["matrix"], "." + expert["index"]) if expert else (stem, "")
-        mapped = gguf.get_tensor_name_map(arch, n_layers).get_name(key)
+        keys, index = ([expert["stacked"] + expert["matrix"], expert["layer"] + "mlp.experts." + expert["matrix"]],
+                       "." + expert["index"]) if expert else ([stem], "")
+        names = gguf.get_tensor_name_map(arch, n_layers)
+        # an expert under another module than mlp (GraniteMoE's block_sparse_moe) takes mlp's name if its own has none
+        mapped = next((m for m in map(names.get_name, keys) if m is not None), None)
         if mapped is not None:
             return f"{mapped}{index}.{suffix}"
     return hf_name
 
 
-_EXPERT = re.compile(r"(?P<stacked>.+\.experts\.)(?P<index>\d+)\.(?P<matrix>\w+)")
+_EXPERT = re.compile(r"(?P<stacked>(?P<layer>.+\.\d+\.).*experts\.)(?P<index>\d+)\.(?P<matrix>\w+)")
 
 
 def standard_config(config: dict) -> dict:

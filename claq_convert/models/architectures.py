@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .experts import GPT_OSS, PLAIN, Stacking
+
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 EXPERT = "*"  # in a group name: every expert of the layer's experts module (experts.py), expert by expert
@@ -28,6 +30,12 @@ _SHARED_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.sha
                     "mlp.shared_experts.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_experts.down_proj"))
 # checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
 _W123 = (("block_sparse_moe.", "mlp."), ("w1.", "gate_proj."), ("w2.", "down_proj."), ("w3.", "up_proj."))
+# GraniteMoE checkpoints stack the experts as input_linear (gate and up) and output_linear (down)
+_GRANITE_MOE = (("block_sparse_moe.input_linear.weight", "block_sparse_moe.experts.gate_up_proj"),
+                ("block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj"),
+                ("block_sparse_moe.router.layer.", "block_sparse_moe.router."))
+_GRANITE_EXPERTS = (("block_sparse_moe.experts.*.gate_proj", "block_sparse_moe.experts.*.up_proj"),
+                    ("block_sparse_moe.experts.*.down_proj",))
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Family:
                                               # replaced wherever they begin a dotted segment of a name
     experts: Optional[str] = None             # the layer's experts module, stacked by transformers, unstacked
                                               # into one linear per expert and matrix (experts.py)
+    stacking: Stacking = PLAIN                # how transformers' module stacks them (and some checkpoints do)
     kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
                                               # expert's one-row gate: small, and a flipped route costs more)
     dense: Optional[tuple[tuple[str, ...], ...]] = None  # a mixture's groups in its layers without experts
@@ -141,6 +150,15 @@ FAMILIES = (
                           "mlp.shared_mlp.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_mlp.down_proj")),
            "model.norm", experts="mlp.experts", kept=("mlp.gate.wg",)),
     Family("cohere2_moe", ("cohere2_moe",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts"),
+    # checkpoints that store the experts stacked (source.py reads them expert by expert): gpt-oss's with biases,
+    # interleaved gate/up and a clamped SwiGLU (MXFP4 in its releases); GraniteMoE's, with a shared MLP or not
+    Family("gpt_oss", ("gpt_oss",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts",
+           stacking=GPT_OSS),
+    Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
+           experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
+    Family("granitemoeshared", ("granitemoeshared",), "model.layers",
+           _ATTENTION + ((*_GRANITE_EXPERTS[0], "shared_mlp.input_linear"), (*_GRANITE_EXPERTS[1], "shared_mlp.output_linear")),
+           "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     # latent attention: q straight (q_proj) or through a low-rank pair (q_a_proj, norm, q_b_proj) by config;
     # the compressed kv (kv_a_proj_with_mqa) and its expansion (kv_b_proj) beside them
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), "model.layers",
@@ -166,8 +184,8 @@ _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 _MOE = ("a mixture-of-experts model whose experts or layers this version does not know; its mixtures: "
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "gpt_oss",
-                         "llama4_text", "dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},
+    **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "llama4_text", "dbrx", "jetmoe", "jamba", "minimax",
+                         "dots1", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
@@ -193,6 +211,11 @@ def transposed_weight(model_type: Optional[str], name: str) -> bool:
     """Whether `name` of a `model_type` checkpoint is stored [in, out] (False for an unknown type)."""
     family = _BY_MODEL_TYPE.get(model_type)
     return family is not None and family.transposed(name)
+
+
+def family_for_type(model_type: Optional[str]) -> Optional[Family]:
+    """The entry serving `model_type`, or None (unknown or refused: family_of says why)."""
+    return _BY_MODEL_TYPE.get(model_type)
 
 
 def supported_model_types() -> list[str]:
@@ -267,7 +290,7 @@ def unstack_experts(model, config) -> None:
     if family is None or family.experts is None:
         return
     try:
-        unstack(model.get_submodule(family.layers), family.experts)
+        unstack(model.get_submodule(family.layers), family.experts, family.stacking)
     except (AttributeError, ValueError) as exc:
         raise ArchitectureError(f"{family.name} entry does not match this {config.model_type} model: {exc}") from None
 

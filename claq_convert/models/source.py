@@ -1,8 +1,17 @@
-"""A Hugging Face checkpoint directory read tensor by tensor from safetensors (no full model in RAM)."""
+"""A Hugging Face checkpoint directory read tensor by tensor from safetensors (no full model in RAM).
+
+Every reader sees the model's own parameter names with float values, whatever layout the checkpoint
+chose: a mixture whose experts are stored stacked (gpt-oss, GraniteMoE, a transformers 5 save) reads as
+one matrix per expert, sliced expert by expert from the stacks; FP8 weights with their block scales and
+gpt-oss's MXFP4 experts read as the values they stand for (dequant.py). Other quantized checkpoints are
+refused: their stored numbers are not the weights.
+"""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -53,6 +62,18 @@ def _check_safetensors(path: Path) -> None:
                           "re-download it")
 
 
+# quantization_config.quant_method values whose weights are read back here (dequant.py)
+READABLE_QUANTIZATION = ("fp8", "mxfp4")
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+class _View(NamedTuple):
+    """A parameter the checkpoint stores in another form: its shape, and how to make it."""
+    path: Path
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
 class ModelSource:
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
@@ -79,19 +100,129 @@ class ModelSource:
         from .architectures import module_name
 
         try:
-            model_type = json.loads((self.dir / "config.json").read_text()).get("model_type")
+            config = json.loads((self.dir / "config.json").read_text())
+            model_type = config.get("model_type")
         except (json.JSONDecodeError, AttributeError):
             raise SourceError(f"{self.dir / 'config.json'} is not a JSON object") from None
         self._stored = {module_name(model_type, name): name for name in files}  # module name -> checkpoint key
-        self.files = {name: files[stored] for name, stored in self._stored.items()}
+        self._paths = {name: files[stored] for name, stored in self._stored.items()}  # every stored tensor's file
+        self.files = dict(self._paths)  # the model's parameters (and stored buffers) -> the file they come from
+        self._views: dict[str, _View] = {}
+        self._last_slice = None  # (name, index, tensor): an expert's gate_up stack slice serves its gate and up
+        self._read_quantized(config.get("quantization_config"))
+        self._read_stacked_experts(model_type)
 
     def names(self) -> list[str]:
         return list(self.files)
 
+    def _read_quantized(self, quantization) -> None:
+        """FP8 weights as views of their dequantized values; any other quantized checkpoint refused."""
+        from . import dequant
+
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        if method is not None and method not in READABLE_QUANTIZATION:
+            raise SourceError(f"{self.dir} holds weights already quantized by {method!r}; claq-convert reads "
+                              f"bf16/fp16/fp32 checkpoints, or {' and '.join(READABLE_QUANTIZATION)} ones: "
+                              "convert from the unquantized release of the model")
+        block = quantization.get("weight_block_size") if method == "fp8" else None
+        for name in list(self.files):
+            if self._dtype(name) not in _FP8_DTYPES:
+                continue
+            scale = name + "_scale_inv"
+            if method != "fp8" or scale not in self.files:
+                raise SourceError(f"{self.dir}: {name} is stored in FP8 without a scale (fine-grained FP8 "
+                                  "checkpoints name it NAME_scale_inv); a quantized layout not read here")
+            shape = self.shape(name)
+            if len(shape) != 2 or self.shape(scale) not in (dequant.fp8_scale_shape(shape, block), (1,)):
+                raise SourceError(f"{self.dir}: {scale} is {list(self.shape(scale))} for a {list(shape)} weight "
+                                  f"in blocks of {block}; re-download the model")
+            self._views[name] = _View(self._paths[name], shape, lambda n=name, s=scale: dequant.fp8_weight(
+                self._read(n), self._read(s), block if self.shape(s) != (1,) else None))
+            del self.files[scale]
+
+    def _read_stacked_experts(self, model_type) -> None:
+        """A mixture whose checkpoint stacks each layer's experts (transformers' in-memory layout, or gpt-oss's
+        MXFP4 blocks and scales) read as one matrix per expert and linear, named as the model's unstacked
+        experts name them (experts.py)."""
+        from .architectures import family_for_type
+
+        family = family_for_type(model_type)
+        if family is None or family.experts is None:
+            return
+        pattern = re.compile(rf"({re.escape(family.layers)}\.\d+\.{re.escape(family.experts)})\.gate_up_proj(_blocks)?")
+        for prefix in sorted({m[1] for n in list(self.files) if (m := pattern.fullmatch(n))}):
+            self._stacked_views(prefix, family.stacking)
+
+    def _stacked_views(self, prefix: str, stacking) -> None:
+        from . import dequant
+        from .experts import MATRICES, PLAIN
+
+        stored = {}  # matrix -> (the names it is read from, [E, out, in])
+        for matrix in ("gate_up_proj", "down_proj"):
+            name = f"{prefix}.{matrix}"
+            if name + "_blocks" in self.files and name + "_scales" in self.files:
+                experts, rows, groups, width = self.shape(name + "_blocks")
+                if width * 2 != dequant.MXFP4_BLOCK or self.shape(name + "_scales") != (experts, rows, groups):
+                    raise SourceError(f"{self.dir}: {name}_blocks and _scales are not MXFP4 stacks of one shape")
+                stored[matrix] = ((name + "_blocks", name + "_scales"), (experts, rows, groups * dequant.MXFP4_BLOCK))
+            elif name in self.files:
+                shape = self.shape(name)
+                if len(shape) != 3:
+                    raise SourceError(f"{self.dir}: {name} is {list(shape)}, not a stack of expert matrices")
+                out_in = (shape[0], shape[2], shape[1]) if stacking.transposed else shape
+                stored[matrix] = ((name,), out_in)
+            else:
+                raise SourceError(f"{self.dir} stacks {prefix}'s experts without {matrix}; an incomplete checkpoint")
+        try:
+            experts, hidden, inner = PLAIN.shapes(stored["gate_up_proj"][1], stored["down_proj"][1])
+        except ValueError as exc:
+            raise SourceError(f"{self.dir}: {prefix} holds {exc}, which do not fit one another") from None
+        biases = {m: f"{prefix}.{m}_bias" for m in ("gate_up_proj", "down_proj")} if stacking.biases else {}
+        for m, name in biases.items():
+            if name not in self.files or self.shape(name) != (experts, 2 * inner if m == "gate_up_proj" else hidden):
+                raise SourceError(f"{self.dir}: {name} is missing or not [{experts}, ...] beside {prefix}'s experts")
+        path = self._paths[stored["gate_up_proj"][0][0]]
+        shapes = {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+        for e in range(experts):
+            for matrix in MATRICES:
+                stack = "down_proj" if matrix == "down_proj" else "gate_up_proj"
+                part = MATRICES.index(matrix) if stack == "gate_up_proj" else None
+                self._views[f"{prefix}.{e}.{matrix}.weight"] = _View(path, shapes[matrix], lambda s=stored[stack][0], e=e, p=part: (
+                    self._expert_matrix(s, e, stacking) if p is None else stacking.split(self._expert_matrix(s, e, stacking))[p]))
+                if biases:
+                    self._views[f"{prefix}.{e}.{matrix}.bias"] = _View(path, shapes[matrix][:1], lambda b=biases[stack], e=e, p=part: (
+                        self._slice(b, e) if p is None else stacking.split(self._slice(b, e))[p]))
+        for names, _ in stored.values():
+            for name in names:
+                del self.files[name]
+        for name in biases.values():
+            del self.files[name]
+        self.files.update({name: view.path for name, view in self._views.items()})
+
+    def _expert_matrix(self, names: tuple[str, ...], e: int, stacking) -> torch.Tensor:
+        """Expert e's matrix [out, in] of a stack: MXFP4 (blocks, scales) dequantized, else sliced and turned."""
+        from . import dequant
+
+        if len(names) == 2:
+            return dequant.mxfp4_matrix(self._slice(names[0], e), self._slice(names[1], e))
+        return stacking.oriented(self._slice(names[0], e))
+
+    def _slice(self, name: str, index: int) -> torch.Tensor:
+        """Entry `index` of the stored tensor `name` along its first axis (only those bytes are read)."""
+        if self._last_slice is None or self._last_slice[:2] != (name, index):
+            self._last_slice = (name, index, self._handle(name).get_slice(self._stored[name])[index])
+        return self._last_slice[2]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(self._stored[name])
+
+    def _dtype(self, name: str) -> str:
+        return self._handle(name).get_slice(self._stored[name]).get_dtype()
+
     def _handle(self, name: str):
         from safetensors import safe_open
 
-        path = self.files.get(name)
+        path = self._paths.get(name)
         if path is None:
             raise SourceError(f"tensor {name!r} not found in {self.dir}")
         if path not in self._handles:
@@ -99,16 +230,54 @@ class ModelSource:
         return self._handles[path]
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(self._stored[name])
+        """The parameter `name` (a module's name), as the model holds it: a view's values, else the stored tensor."""
+        view = self._views.get(name)
+        return view.make() if view is not None else self._read(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The stored tensor's shape, from the file's header (nothing is read)."""
+        """The parameter's shape, from the file's header (nothing is read)."""
+        view = self._views.get(name)
+        if view is not None:
+            return view.shape
         return tuple(self._handle(name).get_slice(self._stored[name]).get_shape())
 
     def config(self):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(str(self.dir))
+
+
+def quantization_method(model_dir: Path):
+    """config.json's quantization_config.quant_method (None for an unquantized checkpoint)."""
+    try:
+        quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+
+
+def load_pretrained(model_dir: Path, dtype=torch.float32):
+    """The checkpoint as a transformers model (AutoModelForCausalLM.from_pretrained) in `dtype` ("auto": the
+    checkpoint's own). An FP8 or MXFP4 checkpoint is built from its config and filled with the values
+    ModelSource reads (a mixture's experts unstacked, as converted): transformers would keep such weights
+    quantized, or need accelerate and a GPU to dequantize them."""
+    from transformers import AutoModelForCausalLM
+
+    if quantization_method(model_dir) is None:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    from .architectures import persistent_buffers, skeleton
+
+    source = ModelSource(model_dir)
+    config = source.config()
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = skeleton(config, "cpu", dtype)
+    state = {name: source.tensor(name).to(dtype) for name, _ in model.named_parameters()}
+    state.update({name: source.tensor(name) for name in persistent_buffers(model) if name in source.files})
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
 
 
 def check_checkpoint(source: ModelSource) -> None:

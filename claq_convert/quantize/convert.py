@@ -14,7 +14,7 @@ from .. import __version__
 from ..format import spec
 from ..format.reader import decode_claq
 from ..format.writer import ClaqWriter, encode_claq_sections
-from ..models.source import ModelSource, check_checkpoint
+from ..models.source import ModelSource, check_checkpoint, load_pretrained
 from ..progress import Progress, no_progress
 from ..timing import NO_TIMER, Timer
 from .calibration import DEFAULT_NSAMPLES
@@ -164,8 +164,10 @@ def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, re
         array, dtype = raw_array(tensor, raw_dtype)
         writer.add_raw(name, array, dtype=dtype)
     generation = source.dir / "generation_config.json"
+    config = json.loads((source.dir / "config.json").read_text())
+    config.pop("quantization_config", None)  # an FP8/MXFP4 source's: the file's weights are CLAQ's, read as floats
     writer.metadata.update(
-        config=json.loads((source.dir / "config.json").read_text()),
+        config=config,
         generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
         conversion=record)
     for filename in TOKENIZER_FILES:
@@ -283,14 +285,12 @@ def run_conversion(options: ConvertOptions, progress: Progress = no_progress,
 def tune_model(options: ConvertOptions, results: dict[str, QuantizedWeight], calibration: torch.Tensor,
                progress: Progress, log) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
     """Codebooks (and norm scales) tuned by distillation from the source model (tuning.py)."""
-    from transformers import AutoModelForCausalLM
-
     from ..models.architectures import family_of, unstack_experts
     from .tuning import tune
 
     qc = options.quant
     teacher = load_sampler(options.model_dir, options.device).float()
-    student = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device)
+    student = load_pretrained(options.model_dir, dtype=torch.float32).to(options.device)
     unstack_experts(student, student.config)  # one weight per expert matrix, as quantized
     family = family_of(student.config)
     start = time.perf_counter()
@@ -505,15 +505,9 @@ def end_tensors(source: ModelSource) -> list[str]:
 
 
 def source_parameters(source: ModelSource) -> int:
-    """Every parameter the checkpoint stores (a tied embedding once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in set(source.files.values()):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                total += int(np.prod(f.get_slice(name).get_shape()))
-    return total
+    """Every parameter the checkpoint stores (a tied embedding once), as the model holds them: an FP8 weight
+    without its scales, MXFP4 experts by their values rather than their bytes."""
+    return sum(int(np.prod(source.shape(name))) for name in source.names())
 
 
 def load_sampler_within_memory(model_dir: Path, device: torch.device, seqlen: int, windows: int):
@@ -549,9 +543,7 @@ def load_sampler(model_dir: Path, device: torch.device):
     """The unquantized model, for sampling calibration text from it, in the checkpoint's own dtype: a
     7B model in 16 bits takes 13.5 GB where fp32 would take 27. On the CPU fp16 becomes bfloat16 (the
     same size, with native CPU matrix products where fp16 has few)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").to(device).eval()
+    model = load_pretrained(model_dir, dtype="auto").to(device).eval()
     if device.type == "cpu" and model.dtype == torch.float16:
         model = model.to(torch.bfloat16)
     return model
@@ -561,14 +553,14 @@ def evaluate_before_after(options: ConvertOptions, results: MutableMapping[str, 
                           ppl_before: Optional[dict] = None, replaced: Optional[dict] = None) -> dict:
     """Perplexity on each evaluation text before and after; `ppl_before` (name -> result) reuses known
     baselines; `replaced`: raw tensors the file stores changed (tuned norm scales)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..data import default_text
     from ..runtime.evaluate import perplexity
 
     texts = options.eval_texts or {"wikitext": default_text("test")}
     tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=torch.float32).to(options.device).eval()
+    model = load_pretrained(options.model_dir, dtype=torch.float32).to(options.device).eval()
     known = ppl_before or {}
     before = {name: known.get(name) or perplexity(model, tokenizer, path, progress=progress).to_dict()
               for name, path in texts.items()}

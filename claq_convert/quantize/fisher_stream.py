@@ -94,7 +94,7 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
         for index, layer in enumerate(layers):
             _materialise(layer, f"{family.layers}.{index}.", source, device)
             inputs.put(index, states)
-            outputs = [layer(h, **kw) for h, kw in zip(states, kwargs)]
+            outputs = [layer(h, **kw) for h, kw in zip(states, kwargs[index])]
             as_tuple = isinstance(outputs[0], tuple)
             states = [_layer_output(out) for out in outputs]
             _release(layer)
@@ -111,7 +111,7 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
         handles = [squares.watch(prefix + n + ".weight", layer.get_submodule(n).weight) for n in arch.linears(index)]
         handles += [squares.count(prefix + n + ".weight", layer.get_submodule(n))
                     for n in arch.linears(index) if n in arch.routed]
-        for k, (x, kw) in enumerate(zip(inputs.take(index), kwargs)):
+        for k, (x, kw) in enumerate(zip(inputs.take(index), kwargs[index])):
             x = x.detach().requires_grad_(True)
             torch.autograd.backward(_layer_output(layer(x, **kw)), grads[k])
             grads[k] = x.grad

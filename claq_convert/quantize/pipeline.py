@@ -234,16 +234,29 @@ class _StopForward(Exception):
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for layer 0 to record its inputs, then stops the forward pass."""
+    """Stands in for a decoder layer to record the keywords it is called with, without running it: it
+    passes its input on, and the last one stops the forward pass. Layers of one model may be called with
+    different keywords (a sliding-window layer's mask beside a full one's, Gemma 3's local and global
+    rotary tables), so each layer's are recorded; the first layer's inputs are the states."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, first: bool, last: bool):
         super().__init__()
-        self.layer = layer
-        self.records = []
+        self.layer, self.first, self.last = layer, first, last
+        self.states, self.keywords = [], []
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # attributes the model's forward reads from its layers (an attention type)
+            return getattr(super().__getattr__("layer"), name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.records.append((hidden_states, _as_keywords(self.layer.forward, args, kwargs)))
-        raise _StopForward
+        if self.first:  # later layers are passed what the model makes of it: not their states
+            self.states.append(hidden_states)
+        self.keywords.append(_as_keywords(self.layer.forward, args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
 
 def _as_keywords(forward, args: tuple, kwargs: dict) -> dict:
@@ -299,10 +312,11 @@ def outside_modules(model, arch: Resolved) -> list[tuple[str, torch.nn.Module]]:
 
 def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, batch_size: int,
                         timer: Timer = NO_TIMER):
-    """(model skeleton, its config, its resolved family entry, the inputs of decoder layer 0 per batch, their kwargs).
+    """(model skeleton, its config, its resolved family entry, the inputs of decoder layer 0 per batch, every
+    layer's keywords per batch: keywords[layer][batch]).
 
     Every parameter outside the decoder layers but the head (embeddings, positions, norms) is loaded for
-    the pass up to layer 0, then dropped again; the layers are loaded one at a time later.
+    the pass up to the layers, then dropped again; the layers are loaded one at a time later.
     """
     config = source.config()
     model = skeleton(config, device)
@@ -311,19 +325,24 @@ def _first_layer_inputs(source: ModelSource, calibration: torch.Tensor, device, 
     with timer.phase("load"):
         for name, module in outside:
             _materialise(module, name + ".", source, device)
-    catcher = _Catcher(arch.layers[0])
-    arch.layers[0] = catcher
-    with timer.phase("forward"):
-        for batch in calibration.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    arch.layers[0] = catcher.layer
+    layers = list(arch.layers)
+    catchers = [_Catcher(layer, first=index == 0, last=index == len(layers) - 1) for index, layer in enumerate(layers)]
+    for index, catcher in enumerate(catchers):
+        arch.layers[index] = catcher
+    try:
+        with timer.phase("forward"):
+            for batch in calibration.split(batch_size):
+                try:
+                    model(batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for index, layer in enumerate(layers):
+            arch.layers[index] = layer
     for name, module in outside:
         if module is not arch.final_norm:
             _release(module)
-    return model, config, arch, [h for h, _ in catcher.records], [kw for _, kw in catcher.records]
+    return model, config, arch, catchers[0].states, [c.keywords for c in catchers]
 
 
 @torch.no_grad()
@@ -348,7 +367,7 @@ def input_energies(source: ModelSource, calibration: torch.Tensor, device="cpu",
         _materialise(layer, prefix, source, device)
         handles = [layer.get_submodule(n).register_forward_hook(hook(prefix + n + ".weight"))
                    for n in arch.linears(index)]
-        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs[index])]
         for handle in handles:
             handle.remove()
         for n in arch.routed & set(arch.linears(index)):  # an expert no calibration token reached
@@ -423,7 +442,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 linears = {name: layer.get_submodule(name) for name in group}
                 with (timer.phase("forward"), replay.passing(),
                       source_replay.passing() if source_replay else contextlib.nullcontext()):
-                    hessians, crosses = (_group_hessians(layer, linears, states, kwargs, timer, replay, source_pass,
+                    hessians, crosses = (_group_hessians(layer, linears, states, kwargs[index], timer, replay, source_pass,
                                                           arch.routed)
                                          if needs_h else ({}, {}))
                 jobs = []
@@ -446,13 +465,13 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 jobs.clear()
                 replay.finished(group)
             with timer.phase("forward"), replay.passing():
-                states = [_layer_output(layer(h, **kw)) for h, kw in replay.batches(states, kwargs)]
+                states = [_layer_output(layer(h, **kw)) for h, kw in replay.batches(states, kwargs[index])]
             replay.close()
             if source_pass is not None:
                 source_layer = source_pass[0]
                 with timer.phase("forward"), source_replay.passing():
                     source_states = [_layer_output(source_layer(h, **kw))
-                                     for h, kw in source_replay.batches(source_states, kwargs)]
+                                     for h, kw in source_replay.batches(source_states, kwargs[index])]
                 source_replay.close()
                 del source_layer, source_pass, source_replay
             _release(layer)
@@ -468,12 +487,13 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
 
 def _source_states(arch: Resolved, source: ModelSource, states: list, kwargs: list, device, layers: int) -> list:
     """The source model's hidden states after its first `layers` decoder layers (a resumed conversion's
-    starting point; each layer materialised in turn), from the first layer's inputs `states`."""
+    starting point; each layer materialised in turn), from the first layer's inputs `states` (`kwargs`:
+    each layer's keywords per batch)."""
     states = [h.clone() for h in states]
     for index in range(layers):
         layer = arch.layers[index]
         _materialise(layer, f"{arch.family.layers}.{index}.", source, device)
-        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs[index])]
         _release(layer)
     return states
 
