@@ -53,6 +53,16 @@ FAMILY_CONFIGS = {
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96),
+    # hybrid layers: Gated DeltaNet linear attention, then full attention; with experts and a shared one, or dense
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                       head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
+    "qwen3_5_moe_text": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                             shared_expert_intermediate_size=96, head_dim=16, linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                             layer_types=["linear_attention", "full_attention"]),
+    "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                         linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
     # latent attention, q through a low-rank pair (V3) or straight (V2-Lite)
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,

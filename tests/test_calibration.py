@@ -128,9 +128,25 @@ def test_the_preallocated_kv_cache_samples_what_the_growing_one_samples(tiny_mod
     if DynamicLayer is not None:
         assert issubclass(calibration.kv_cache(40).layer_class_to_replicate, DynamicLayer)
     preallocated = calibration.sample_windows(model, first, nsamples=6, seqlen=40, seed=5, batch_size=3)
-    monkeypatch.setattr(calibration, "kv_cache", lambda capacity: DynamicCache())
+    monkeypatch.setattr(calibration, "kv_cache", lambda capacity, config=None: DynamicCache())
     assert torch.equal(preallocated, calibration.sample_windows(model, first, nsamples=6, seqlen=40, seed=5,
                                                                 batch_size=3))
+
+
+def test_a_model_with_linear_attention_layers_samples_with_its_own_cache(tmp_path):
+    """Qwen3.5's linear-attention layers keep a convolution and a recurrent state, not keys and values:
+    sampling gives them transformers' cache for the config (the preallocated layers cannot hold them)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import LinearAttentionLayer
+
+    from conftest import build_tiny_model
+
+    directory = build_tiny_model(tmp_path / "qwen3_5_text", family="qwen3_5_text")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    cache = calibration.kv_cache(16, model.config)
+    assert isinstance(cache.layers[0], LinearAttentionLayer) and not isinstance(cache.layers[1], LinearAttentionLayer)
+    tokens = calibration.sample_windows(model, torch.arange(2, model.config.vocab_size), nsamples=3, seqlen=16, seed=0)
+    assert tokens.shape == (3, 16) and 0 <= int(tokens.min()) and int(tokens.max()) < model.config.vocab_size
 
 
 def test_the_preallocated_kv_cache_refuses_more_than_it_holds():

@@ -72,7 +72,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "biogpt": None, "mixtral": "llama", "phimoe": "phimoe", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
              "olmoe": "olmoe", "glm4_moe": "glm4moe", "ernie4_5_moe": "ernie4_5-moe", "exaone_moe": "exaone-moe",
              "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None, "gpt_oss": "gpt-oss",
-             "granitemoe": "granitemoe", "granitemoeshared": "granitemoe",
+             "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "qwen3_next": "qwen3next",
+             "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 

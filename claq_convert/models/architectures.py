@@ -28,6 +28,13 @@ _LATENT_ATTENTION = (("self_attn.q_proj?", "self_attn.q_a_proj?", "self_attn.kv_
                      ("self_attn.q_b_proj?", "self_attn.kv_b_proj"), ("self_attn.o_proj",))
 _SHARED_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_experts.gate_proj",
                     "mlp.shared_experts.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_experts.down_proj"))
+# hybrid layers: Gated DeltaNet linear attention (Qwen3-Next's fused in_proj_qkvz/in_proj_ba, Qwen3.5's apart) in
+# some layers, full attention in others; each layer has one kind, so every name is optional
+_HYBRID_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "linear_attn.in_proj_qkvz?",
+                      "linear_attn.in_proj_ba?", "linear_attn.in_proj_qkv?", "linear_attn.in_proj_z?",
+                      "linear_attn.in_proj_b?", "linear_attn.in_proj_a?"), ("self_attn.o_proj?", "linear_attn.out_proj?"))
+_SHARED_EXPERT = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
+                   "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"))
 # checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
 _W123 = (("block_sparse_moe.", "mlp."), ("w1.", "gate_proj."), ("w2.", "down_proj."), ("w3.", "up_proj."))
 # GraniteMoE checkpoints stack the experts as input_linear (gate and up) and output_linear (down)
@@ -127,11 +134,12 @@ FAMILIES = (
     Family("phimoe", ("phimoe",), "model.layers", _MOE_GROUPS, "model.norm",
            renames=(("block_sparse_moe.gate.", "mlp.router."),) + _W123, experts="mlp.experts",
            kept=("mlp.router",)),  # its router is a linear
-    Family("qwen2_moe", ("qwen2_moe",), "model.layers",
-           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-            ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
-             "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj")),
+    Family("qwen2_moe", ("qwen2_moe",), "model.layers", _ATTENTION + _SHARED_EXPERT,
            "model.norm", experts="mlp.experts", kept=("mlp.shared_expert_gate",)),
+    # linear attention (Gated DeltaNet) and full attention layers; its convolution, decay and norm kept raw
+    Family("qwen3_next", ("qwen3_next", "qwen3_5_moe_text"), "model.layers", _HYBRID_ATTENTION + _SHARED_EXPERT,
+           "model.norm", experts="mlp.experts", kept=("mlp.shared_expert_gate",)),
+    Family("qwen3_5", ("qwen3_5_text",), "model.layers", _HYBRID_ATTENTION + _LLAMA_GROUPS[2:], "model.norm"),
     # mixtures whose first layers are dense, with shared experts beside the routed ones
     Family("glm4_moe", ("glm4_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS),
@@ -180,12 +188,29 @@ FAMILIES = (
            (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), "transformer.ln_f", conv1d=True),
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+# Vision-language releases whose language model converts (the file holds that model alone, under its text
+# config's type): where the checkpoint keeps the language model's tensors, and the names the text model gives
+# them. Tensors elsewhere (the vision tower, the projector, Qwen3.5's multi-token prediction head) are not read.
+LANGUAGE_MODELS = {
+    "qwen3_5": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "qwen3_5_moe": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+               ("model.language_model.", "model.")),
+}
+
+
+def language_model_name(wrapper_type: Optional[str], stored: str) -> Optional[str]:
+    """The text model's name for the checkpoint tensor `stored` of a vision-language release of type
+    `wrapper_type`, or None where it is not the language model's; `stored` itself for other types."""
+    prefixes = LANGUAGE_MODELS.get(wrapper_type)
+    if prefixes is None:
+        return stored
+    return next((new + stored[len(old):] for old, new in prefixes if stored.startswith(old)), None)
 # Known and refused, with the reason (rather than "unsupported"):
 _MOE = ("a mixture-of-experts model whose experts or layers this version does not know; its mixtures: "
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("qwen3_next", "qwen3_5_moe_text", "llama4_text", "dbrx", "jetmoe", "jamba", "minimax",
-                         "dots1", "lfm2_moe")},
+    **{t: _MOE for t in ("llama4_text", "dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
@@ -219,7 +244,9 @@ def family_for_type(model_type: Optional[str]) -> Optional[Family]:
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_BY_MODEL_TYPE)
+    """Every model type a checkpoint may have: the families' own, and the vision-language releases whose
+    language model converts."""
+    return sorted([*_BY_MODEL_TYPE, *LANGUAGE_MODELS])
 
 
 def family_of(config) -> Family:

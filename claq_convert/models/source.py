@@ -97,14 +97,17 @@ class ModelSource:
             raise SourceError(f"{self.dir} has no model.safetensors (pickle checkpoints are not read)")
         self._handles = {}
         # names as the model's modules have them (transformers renames some checkpoint keys on load)
-        from .architectures import module_name
+        from .architectures import LANGUAGE_MODELS, language_model_name, module_name
 
         try:
             config = json.loads((self.dir / "config.json").read_text())
-            model_type = config.get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            raise SourceError(f"{self.dir / 'config.json'} is not a JSON object") from None
-        self._stored = {module_name(model_type, name): name for name in files}  # module name -> checkpoint key
+            self.wrapper = config.get("model_type") if config.get("model_type") in LANGUAGE_MODELS else None
+            model_type = config["text_config"].get("model_type") if self.wrapper else config.get("model_type")
+        except (json.JSONDecodeError, AttributeError, KeyError):
+            raise SourceError(f"{self.dir / 'config.json'} is not a JSON object with a model type (and a "
+                              "text_config, for a vision-language release)") from None
+        language = {name: language_model_name(self.wrapper, name) for name in files}
+        self._stored = {module_name(model_type, lm): name for name, lm in language.items() if lm is not None}
         self._paths = {name: files[stored] for name, stored in self._stored.items()}  # every stored tensor's file
         self.files = dict(self._paths)  # the model's parameters (and stored buffers) -> the file they come from
         self._views: dict[str, _View] = {}
@@ -242,9 +245,28 @@ class ModelSource:
         return tuple(self._handle(name).get_slice(self._stored[name]).get_shape())
 
     def config(self):
+        """The transformers config of the model read here: a vision-language release's text config."""
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(self.dir))
+        config = AutoConfig.from_pretrained(str(self.dir))
+        return config.get_text_config(decoder=True) if self.wrapper else config
+
+    def config_dict(self) -> dict:
+        """config.json as the file keeps it: the text config of a vision-language release, and without a
+        quantization_config (an FP8/MXFP4 source's: the file's weights are CLAQ's, read as floats)."""
+        if self.wrapper:
+            config = self.config().to_dict()
+        else:
+            config = json.loads((self.dir / "config.json").read_text())
+        config.pop("quantization_config", None)
+        return config
+
+
+def _model_type(model_dir: Path):
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def quantization_method(model_dir: Path):
@@ -258,15 +280,16 @@ def quantization_method(model_dir: Path):
 
 def load_pretrained(model_dir: Path, dtype=torch.float32):
     """The checkpoint as a transformers model (AutoModelForCausalLM.from_pretrained) in `dtype` ("auto": the
-    checkpoint's own). An FP8 or MXFP4 checkpoint is built from its config and filled with the values
-    ModelSource reads (a mixture's experts unstacked, as converted): transformers would keep such weights
-    quantized, or need accelerate and a GPU to dequantize them."""
+    checkpoint's own). An FP8 or MXFP4 checkpoint, or a vision-language release, is built from its (text)
+    config and filled with the values ModelSource reads (a mixture's experts unstacked, as converted):
+    transformers would keep quantized weights quantized, or need accelerate and a GPU to dequantize them,
+    and would build a release's whole vision-language model."""
     from transformers import AutoModelForCausalLM
 
-    if quantization_method(model_dir) is None:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    from .architectures import persistent_buffers, skeleton
+    from .architectures import LANGUAGE_MODELS, persistent_buffers, skeleton
 
+    if quantization_method(model_dir) is None and _model_type(model_dir) not in LANGUAGE_MODELS:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     source = ModelSource(model_dir)
     config = source.config()
     if dtype == "auto":

@@ -164,10 +164,8 @@ def write_model_rest(writer: ClaqWriter, source: ModelSource, quantized: set, re
         array, dtype = raw_array(tensor, raw_dtype)
         writer.add_raw(name, array, dtype=dtype)
     generation = source.dir / "generation_config.json"
-    config = json.loads((source.dir / "config.json").read_text())
-    config.pop("quantization_config", None)  # an FP8/MXFP4 source's: the file's weights are CLAQ's, read as floats
     writer.metadata.update(
-        config=config,
+        config=source.config_dict(),
         generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
         conversion=record)
     for filename in TOKENIZER_FILES:

@@ -86,9 +86,9 @@ def config_of(path):
     if Path(path).is_file():
         with open_model_file(path) as cf:
             return _config_from(cf.metadata["config"])
-    from transformers import AutoConfig
+    from ..models.source import ModelSource
 
-    return AutoConfig.from_pretrained(str(path))
+    return ModelSource(path).config()  # a vision-language release's text config
 
 
 def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = False, kernels: str = "auto"):
