@@ -53,6 +53,10 @@ FAMILY_CONFIGS = {
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96),
+    # Llama 4: experts scaled by their router score before they run, a shared expert; a dense layer, then one
+    # with experts; chunked attention with rotary positions, then full attention without (no_rope_layers)
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=160, head_dim=16,
+                        interleave_moe_layer_step=2, attention_chunk_size=16, no_rope_layers=[1, 0]),
     # hybrid layers: Gated DeltaNet linear attention, then full attention; with experts and a shared one, or dense
     "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96,
                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,

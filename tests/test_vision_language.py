@@ -1,10 +1,11 @@
-"""Vision-language releases (Qwen3.5, Gemma 3): their language model converts to the very file that model
+"""Vision-language releases (Qwen3.5, Gemma 3, Mistral 3, Llama 4): their language model converts to the very file that model
 alone converts to, runs from it, and nothing of the vision tower is read."""
 import numpy as np
 import pytest
 import torch
 
 from claq_convert.format import reader
+from claq_convert.models.architectures import LANGUAGE_MODELS
 from claq_convert.models.source import ModelSource, load_pretrained
 from claq_convert.quantize.convert import ConvertOptions, run_conversion
 from claq_convert.quantize.pipeline import QuantConfig
@@ -17,8 +18,12 @@ VISION = {  # a one-block vision tower of each
                     temporal_patch_size=2, spatial_merge_size=2),
     "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                    patch_size=16),
+    "mistral3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                     patch_size=16, head_dim=16),
+    "llama4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                   patch_size=16, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64),
 }
-TEXT_TYPE = {"qwen3_5": "qwen3_5_text", "gemma3": "gemma3_text"}
+TEXT_TYPE = {"qwen3_5": "qwen3_5_text", "gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "llama4_text"}
 
 
 def build_release(directory, wrapper: str):
@@ -27,21 +32,24 @@ def build_release(directory, wrapper: str):
 
     text_dir = build_tiny_model(directory / "text", family=TEXT_TYPE[wrapper])  # also the tokenizer
     text_config = AutoConfig.from_pretrained(str(text_dir)).to_dict()
-    config = AutoConfig.for_model(wrapper, text_config=text_config, vision_config=VISION[wrapper])
+    config = AutoConfig.for_model(wrapper, text_config=text_config, vision_config=VISION[wrapper],
+                                  tie_word_embeddings=text_config.get("tie_word_embeddings", False))
     torch.manual_seed(1)
     release = AutoModelForImageTextToText.from_config(config)
     language = AutoModelForCausalLM.from_pretrained(str(text_dir), dtype=torch.float32)
-    with torch.no_grad():  # the release's language model is the text model's
+    with torch.no_grad():  # the release's language model is the text model's (its modules' names vary by release)
         target = dict(release.named_parameters())
         for name, param in language.named_parameters():
-            lm = name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
-            target[lm].copy_(param)
+            names = [old + name[len(new):] for old, new in LANGUAGE_MODELS[wrapper] if name.startswith(new)]
+            found = [n for n in names if n in target]
+            assert found, name
+            target[found[0]].copy_(param)
     release.save_pretrained(str(directory / "release"))
     AutoTokenizer.from_pretrained(str(text_dir)).save_pretrained(str(directory / "release"))
     return directory / "release", text_dir
 
 
-@pytest.mark.parametrize("wrapper", ["qwen3_5", "gemma3"])
+@pytest.mark.parametrize("wrapper", ["qwen3_5", "gemma3", "mistral3", "llama4"])
 def test_a_release_converts_to_the_file_its_language_model_converts_to(wrapper, tmp_path, text_file):
     release, text_dir = build_release(tmp_path, wrapper)
     source = ModelSource(release)

@@ -73,7 +73,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "olmoe": "olmoe", "glm4_moe": "glm4moe", "ernie4_5_moe": "ernie4_5-moe", "exaone_moe": "exaone-moe",
              "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None, "gpt_oss": "gpt-oss",
              "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "qwen3_next": "qwen3next",
-             "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
+             "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "llama4_text": "llama4",
              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .experts import GPT_OSS, PLAIN, Stacking
+from .experts import GPT_OSS, LLAMA4, PLAIN, Stacking
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -162,6 +162,14 @@ FAMILIES = (
     # interleaved gate/up and a clamped SwiGLU (MXFP4 in its releases); GraniteMoE's, with a shared MLP or not
     Family("gpt_oss", ("gpt_oss",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts",
            stacking=GPT_OSS),
+    # Llama 4: experts and a shared expert in every moe_layers layer (all, or every other), dense MLPs between;
+    # its linear router kept raw
+    Family("llama4", ("llama4_text",), "model.layers",
+           _ATTENTION + (("feed_forward.experts.*.gate_proj", "feed_forward.experts.*.up_proj",
+                          "feed_forward.shared_expert.gate_proj", "feed_forward.shared_expert.up_proj"),
+                         ("feed_forward.experts.*.down_proj", "feed_forward.shared_expert.down_proj")),
+           "model.norm", experts="feed_forward.experts", stacking=LLAMA4, kept=("feed_forward.router",),
+           dense=_ATTENTION + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))),
     Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
            experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     Family("granitemoeshared", ("granitemoeshared",), "model.layers",
@@ -196,6 +204,10 @@ LANGUAGE_MODELS = {
     "qwen3_5_moe": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
     "gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                ("model.language_model.", "model.")),
+    "llama4": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+               ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "mistral3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
 }
 
 
@@ -210,7 +222,7 @@ def language_model_name(wrapper_type: Optional[str], stored: str) -> Optional[st
 _MOE = ("a mixture-of-experts model whose experts or layers this version does not know; its mixtures: "
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("llama4_text", "dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},
+    **{t: _MOE for t in ("dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }

@@ -81,6 +81,7 @@ class Stacking:
     interleaved: bool = False  # gate_up's outputs alternate gate, up (else all gates, then all ups)
     biases: bool = False       # gate_up_proj_bias [E, 2I], down_proj_bias [E, H]
     expert: type = Expert      # one expert's MLP
+    routing: str = "top_k"     # how the model calls its experts (ExpertLinears.forward / ScaledInputExperts)
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -110,6 +111,9 @@ class Stacking:
 
 PLAIN = Stacking()
 GPT_OSS = Stacking(transposed=True, interleaved=True, biases=True, expert=ClampedSwigluExpert)
+# Llama 4: [E, in, out] stacks, gate then up; the model scales each token by its router score before the
+# experts and hands them every token, E blocks of them (ScaledInputExperts)
+LLAMA4 = Stacking(transposed=True, routing="scaled_input")
 
 
 class ExpertLinears(torch.nn.ModuleList):
@@ -127,6 +131,25 @@ class ExpertLinears(torch.nn.ModuleList):
             out = self[index](hidden_states[tokens]) * top_k_weights[tokens, position, None]
             final.index_add_(0, tokens, out.to(final.dtype))
         return final
+
+
+class ScaledInputExperts(ExpertLinears):
+    """Llama 4's experts: called with E blocks of the layer's T tokens, block e each token times its router
+    score for expert e (0 where the router did not pick e), and returning E blocks of outputs. A row of
+    zeros goes to zeros through an expert without biases, so each expert runs on its nonzero rows only:
+    the tokens routed to it, as transformers' batched product computes them, and what its calibration sees."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        blocks = hidden_states.view(len(self), -1, hidden_states.shape[-1])
+        out = torch.zeros_like(blocks)
+        for index, expert in enumerate(self):
+            rows = blocks[index].any(dim=-1).nonzero()[:, 0]
+            if rows.numel():
+                out[index, rows] = expert(blocks[index, rows]).to(out.dtype)
+        return out.view(-1, hidden_states.shape[-1])
+
+
+ROUTINGS = {"top_k": ExpertLinears, "scaled_input": ScaledInputExperts}
 
 
 def is_stacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> bool:
@@ -170,7 +193,7 @@ def unstacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> ExpertLine
             linears.append(made)
         return stacking.expert.of(module, *linears)
 
-    return ExpertLinears(expert(e) for e in range(experts))
+    return ROUTINGS[stacking.routing](expert(e) for e in range(experts))
 
 
 def unstack_experts(layers: torch.nn.ModuleList, path: str, stacking: Stacking = PLAIN) -> None:

@@ -122,8 +122,8 @@ class ModelSource:
         """FP8 weights as views of their dequantized values; any other quantized checkpoint refused."""
         from . import dequant
 
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-        if method is not None and method not in READABLE_QUANTIZATION:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        if quantization is not None and method not in READABLE_QUANTIZATION:
             raise SourceError(f"{self.dir} holds weights already quantized by {method!r}; claq-convert reads "
                               f"bf16/fp16/fp32 checkpoints, or {' and '.join(READABLE_QUANTIZATION)} ones: "
                               "convert from the unquantized release of the model")
