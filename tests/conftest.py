@@ -57,6 +57,12 @@ FAMILY_CONFIGS = {
     # with experts; chunked attention with rotary positions, then full attention without (no_rope_layers)
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=160, head_dim=16,
                         interleave_moe_layer_step=2, attention_chunk_size=16, no_rope_layers=[1, 0]),
+    "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
+                  n_shared_experts=1, head_dim=16),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+    # MiniMax-Text-01: a full attention layer, then a lightning (linear) attention one
+    "minimax": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                    layer_types=["full_attention", "linear_attention"]),
     # hybrid layers: Gated DeltaNet linear attention, then full attention; with experts and a shared one, or dense
     "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96,
                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,

@@ -130,7 +130,14 @@ FAMILIES = (
            "transformer.ln_f"),
     # mixture of experts: each expert's matrices quantized apart, from the tokens routed to it; routers raw
     Family("moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts"),
-    Family("mixtral", ("mixtral",), "model.layers", _MOE_GROUPS, "model.norm", renames=_W123, experts="mlp.experts"),
+    Family("mixtral", ("mixtral", "minimax_m2"), "model.layers", _MOE_GROUPS, "model.norm", renames=_W123,
+           experts="mlp.experts"),
+    # MiniMax-Text-01: lightning (linear) attention layers, its qkv_proj and output gate reading the layer's input,
+    # and full attention layers
+    Family("minimax", ("minimax",), "model.layers",
+           (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "self_attn.qkv_proj?",
+             "self_attn.output_gate?"), ("self_attn.o_proj?", "self_attn.out_proj?")) + _MOE_GROUPS[2:],
+           "model.norm", renames=_W123, experts="mlp.experts"),
     Family("phimoe", ("phimoe",), "model.layers", _MOE_GROUPS, "model.norm",
            renames=(("block_sparse_moe.gate.", "mlp.router."),) + _W123, experts="mlp.experts",
            kept=("mlp.router",)),  # its router is a linear
@@ -141,7 +148,7 @@ FAMILIES = (
            "model.norm", experts="mlp.experts", kept=("mlp.shared_expert_gate",)),
     Family("qwen3_5", ("qwen3_5_text",), "model.layers", _HYBRID_ATTENTION + _LLAMA_GROUPS[2:], "model.norm"),
     # mixtures whose first layers are dense, with shared experts beside the routed ones
-    Family("glm4_moe", ("glm4_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
+    Family("glm4_moe", ("glm4_moe", "dots1"), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS),
     Family("ernie4_5_moe", ("ernie4_5_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS, renames=(("mlp.moe_statics.", "mlp.gate.moe_statics."),)),
@@ -222,7 +229,7 @@ def language_model_name(wrapper_type: Optional[str], stored: str) -> Optional[st
 _MOE = ("a mixture-of-experts model whose experts or layers this version does not know; its mixtures: "
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("dbrx", "jetmoe", "jamba", "minimax", "dots1", "lfm2_moe")},
+    **{t: _MOE for t in ("dbrx", "jetmoe", "jamba", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
