@@ -33,6 +33,7 @@ _SHARED_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.sha
 _HYBRID_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "linear_attn.in_proj_qkvz?",
                       "linear_attn.in_proj_ba?", "linear_attn.in_proj_qkv?", "linear_attn.in_proj_z?",
                       "linear_attn.in_proj_b?", "linear_attn.in_proj_a?"), ("self_attn.o_proj?", "linear_attn.out_proj?"))
+# Qwen's one shared expert (mlp.shared_expert, singular; _SHARED_EXPERTS above is DeepSeek's mlp.shared_experts)
 _SHARED_EXPERT = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
                    "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"))
 # checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
