@@ -63,6 +63,9 @@ FAMILY_CONFIGS = {
     # MiniMax-Text-01: a full attention layer, then a lightning (linear) attention one
     "minimax": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                     layer_types=["full_attention", "linear_attention"]),
+    # Jamba: a Mamba layer with a dense MLP, then an attention layer with experts
+    "jamba": dict(num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1),
     # hybrid layers: Gated DeltaNet linear attention, then full attention; with experts and a shared one, or dense
     "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96,
                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,

@@ -100,8 +100,8 @@ def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_fil
     config["model_type"] = "rwkv"
     with pytest.raises(architectures.ArchitectureError, match="supported: .*llama"):
         architectures.family_of(type("C", (), config)())
-    config["model_type"] = "jamba"  # known, and refused with the reason
-    with pytest.raises(architectures.ArchitectureError, match="'jamba' is not supported: a mixture-of-experts .* mixtral"):
+    config["model_type"] = "dbrx"  # known, and refused with the reason
+    with pytest.raises(architectures.ArchitectureError, match="'dbrx' is not supported: a mixture-of-experts .* mixtral"):
         architectures.family_of(type("C", (), config)())
 
 

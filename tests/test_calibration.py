@@ -133,20 +133,28 @@ def test_the_preallocated_kv_cache_samples_what_the_growing_one_samples(tiny_mod
                                                                 batch_size=3))
 
 
-def test_a_model_with_linear_attention_layers_samples_with_its_own_cache(tmp_path):
-    """Qwen3.5's linear-attention layers keep a convolution and a recurrent state, not keys and values:
-    sampling gives them transformers' cache for the config (the preallocated layers cannot hold them)."""
+@pytest.mark.parametrize("family", ["qwen3_5_text", "jamba", "minimax"])
+def test_a_model_with_recurrent_layers_samples_with_a_cache_of_its_own(family, tmp_path):
+    """Linear-attention and Mamba layers keep a convolution or a recurrent state, not keys and values:
+    sampling lets the model make its own cache (MiniMax refuses any other class), and the samples are
+    the ones a full forward at every step would draw."""
     from transformers import AutoModelForCausalLM
-    from transformers.cache_utils import LinearAttentionLayer
 
     from conftest import build_tiny_model
 
-    directory = build_tiny_model(tmp_path / "qwen3_5_text", family="qwen3_5_text")
+    directory = build_tiny_model(tmp_path / family, family=family)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
-    cache = calibration.kv_cache(16, model.config)
-    assert isinstance(cache.layers[0], LinearAttentionLayer) and not isinstance(cache.layers[1], LinearAttentionLayer)
-    tokens = calibration.sample_windows(model, torch.arange(2, model.config.vocab_size), nsamples=3, seqlen=16, seed=0)
+    assert calibration.kv_cache(16, model.config) is None
+    first = torch.arange(2, model.config.vocab_size)
+    tokens = calibration.sample_windows(model, first, nsamples=3, seqlen=16, seed=0)
     assert tokens.shape == (3, 16) and 0 <= int(tokens.min()) and int(tokens.max()) < model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)  # the same draws, each step a forward over the whole prefix
+    again = torch.empty_like(tokens)
+    again[:, 0] = first[torch.randint(0, first.numel(), (3,), generator=gen)]
+    with torch.no_grad():
+        for t in range(1, 16):
+            again[:, t] = calibration.sample_tokens(model(again[:, :t], use_cache=False).logits[:, -1], gen)
+    assert torch.equal(tokens, again)
 
 
 def test_the_preallocated_kv_cache_refuses_more_than_it_holds():

@@ -74,7 +74,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "afmoe": "afmoe", "hunyuan_v1_moe": "hunyuan-moe", "cohere2_moe": None, "gpt_oss": "gpt-oss",
              "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "qwen3_next": "qwen3next",
              "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "llama4_text": "llama4",
-             "minimax_m2": "minimax-m2", "minimax": None, "dots1": "dots1",
+             "minimax_m2": "minimax-m2", "minimax": None, "dots1": "dots1", "jamba": "jamba",
              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 

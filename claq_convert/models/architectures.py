@@ -33,6 +33,8 @@ _SHARED_EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.sha
 _HYBRID_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "linear_attn.in_proj_qkvz?",
                       "linear_attn.in_proj_ba?", "linear_attn.in_proj_qkv?", "linear_attn.in_proj_z?",
                       "linear_attn.in_proj_b?", "linear_attn.in_proj_a?"), ("self_attn.o_proj?", "linear_attn.out_proj?"))
+_MAMBA_OR_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "mamba.in_proj?"),
+                       ("mamba.x_proj?",), ("self_attn.o_proj?", "mamba.out_proj?"))
 # Qwen's one shared expert (mlp.shared_expert, singular; _SHARED_EXPERTS above is DeepSeek's mlp.shared_experts)
 _SHARED_EXPERT = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
                    "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"))
@@ -178,6 +180,14 @@ FAMILIES = (
                          ("feed_forward.experts.*.down_proj", "feed_forward.shared_expert.down_proj")),
            "model.norm", experts="feed_forward.experts", stacking=LLAMA4, kept=("feed_forward.router",),
            dense=_ATTENTION + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))),
+    # Jamba: Mamba layers (in_proj, then x_proj on its convolved half, out_proj on the gated scan) beside attention
+    # layers, every name optional; dt_proj kept raw (the scan reads its weight, never calls it, so calibration sees
+    # no input of it; small: inner x dt_rank); experts in every other layer, dense MLPs between
+    Family("jamba", ("jamba",), "model.layers",
+           _MAMBA_OR_ATTENTION + (("feed_forward.experts.*.gate_proj", "feed_forward.experts.*.up_proj"),
+                                  ("feed_forward.experts.*.down_proj",)), "model.final_layernorm",
+           experts="feed_forward.experts", kept=("mamba.dt_proj",),
+           dense=_MAMBA_OR_ATTENTION + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))),
     Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
            experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     Family("granitemoeshared", ("granitemoeshared",), "model.layers",
@@ -230,7 +240,7 @@ def language_model_name(wrapper_type: Optional[str], stored: str) -> Optional[st
 _MOE = ("a mixture-of-experts model whose experts or layers this version does not know; its mixtures: "
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
-    **{t: _MOE for t in ("dbrx", "jetmoe", "jamba", "lfm2_moe")},
+    **{t: _MOE for t in ("dbrx", "jetmoe", "lfm2_moe")},
     "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
             "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }

@@ -196,7 +196,9 @@ def sample_windows(model, first_tokens: torch.Tensor, nsamples: int, seqlen: int
         tokens[:, 0] = first_tokens[torch.randint(0, first_tokens.numel(), (n,), generator=gen)]
         step_input, cache = tokens[:, :1].to(device), kv_cache(seqlen, model.config)
         for t in range(1, seqlen):
-            result = model(step_input, use_cache=True, **{cache_arg: cache})
+            result = model(step_input, use_cache=True, **({cache_arg: cache} if cache is not None else {}))
+            if cache is None:  # the model made its own at the first step
+                cache = result.past_key_values
             tokens[:, t] = sample_tokens(result.logits[:, -1], gen)
             step_input = tokens[:, t:t + 1].to(device)
             next(steps, None)
@@ -211,10 +213,9 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 
 
 def kv_cache(capacity: int, config=None):
-    """An empty KV cache for sequences of at most `capacity` tokens (of a model of `config`).
-
-    A model with layers of another kind (Qwen3-Next's and Qwen3.5's linear attention keep a convolution
-    and a recurrent state) gets transformers' own cache for its config, which knows each layer's kind.
+    """An empty KV cache for sequences of at most `capacity` tokens (of a model of `config`), or None where
+    the model must make its own: layers of another kind (Qwen3.5's linear attention, Jamba's Mamba, MiniMax's
+    lightning attention) keep a convolution or a recurrent state, in a cache class of the model's.
 
     transformers' DynamicCache grows by concatenation: every step copies all the keys and values so far,
     a sixth of the sampling time on SmolLM2 (32 windows of 512 tokens). Where transformers builds caches
@@ -225,7 +226,7 @@ def kv_cache(capacity: int, config=None):
 
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None) if config is not None else None
     if set(layer_types or ()) - set(ATTENTION_LAYER_TYPES):
-        return DynamicCache(config=config)
+        return None
     try:
         from transformers.cache_utils import Cache, DynamicLayer
     except ImportError:
