@@ -24,6 +24,11 @@ BIASES = ("gate_up_proj_bias", "down_proj_bias")
 MATRICES = ("gate_proj", "up_proj", "down_proj")  # an expert's linears
 
 
+def expert_shapes(hidden: int, inner: int) -> dict[str, tuple[int, int]]:
+    """[out, in] of each of an expert's matrices."""
+    return {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+
+
 class Expert(torch.nn.Module):
     """One expert's MLP: down(act(gate(x)) * up(x))."""
 
@@ -69,53 +74,6 @@ class ClampedSwigluExpert(torch.nn.Module):
         return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
-@dataclass(frozen=True)
-class Stacking:
-    """How a transformers experts module stacks E experts of hidden size H and inner size I.
-
-    Default (most families): gate_up_proj [E, 2I, H] holding an expert's gate rows, then its up rows;
-    down_proj [E, H, I]; no biases. gpt-oss: both stored [E, in, out] (x @ W), gate and up outputs
-    alternating, a bias beside each matrix, its own activation.
-    """
-    transposed: bool = False   # matrices stored [E, in, out]
-    interleaved: bool = False  # gate_up's outputs alternate gate, up (else all gates, then all ups)
-    biases: bool = False       # gate_up_proj_bias [E, 2I], down_proj_bias [E, H]
-    expert: type = Expert      # one expert's MLP
-    routing: str = "top_k"     # how the model calls its experts (ExpertLinears.forward / ScaledInputExperts)
-
-    @property
-    def parameters(self) -> tuple[str, ...]:
-        return STACKED + (BIASES if self.biases else ())
-
-    def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate, up) of one expert's gate_up matrix as [2I, H] (`oriented`), or of its gate_up bias [2I]."""
-        return (gate_up[0::2], gate_up[1::2]) if self.interleaved else gate_up.chunk(2)
-
-    def oriented(self, matrix: torch.Tensor) -> torch.Tensor:
-        """One expert's stored matrix as [out, in]."""
-        return matrix.T if self.transposed else matrix
-
-    def shapes(self, gate_up_shape, down_shape) -> tuple[int, int, int]:
-        """(E, H, I) of stacked matrices of these shapes, or ValueError where they do not fit this layout."""
-        if len(gate_up_shape) != 3 or len(down_shape) != 3 or gate_up_shape[0] != down_shape[0]:
-            raise ValueError(f"stacked experts of shapes {list(gate_up_shape)} and {list(down_shape)}")
-        experts, *gate_up_out_in = gate_up_shape
-        _, *down_out_in = down_shape
-        if self.transposed:
-            gate_up_out_in, down_out_in = gate_up_out_in[::-1], down_out_in[::-1]
-        (two_inner, hidden), (hidden_down, inner) = gate_up_out_in, down_out_in
-        if two_inner != 2 * inner or hidden != hidden_down:
-            raise ValueError(f"stacked experts of shapes {list(gate_up_shape)} and {list(down_shape)}")
-        return experts, hidden, inner
-
-
-PLAIN = Stacking()
-GPT_OSS = Stacking(transposed=True, interleaved=True, biases=True, expert=ClampedSwigluExpert)
-# Llama 4: [E, in, out] stacks, gate then up; the model scales each token by its router score before the
-# experts and hands them every token, E blocks of them (ScaledInputExperts)
-LLAMA4 = Stacking(transposed=True, routing="scaled_input")
-
-
 class ExpertLinears(torch.nn.ModuleList):
     """The experts of one layer, expert e at index e; called as transformers calls its stacked module."""
 
@@ -149,7 +107,53 @@ class ScaledInputExperts(ExpertLinears):
         return out.view(-1, hidden_states.shape[-1])
 
 
-ROUTINGS = {"top_k": ExpertLinears, "scaled_input": ScaledInputExperts}
+@dataclass(frozen=True)
+class Stacking:
+    """How a transformers experts module stacks E experts of hidden size H and inner size I.
+
+    Default (most families): gate_up_proj [E, 2I, H] holding an expert's gate rows, then its up rows;
+    down_proj [E, H, I]; no biases. gpt-oss: both stored [E, in, out] (x @ W), gate and up outputs
+    alternating, a bias beside each matrix, its own activation.
+    """
+    transposed: bool = False   # matrices stored [E, in, out]
+    interleaved: bool = False  # gate_up's outputs alternate gate, up (else all gates, then all ups)
+    biases: bool = False       # gate_up_proj_bias [E, 2I], down_proj_bias [E, H]
+    expert: type = Expert      # one expert's MLP
+    linears: type = ExpertLinears  # the module holding them, called as the model calls its experts
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return STACKED + (BIASES if self.biases else ())
+
+    def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate, up) of one expert's gate_up matrix as [2I, H] (`oriented`), or of its gate_up bias [2I]."""
+        return (gate_up[0::2], gate_up[1::2]) if self.interleaved else gate_up.chunk(2)
+
+    def oriented(self, matrix: torch.Tensor) -> torch.Tensor:
+        """One expert's stored matrix as [out, in]."""
+        return matrix.T if self.transposed else matrix
+
+    def shapes(self, gate_up_shape, down_shape) -> tuple[int, int, int]:
+        """(E, H, I) of stacked matrices of these shapes, or ValueError where they do not fit this layout."""
+        if len(gate_up_shape) != 3 or len(down_shape) != 3 or gate_up_shape[0] != down_shape[0]:
+            raise ValueError(f"stacked experts of shapes {list(gate_up_shape)} and {list(down_shape)}")
+        experts, *gate_up_out_in = gate_up_shape
+        _, *down_out_in = down_shape
+        if self.transposed:
+            gate_up_out_in, down_out_in = gate_up_out_in[::-1], down_out_in[::-1]
+        (two_inner, hidden), (hidden_down, inner) = gate_up_out_in, down_out_in
+        if two_inner != 2 * inner or hidden != hidden_down:
+            raise ValueError(f"stacked experts of shapes {list(gate_up_shape)} and {list(down_shape)}")
+        return experts, hidden, inner
+
+
+
+
+PLAIN = Stacking()
+GPT_OSS = Stacking(transposed=True, interleaved=True, biases=True, expert=ClampedSwigluExpert)
+# Llama 4: [E, in, out] stacks, gate then up; the model scales each token by its router score before the
+# experts and hands them every token, E blocks of them
+LLAMA4 = Stacking(transposed=True, linears=ScaledInputExperts)
 
 
 def is_stacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> bool:
@@ -172,7 +176,7 @@ def unstacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> ExpertLine
     with their values (slices copied)."""
     gate_up = module.gate_up_proj
     experts, hidden, inner = stacking.shapes(gate_up.shape, module.down_proj.shape)
-    shapes = {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+    shapes = expert_shapes(hidden, inner)
 
     def expert(e: int):
         gate, up = stacking.split(stacking.oriented(gate_up[e]))
@@ -193,7 +197,7 @@ def unstacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> ExpertLine
             linears.append(made)
         return stacking.expert.of(module, *linears)
 
-    return ROUTINGS[stacking.routing](expert(e) for e in range(experts))
+    return stacking.linears(expert(e) for e in range(experts))
 
 
 def unstack_experts(layers: torch.nn.ModuleList, path: str, stacking: Stacking = PLAIN) -> None:

@@ -158,7 +158,7 @@ class ModelSource:
 
     def _stacked_views(self, prefix: str, stacking) -> None:
         from . import dequant
-        from .experts import MATRICES, PLAIN
+        from .experts import MATRICES, PLAIN, expert_shapes
 
         stored = {}  # matrix -> (the names it is read from, [E, out, in])
         for matrix in ("gate_up_proj", "down_proj"):
@@ -185,7 +185,7 @@ class ModelSource:
             if name not in self.files or self.shape(name) != (experts, 2 * inner if m == "gate_up_proj" else hidden):
                 raise SourceError(f"{self.dir}: {name} is missing or not [{experts}, ...] beside {prefix}'s experts")
         path = self._paths[stored["gate_up_proj"][0][0]]
-        shapes = {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+        shapes = expert_shapes(hidden, inner)
         for e in range(experts):
             for matrix in MATRICES:
                 stack = "down_proj" if matrix == "down_proj" else "gate_up_proj"
@@ -262,19 +262,18 @@ class ModelSource:
         return config
 
 
-def _model_type(model_dir: Path):
+def _config_json(model_dir: Path) -> dict:
+    """config.json as a dict ({} where it cannot be read: ModelSource says why when it is needed)."""
     try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def quantization_method(model_dir: Path):
     """config.json's quantization_config.quant_method (None for an unquantized checkpoint)."""
-    try:
-        quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    quantization = _config_json(model_dir).get("quantization_config")
     return quantization.get("quant_method") if isinstance(quantization, dict) else None
 
 
@@ -288,7 +287,7 @@ def load_pretrained(model_dir: Path, dtype=torch.float32):
 
     from .architectures import LANGUAGE_MODELS, persistent_buffers, skeleton
 
-    if quantization_method(model_dir) is None and _model_type(model_dir) not in LANGUAGE_MODELS:
+    if quantization_method(model_dir) is None and _config_json(model_dir).get("model_type") not in LANGUAGE_MODELS:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     source = ModelSource(model_dir)
     config = source.config()
