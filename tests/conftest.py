@@ -27,6 +27,15 @@ FAMILY_CONFIGS = {
     "glm": dict(), "glm4": dict(), "gptj": dict(n_inner=160, rotary_dim=8),
     "falcon": dict(), "bloom": dict(), "persimmon": dict(), "mpt": dict(), "codegen": dict(n_inner=160, rotary_dim=8),
     "xglm": dict(), "biogpt": dict(),
+    # Ministral: a sliding-window layer, then a full one; Ministral 3 (YaRN rotary), InternLM3, VaultGemma, Hunyuan's
+    # dense model (q/k norms); EXAONE 3 (GPT-2-style checkpoint names); StarCoder (multi-query c_attn); GPT-Neo (local
+    # then global attention)
+    "ministral": dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "ministral3": dict(head_dim=16), "internlm3": dict(), "vaultgemma": dict(head_dim=16),
+    "hunyuan_v1_dense": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "exaone": dict(), "gpt_bigcode": dict(n_inner=160),
+    "gpt_neo": dict(attention_types=[[["local", "global"], 1]], window_size=16),
     # variants whose layers differ: Falcon-40B's separate norms for attention and MLP, q/k norms
     "falcon-new": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2),
     "stablelm-qk": dict(model_type="stablelm", use_qkv_bias=True, qk_layernorm=True),

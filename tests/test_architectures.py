@@ -106,7 +106,8 @@ def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_fil
 
 
 @pytest.mark.parametrize("family, differ", [("gemma3_text", True), ("gpt_oss", True), ("gemma2", True),
-                                            ("llama4_text", True), ("qwen3_next", False)])
+                                            ("llama4_text", True), ("qwen3_next", False),
+                                            ("ministral", True)])
 def test_each_layer_is_called_with_its_own_keywords(family, differ, tmp_path):
     """A sliding-window layer and a full one get different masks (and Gemma 3's global layers their own
     rotary table): the pass that feeds the layers records what transformers calls each layer with (Qwen3-Next

@@ -96,7 +96,15 @@ class Family:
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
                      "granite", "stablelm", "smollm3", "helium", "cohere", "cohere2", "exaone4", "seed_oss",
-                     "ernie4_5"), "model.layers", _LLAMA_GROUPS, "model.norm"),
+                     "ernie4_5", "ministral", "ministral3", "internlm3", "vaultgemma", "hunyuan_v1_dense"),
+           "model.layers", _LLAMA_GROUPS, "model.norm"),
+    # EXAONE 3: Llama's modules under GPT-2-style checkpoint names, which transformers renames on load
+    Family("exaone", ("exaone",), "model.layers", _LLAMA_GROUPS, "model.norm",
+           renames=(("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
+                    ("transformer.ln_f.", "model.norm."), ("attn.attention.", "self_attn."),
+                    ("self_attn.out_proj.", "self_attn.o_proj."), ("ln_1.", "input_layernorm."),
+                    ("ln_2.", "post_attention_layernorm."), ("mlp.c_fc_0.", "mlp.gate_proj."),
+                    ("mlp.c_fc_1.", "mlp.up_proj."), ("mlp.c_proj.", "mlp.down_proj."))),
     # an MLP without a gate: up, an activation, down
     Family("ungated", ("arcee", "nemotron", "apertus"), "model.layers",
            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.up_proj",),
@@ -128,6 +136,13 @@ FAMILIES = (
     Family("biogpt", ("biogpt",), "biogpt.layers",
            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
            "biogpt.layer_norm"),
+    # StarCoder / SantaCoder: GPT-2's names as plain linears (multi-query attention in c_attn); learned positions raw
+    Family("gpt_bigcode", ("gpt_bigcode",), "transformer.h",
+           (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), "transformer.ln_f"),
+    # local (windowed) and global attention layers, learned positions
+    Family("gpt_neo", ("gpt_neo",), "transformer.h",
+           (("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"), ("attn.attention.out_proj",),
+            ("mlp.c_fc",), ("mlp.c_proj",)), "transformer.ln_f"),
     Family("gptj", ("gptj",), "transformer.h",
            (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
            "transformer.ln_f"),
