@@ -36,6 +36,14 @@ FAMILY_CONFIGS = {
     "hunyuan_v1_dense": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "exaone": dict(), "gpt_bigcode": dict(n_inner=160),
     "gpt_neo": dict(attention_types=[[["local", "global"], 1]], window_size=16),
+    "olmo": dict(),  # layer norms without weights
+    "iquestcoder": dict(), "hyperclovax": dict(), "cwm": dict(head_dim=16), "flint": dict(head_dim=16),
+    "granite_swa": dict(sliding_window=16), "apertus1p5_text": dict(), "jais2": dict(), "nanochat": dict(),
+    # mixtures with a dense first layer: experts alone (MiMo-V2-Flash; Mellum's are all mixtures), or with shared
+    # experts (Hunyuan 3)
+    "mimo_v2_flash": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
+    "mellum": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+    "hy_v3": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
     # variants whose layers differ: Falcon-40B's separate norms for attention and MLP, q/k norms
     "falcon-new": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2),
     "stablelm-qk": dict(model_type="stablelm", use_qkv_bias=True, qk_layernorm=True),

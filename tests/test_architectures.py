@@ -253,3 +253,16 @@ def test_refused_types_are_real_and_not_supported():
 
     assert not set(architectures._REFUSED) & set(architectures.supported_model_types())
     assert all(t in CONFIG_MAPPING for t in list(architectures._REFUSED) + architectures.supported_model_types())
+
+
+@pytest.mark.parametrize("converted_family", ["olmo", "nanochat"], indirect=True)
+def test_a_model_left_without_parameters_still_generates(converted_family):
+    """OLMo's and NanoChat's norms have no weights: with every linear and the embedding quantized, the model
+    read back has no parameter, and transformers reads a model's device and dtype from its first one."""
+    _, _, path, _ = converted_family
+    model, tokenizer = load(path)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == [("device_anchor", (0,))]
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    ids = tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3

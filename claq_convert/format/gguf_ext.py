@@ -77,7 +77,9 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "minimax_m2": "minimax-m2", "minimax": None, "dots1": "dots1", "jamba": "jamba",
              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "ministral": "llama", "ministral3": "mistral3",
              "internlm3": "llama", "vaultgemma": None, "hunyuan_v1_dense": "hunyuan-dense", "exaone": "exaone",
-             "gpt_bigcode": "starcoder", "gpt_neo": None}
+             "gpt_bigcode": "starcoder", "gpt_neo": None, "iquestcoder": "llama", "hyperclovax": None, "cwm": None,
+             "flint": None, "granite_swa": None, "apertus1p5_text": None, "jais2": "jais2", "nanochat": None,
+             "mimo_v2_flash": "mimo2", "mellum": None, "hy_v3": "hunyuan-moe", "olmo": "olmo"}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:

@@ -96,8 +96,12 @@ class Family:
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
                      "granite", "stablelm", "smollm3", "helium", "cohere", "cohere2", "exaone4", "seed_oss",
-                     "ernie4_5", "ministral", "ministral3", "internlm3", "vaultgemma", "hunyuan_v1_dense"),
+                     "ernie4_5", "ministral", "ministral3", "internlm3", "vaultgemma", "hunyuan_v1_dense",
+                     "iquestcoder", "hyperclovax", "cwm", "granite_swa", "olmo"),
            "model.layers", _LLAMA_GROUPS, "model.norm"),
+    # attention sinks, stored as softmax_offset
+    Family("flint", ("flint",), "model.layers", _LLAMA_GROUPS, "model.norm",
+           renames=(("self_attn.softmax_offset", "self_attn.sinks"),)),
     # EXAONE 3: Llama's modules under GPT-2-style checkpoint names, which transformers renames on load
     Family("exaone", ("exaone",), "model.layers", _LLAMA_GROUPS, "model.norm",
            renames=(("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
@@ -106,9 +110,12 @@ FAMILIES = (
                     ("ln_2.", "post_attention_layernorm."), ("mlp.c_fc_0.", "mlp.gate_proj."),
                     ("mlp.c_fc_1.", "mlp.up_proj."), ("mlp.c_proj.", "mlp.down_proj."))),
     # an MLP without a gate: up, an activation, down
-    Family("ungated", ("arcee", "nemotron", "apertus"), "model.layers",
+    Family("ungated", ("arcee", "nemotron", "apertus", "apertus1p5_text", "jais2"), "model.layers",
            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.up_proj",),
             ("mlp.down_proj",)), "model.norm"),
+    Family("nanochat", ("nanochat",), "model.layers",
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.fc1",), ("mlp.fc2",)),
+           "model.norm"),
     Family("starcoder2", ("starcoder2",), "model.layers",
            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.c_fc",),
             ("mlp.c_proj",)), "model.norm"),
@@ -147,7 +154,12 @@ FAMILIES = (
            (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
            "transformer.ln_f"),
     # mixture of experts: each expert's matrices quantized apart, from the tokens routed to it; routers raw
-    Family("moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts"),
+    # (dense MLPs in the layers a config names so: Qwen3-MoE's mlp_only_layers, Mellum's mlp_layer_types)
+    Family("moe", ("qwen3_moe", "olmoe", "mellum"), "model.layers", _MOE_GROUPS, "model.norm",
+           experts="mlp.experts", dense=_LLAMA_GROUPS),
+    # MiMo-V2-Flash: a dense first layer, attention sinks stored as attention_sink_bias
+    Family("mimo_v2_flash", ("mimo_v2_flash",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts",
+           dense=_LLAMA_GROUPS, renames=(("self_attn.attention_sink_bias", "self_attn.sinks"),)),
     Family("mixtral", ("mixtral", "minimax_m2"), "model.layers", _MOE_GROUPS, "model.norm", renames=_W123,
            experts="mlp.experts"),
     # MiniMax-Text-01: lightning (linear) attention layers, its qkv_proj and output gate reading the layer's input,
@@ -168,6 +180,10 @@ FAMILIES = (
     # mixtures whose first layers are dense, with shared experts beside the routed ones
     Family("glm4_moe", ("glm4_moe", "dots1"), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS),
+    # Hunyuan 3: the same, its checkpoint's router, score bias and shared MLP named as transformers renames them on load
+    Family("hy_v3", ("hy_v3",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm", experts="mlp.experts",
+           dense=_LLAMA_GROUPS, renames=(("mlp.router.gate.", "mlp.gate."), ("mlp.expert_bias", "mlp.e_score_correction_bias"),
+                                         ("mlp.shared_mlp.", "mlp.shared_experts."))),
     Family("ernie4_5_moe", ("ernie4_5_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS, renames=(("mlp.moe_statics.", "mlp.gate.moe_statics."),)),
     Family("exaone_moe", ("exaone_moe",), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
@@ -256,8 +272,6 @@ _MOE = ("a mixture-of-experts model whose experts or layers this version does no
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
     **{t: _MOE for t in ("dbrx", "jetmoe", "lfm2_moe")},
-    "olmo": "its layer norms have no weights, so with every linear quantized the model read back from the file "
-            "has no parameters and transformers cannot generate from it; OLMo 2 (olmo2) is supported",
 }
 
 

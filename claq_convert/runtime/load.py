@@ -158,6 +158,11 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, cache: bool = F
         missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
         if missing:
             raise ValueError(f"the file lacks tensors the model needs: {', '.join(missing[:5])}")
+        if next(model.parameters(), None) is None:
+            # every weight quantized and norms without weights (OLMo, NanoChat): transformers reads a model's device
+            # and dtype from its first parameter (generate, masks), so the model keeps an empty one for them
+            model.register_parameter("device_anchor", torch.nn.Parameter(torch.empty(0, device=device, dtype=dtype),
+                                                                          requires_grad=False))
         if cf.metadata.get("generation_config"):
             model.generation_config = GenerationConfig.from_dict(cf.metadata["generation_config"])
         tokenizer = _tokenizer_from(cf)
