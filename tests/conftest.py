@@ -37,6 +37,9 @@ FAMILY_CONFIGS = {
     "exaone": dict(), "gpt_bigcode": dict(n_inner=160),
     "gpt_neo": dict(attention_types=[[["local", "global"], 1]], window_size=16),
     "olmo": dict(),  # layer norms without weights
+    # state-space models without attention: Mamba (x_proj, dt_proj), Falcon-Mamba, Mamba 2 (heads)
+    "mamba": dict(state_size=8), "falcon_mamba": dict(state_size=8),
+    "mamba2": dict(state_size=8, num_heads=8, head_dim=16, n_groups=1),
     "iquestcoder": dict(), "hyperclovax": dict(), "cwm": dict(head_dim=16), "flint": dict(head_dim=16),
     "granite_swa": dict(sliding_window=16), "apertus1p5_text": dict(), "jais2": dict(), "nanochat": dict(),
     # mixtures with a dense first layer: experts alone (MiMo-V2-Flash; Mellum's are all mixtures), or with shared

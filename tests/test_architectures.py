@@ -88,16 +88,16 @@ def test_gpt2_gguf_uses_llama_cpp_names(converted_family, tmp_path):
 
 
 def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_file):
-    from transformers import MambaConfig, MambaForCausalLM
+    from transformers import RwkvConfig, RwkvForCausalLM
 
-    directory = tmp_path / "mamba"
-    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=50)).save_pretrained(str(directory))
+    directory = tmp_path / "rwkv"
+    RwkvForCausalLM(RwkvConfig(hidden_size=32, num_hidden_layers=2, vocab_size=50)).save_pretrained(str(directory))
     result = CliRunner().invoke(convert_cmd, [str(directory), str(tmp_path / "x.claq"), "--calib", str(text_file)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "'mamba' is not supported" in result.output and "gpt2" in result.output  # the supported types
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mamba"]  # no output, no checkpoint
+    assert "'rwkv' is not supported" in result.output and "gpt2" in result.output  # the supported types
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rwkv"]  # no output, no checkpoint
     config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "rwkv"
+    config["model_type"] = "xlstm"
     with pytest.raises(architectures.ArchitectureError, match="supported: .*llama"):
         architectures.family_of(type("C", (), config)())
     config["model_type"] = "dbrx"  # known, and refused with the reason

@@ -79,7 +79,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "internlm3": "llama", "vaultgemma": None, "hunyuan_v1_dense": "hunyuan-dense", "exaone": "exaone",
              "gpt_bigcode": "starcoder", "gpt_neo": None, "iquestcoder": "llama", "hyperclovax": None, "cwm": None,
              "flint": None, "granite_swa": None, "apertus1p5_text": None, "jais2": "jais2", "nanochat": None,
-             "mimo_v2_flash": "mimo2", "mellum": None, "hy_v3": "hunyuan-moe", "olmo": "olmo"}
+             "mimo_v2_flash": "mimo2", "mellum": None, "hy_v3": "hunyuan-moe", "olmo": "olmo", "mamba": "mamba",
+             "falcon_mamba": "mamba", "mamba2": "mamba2"}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:

@@ -219,6 +219,10 @@ FAMILIES = (
                                   ("feed_forward.experts.*.down_proj",)), "model.final_layernorm",
            experts="feed_forward.experts", kept=("mamba.dt_proj",),
            dense=_MAMBA_OR_ATTENTION + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))),
+    # Mamba: no attention; in_proj, then x_proj on the convolved half (Mamba 1), out_proj on the gated scan;
+    # dt_proj kept raw as Jamba's
+    Family("mamba", ("mamba", "falcon_mamba", "mamba2"), "backbone.layers",
+           (("mixer.in_proj",), ("mixer.x_proj?",), ("mixer.out_proj",)), "backbone.norm_f", kept=("mixer.dt_proj",)),
     Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
            experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     Family("granitemoeshared", ("granitemoeshared",), "model.layers",
