@@ -46,6 +46,7 @@ FAMILY_CONFIGS = {
     # experts (Hunyuan 3)
     "mimo_v2_flash": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
     "mellum": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+    "diffllama": dict(), "bitnet": dict(),
     "hy_v3": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
     # variants whose layers differ: Falcon-40B's separate norms for attention and MLP, q/k norms
     "falcon-new": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2),

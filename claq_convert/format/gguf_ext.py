@@ -80,7 +80,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "gpt_bigcode": "starcoder", "gpt_neo": None, "iquestcoder": "llama", "hyperclovax": None, "cwm": None,
              "flint": None, "granite_swa": None, "apertus1p5_text": None, "jais2": "jais2", "nanochat": None,
              "mimo_v2_flash": "mimo2", "mellum": None, "hy_v3": "hunyuan-moe", "olmo": "olmo", "mamba": "mamba",
-             "falcon_mamba": "mamba", "mamba2": "mamba2"}
+             "falcon_mamba": "mamba", "mamba2": "mamba2", "diffllama": None, "bitnet": "bitnet"}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:

@@ -97,7 +97,7 @@ FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
                      "granite", "stablelm", "smollm3", "helium", "cohere", "cohere2", "exaone4", "seed_oss",
                      "ernie4_5", "ministral", "ministral3", "internlm3", "vaultgemma", "hunyuan_v1_dense",
-                     "iquestcoder", "hyperclovax", "cwm", "granite_swa", "olmo"),
+                     "iquestcoder", "hyperclovax", "cwm", "granite_swa", "olmo", "diffllama", "bitnet"),
            "model.layers", _LLAMA_GROUPS, "model.norm"),
     # attention sinks, stored as softmax_offset
     Family("flint", ("flint",), "model.layers", _LLAMA_GROUPS, "model.norm",
