@@ -35,6 +35,9 @@ _HYBRID_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_pro
                       "linear_attn.in_proj_b?", "linear_attn.in_proj_a?"), ("self_attn.o_proj?", "linear_attn.out_proj?"))
 _MAMBA_OR_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "mamba.in_proj?"),
                        ("mamba.x_proj?",), ("self_attn.o_proj?", "mamba.out_proj?"))
+# Mamba2 mixers (Granite 4's): in_proj yields the gate, the convolved x/B/C and dt at once, the convolution, the
+# scan and a gated norm follow, out_proj reads the gated norm's output; the convolution weight is read, never called
+_MAMBA2_OR_ATTENTION = (_MAMBA_OR_ATTENTION[0], _MAMBA_OR_ATTENTION[2])
 # Qwen's one shared expert (mlp.shared_expert, singular; _SHARED_EXPERTS above is DeepSeek's mlp.shared_experts)
 _SHARED_EXPERT = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
                    "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"))
@@ -46,6 +49,8 @@ _GRANITE_MOE = (("block_sparse_moe.input_linear.weight", "block_sparse_moe.exper
                 ("block_sparse_moe.router.layer.", "block_sparse_moe.router."))
 _GRANITE_EXPERTS = (("block_sparse_moe.experts.*.gate_proj", "block_sparse_moe.experts.*.up_proj"),
                     ("block_sparse_moe.experts.*.down_proj",))
+# ... and a shared MLP beside them (input_linear: its gate and up fused), run after the experts
+_GRANITE_SHARED = ((*_GRANITE_EXPERTS[0], "shared_mlp.input_linear"), (*_GRANITE_EXPERTS[1], "shared_mlp.output_linear"))
 
 
 @dataclass(frozen=True)
@@ -191,8 +196,24 @@ FAMILIES = (
     Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
            experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     Family("granitemoeshared", ("granitemoeshared",), "model.layers",
-           _ATTENTION + ((*_GRANITE_EXPERTS[0], "shared_mlp.input_linear"), (*_GRANITE_EXPERTS[1], "shared_mlp.output_linear")),
-           "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
+           _ATTENTION + _GRANITE_SHARED, "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
+    # Granite 4: Mamba2 layers and attention layers, every one with GraniteMoEShared's experts and shared MLP; the
+    # dense releases (num_local_experts 0) have the shared MLP alone
+    Family("granitemoehybrid", ("granitemoehybrid",), "model.layers", _MAMBA2_OR_ATTENTION + _GRANITE_SHARED,
+           "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE,
+           dense=_MAMBA2_OR_ATTENTION + (("shared_mlp.input_linear",), ("shared_mlp.output_linear",))),
+    # Falcon-H1: a Mamba2 mixer and attention side by side in every layer, reading one norm's output (each scaled by
+    # its own multiplier: the mixer runs first, so in_proj leads the group); the MLP calls up before gate
+    Family("falcon_h1", ("falcon_h1",), "model.layers",
+           (("mamba.in_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("mamba.out_proj", "self_attn.o_proj"), ("feed_forward.up_proj", "feed_forward.gate_proj"),
+            ("feed_forward.down_proj",)), "model.final_layernorm"),
+    # LFM2: gated short-convolution layers (in_proj's B, C and x; the depthwise convolution, read and never called,
+    # stays raw; out_proj) and attention layers with q/k norms; the final norm is named embedding_norm
+    Family("lfm2", ("lfm2",), "model.layers",
+           (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "conv.in_proj?"),
+            ("self_attn.out_proj?", "conv.out_proj?"), ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",)),
+           "model.embedding_norm"),
     # latent attention: q straight (q_proj) or through a low-rank pair (q_a_proj, norm, q_b_proj) by config;
     # the compressed kv (kv_a_proj_with_mqa) and its expansion (kv_b_proj) beside them
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), "model.layers",
