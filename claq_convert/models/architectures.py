@@ -9,6 +9,7 @@ unexpected variant fails with one line before any work is done.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .experts import GPT_OSS, LLAMA4, PLAIN, Stacking
+from .experts import GPT_OSS, LLAMA4, PLAIN, UNGATED_PLAIN, Stacking
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -68,6 +69,8 @@ class Family:
     kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
                                               # expert's one-row gate: small, and a flipped route costs more)
     dense: Optional[tuple[tuple[str, ...], ...]] = None  # a mixture's groups in its layers without experts
+    ignored: tuple[str, ...] = ()             # checkpoint names beginning so are tensors transformers does not load
+                                              # (_keys_to_ignore_on_load_unexpected): neither read nor stored
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
                                               # linear (llama.cpp's GGUF stores GPT-2 that way too)
@@ -193,6 +196,18 @@ FAMILIES = (
                                   ("feed_forward.experts.*.down_proj",)), "model.final_layernorm",
            experts="feed_forward.experts", kept=("mamba.dt_proj",),
            dense=_MAMBA_OR_ATTENTION + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))),
+    # Nemotron-H: each layer one mixer after one norm (hybrid_override_pattern): Mamba2 ([in_proj] [out_proj]),
+    # attention without positions ([q,k,v] [o]) or an ungated relu^2 MLP ([up] [down]), the `dense` groups; or
+    # (Nemotron 3) ungated experts beside a shared expert, the experts maybe inside a latent pair (fc1_latent_proj
+    # before them, fc2_latent_proj after), the linear router's weight read and kept raw; checkpoints name the
+    # model `backbone`, and some hold multi-token prediction layers (mtp.*) that the model does not have
+    Family("nemotron_h", ("nemotron_h",), "model.layers",
+           (("mixer.fc1_latent_proj?", "mixer.shared_experts.up_proj"),
+            ("mixer.experts.*.up_proj", "mixer.shared_experts.down_proj"), ("mixer.experts.*.down_proj",),
+            ("mixer.fc2_latent_proj?",)), "model.norm_f", renames=(("backbone.", "model."),), ignored=("mtp.",),
+           experts="mixer.experts", stacking=UNGATED_PLAIN,
+           dense=(("mixer.q_proj?", "mixer.k_proj?", "mixer.v_proj?", "mixer.in_proj?", "mixer.up_proj?"),
+                  ("mixer.o_proj?", "mixer.out_proj?", "mixer.down_proj?"))),
     Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
            experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     Family("granitemoeshared", ("granitemoeshared",), "model.layers",
@@ -281,6 +296,27 @@ def module_name(model_type: Optional[str], stored: str) -> str:
     for old, new in family.renames:
         dotted = dotted.replace("." + old, "." + new)
     return dotted[1:]
+
+
+def ignored_tensor(model_type: Optional[str], stored: str) -> bool:
+    """Whether the checkpoint tensor `stored` of a `model_type` checkpoint is one the model does not load."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    return bool(family and family.ignored and stored.startswith(family.ignored))
+
+
+def checkpoint_name(model_type: Optional[str], module: str) -> str:
+    """The checkpoint's name for the module tensor `module` of a `model_type` model: module_name undone, each
+    family rename the other way where its module segments begin a dotted segment, in one pass, the longest
+    first (PhiMoE's mlp.router is its block_sparse_moe.gate, not mlp's rename then router); the name itself
+    where the family has none."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None or not family.renames:
+        return module
+    back = {}
+    for old, new in family.renames:
+        back.setdefault(new, old)
+    pattern = re.compile(r"(?<=\.)(?:" + "|".join(map(re.escape, sorted(back, key=len, reverse=True))) + ")")
+    return pattern.sub(lambda m: back[m[0]], "." + module)[1:]
 
 
 def transposed_weight(model_type: Optional[str], name: str) -> bool:
