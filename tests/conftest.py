@@ -87,6 +87,28 @@ FAMILY_CONFIGS = {
     # Jamba: a Mamba layer with a dense MLP, then an attention layer with experts
     "jamba": dict(num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
                   expert_layer_period=2, expert_layer_offset=1),
+    # Granite 4: a Mamba2 layer, then an attention one (no rotary positions, as the -H releases), experts and a
+    # shared MLP in each; the dense variant (num_local_experts 0: the shared MLP alone) attention first, with rope
+    "granitemoehybrid": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, mamba_n_heads=8,
+                             mamba_d_state=16, layer_types=["mamba", "attention"]),
+    "granitemoehybrid-dense": dict(model_type="granitemoehybrid", num_local_experts=0, shared_intermediate_size=96,
+                                   mamba_n_heads=8, mamba_d_state=16, position_embedding_type="rope",
+                                   layer_types=["attention", "mamba"]),
+    # Falcon-H1: a Mamba2 mixer (with its gated norm) beside attention in every layer, the muP multipliers away from 1
+    "falcon_h1": dict(mamba_n_heads=8, mamba_d_state=16, mamba_d_ssm=None, mamba_rms_norm=True, ssm_in_multiplier=1.25,
+                      attention_in_multiplier=0.5, ssm_out_multiplier=0.75, attention_out_multiplier=0.9,
+                      key_multiplier=0.8, ssm_multipliers=[0.35, 0.25, 0.5, 0.5, 0.35], mlp_multipliers=[0.9, 0.6],
+                      embedding_multiplier=2.0, lm_head_multiplier=0.5),
+    # Nemotron-H: a Mamba2 layer, an attention one, an MLP one (its hybrid_override_pattern); Nemotron 3: an
+    # attention layer (transformers' cache needs one), then experts (ungated, a shared one beside them) inside a
+    # latent pair
+    "nemotron_h": dict(hybrid_override_pattern="M*-", num_hidden_layers=3, mamba_num_heads=8, mamba_head_dim=16,
+                       ssm_state_size=16, n_groups=2, head_dim=16),
+    "nemotron_h-moe": dict(model_type="nemotron_h", hybrid_override_pattern="*E", head_dim=16, n_routed_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=48, moe_shared_expert_intermediate_size=96,
+                           moe_latent_size=32),
+    # LFM2: a short-convolution layer, then an attention one
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
     # hybrid layers: Gated DeltaNet linear attention, then full attention; with experts and a shared one, or dense
     "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96,
                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,

@@ -87,6 +87,58 @@ def test_gpt2_gguf_uses_llama_cpp_names(converted_family, tmp_path):
     assert fields["gpt2.block_count"].parts[-1][0] == 2 and fields["gpt2.embedding_length"].parts[-1][0] == 64
 
 
+@pytest.mark.parametrize("converted_family, arch, expected", [
+    ("nemotron_h", "nemotron_h", {"blk.0.ssm_in", "blk.0.ssm_out", "blk.0.ssm_conv1d", "blk.1.attn_q", "blk.1.attn_output",
+                                  "blk.2.ffn_up", "blk.2.ffn_down", "token_embd", "output_norm", "output"}),
+    ("nemotron_h-moe", "nemotron_h_moe", {"blk.0.attn_q", "blk.1.ffn_latent_down", "blk.1.ffn_up_exps.3",
+                                          "blk.1.ffn_down_exps.0", "blk.1.ffn_latent_up", "blk.1.ffn_up_shexp",
+                                          "blk.1.ffn_down_shexp", "blk.1.ffn_gate_inp"})], indirect=["converted_family"])
+def test_gguf_names_tensors_by_the_checkpoint_names_gguf_py_knows(converted_family, arch, expected, tmp_path):
+    """gguf-py maps Nemotron-H's checkpoint names (backbone.layers...), the file holds the module's (model.layers);
+    with expert layers it is llama.cpp's nemotron_h_moe."""
+    import gguf
+
+    from claq_convert.format import gguf_ext
+
+    _, _, path, _ = converted_family
+    read = gguf.GGUFReader(str(gguf_ext.claq_to_gguf(path, tmp_path / "m.gguf")))
+    names = {t.name for t in read.tensors}
+    assert expected <= {n.split(".weight")[0].split(".bias")[0] for n in names}
+    # every weight under llama.cpp's name (the Mamba mixer's A_log, D and dt_bias, not weights, keep theirs)
+    assert not any(n.startswith(("backbone.", "model.")) for n in names if n.endswith(".weight")), names
+    layers = len(FAMILY_CONFIGS[converted_family[0]]["hybrid_override_pattern"])  # config.json counts no layers
+    assert read.fields[f"{arch}.block_count"].parts[-1][0] == layers
+
+
+def test_tensors_transformers_does_not_load_are_neither_read_nor_stored(tmp_path, text_file):
+    """Nemotron 3's checkpoints may hold multi-token prediction layers (mtp.*), which the model has not: stored
+    raw, they would make the file one load() refuses."""
+    from safetensors.torch import load_file, save_file
+
+    directory = build_tiny_model(tmp_path / "nemotron_h", family="nemotron_h")
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors["mtp.layers.0.mixer.q_proj.weight"] = torch.ones(64, 64)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    assert "mtp.layers.0.mixer.q_proj.weight" not in ModelSource(directory).names()
+    path = tmp_path / "m.claq"
+    run_conversion(ConvertOptions(model_dir=directory, out=path, quant=QuantConfig(bits=3.1), calib=(text_file,),
+                                  nsamples=4, seqlen=32))
+    with reader.ClaqFile(path) as cf:
+        assert not any(n.startswith("mtp.") for n in cf.tensors)
+    load(path)
+
+
+def test_nemotron_h_configs_of_either_spelling_give_the_layer_count_and_the_architecture():
+    """transformers 5 writes layers_block_type and no num_hidden_layers; NVIDIA's releases a hybrid_override_pattern."""
+    from claq_convert.format import gguf_ext
+
+    for config, arch in (({"hybrid_override_pattern": "M-M*-"}, "nemotron_h"), ({"hybrid_override_pattern": "ME*E"}, "nemotron_h_moe"),
+                         ({"layers_block_type": ["linear_attention", "moe", "full_attention", "moe"]}, "nemotron_h_moe")):
+        standard = gguf_ext.standard_config({"model_type": "nemotron_h", **config})
+        assert gguf_ext.gguf_arch(standard) == arch and standard["num_hidden_layers"] == len(standard["layer_types"])
+    assert gguf_ext.gguf_arch(gguf_ext.standard_config({"model_type": "nemotron_h", "hybrid_override_pattern": "MX"})) == "nemotron_h"
+
+
 def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_file):
     from transformers import RwkvConfig, RwkvForCausalLM
 

@@ -133,9 +133,10 @@ def test_the_preallocated_kv_cache_samples_what_the_growing_one_samples(tiny_mod
                                                                 batch_size=3))
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_text", "jamba", "minimax", "mamba", "mamba2"])
+@pytest.mark.parametrize("family", ["qwen3_5_text", "jamba", "minimax", "mamba", "mamba2", "granitemoehybrid",
+                                    "falcon_h1", "lfm2", "nemotron_h"])
 def test_a_model_with_recurrent_layers_samples_with_a_cache_of_its_own(family, tmp_path):
-    """Linear-attention and Mamba layers keep a convolution or a recurrent state, not keys and values:
+    """Linear-attention, Mamba and short-convolution layers keep a convolution or a recurrent state, not keys and values:
     sampling lets the model make its own cache (MiniMax refuses any other class), and the samples are
     the ones a full forward at every step would draw."""
     from transformers import AutoModelForCausalLM

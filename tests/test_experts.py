@@ -10,14 +10,18 @@ from claq_convert.models.source import ModelSource
 
 from conftest import FAMILY_CONFIGS, build_tiny_model, first_layer
 
+# tiny configs of a mixture family whose layers have no experts: Granite 4's dense release, Nemotron-H's
+# pattern of Mamba, attention and MLP layers
+DENSE_RELEASES = ("granitemoehybrid-dense", "nemotron_h")
 MOE = sorted(f for f in FAMILY_CONFIGS if architectures.family_of(
-    type("C", (), {"model_type": FAMILY_CONFIGS[f].get("model_type", f)})()).experts)
+    type("C", (), {"model_type": FAMILY_CONFIGS[f].get("model_type", f)})()).experts and f not in DENSE_RELEASES)
 
 
 def test_the_mixture_families_are_in_the_matrix():
     assert MOE == ["afmoe", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe",
-                   "glm4_moe", "gpt_oss", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "jamba", "llama4_text", "minimax",
-                   "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
+                   "glm4_moe", "gpt_oss", "granitemoe", "granitemoehybrid",
+                   "granitemoeshared", "hunyuan_v1_moe", "jamba", "llama4_text", "minimax",
+                   "minimax_m2", "mixtral", "nemotron_h-moe", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
                    "qwen3_next"]
 
 
@@ -34,7 +38,8 @@ def test_unstacked_experts_compute_what_transformers_computes(family, tmp_path):
     arch = architectures.resolve(model, model.config)
     experts = arch.layers[-1].get_submodule(arch.family.experts)  # a mixture's first layers may be dense
     assert isinstance(experts, ExpertLinears) and len(experts) == 4
-    assert arch.routed == {n for n in arch.linears(1) if ".experts." in n} and len(arch.routed) == 12
+    assert arch.routed == {n for n in arch.linears(1) if ".experts." in n}
+    assert len(arch.routed) == 4 * len(arch.family.stacking.matrices)  # gate, up, down (Nemotron-H's: up, down)
     ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, stacked(ids).logits, rtol=0, atol=1e-5)
@@ -121,6 +126,13 @@ def test_only_the_layout_a_family_names_is_unstacked():
     layers[0].experts = GptOssExperts(config)
     with pytest.raises(ValueError, match="layer 0's experts is a GptOssExperts, not experts stacked"):
         unstack_experts(layers, "experts")
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    from claq_convert.models.experts import UNGATED_PLAIN
+
+    ungated = AutoConfig.for_model("nemotron_h", hidden_size=16, moe_intermediate_size=8, n_routed_experts=2)
+    assert not is_stacked(NemotronHExperts(ungated)) and not is_stacked(GptOssExperts(config), UNGATED_PLAIN)
+    assert is_stacked(NemotronHExperts(ungated), UNGATED_PLAIN)  # up_proj and down_proj, no gate
 
 
 def test_checkpoint_names_of_mixtral_lineage_become_module_names():
@@ -131,6 +143,11 @@ def test_checkpoint_names_of_mixtral_lineage_become_module_names():
     assert name("phimoe", "model.layers.3.block_sparse_moe.gate.weight") == "model.layers.3.mlp.router.weight"
     assert name("gpt_neox", "embed_out.weight") == "lm_head.weight"
     assert name("llama", "model.layers.0.mlp.w1.weight") == "model.layers.0.mlp.w1.weight"
+    assert name("nemotron_h", "backbone.layers.0.mixer.in_proj.weight") == "model.layers.0.mixer.in_proj.weight"
+    for model_type, stored in (("mixtral", "model.layers.3.block_sparse_moe.experts.7.w3.weight"),
+                               ("phimoe", "model.layers.3.block_sparse_moe.gate.weight"), ("gpt_neox", "embed_out.weight"),
+                               ("nemotron_h", "backbone.norm_f.weight"), ("llama", "model.norm.weight")):
+        assert architectures.checkpoint_name(model_type, name(model_type, stored)) == stored  # GGUF names need it
 
 
 def test_gguf_names_an_expert_by_llama_cpp_stacked_tensor_and_index():

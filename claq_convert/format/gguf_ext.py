@@ -75,12 +75,29 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "qwen3_next": "qwen3next",
              "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "llama4_text": "llama4",
              "minimax_m2": "minimax-m2", "minimax": None, "dots1": "dots1", "jamba": "jamba",
+             "granitemoehybrid": "granitehybrid", "falcon_h1": "falcon-h1", "lfm2": "lfm2",
+             "nemotron_h": "nemotron_h",
              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "ministral": "llama", "ministral3": "mistral3",
              "internlm3": "llama", "vaultgemma": None, "hunyuan_v1_dense": "hunyuan-dense", "exaone": "exaone",
              "gpt_bigcode": "starcoder", "gpt_neo": None, "iquestcoder": "llama", "hyperclovax": None, "cwm": None,
              "flint": None, "granite_swa": None, "apertus1p5_text": None, "jais2": "jais2", "nanochat": None,
              "mimo_v2_flash": "mimo2", "mellum": None, "hy_v3": "hunyuan-moe", "olmo": "olmo", "mamba": "mamba",
              "falcon_mamba": "mamba", "mamba2": "mamba2", "diffllama": None, "bitnet": "bitnet"}
+
+
+# types whose releases with expert layers are another llama.cpp architecture than the dense ones (its tensor
+# names for the experts and the shared expert exist there only), and the layer types marking expert layers
+GGUF_EXPERTS_ARCH = {"nemotron_h": ("nemotron_h_moe", "moe")}
+
+
+def gguf_arch(config: dict) -> Optional[str]:
+    """llama.cpp's architecture for a model of `config` (standard_config's): GGUF_ARCH's for its type, or
+    GGUF_EXPERTS_ARCH's where its layers include expert layers (Nemotron 3's among Nemotron-H's)."""
+    model_type = config.get("model_type")
+    experts = GGUF_EXPERTS_ARCH.get(model_type)
+    if experts is not None and experts[1] in (config.get("layer_types") or ()):
+        return experts[0]
+    return GGUF_ARCH[model_type]
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:
@@ -108,12 +125,24 @@ _EXPERT = re.compile(r"(?P<stacked>(?P<layer>.+\.\d+\.).*experts\.)(?P<index>\d+
 
 def standard_config(config: dict) -> dict:
     """The config with transformers' standard names filled in where the family's config class keeps its own
-    (GPT-2: n_layer, n_embd, n_head, n_positions), from that class's attribute_map."""
+    (GPT-2: n_layer, n_embd, n_head, n_positions), from that class's attribute_map; and the layer count, where
+    the config lists a type per layer instead (Nemotron-H's config.json has layers_block_type, its class
+    derives num_hidden_layers from it)."""
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
     aliases = CONFIG_MAPPING[model_type].attribute_map if model_type in CONFIG_MAPPING else {}
-    return {**{std: config[own] for std, own in aliases.items() if own in config}, **config}
+    standard = {**{std: config[own] for std, own in aliases.items() if own in config}, **config}
+    if model_type in CONFIG_MAPPING and not isinstance(standard.get("layer_types"), list):
+        pattern = getattr(CONFIG_MAPPING[model_type], "_pattern_to_list", None)  # Nemotron-H's older configs
+        if isinstance(standard.get("hybrid_override_pattern"), str) and callable(pattern):
+            try:
+                standard["layer_types"] = pattern(standard["hybrid_override_pattern"])
+            except KeyError:  # a letter no layer type has: left for transformers to refuse
+                pass
+    if "num_hidden_layers" not in standard and isinstance(standard.get("layer_types"), list):
+        standard["num_hidden_layers"] = len(standard["layer_types"])
+    return standard
 
 
 def _arch_keys(config: dict, arch: Optional[str]) -> dict:
@@ -256,11 +285,14 @@ def claq_to_gguf(claq_path, gguf_path) -> Path:
 
 def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
     """Everything of the CLAQ GGUF file into `tmp` (the caller renames it or removes it)."""
+    from ..models.architectures import checkpoint_name
+
     writer = gguf.GGUFWriter(str(tmp), ARCH)
     writer.add_uint32(KEY_VERSION, EXT_VERSION)
     writer.add_string(KEY_BASE, base)
     standard = standard_config(config)
-    for key, (kind, value) in _arch_keys(standard, GGUF_ARCH[base]).items():
+    arch = gguf_arch(standard)
+    for key, (kind, value) in _arch_keys(standard, arch).items():
         getattr(writer, f"add_{kind}")(key, value)
     writer.add_string(KEY_CONFIG, json.dumps(config))
     if cf.metadata.get("generation_config") is not None:
@@ -289,7 +321,11 @@ def _write_gguf(gguf, cf, config: dict, base: str, tmp: Path) -> None:
                                      gguf.GGUFValueType.UINT8)
     table = []
     for name, tensor in cf.tensors.items():
-        stem = gguf_name(name, standard["num_hidden_layers"], GGUF_ARCH[base])
+        stem = gguf_name(name, standard["num_hidden_layers"], arch)
+        if stem == name:  # gguf-py may know the checkpoint's name only (Nemotron-H's backbone.layers)
+            stored = checkpoint_name(base, name)
+            mapped = gguf_name(stored, standard["num_hidden_layers"], arch)
+            stem = mapped if mapped != stored else name
         dtypes = {s: e["dtype"] for s, e in tensor["sections"].items()}
         table.append({"name": name, "gguf": stem, "kind": tensor["kind"], "shape": tensor["shape"], "dtypes": dtypes})
         for section, array in cf.sections(name).items():

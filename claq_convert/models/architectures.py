@@ -9,6 +9,7 @@ unexpected variant fails with one line before any work is done.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .experts import GPT_OSS, LLAMA4, PLAIN, Stacking
+from .experts import GPT_OSS, LLAMA4, PLAIN, UNGATED_PLAIN, Stacking
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -35,6 +36,9 @@ _HYBRID_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_pro
                       "linear_attn.in_proj_b?", "linear_attn.in_proj_a?"), ("self_attn.o_proj?", "linear_attn.out_proj?"))
 _MAMBA_OR_ATTENTION = (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "mamba.in_proj?"),
                        ("mamba.x_proj?",), ("self_attn.o_proj?", "mamba.out_proj?"))
+# Mamba2 mixers (Granite 4's): in_proj yields the gate, the convolved x/B/C and dt at once, the convolution, the
+# scan and a gated norm follow, out_proj reads the gated norm's output; the convolution weight is read, never called
+_MAMBA2_OR_ATTENTION = (_MAMBA_OR_ATTENTION[0], _MAMBA_OR_ATTENTION[2])
 # Qwen's one shared expert (mlp.shared_expert, singular; _SHARED_EXPERTS above is DeepSeek's mlp.shared_experts)
 _SHARED_EXPERT = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
                    "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"))
@@ -46,6 +50,8 @@ _GRANITE_MOE = (("block_sparse_moe.input_linear.weight", "block_sparse_moe.exper
                 ("block_sparse_moe.router.layer.", "block_sparse_moe.router."))
 _GRANITE_EXPERTS = (("block_sparse_moe.experts.*.gate_proj", "block_sparse_moe.experts.*.up_proj"),
                     ("block_sparse_moe.experts.*.down_proj",))
+# ... and a shared MLP beside them (input_linear: its gate and up fused), run after the experts
+_GRANITE_SHARED = ((*_GRANITE_EXPERTS[0], "shared_mlp.input_linear"), (*_GRANITE_EXPERTS[1], "shared_mlp.output_linear"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class Family:
     kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
                                               # expert's one-row gate: small, and a flipped route costs more)
     dense: Optional[tuple[tuple[str, ...], ...]] = None  # a mixture's groups in its layers without experts
+    ignored: tuple[str, ...] = ()             # checkpoint names beginning so are tensors transformers does not load
+                                              # (_keys_to_ignore_on_load_unexpected): neither read nor stored
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
                                               # linear (llama.cpp's GGUF stores GPT-2 that way too)
@@ -223,11 +231,39 @@ FAMILIES = (
     # dt_proj kept raw as Jamba's
     Family("mamba", ("mamba", "falcon_mamba", "mamba2"), "backbone.layers",
            (("mixer.in_proj",), ("mixer.x_proj?",), ("mixer.out_proj",)), "backbone.norm_f", kept=("mixer.dt_proj",)),
+    # Nemotron-H: each layer one mixer after one norm (hybrid_override_pattern): Mamba2 ([in_proj] [out_proj]),
+    # attention without positions ([q,k,v] [o]) or an ungated relu^2 MLP ([up] [down]), the `dense` groups; or
+    # (Nemotron 3) ungated experts beside a shared expert, the experts maybe inside a latent pair (fc1_latent_proj
+    # before them, fc2_latent_proj after), the linear router's weight read and kept raw; checkpoints name the
+    # model `backbone`, and some hold multi-token prediction layers (mtp.*) that the model does not have
+    Family("nemotron_h", ("nemotron_h",), "model.layers",
+           (("mixer.fc1_latent_proj?", "mixer.shared_experts.up_proj"),
+            ("mixer.experts.*.up_proj", "mixer.shared_experts.down_proj"), ("mixer.experts.*.down_proj",),
+            ("mixer.fc2_latent_proj?",)), "model.norm_f", renames=(("backbone.", "model."),), ignored=("mtp.",),
+           experts="mixer.experts", stacking=UNGATED_PLAIN,
+           dense=(("mixer.q_proj?", "mixer.k_proj?", "mixer.v_proj?", "mixer.in_proj?", "mixer.up_proj?"),
+                  ("mixer.o_proj?", "mixer.out_proj?", "mixer.down_proj?"))),
     Family("granitemoe", ("granitemoe",), "model.layers", _ATTENTION + _GRANITE_EXPERTS, "model.norm",
            experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
     Family("granitemoeshared", ("granitemoeshared",), "model.layers",
-           _ATTENTION + ((*_GRANITE_EXPERTS[0], "shared_mlp.input_linear"), (*_GRANITE_EXPERTS[1], "shared_mlp.output_linear")),
-           "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
+           _ATTENTION + _GRANITE_SHARED, "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE),
+    # Granite 4: Mamba2 layers and attention layers, every one with GraniteMoEShared's experts and shared MLP; the
+    # dense releases (num_local_experts 0) have the shared MLP alone
+    Family("granitemoehybrid", ("granitemoehybrid",), "model.layers", _MAMBA2_OR_ATTENTION + _GRANITE_SHARED,
+           "model.norm", experts="block_sparse_moe.experts", renames=_GRANITE_MOE,
+           dense=_MAMBA2_OR_ATTENTION + (("shared_mlp.input_linear",), ("shared_mlp.output_linear",))),
+    # Falcon-H1: a Mamba2 mixer and attention side by side in every layer, reading one norm's output (each scaled by
+    # its own multiplier: the mixer runs first, so in_proj leads the group); the MLP calls up before gate
+    Family("falcon_h1", ("falcon_h1",), "model.layers",
+           (("mamba.in_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("mamba.out_proj", "self_attn.o_proj"), ("feed_forward.up_proj", "feed_forward.gate_proj"),
+            ("feed_forward.down_proj",)), "model.final_layernorm"),
+    # LFM2: gated short-convolution layers (in_proj's B, C and x; the depthwise convolution, read and never called,
+    # stays raw; out_proj) and attention layers with q/k norms; the final norm is named embedding_norm
+    Family("lfm2", ("lfm2",), "model.layers",
+           (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "conv.in_proj?"),
+            ("self_attn.out_proj?", "conv.out_proj?"), ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",)),
+           "model.embedding_norm"),
     # latent attention: q straight (q_proj) or through a low-rank pair (q_a_proj, norm, q_b_proj) by config;
     # the compressed kv (kv_a_proj_with_mqa) and its expansion (kv_b_proj) beside them
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), "model.layers",
@@ -293,6 +329,27 @@ def module_name(model_type: Optional[str], stored: str) -> str:
     for old, new in family.renames:
         dotted = dotted.replace("." + old, "." + new)
     return dotted[1:]
+
+
+def ignored_tensor(model_type: Optional[str], stored: str) -> bool:
+    """Whether the checkpoint tensor `stored` of a `model_type` checkpoint is one the model does not load."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    return bool(family and family.ignored and stored.startswith(family.ignored))
+
+
+def checkpoint_name(model_type: Optional[str], module: str) -> str:
+    """The checkpoint's name for the module tensor `module` of a `model_type` model: module_name undone, each
+    family rename the other way where its module segments begin a dotted segment, in one pass, the longest
+    first (PhiMoE's mlp.router is its block_sparse_moe.gate, not mlp's rename then router); the name itself
+    where the family has none."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None or not family.renames:
+        return module
+    back = {}
+    for old, new in family.renames:
+        back.setdefault(new, old)
+    pattern = re.compile(r"(?<=\.)(?:" + "|".join(map(re.escape, sorted(back, key=len, reverse=True))) + ")")
+    return pattern.sub(lambda m: back[m[0]], "." + module)[1:]
 
 
 def transposed_weight(model_type: Optional[str], name: str) -> bool:

@@ -22,6 +22,7 @@ import torch
 STACKED = ("gate_up_proj", "down_proj")  # the matrices of a stacked experts module
 BIASES = ("gate_up_proj_bias", "down_proj_bias")
 MATRICES = ("gate_proj", "up_proj", "down_proj")  # an expert's linears
+UNGATED = ("up_proj", "down_proj")  # the stacks, and an expert's linears, of experts without a gate
 
 
 def expert_shapes(hidden: int, inner: int) -> dict[str, tuple[int, int]]:
@@ -48,6 +49,24 @@ class Expert(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UngatedExpert(torch.nn.Module):
+    """One expert's MLP without a gate: down(act(up(x))) (Nemotron-H's, with relu^2)."""
+
+    def __init__(self, up_proj: torch.nn.Linear, down_proj: torch.nn.Linear, act_fn):
+        super().__init__()
+        self.up_proj, self.down_proj = up_proj, down_proj
+        self.act_fn = act_fn
+
+    @classmethod
+    def of(cls, stacked: torch.nn.Module, up_proj, down_proj) -> "UngatedExpert":
+        return cls(up_proj, down_proj, stacked.act_fn)
+
+    fits = staticmethod(Expert.fits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
 class ClampedSwigluExpert(torch.nn.Module):
@@ -113,17 +132,29 @@ class Stacking:
 
     Default (most families): gate_up_proj [E, 2I, H] holding an expert's gate rows, then its up rows;
     down_proj [E, H, I]; no biases. gpt-oss: both stored [E, in, out] (x @ W), gate and up outputs
-    alternating, a bias beside each matrix, its own activation.
+    alternating, a bias beside each matrix, its own activation. Experts without a gate (Nemotron-H's):
+    up_proj [E, I, H] and down_proj [E, H, I].
     """
     transposed: bool = False   # matrices stored [E, in, out]
     interleaved: bool = False  # gate_up's outputs alternate gate, up (else all gates, then all ups)
     biases: bool = False       # gate_up_proj_bias [E, 2I], down_proj_bias [E, H]
+    gated: bool = True         # gate_up_proj (else up_proj) beside down_proj
     expert: type = Expert      # one expert's MLP
     linears: type = ExpertLinears  # the module holding them, called as the model calls its experts
 
     @property
+    def stacks(self) -> tuple[str, str]:
+        """The stacked matrices: the one reading the expert's input, then down_proj."""
+        return STACKED if self.gated else UNGATED
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """An expert's linears, in the order its expert class takes them."""
+        return MATRICES if self.gated else UNGATED
+
+    @property
     def parameters(self) -> tuple[str, ...]:
-        return STACKED + (BIASES if self.biases else ())
+        return self.stacks + (BIASES if self.biases else ())
 
     def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, up) of one expert's gate_up matrix as [2I, H] (`oriented`), or of its gate_up bias [2I]."""
@@ -134,7 +165,8 @@ class Stacking:
         return matrix.T if self.transposed else matrix
 
     def shapes(self, gate_up_shape, down_shape) -> tuple[int, int, int]:
-        """(E, H, I) of stacked matrices of these shapes, or ValueError where they do not fit this layout."""
+        """(E, H, I) of stacked matrices of these shapes (gate_up's, or up's where there is no gate), or
+        ValueError where they do not fit this layout."""
         if len(gate_up_shape) != 3 or len(down_shape) != 3 or gate_up_shape[0] != down_shape[0]:
             raise ValueError(f"stacked experts of shapes {list(gate_up_shape)} and {list(down_shape)}")
         experts, *gate_up_out_in = gate_up_shape
@@ -142,7 +174,7 @@ class Stacking:
         if self.transposed:
             gate_up_out_in, down_out_in = gate_up_out_in[::-1], down_out_in[::-1]
         (two_inner, hidden), (hidden_down, inner) = gate_up_out_in, down_out_in
-        if two_inner != 2 * inner or hidden != hidden_down:
+        if two_inner != (2 if self.gated else 1) * inner or hidden != hidden_down:
             raise ValueError(f"stacked experts of shapes {list(gate_up_shape)} and {list(down_shape)}")
         return experts, hidden, inner
 
@@ -151,6 +183,7 @@ class Stacking:
 
 PLAIN = Stacking()
 GPT_OSS = Stacking(transposed=True, interleaved=True, biases=True, expert=ClampedSwigluExpert)
+UNGATED_PLAIN = Stacking(gated=False, expert=UngatedExpert)
 # Llama 4: [E, in, out] stacks, gate then up; the model scales each token by its router score before the
 # experts and hands them every token, E blocks of them
 LLAMA4 = Stacking(transposed=True, linears=ScaledInputExperts)
@@ -163,7 +196,7 @@ def is_stacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> bool:
     if sorted(params) != sorted(stacking.parameters) or any(child is not act_fn for child in module.children()):
         return False
     try:
-        experts, hidden, inner = stacking.shapes(params["gate_up_proj"].shape, params["down_proj"].shape)
+        experts, hidden, inner = stacking.shapes(*(params[name].shape for name in stacking.stacks))
     except ValueError:
         return False
     biases_fit = not stacking.biases or (params["gate_up_proj_bias"].shape == (experts, 2 * inner)
@@ -174,19 +207,19 @@ def is_stacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> bool:
 def unstacked(module: torch.nn.Module, stacking: Stacking = PLAIN) -> ExpertLinears:
     """The per-expert linears of a stacked experts module: on the meta device where its parameters are, else
     with their values (slices copied)."""
-    gate_up = module.gate_up_proj
+    gate_up = getattr(module, stacking.stacks[0])  # up_proj alone where the experts have no gate
     experts, hidden, inner = stacking.shapes(gate_up.shape, module.down_proj.shape)
     shapes = expert_shapes(hidden, inner)
 
     def expert(e: int):
-        gate, up = stacking.split(stacking.oriented(gate_up[e]))
+        gate, up = stacking.split(stacking.oriented(gate_up[e])) if stacking.gated else (None, stacking.oriented(gate_up[e]))
         values = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": stacking.oriented(module.down_proj[e])}
         if stacking.biases:
             gate_bias, up_bias = stacking.split(module.gate_up_proj_bias[e])
             values.update({"gate_proj.bias": gate_bias, "up_proj.bias": up_bias,
                            "down_proj.bias": module.down_proj_bias[e]})
         linears = []
-        for matrix in MATRICES:
+        for matrix in stacking.matrices:
             rows, columns = shapes[matrix]
             made = torch.nn.Linear(columns, rows, bias=stacking.biases, device=gate_up.device, dtype=gate_up.dtype)
             for name, param in made.named_parameters():

@@ -433,13 +433,16 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
             share = memory_share(1 if source_states is None else 2)  # the source layer's replay beside it
             replay = LayerReplay(layer, arch.linears(index), states, share)
             source_pass = source_replay = None
-            if source_states is not None:  # the layer with its source weights: nothing in it changes, so all
-                source_layer = copy.deepcopy(layer)   # of it may replay (what its groups' passes complete)
+            if source_states is not None:  # the layer with its source weights: nothing in it changes, so what
+                source_layer = copy.deepcopy(layer)   # its groups' passes complete may replay
                 source_replay = LayerReplay(source_layer, arch.linears(index), source_states, share)
-                source_replay.finished(arch.linears(index))
                 source_pass = (source_layer, source_states, source_replay)
             for group in arch.groups(index):
                 linears = {name: layer.get_submodule(name) for name in group}
+                if source_replay is not None:  # a module holding a later group's linear computes until that
+                    # group's pass: Falcon-H1's mixer completes in the pass up to the attention's q/k/v, and
+                    # replayed whole it would hide its out_proj's input from the next group's pass
+                    source_replay.finished(group)
                 with (timer.phase("forward"), replay.passing(),
                       source_replay.passing() if source_replay else contextlib.nullcontext()):
                     hessians, crosses = (_group_hessians(layer, linears, states, kwargs[index], timer, replay, source_pass,

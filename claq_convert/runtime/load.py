@@ -44,6 +44,22 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 MAX_LAYERS = 1 << 16
 
 
+# config.json spells the floats JSON lacks as {"__float__": "Infinity"} (transformers writes them so, and decodes
+# them when it reads the file: a Mamba2 mixer's time_step_limit is (0, inf)); the file keeps config.json as it is
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _special_floats(value):
+    """`value` (a config's JSON) with each tagged special float decoded, as transformers reads config.json."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("__float__"), str) and value["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[value["__float__"]]
+        return {k: _special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(v) for v in value]
+    return value
+
+
 def _config_from(meta):
     from transformers import AutoConfig
 
@@ -54,7 +70,7 @@ def _config_from(meta):
         if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_LAYERS:
             raise ValueError(f"the file's config claims {str(count)[:30]} decoder layers ({key}), more than any "
                              f"model has: its config is wrong")
-    meta = dict(meta)
+    meta = _special_floats(meta)
     try:
         return AutoConfig.for_model(meta.pop("model_type"), **{k: v for k, v in meta.items() if k != "transformers_version"})
     except Exception as error:
