@@ -19,6 +19,19 @@ FAMILY_CONFIGS = {
     "gemma2": dict(head_dim=16, sliding_window=16),
     # a sliding-window layer, then a full one with its own (global) rotary table
     "gemma3_text": dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 4: a sliding layer, then a full one with its own head size and rotary table; per-layer embeddings
+    # (8 a layer, one table row a token); Gemma 4 Unified's text model without them, its full layer's keys serving
+    # as values (attention_k_eq_v: no v_proj)
+    "gemma4_text": dict(head_dim=16, global_head_dim=32, sliding_window=16, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=320, layer_types=["sliding_attention", "full_attention"]),
+    # ... and as E2B and E4B end: the last two layers attend over the keys and values the last sliding and the last
+    # full layer before them stored, with MLPs twice as wide
+    "gemma4_text-shared": dict(model_type="gemma4_text", num_hidden_layers=4, num_kv_shared_layers=2,
+                               use_double_wide_mlp=True, head_dim=16, global_head_dim=32, sliding_window=16,
+                               hidden_size_per_layer_input=8, vocab_size_per_layer_input=320,
+                               layer_types=["sliding_attention", "full_attention"] * 2),
+    "gemma4_unified_text": dict(head_dim=16, global_head_dim=32, sliding_window=16, attention_k_eq_v=True,
+                                num_global_key_value_heads=1, layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(), "gpt_neox": dict(), "opt": dict(ffn_dim=160, word_embed_proj_dim=64),
     "gpt2": dict(n_inner=160),  # Conv1D linears (weights stored [in, out]), learned positions
     "olmo2": dict(), "olmo3": dict(), "granite": dict(), "stablelm": dict(), "smollm3": dict(),

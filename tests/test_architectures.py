@@ -159,11 +159,12 @@ def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_fil
 
 @pytest.mark.parametrize("family, differ", [("gemma3_text", True), ("gpt_oss", True), ("gemma2", True),
                                             ("llama4_text", True), ("qwen3_next", False),
-                                            ("ministral", True)])
+                                            ("ministral", True), ("gemma4_text", True)])
 def test_each_layer_is_called_with_its_own_keywords(family, differ, tmp_path):
-    """A sliding-window layer and a full one get different masks (and Gemma 3's global layers their own
+    """A sliding-window layer and a full one get different masks (and Gemma 3's and 4's global layers their own
     rotary table): the pass that feeds the layers records what transformers calls each layer with (Qwen3-Next
-    reads each layer's type from the layer itself, through the stand-in)."""
+    reads each layer's type from the layer itself, through the stand-in); Gemma 4 passes each layer its own
+    slice of the per-layer inputs, positionally."""
     from transformers import AutoModelForCausalLM
 
     directory = build_tiny_model(tmp_path / family, family=family)
@@ -171,7 +172,8 @@ def test_each_layer_is_called_with_its_own_keywords(family, differ, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     called = []
     for layer in model.model.layers:
-        layer.register_forward_pre_hook(lambda m, args, kwargs: called.append(kwargs), with_kwargs=True)
+        layer.register_forward_pre_hook(lambda m, args, kwargs: called.append(
+            pipeline._as_keywords(m.forward, args[1:], kwargs)), with_kwargs=True)
     with torch.no_grad():
         model(ids, use_cache=False)
         _, _, _, _, recorded = pipeline._first_layer_inputs(ModelSource(directory), ids, "cpu", 2)
@@ -181,9 +183,12 @@ def test_each_layer_is_called_with_its_own_keywords(family, differ, tmp_path):
         return [value] if isinstance(value, torch.Tensor) else [t for v in value for t in tensors(v)] \
             if isinstance(value, (tuple, list)) else []
     for index, kwargs in enumerate(called):
-        for name in ("attention_mask", "position_embeddings"):
+        for name in ("attention_mask", "position_embeddings", "per_layer_input"):
             expected, got = tensors(kwargs.get(name)), tensors(recorded[index][0].get(name))
             assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected)), (index, name)
+    if family == "gemma4_text":
+        first, second = (recorded[i][0]["per_layer_input"] for i in (0, 1))
+        assert first.shape == (2, 40, 8) and not torch.equal(first, second)
     first, second = (tensors(recorded[i][0].get("attention_mask")) + tensors(recorded[i][0]["position_embeddings"])
                      for i in (0, 1))
     assert differ == (len(first) != len(second) or not all(torch.equal(a, b) for a, b in zip(first, second)))

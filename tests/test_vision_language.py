@@ -1,4 +1,4 @@
-"""Vision-language releases (Qwen3.5, Gemma 3, Mistral 3, Llama 4): their language model converts to the very file that model
+"""Vision-language releases (Qwen3.5, Gemma 3, Gemma 4, Gemma 4 Unified, Mistral 3, Llama 4): their language model converts to the very file that model
 alone converts to, runs from it, and nothing of the vision tower is read."""
 import numpy as np
 import pytest
@@ -18,12 +18,18 @@ VISION = {  # a one-block vision tower of each
                     temporal_patch_size=2, spatial_merge_size=2),
     "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                    patch_size=16),
+    "gemma4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16, patch_size=16, position_embedding_size=64),
+    # an encoder-free release: its patches go straight through an embedder into the language model
+    "gemma4_unified": dict(patch_size=16, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16,
+                           output_proj_dims=64),
     "mistral3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                      patch_size=16, head_dim=16),
     "llama4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                    patch_size=16, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64),
 }
-TEXT_TYPE = {"qwen3_5": "qwen3_5_text", "gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "llama4_text"}
+TEXT_TYPE = {"qwen3_5": "qwen3_5_text", "gemma3": "gemma3_text", "gemma4": "gemma4_text",
+             "gemma4_unified": "gemma4_unified_text", "mistral3": "mistral", "llama4": "llama4_text"}
 
 
 def build_release(directory, wrapper: str):
@@ -49,7 +55,7 @@ def build_release(directory, wrapper: str):
     return directory / "release", text_dir
 
 
-@pytest.mark.parametrize("wrapper", ["qwen3_5", "gemma3", "mistral3", "llama4"])
+@pytest.mark.parametrize("wrapper", ["qwen3_5", "gemma3", "gemma4", "gemma4_unified", "mistral3", "llama4"])
 def test_a_release_converts_to_the_file_its_language_model_converts_to(wrapper, tmp_path, text_file):
     release, text_dir = build_release(tmp_path, wrapper)
     source = ModelSource(release)

@@ -63,7 +63,7 @@ _KEY_RULES = {"general.architecture": "GGUF-K01", KEY_VERSION: "GGUF-K02", KEY_C
 # (where gguf-py 0.19 has none, as for OPT, the tensors keep their Hugging Face names, and no hyperparameter
 # keys are written). formats/gguf-claq.md section 1 lists this table.
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox", "gpt2": "gpt2",
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma4_text": "gemma4", "gemma4_unified_text": "gemma4", "phi3": "phi3", "gpt_neox": "gptneox", "gpt2": "gpt2",
              "opt": None, "olmo2": "olmo2", "olmo3": None, "granite": "granite", "stablelm": "stablelm",
              "smollm3": "smollm3", "helium": None, "cohere": "command-r", "cohere2": "cohere2", "exaone4": "exaone4",
              "seed_oss": "seed_oss", "ernie4_5": "ernie4_5", "arcee": "arcee", "nemotron": "nemotron", "apertus": "apertus",

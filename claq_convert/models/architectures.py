@@ -42,6 +42,12 @@ _MAMBA2_OR_ATTENTION = (_MAMBA_OR_ATTENTION[0], _MAMBA_OR_ATTENTION[2])
 # Qwen's one shared expert (mlp.shared_expert, singular; _SHARED_EXPERTS above is DeepSeek's mlp.shared_experts)
 _SHARED_EXPERT = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj",
                    "mlp.shared_expert.up_proj"), ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"))
+# Gemma 4: a full attention layer may have no v_proj (attention_k_eq_v: its keys serve as values), a layer that
+# attends over an earlier layer's keys and values neither k_proj nor v_proj (num_kv_shared_layers); with per-layer
+# embeddings (hidden_size_per_layer_input), after the MLP's residual a gate reads the layer's output, and a
+# projection reads the gate's activation times the layer's per-layer input
+_GEMMA4_GROUPS = (("self_attn.q_proj", "self_attn.k_proj?", "self_attn.v_proj?"),) + _LLAMA_GROUPS[1:] + (
+    ("per_layer_input_gate?",), ("per_layer_projection?",))
 # checkpoints of Mixtral's lineage name an expert's gate, down and up matrices w1, w2, w3, under block_sparse_moe
 _W123 = (("block_sparse_moe.", "mlp."), ("w1.", "gate_proj."), ("w2.", "down_proj."), ("w3.", "up_proj."))
 # GraniteMoE checkpoints stack the experts as input_linear (gate and up) and output_linear (down)
@@ -74,6 +80,11 @@ class Family:
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
                                               # linear (llama.cpp's GGUF stores GPT-2 that way too)
+    lookups: tuple[str, ...] = ()             # token-lookup tables besides the input embedding (modules outside
+                                              # the layers, rows are tokens), quantized as an untied input
+                                              # embedding is, where the model has them
+    refused: tuple[tuple[str, str], ...] = () # (config attribute, why): configurations of the family refused
+                                              # while that attribute is set (not 0, None or False)
 
     def linear_type(self) -> type:
         """The module class of this family's linears."""
@@ -219,6 +230,16 @@ FAMILIES = (
                          ("feed_forward.experts.*.down_proj", "feed_forward.shared_expert.down_proj")),
            "model.norm", experts="feed_forward.experts", stacking=LLAMA4, kept=("feed_forward.router",),
            dense=_ATTENTION + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))),
+    # Gemma 4: sliding and full attention layers (a full one with its own head size and rotary table, maybe without
+    # v_proj); per-layer embeddings (E2B, E4B): a second token table whose rows hold a vector for every layer, each
+    # layer's slice gated into it after its MLP, quantized as the input embedding is; the last layers of E2B and E4B
+    # (num_kv_shared_layers) attend over the keys and values an earlier layer stored (the layer-by-layer passes
+    # carry them: pipeline.shared_mappings). Gemma 4 Unified's text model has the same layers without per-layer
+    # embeddings. Refused: the mixture (26B-A4B: experts beside the MLP in every layer)
+    Family("gemma4", ("gemma4_text", "gemma4_unified_text"), "model.layers", _GEMMA4_GROUPS, "model.norm",
+           lookups=("model.embed_tokens_per_layer",),
+           refused=(("enable_moe_block", "its layers hold experts beside the MLP (enable_moe_block), which this "
+                                         "version's gemma4 entry does not know"),)),
     # Jamba: Mamba layers (in_proj, then x_proj on its convolved half, out_proj on the gated scan) beside attention
     # layers, every name optional; dt_proj kept raw (the scan reads its weight, never calls it, so calibration sees
     # no input of it; small: inner x dt_rank); experts in every other layer, dense MLPs between
@@ -295,6 +316,8 @@ LANGUAGE_MODELS = {
                ("model.language_model.", "model.")),
     "llama4": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "gemma4": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "gemma4_unified": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
     "mistral3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                  ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
 }
@@ -376,7 +399,11 @@ def family_of(config) -> Family:
     if model_type not in _BY_MODEL_TYPE:
         raise ArchitectureError(f"model type {model_type!r} is not supported; supported: "
                                 f"{', '.join(supported_model_types())}")
-    return _BY_MODEL_TYPE[model_type]
+    family = _BY_MODEL_TYPE[model_type]
+    for attribute, reason in family.refused:
+        if getattr(config, attribute, None):
+            raise ArchitectureError(f"this {model_type} model is not supported: {reason}")
+    return family
 
 
 class _EmptyOnMeta(torch.overrides.TorchFunctionMode):

@@ -119,6 +119,11 @@ class ModelSource:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def hide(self, names) -> None:
+        """Leave the stored tensors `names` unread from now on (what the model's own loading ignores)."""
+        for name in names:
+            self.files.pop(name, None)
+
     def _read_quantized(self, quantization) -> None:
         """FP8 weights as views of their dequantized values; any other quantized checkpoint refused."""
         from . import dequant
@@ -303,15 +308,31 @@ def load_pretrained(model_dir: Path, dtype=torch.float32):
     return model.eval()
 
 
+def unused_tensors(model, names) -> list[str]:
+    """The stored tensors among `names` that the model's own loading ignores (its classes'
+    _keys_to_ignore_on_load_unexpected, regular expressions searched in a name, as transformers does), and
+    that are neither a parameter nor a buffer of it: Gemma 4 E2B's and E4B's checkpoints keep k_proj, v_proj
+    and their norms for the layers that attend over an earlier layer's keys and values instead."""
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+    if not patterns:
+        return []
+    ignored = re.compile("|".join(f"({p})" for p in patterns))
+    own = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    return [n for n in names if n not in own and ignored.search(n)]
+
+
 def check_checkpoint(source: ModelSource) -> None:
     """Before any work: the model's family entry fits its module graph (architectures.resolve), and the
     checkpoint holds every parameter the model has, at its shape (under the family's renames). A checkpoint
-    of another layout (a mixture saved with its experts stacked) fails here in one line, not hours in."""
+    of another layout (a mixture saved with its experts stacked) fails here in one line, not hours in.
+    Stored tensors the model's loading ignores (unused_tensors) are hidden from then on: the file does not
+    keep them."""
     from .architectures import resolve, skeleton
 
     config = source.config()
     model = skeleton(config, "meta")
     resolve(model, config)
+    source.hide(unused_tensors(model, source.names()))
     stored = set(source.names())
     for name, param in model.named_parameters():
         if name not in stored:

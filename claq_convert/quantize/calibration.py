@@ -157,9 +157,16 @@ def cache_bytes_per_sequence(config, seqlen: int, dtype: torch.dtype = torch.flo
     hidden = getattr(config, "hidden_size", None)
     if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int) and heads > 0):
         return None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return layers * 2 * kv_heads * head_dim * seqlen * dtype.itemsize
+    per_layer = getattr(config, "per_layer_config", None)
+    # transformers' heterogeneous configs (Gemma 4: a full layer's head size and key/value heads its own) refuse
+    # the model-wide value of a size that varies: each layer's, summed
+    each = [per_layer[i] for i in range(layers)] if per_layer is not None else [config] * layers
+    total = 0
+    for layer in each:
+        kv_heads = getattr(layer, "num_key_value_heads", None) or heads
+        head_dim = getattr(layer, "head_dim", None) or hidden // heads
+        total += 2 * kv_heads * head_dim
+    return total * seqlen * dtype.itemsize
 
 
 def sampling_batch(config, seqlen: int, dtype: torch.dtype = torch.float32) -> int:

@@ -9,8 +9,10 @@ A conversion to OUT keeps the directory OUT.resume/ (`checkpoint_dir`) while it 
     row_weights.npz      --row-weights fisher: each block linear's row weights (sensitivity.row_weights)
     layer-00000/ ...     one per finished decoder layer: 0000.npz, 0001.npz ... every field of each
                          QuantizedWeight in the order the pipeline yielded them; the newest layer also
-                         holds states.npz, the calibration hidden states after it (the next layer's inputs)
-    end/0000.npz ...     the head and an untied input embedding, each saved when done
+                         holds states.npz, the calibration hidden states after it (the next layer's inputs),
+                         and for a model whose layers store keys and values for later ones (Gemma 4's
+                         shared KV) shared.npz, what the finished layers stored (pipeline.shared_state)
+    end/0000.npz ...     the head, an untied input embedding and other token tables, each saved when done
     pending/             the layer in progress: thrown away on resume
     budget/              --bpw: the weights the budget pass narrowed (SavedResults); thrown away on
                          resume, since the pass is made again from the saved results
@@ -43,6 +45,7 @@ PENDING = "pending"
 END = "end"
 BUDGET = "budget"
 STATES = "states.npz"
+SHARED = "shared.npz"
 LAYER_PREFIX = "layer-"
 FORMAT = 1  # of the checkpoint directory itself
 
@@ -160,6 +163,33 @@ def _load_states(path: Path, device) -> list[torch.Tensor]:
         return [torch.from_numpy(npz[str(i)]).to(device) for i in range(len(npz.files))]
 
 
+def _save_shared(path: Path, shared: list[list[dict]]) -> None:
+    """pipeline.shared_state's value: per batch and mapping, key -> a tensor or a tuple of tensors; the
+    arrays as "0", "1" ..., and "index" (JSON: [batch, mapping, key, tensors, tuple or not] in order)."""
+    arrays, index = {}, []
+    for batch, mappings in enumerate(shared):
+        for m, mapping in enumerate(mappings):
+            for key, value in mapping.items():
+                tensors = value if isinstance(value, tuple) else (value,)
+                index.append([batch, m, key, len(tensors), isinstance(value, tuple)])
+                for t in tensors:
+                    arrays[str(len(arrays))] = t.detach().cpu().numpy()
+    arrays["index"] = np.array(json.dumps([[len(m) for m in shared], index]))
+    _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _load_shared(path: Path, device) -> list[list[dict]]:
+    with np.load(path, allow_pickle=False) as npz:
+        counts, index = json.loads(str(npz["index"]))
+        shared = [[{} for _ in range(count)] for count in counts]
+        at = 0
+        for batch, m, key, n, is_tuple in index:
+            tensors = tuple(torch.from_numpy(npz[str(at + j)]).to(device) for j in range(n))
+            shared[batch][m][key] = tensors if is_tuple else tensors[0]
+            at += n
+    return shared
+
+
 # --------------------------------------------------------------------------- fingerprints
 def _flatten(value, prefix: str = "") -> dict:
     if isinstance(value, dict) and value:
@@ -183,10 +213,12 @@ def _sha256(array: np.ndarray) -> str:
 
 
 class Finished(NamedTuple):
-    """What a checkpoint holds: decoder layers done, the inputs of the next layer, head/embedding names done."""
+    """What a checkpoint holds: decoder layers done, the inputs of the next layer, head/embedding names done,
+    and what the finished layers stored for later ones (None for most models)."""
     layers: int
     states: Optional[list[torch.Tensor]]
     ends: tuple[str, ...]
+    shared: Optional[list[list[dict]]] = None
 
 
 class Checkpoint:
@@ -302,8 +334,9 @@ class Checkpoint:
             if not (layers[-1] / STATES).is_file():
                 raise CheckpointError(f"{layers[-1]} lacks its hidden states; delete the checkpoint to start over")
             states = _load_states(layers[-1] / STATES, device)
+        shared = _load_shared(layers[-1] / SHARED, device) if layers and (layers[-1] / SHARED).is_file() else None
         ends = tuple(_result_name(path) for path in self._end_paths())
-        return Finished(len(layers), states, ends)
+        return Finished(len(layers), states, ends, shared)
 
     def _end_paths(self) -> list[Path]:
         directory = self.path / END
@@ -339,20 +372,24 @@ class Checkpoint:
         save_result(pending / f"{self._pending:04d}.npz", name, result)
         self._pending += 1
 
-    def finish_layer(self, index: int, states: list[torch.Tensor]) -> None:
-        """Layer `index` is done and `states` are its outputs: make it part of the checkpoint in one rename."""
+    def finish_layer(self, index: int, states: list[torch.Tensor], shared: Optional[list[list[dict]]] = None) -> None:
+        """Layer `index` is done and `states` are its outputs (`shared`: what the layers so far stored for later
+        ones, pipeline.shared_state's): make it part of the checkpoint in one rename."""
         done = len(self._layer_dirs())
         if index != done:
             raise CheckpointError(f"layer {index} finished, but the checkpoint holds {done} layers")
         pending = self.path / PENDING
         pending.mkdir(exist_ok=True)
         _save_states(pending / STATES, states)
+        if shared is not None:
+            _save_shared(pending / SHARED, shared)
         _fsync_dir(pending)
         os.replace(pending, self.path / f"{LAYER_PREFIX}{index:05d}")
         _fsync_dir(self.path)
         self._pending = 0
-        if index:  # only the newest layer's outputs are ever needed
-            (self.path / f"{LAYER_PREFIX}{index - 1:05d}" / STATES).unlink(missing_ok=True)
+        if index:  # only the newest layer's outputs (and shared state, which holds all there is) are ever needed
+            for name in (STATES, SHARED):
+                (self.path / f"{LAYER_PREFIX}{index - 1:05d}" / name).unlink(missing_ok=True)
 
     def empty(self) -> bool:
         """Whether it holds nothing but its manifest (no work worth resuming)."""

@@ -345,7 +345,8 @@ def _quantized(options: ConvertOptions, source: ModelSource, calibration, target
     for name, result in quantize_model(source, calibration, options.quant, options.device, progress=progress, log=log,
                                        targets=targets, threads=options.threads, timer=timer,
                                        start_layer=finished.layers, start_states=finished.states, done=finished.ends,
-                                       on_layer=checkpoint.finish_layer, row_weights=weights):
+                                       on_layer=checkpoint.finish_layer, row_weights=weights,
+                                       start_shared=finished.shared):
         checkpoint.save_result(name, result, end=name in ends)  # before the pipeline goes on
         yield name, result
 
@@ -491,15 +492,17 @@ def _outlier_total(W: np.ndarray, qc) -> tuple[int, int]:
 
 
 def end_tensors(source: ModelSource) -> list[str]:
-    """The head (a tied embedding's name) and an untied input embedding, as the checkpoint names them."""
+    """The head (a tied embedding's name), an untied input embedding and the family's other token tables
+    (Gemma 4's per-layer embeddings), as the checkpoint names them."""
     from transformers import AutoModelForCausalLM
 
-    from .pipeline import head_and_embedding_names
+    from .pipeline import head_and_embedding_names, lookup_names
 
     config = source.config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [n for n in head_and_embedding_names(model, config, set(source.names())) if n is not None]
+    ends = [n for n in head_and_embedding_names(model, config, set(source.names())) if n is not None]
+    return ends + lookup_names(model, config)
 
 
 def source_parameters(source: ModelSource) -> int:

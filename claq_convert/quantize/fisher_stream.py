@@ -9,8 +9,13 @@ output; then the layers, last to first, are loaded again and run backward one wi
 turning the gradient at its output into the one at its input and its weights' squared gradients into
 the sums. A tied embedding is also the head: its gradient is the head's plus the one its lookup
 receives, so it is taken last, from the model's tail with the lookup's gradient added (a surrogate loss
-whose gradient is exactly that sum). The sums are sensitivity.fisher_sums' up to float rounding
-(tests/test_sensitivity.py compares them on every family).
+whose gradient is exactly that sum). A model may also compute layers' keywords from the lookup's output
+(Gemma 4 projects it into every layer's per-layer input): the backward pass then also takes the gradient at
+those keywords, and the surrogate adds their terms. Where a layer stores its keys and values for later
+layers to attend over (Gemma 4's shared KV, pipeline.shared_mappings), the later layers read them as leaves
+whose gradients add up over every reader, and the storing layer's backward takes that sum as the gradient
+of what it stores. The sums are sensitivity.fisher_sums' up to float rounding (tests/test_sensitivity.py
+compares them on every family).
 
 Memory: one layer, the inputs of one layer, and the embedding and head while the tail runs. Each
 layer's inputs (windows x seqlen x hidden floats: 134 MB for a 7B layer at the 16 default windows of 512
@@ -25,8 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .pipeline import (_first_layer_inputs, _layer_output, _materialise, _parameter_name, _release, _set_tensor,
-    head_and_embedding_names, outside_modules)
+from .pipeline import (_as_keywords, _first_layer_inputs, _layer_output, _materialise, _parameter_name, _release,
+    _set_tensor, head_and_embedding_names, outside_modules, shared_mappings)
 from ..models.architectures import resolve, skeleton
 from ..models.source import ModelSource
 from ..progress import Progress, no_progress
@@ -43,6 +48,7 @@ class _Replay(torch.nn.Module):
         self.as_tuple = as_tuple
         self.first = self.last = False
         self.seen: Optional[torch.Tensor] = None
+        self.keywords: dict = {}  # what the model called it with, after the hidden states
         self.output: Optional[torch.Tensor] = None
 
     def __getattr__(self, name: str):
@@ -54,6 +60,7 @@ class _Replay(torch.nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         if self.first:
             self.seen = hidden_states
+        self.keywords = _as_keywords(self.layer.forward, args, kwargs)
         out = self.output if self.last else hidden_states
         return (out,) if self.as_tuple else out
 
@@ -103,6 +110,10 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
     squares = SquaredGradients(family.transposed)
     tail = _Tail(config, source, device, as_tuple)
     grads = [tail.gradient(state, window[None].to(device)) for state, window in zip(states, windows)]
+    # a tied head: the keywords computed from the lookup's output, whose gradients its sums need too
+    looked_up = tail.lookup_keywords(states[0], windows[0][None].to(device)) if head and tail.tied else None
+    keyword_grads = [{} for _ in windows]  # window -> (layer, keyword) -> d loss / d keyword
+    shared = [_SharedGradients(shared_mappings(kwargs, k)) for k in range(len(windows))]
     next(steps, None)
     for index in reversed(range(len(layers))):
         layer = layers[index]
@@ -113,16 +124,65 @@ def _fisher_sums(source: ModelSource, windows: torch.Tensor, device, head: bool,
                     for n in arch.linears(index) if n in arch.routed]
         for k, (x, kw) in enumerate(zip(inputs.take(index), kwargs[index])):
             x = x.detach().requires_grad_(True)
-            torch.autograd.backward(_layer_output(layer(x, **kw)), grads[k])
+            leaves = {n: kw[n].detach().requires_grad_(True) for n in (looked_up[index] if looked_up else ())}
+            shared[k].watch()
+            outputs = [_layer_output(layer(x, **{**kw, **leaves}))]
+            stored, stored_grads = shared[k].stored()
+            torch.autograd.backward(outputs + stored, [grads[k]] + stored_grads)
             grads[k] = x.grad
+            keyword_grads[k].update({(index, n): leaf.grad for n, leaf in leaves.items()})
         for handle in handles:
             handle.remove()
         _release(layer)
         next(steps, None)
-    head_name = tail.head_sums(squares, states, windows, grads) if head else None
+    for each in shared:
+        each.clear()
+    head_name = tail.head_sums(squares, states, windows, grads, keyword_grads) if head else None
     next(steps, None)
     order = [f"{family.layers}.{i}.{n}.weight" for i in range(len(layers)) for n in arch.linears(i)]
     return squares.sums(head_name, order + ([head_name] if head_name else []))
+
+
+class _SharedGradients:
+    """One window's shared mappings in the backward pass, layers last to first: before a layer runs, what the
+    mappings hold becomes leaves (`watch`), so that every later layer reading a stored value adds its gradient
+    there; when the layer that stored a value runs again, `stored()` hands its new value with the gradient its
+    readers summed, for the layer's backward to carry on."""
+
+    def __init__(self, mappings: list):
+        self.mappings = mappings
+        self.leaves: dict[tuple[int, object], tuple[torch.Tensor, ...]] = {}  # (mapping, key) -> leaves
+        self.before: dict[tuple[int, object], int] = {}
+
+    def watch(self) -> None:
+        self.before.clear()
+        for m, mapping in enumerate(self.mappings):
+            for key, value in list(mapping.items()):
+                if (m, key) not in self.leaves:
+                    tensors = value if isinstance(value, tuple) else (value,)
+                    leaves = tuple(t.detach().requires_grad_(True) for t in tensors)
+                    self.leaves[(m, key)] = leaves
+                    mapping[key] = leaves if isinstance(value, tuple) else leaves[0]
+                self.before[(m, key)] = id(mapping[key])
+
+    def stored(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the values the layer just run stored over watched ones, their readers' gradients)."""
+        values, grads = [], []
+        for m, mapping in enumerate(self.mappings):
+            for key, value in mapping.items():
+                if self.before.get((m, key)) == id(value) or (m, key) not in self.leaves:
+                    continue
+                tensors = value if isinstance(value, tuple) else (value,)
+                for tensor, leaf in zip(tensors, self.leaves.pop((m, key))):
+                    if leaf.grad is not None and tensor.requires_grad:
+                        values.append(tensor)
+                        grads.append(leaf.grad)
+        return values, grads
+
+    def clear(self) -> None:
+        self.leaves.clear()
+        for mapping in self.mappings:
+            mapping.clear()
 
 
 class _Tail:
@@ -162,16 +222,34 @@ class _Tail:
         (grad,) = torch.autograd.grad(self._loss(state, window), state)
         return grad
 
+    def lookup_keywords(self, state: torch.Tensor, window: torch.Tensor) -> list[tuple[str, ...]]:
+        """Per layer, the keywords the model computes from the input embedding's output (Gemma 4's per-layer
+        inputs: a projection of it): found by one pass of the tail with the embedding's weight watched."""
+        weight = self.model.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                self._loss(state.detach(), window)
+            return [tuple(n for n, v in s.keywords.items() if isinstance(v, torch.Tensor) and v.requires_grad)
+                    for s in self.stand_ins]
+        finally:
+            weight.requires_grad_(False)
+            for s in self.stand_ins:
+                s.keywords = {}
+
     def head_sums(self, squares: SquaredGradients, states: Sequence[torch.Tensor], windows: torch.Tensor,
-                  first_grads: Sequence[torch.Tensor]) -> str:
+                  first_grads: Sequence[torch.Tensor], keyword_grads: Optional[Sequence[dict]] = None) -> str:
         """Fold the head's squared gradients into `squares` (a tied head: plus its lookup's gradient,
-        first_grads being d loss / d (the first layer's input)); return the head's name."""
+        first_grads being d loss / d (the first layer's input), and keyword_grads per window d loss / d each
+        keyword computed from the lookup's output, by (layer, keyword)); return the head's name."""
         handle = squares.watch(self.head_name, self.head.weight)
         try:
-            for state, window, grad in zip(states, windows, first_grads):
+            for k, (state, window, grad) in enumerate(zip(states, windows, first_grads)):
                 loss = self._loss(state.detach(), window[None].to(self.device))
                 if self.tied:  # d/dE of <grad, embedding output> is what the lookup adds to E's gradient
                     loss = loss + (self.stand_ins[0].seen * grad).sum()
+                    for (index, name), keyword_grad in (keyword_grads[k] if keyword_grads else {}).items():
+                        loss = loss + (self.stand_ins[index].keywords[name] * keyword_grad).sum()
                 loss.backward()
         finally:
             handle.remove()

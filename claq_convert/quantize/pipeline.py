@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import MutableMapping
 import inspect
 import math
 import time
@@ -259,6 +260,53 @@ class _Catcher(torch.nn.Module):
         return hidden_states
 
 
+def shared_mappings(kwargs: list, batch: int) -> list[MutableMapping]:
+    """The mutable mappings the model handed its layers in calibration batch `batch` (`kwargs[layer][batch]`),
+    each once, in the order the layers first got them: state that layers pass on to later layers. Gemma 4's
+    KVSharingDict is one: a layer stores its keys and values there, and the last layers attend over those
+    instead of computing their own. The recorded keywords hold the very object the model made for the batch,
+    so running the layers in order carries it as the model does."""
+    found, seen = [], set()
+    for layer in kwargs:
+        for value in layer[batch].values():
+            if isinstance(value, MutableMapping) and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+    return found
+
+
+def private_copies(kwargs: list) -> list:
+    """`kwargs` (per layer, per batch) with each batch's shared mappings (shared_mappings) replaced by empty
+    ones of the same type, shared by the layers of that batch as the originals are: a second model run from the
+    same keywords (the source model beside the quantized one) then keeps its own keys and values."""
+    out = [[dict(kw) for kw in layer] for layer in kwargs]
+    for batch in range(len(kwargs[0]) if kwargs else 0):
+        fresh = {id(m): type(m)() for m in shared_mappings(kwargs, batch)}
+        for layer in out:
+            for name, value in layer[batch].items():
+                if id(value) in fresh:
+                    layer[batch][name] = fresh[id(value)]
+    return out
+
+
+def shared_state(kwargs: list) -> list[list[dict]]:
+    """What the shared mappings hold now, per batch and mapping (what a resumed conversion must put back:
+    the keys and values the finished layers stored for the later ones); empty lists where there is none."""
+    return [[dict(m) for m in shared_mappings(kwargs, batch)] for batch in range(len(kwargs[0]) if kwargs else 0)]
+
+
+def restore_shared_state(kwargs: list, state: list[list[dict]]) -> None:
+    """Put `state` (shared_state's) into the batches' shared mappings."""
+    for batch, saved in enumerate(state):
+        mappings = shared_mappings(kwargs, batch)
+        if len(mappings) != len(saved):
+            raise ValueError(f"calibration batch {batch} hands the layers {len(mappings)} shared mappings, "
+                             f"the saved state {len(saved)}")
+        for mapping, values in zip(mappings, saved):
+            mapping.clear()
+            mapping.update(values)
+
+
 def _as_keywords(forward, args: tuple, kwargs: dict) -> dict:
     """A layer call's arguments after the hidden states, all as keywords (GPT-2 passes its causal mask
     positionally), so every later call can be layer(h, **kwargs)."""
@@ -389,8 +437,9 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                    log: Callable[[str], None] = lambda s: None, targets: Optional[dict] = None,
                    threads: Optional[int] = None, timer: Timer = NO_TIMER, start_layer: int = 0,
                    start_states: Optional[list] = None, done: Collection[str] = (),
-                   on_layer: Optional[Callable[[int, list], None]] = None,
-                   row_weights: Optional[dict] = None) -> Iterator[tuple[str, QuantizedWeight]]:
+                   on_layer: Optional[Callable[..., None]] = None,
+                   row_weights: Optional[dict] = None,
+                   start_shared: Optional[list] = None) -> Iterator[tuple[str, QuantizedWeight]]:
     """Yield (parameter name, QuantizedWeight) for every block linear, layer by layer, then the head.
 
     `targets` (name -> (low, high, fraction), from allocation.allocate) overrides the bit target per weight;
@@ -402,7 +451,9 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
     Resuming (checkpoint.py): `start_layer` > 0 skips the layers before it, whose outputs `start_states`
     are (one tensor per calibration batch, exactly as this function produced them); `done` names the
     head/embedding tensors already quantized. `on_layer(index, states)` is called when a layer is
-    finished, with its outputs, after its last result was consumed and before the next layer starts.
+    finished, with its outputs, after its last result was consumed and before the next layer starts; for
+    a model whose layers store state for later ones (shared_mappings: Gemma 4's shared keys and values) as
+    `on_layer(index, states, shared)` with shared_state's, which a resumed run gets back as `start_shared`.
     """
     qc.validate()
     with timer.section("inputs"):
@@ -415,13 +466,17 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                              f"{'no' if start_states is None else len(start_states)} calibration batches")
 
     needs_h = qc.method in ("claq", "gptq")
-    # --toward-source: the source model's own hidden states, beside the quantized model's (target.py)
+    # --toward-source: the source model's own hidden states, beside the quantized model's (target.py), and
+    # its own shared keys and values
     source_states = None
+    source_kwargs = private_copies(kwargs)
     if qc.toward_source and needs_h and start_layer < len(layers):
         with timer.section("source states"):
-            source_states = _source_states(arch, source, states, kwargs, device, start_layer)
+            source_states = _source_states(arch, source, states, source_kwargs, device, start_layer)
     if start_layer:
         states = start_states
+        if start_shared is not None:  # the keys and values the finished layers stored for later ones
+            restore_shared_state(kwargs, start_shared)
     for index in progress(range(start_layer, len(layers)), "quantize layers", len(layers) - start_layer):
         with timer.section(f"layer {index}"):
             start = time.perf_counter()
@@ -436,7 +491,7 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
             if source_states is not None:  # the layer with its source weights: nothing in it changes, so what
                 source_layer = copy.deepcopy(layer)   # its groups' passes complete may replay
                 source_replay = LayerReplay(source_layer, arch.linears(index), source_states, share)
-                source_pass = (source_layer, source_states, source_replay)
+                source_pass = (source_layer, source_states, source_replay, source_kwargs[index])
             for group in arch.groups(index):
                 linears = {name: layer.get_submodule(name) for name in group}
                 if source_replay is not None:  # a module holding a later group's linear computes until that
@@ -474,14 +529,18 @@ def quantize_model(source: ModelSource, calibration: torch.Tensor, qc: QuantConf
                 source_layer = source_pass[0]
                 with timer.phase("forward"), source_replay.passing():
                     source_states = [_layer_output(source_layer(h, **kw))
-                                     for h, kw in source_replay.batches(source_states, kwargs[index])]
+                                     for h, kw in source_replay.batches(source_states, source_kwargs[index])]
                 source_replay.close()
                 del source_layer, source_pass, source_replay
             _release(layer)
             return_freed_memory()
             log(f"layer {index:3d}: {time.perf_counter() - start:6.1f} s, mean relative error {np.mean(errors):.4f}")
         if on_layer is not None:
-            on_layer(index, states)
+            shared = shared_state(kwargs)
+            if any(shared):
+                on_layer(index, states, shared)
+            else:
+                on_layer(index, states)
 
     if qc.quantize_embeddings:
         yield from _quantize_head_and_embedding(model, config, arch, source, states, qc, device, log, targets, timer,
@@ -514,6 +573,25 @@ def head_and_embedding_names(model, config, source_names) -> tuple[Optional[str]
     if tied:
         return embedding, None
     return head, embedding
+
+
+def lookup_names(model, config) -> list[str]:
+    """The weights of the token-lookup tables besides the input embedding that the model has (its family's
+    `lookups`: Gemma 4's per-layer embeddings), quantized data-free as an untied input embedding is: a lookup
+    reads one row a token, so a column's codebook serves the same feature of every token."""
+    from ..models.architectures import family_for_type
+
+    family = family_for_type(getattr(config, "model_type", None))
+    names = []
+    for path in family.lookups if family is not None else ():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # a configuration of the family without it
+            continue
+        if not isinstance(module, torch.nn.Embedding):
+            raise ValueError(f"{path} is a {type(module).__name__}, not the token table its family names")
+        names.append(f"{path}.weight")
+    return names
 
 
 def _parameter_name(model, module) -> str:
@@ -587,15 +665,18 @@ def _quantize_head_and_embedding(model, config, arch: Resolved, source, states, 
             del W, H
             log(f"head {head_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
             yield head_name, result
-    if embedding_name is not None and embedding_name not in done:  # no Hessian: per-column K-Means, data-free
-        with timer.section("embedding"):
+    tables = ([embedding_name] if embedding_name is not None else []) + lookup_names(model, config)
+    for name in tables:  # no Hessian: per-column K-Means, data-free
+        if name in done:
+            continue
+        with timer.section("embedding" if name == embedding_name else name):
             start = time.perf_counter()
             with timer.phase("load"):
-                W = source.tensor(embedding_name).float().to(device)
-            result = quantize_weight(W, None, _with_target(end_qc, targets, embedding_name), timer, workers)
+                W = source.tensor(name).float().to(device)
+            result = quantize_weight(W, None, _with_target(end_qc, targets, name), timer, workers)
             del W
-            log(f"embedding {embedding_name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
-            yield embedding_name, result
+            log(f"embedding {name}: {time.perf_counter() - start:6.1f} s, relative error {result.relative_error:.4f}")
+            yield name, result
 
 
 def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIMER,
@@ -603,9 +684,9 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
                     routed: Collection[str] = frozenset()
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(H, C) for each linear of the group, over all calibration tokens: H = 2/n sum x x^T (float32), and
-    with `source` = (the layer with its source weights, its source inputs one tensor a batch, and a
-    LayerReplay of it or None) C = 2/n sum x_f x^T, x_f the linear's input in the source model
-    (target.py; else C is empty).
+    with `source` = (the layer with its source weights, its source inputs one tensor a batch, a LayerReplay
+    of it or None, and optionally its own keywords per batch: private_copies') C = 2/n sum x_f x^T, x_f the
+    linear's input in the source model (target.py; else C is empty).
 
     Pre-hooks read each linear's input before it runs, and the pass stops before the group's last linear
     computes anything (nothing after it is needed). A linear that reads the very tensor an earlier one of
@@ -675,20 +756,21 @@ def _group_hessians(layer, linears: dict, states, kwargs, timer: Timer = NO_TIME
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
     source_batches = None
     if source is not None:
-        source_layer, source_states, source_replay = source
+        source_layer, source_states, source_replay, *own = source
+        source_kwargs = own[0] if own else kwargs
         handles += [source_layer.get_submodule(name).register_forward_pre_hook(record_source(name))
                     for name in linears if name not in routed]
-        source_batches = (source_replay.batches(source_states, kwargs) if source_replay is not None
-                          else zip(source_states, kwargs))
+        source_batches = (source_replay.batches(source_states, source_kwargs) if source_replay is not None
+                          else zip(source_states, source_kwargs))
     batches = replay.batches(states, kwargs) if replay is not None else zip(states, kwargs)
     try:
         for h, kw in batches:
             seen.clear()
             if source_batches is not None:  # this batch's source inputs first, for the quantized pass to meet
-                h_f, _ = next(source_batches)
+                h_f, kw_f = next(source_batches)
                 seen_source.clear()
                 try:
-                    source_layer(h_f, **kw)
+                    source_layer(h_f, **kw_f)
                 except _StopForward:
                     pass
             try:
