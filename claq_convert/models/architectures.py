@@ -75,8 +75,6 @@ class Family:
     kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
                                               # expert's one-row gate: small, and a flipped route costs more)
     dense: Optional[tuple[tuple[str, ...], ...]] = None  # a mixture's groups in its layers without experts
-    ignored: tuple[str, ...] = ()             # checkpoint names beginning so are tensors transformers does not load
-                                              # (_keys_to_ignore_on_load_unexpected): neither read nor stored
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
                                               # linear (llama.cpp's GGUF stores GPT-2 that way too)
@@ -260,7 +258,7 @@ FAMILIES = (
     Family("nemotron_h", ("nemotron_h",), "model.layers",
            (("mixer.fc1_latent_proj?", "mixer.shared_experts.up_proj"),
             ("mixer.experts.*.up_proj", "mixer.shared_experts.down_proj"), ("mixer.experts.*.down_proj",),
-            ("mixer.fc2_latent_proj?",)), "model.norm_f", renames=(("backbone.", "model."),), ignored=("mtp.",),
+            ("mixer.fc2_latent_proj?",)), "model.norm_f", renames=(("backbone.", "model."),),
            experts="mixer.experts", stacking=UNGATED_PLAIN,
            dense=(("mixer.q_proj?", "mixer.k_proj?", "mixer.v_proj?", "mixer.in_proj?", "mixer.up_proj?"),
                   ("mixer.o_proj?", "mixer.out_proj?", "mixer.down_proj?"))),
@@ -352,12 +350,6 @@ def module_name(model_type: Optional[str], stored: str) -> str:
     for old, new in family.renames:
         dotted = dotted.replace("." + old, "." + new)
     return dotted[1:]
-
-
-def ignored_tensor(model_type: Optional[str], stored: str) -> bool:
-    """Whether the checkpoint tensor `stored` of a `model_type` checkpoint is one the model does not load."""
-    family = _BY_MODEL_TYPE.get(model_type)
-    return bool(family and family.ignored and stored.startswith(family.ignored))
 
 
 def checkpoint_name(model_type: Optional[str], module: str) -> str:

@@ -97,7 +97,7 @@ class ModelSource:
             raise SourceError(f"{self.dir} has no model.safetensors (pickle checkpoints are not read)")
         self._handles = {}
         # names as the model's modules have them (transformers renames some checkpoint keys on load)
-        from .architectures import LANGUAGE_MODELS, ignored_tensor, language_model_name, module_name
+        from .architectures import LANGUAGE_MODELS, language_model_name, module_name
 
         try:
             config = json.loads((self.dir / "config.json").read_text())
@@ -106,8 +106,7 @@ class ModelSource:
         except (json.JSONDecodeError, AttributeError, KeyError):
             raise SourceError(f"{self.dir / 'config.json'} is not a JSON object with a model type (and a "
                               "text_config, for a vision-language release)") from None
-        language = {name: language_model_name(self.wrapper, name) for name in files
-                    if not ignored_tensor(model_type, name)}  # Nemotron 3's mtp.* layers: not the model's
+        language = {name: language_model_name(self.wrapper, name) for name in files}
         self._stored = {module_name(model_type, lm): name for name, lm in language.items() if lm is not None}
         self._paths = {name: files[stored] for name, stored in self._stored.items()}  # every stored tensor's file
         self.files = dict(self._paths)  # the model's parameters (and stored buffers) -> the file they come from
