@@ -75,7 +75,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "qwen3_next": "qwen3next",
              "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "llama4_text": "llama4",
              "minimax_m2": "minimax-m2", "minimax": None, "dots1": "dots1", "jamba": "jamba",
-             "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
+             "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2",
+             "deepseek_v32": "glm-dsa", "flex_olmo": None, "olmo_hybrid": None}
 
 
 def gguf_name(hf_name: str, n_layers: int, base_arch: Optional[str] = "llama") -> str:
