@@ -139,6 +139,20 @@ FAMILY_CONFIGS = {
     "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
                         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                         n_group=1, topk_group=1, num_key_value_heads=4),
+    # GLM-4.7-Flash: DeepSeek's latent attention (q through a low-rank pair), experts and a shared one, a dense layer
+    "glm4_moe_lite": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, q_lora_rank=32,
+                          kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+                          topk_group=1, num_key_value_heads=4, mlp_layer_types=["dense", "sparse"]),
+    # DeepSeek-V3.2: latent attention with the sparse-attention indexer picking 8 keys of each query's 32
+    "deepseek_v32": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
+                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                         n_group=1, topk_group=1, num_key_value_heads=4, index_topk=8, index_head_dim=16,
+                         index_n_heads=4),
+    # FlexOlmo: experts in every layer, OLMo 2's norms after attention and MLP
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2),
+    # OLMo hybrid: a Gated DeltaNet layer, then a full attention one
+    "olmo_hybrid": dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
 }
 
 

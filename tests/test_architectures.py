@@ -157,16 +157,21 @@ def test_unsupported_family_fails_in_one_line_before_any_work(tmp_path, text_fil
     config["model_type"] = "dbrx"  # known, and refused with the reason
     with pytest.raises(architectures.ArchitectureError, match="'dbrx' is not supported: a mixture-of-experts .* mixtral"):
         architectures.family_of(type("C", (), config)())
+    config["model_type"] = "deepseek_v4"
+    with pytest.raises(architectures.ArchitectureError, match="'deepseek_v4' is not supported: .*hyper-connections"):
+        architectures.family_of(type("C", (), config)())
 
 
 @pytest.mark.parametrize("family, differ", [("gemma3_text", True), ("gpt_oss", True), ("gemma2", True),
                                             ("llama4_text", True), ("qwen3_next", False),
-                                            ("ministral", True), ("gemma4_text", True)])
+                                            ("ministral", True), ("gemma4_text", True),
+                                            ("deepseek_v32", False)])
 def test_each_layer_is_called_with_its_own_keywords(family, differ, tmp_path):
     """A sliding-window layer and a full one get different masks (and Gemma 3's and 4's global layers their own
     rotary table): the pass that feeds the layers records what transformers calls each layer with (Qwen3-Next
-    reads each layer's type from the layer itself, through the stand-in); Gemma 4 passes each layer its own
-    slice of the per-layer inputs, positionally."""
+    reads each layer's type from the layer itself, through the stand-in; Gemma 4 passes each layer its own
+    slice of the per-layer inputs, positionally; DeepSeek-V3.2's indexer needs the causal mask as a
+    tensor, which its model always builds)."""
     from transformers import AutoModelForCausalLM
 
     directory = build_tiny_model(tmp_path / family, family=family)
@@ -194,6 +199,20 @@ def test_each_layer_is_called_with_its_own_keywords(family, differ, tmp_path):
     first, second = (tensors(recorded[i][0].get("attention_mask")) + tensors(recorded[i][0]["position_embeddings"])
                      for i in (0, 1))
     assert differ == (len(first) != len(second) or not all(torch.equal(a, b) for a, b in zip(first, second)))
+
+
+@pytest.mark.parametrize("converted_family", ["deepseek_v32"], indirect=True)
+def test_the_sparse_attention_indexer_is_kept_raw(converted_family):
+    """DeepSeek-V3.2's indexer only picks the keys each query attends to (8 of the 32 here, so its picks matter
+    in the family test's logits), without gradients: stored raw like a router, beside the quantized attention."""
+    _, directory, path, _ = converted_family
+    assert json.loads((directory / "config.json").read_text())["index_topk"] < 32
+    with reader.ClaqFile(path) as cf:
+        for layer in range(2):
+            prefix = f"model.layers.{layer}.self_attn."
+            assert all(cf.tensors[f"{prefix}indexer.{n}.weight"]["kind"] == "raw"
+                       for n in ("wq_b", "wk", "weights_proj"))
+            assert all(cf.tensors[f"{prefix}{n}.weight"]["kind"] == "claq" for n in ("q_a_proj", "q_b_proj", "o_proj"))
 
 
 def test_a_wrong_entry_fails_loudly():

@@ -4,7 +4,6 @@ resumed conversion gets them back, and the unused projections the releases store
 kept."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,7 +12,6 @@ from claq_convert.cli import convert_cmd
 from claq_convert.format import reader
 from claq_convert.models import architectures
 from claq_convert.models.source import ModelSource
-from claq_convert.quantize import pipeline
 from claq_convert.quantize.checkpoint import SHARED, Checkpoint, checkpoint_dir
 from claq_convert.quantize.convert import ConvertOptions, apply_dequantized, run_conversion
 from claq_convert.quantize.pipeline import QuantConfig, quantize_model

@@ -74,6 +74,9 @@ class Family:
     stacking: Stacking = PLAIN                # how transformers' module stacks them (and some checkpoints do)
     kept: tuple[str, ...] = ()                # linears of a layer stored unquantized (routers, a shared
                                               # expert's one-row gate: small, and a flipped route costs more)
+    joined: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (a layer's parameter, the checkpoint tensors it is
+                                              # stored as): concatenated along their first axis on reading, as
+                                              # transformers does on load (source.py)
     dense: Optional[tuple[tuple[str, ...], ...]] = None  # a mixture's groups in its layers without experts
     conv1d: bool = False                      # the linears are transformers' Conv1D (x @ W + b, W stored [in, out]);
                                               # quantized, written and run as W^T [out, in] like every other
@@ -172,7 +175,7 @@ FAMILIES = (
            "transformer.ln_f"),
     # mixture of experts: each expert's matrices quantized apart, from the tokens routed to it; routers raw
     # (dense MLPs in the layers a config names so: Qwen3-MoE's mlp_only_layers, Mellum's mlp_layer_types)
-    Family("moe", ("qwen3_moe", "olmoe", "mellum"), "model.layers", _MOE_GROUPS, "model.norm",
+    Family("moe", ("qwen3_moe", "olmoe", "mellum", "flex_olmo"), "model.layers", _MOE_GROUPS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS),
     # MiMo-V2-Flash: a dense first layer, attention sinks stored as attention_sink_bias
     Family("mimo_v2_flash", ("mimo_v2_flash",), "model.layers", _MOE_GROUPS, "model.norm", experts="mlp.experts",
@@ -194,6 +197,18 @@ FAMILIES = (
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe_text"), "model.layers", _HYBRID_ATTENTION + _SHARED_EXPERT,
            "model.norm", experts="mlp.experts", kept=("mlp.shared_expert_gate",)),
     Family("qwen3_5", ("qwen3_5_text",), "model.layers", _HYBRID_ATTENTION + _LLAMA_GROUPS[2:], "model.norm"),
+    # OLMo hybrid: Gated DeltaNet layers (q/k/v, the decay's a, beta's b and the output gate g all read the layer's
+    # normed input) and OLMo 3's full attention layers (reading the residual stream, normed after), every name
+    # optional; the convolution, decay and gate norm kept raw. Its checkpoints name two norms as OLMo-core does,
+    # and store the convolution as q/k/v parts that transformers concatenates on load
+    Family("olmo_hybrid", ("olmo_hybrid",), "model.layers",
+           (("self_attn.q_proj?", "self_attn.k_proj?", "self_attn.v_proj?", "linear_attn.q_proj?",
+             "linear_attn.k_proj?", "linear_attn.v_proj?", "linear_attn.b_proj?", "linear_attn.a_proj?",
+             "linear_attn.g_proj?"), ("self_attn.o_proj?", "linear_attn.o_proj?")) + _LLAMA_GROUPS[2:], "model.norm",
+           renames=(("attention_layer_norm.", "input_layernorm."),
+                    ("feedforward_layer_norm.", "post_attention_layernorm.")),
+           joined=(("linear_attn.conv1d.weight", ("linear_attn.q_conv1d.weight", "linear_attn.k_conv1d.weight",
+                                                  "linear_attn.v_conv1d.weight")),)),
     # mixtures whose first layers are dense, with shared experts beside the routed ones
     Family("glm4_moe", ("glm4_moe", "dots1"), "model.layers", _ATTENTION + _SHARED_EXPERTS, "model.norm",
            experts="mlp.experts", dense=_LLAMA_GROUPS),
@@ -284,10 +299,15 @@ FAMILIES = (
             ("self_attn.out_proj?", "conv.out_proj?"), ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",)),
            "model.embedding_norm"),
     # latent attention: q straight (q_proj) or through a low-rank pair (q_a_proj, norm, q_b_proj) by config;
-    # the compressed kv (kv_a_proj_with_mqa) and its expansion (kv_b_proj) beside them
-    Family("deepseek", ("deepseek_v2", "deepseek_v3"), "model.layers",
+    # the compressed kv (kv_a_proj_with_mqa) and its expansion (kv_b_proj) beside them; GLM-4.7-Flash's is
+    # DeepSeek-V3's. DeepSeek-V3.2's sparse-attention indexer (wq_b reading q's normed low-rank output, wk and
+    # weights_proj the layer's normed input) only picks the keys each query attends to, as a router picks experts,
+    # and runs without gradients: the loss has none for the Fisher allocation to price it by, so it is kept raw
+    # (0.13% of V3.2's parameters)
+    Family("deepseek", ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite"), "model.layers",
            _LATENT_ATTENTION + _SHARED_EXPERTS, "model.norm", experts="mlp.experts",
-           dense=_LATENT_ATTENTION + _LLAMA_GROUPS[2:]),
+           dense=_LATENT_ATTENTION + _LLAMA_GROUPS[2:],
+           kept=("self_attn.indexer.wq_b", "self_attn.indexer.wk", "self_attn.indexer.weights_proj")),
     # fused projections: one linear per group
     Family("phi3", ("phi3",), "model.layers",
            (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)), "model.norm"),
@@ -333,6 +353,9 @@ _MOE = ("a mixture-of-experts model whose experts or layers this version does no
         + ", ".join(sorted(t for f in FAMILIES if f.experts for t in f.model_types)))
 _REFUSED: dict[str, str] = {
     **{t: _MOE for t in ("dbrx", "jetmoe", "lfm2_moe")},
+    "deepseek_v4": "its layers carry several residual streams (hyper-connections) that hc_head collapses before "
+                   "the final norm, and its attention's o_a_proj is a block-diagonal grouped linear, neither of which "
+                   "this version calibrates or runs quantized",
 }
 
 

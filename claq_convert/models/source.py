@@ -3,8 +3,10 @@
 Every reader sees the model's own parameter names with float values, whatever layout the checkpoint
 chose: a mixture whose experts are stored stacked (gpt-oss, GraniteMoE, a transformers 5 save) reads as
 one matrix per expert, sliced expert by expert from the stacks; FP8 weights with their block scales and
-gpt-oss's MXFP4 experts read as the values they stand for (dequant.py). Other quantized checkpoints are
-refused: their stored numbers are not the weights.
+gpt-oss's MXFP4 experts read as the values they stand for (dequant.py); a parameter stored in parts (OLMo
+hybrid's convolution) reads as their concatenation. Tensors transformers' loading ignores (a multi-token
+prediction layer past the decoder layers) are dropped once the model's names are known (check_checkpoint).
+Other quantized checkpoints are refused: their stored numbers are not the weights.
 """
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ class ModelSource:
         self._last_slice = None  # (name, index, tensor): an expert's gate_up stack slice serves its gate and up
         self._read_quantized(config.get("quantization_config"))
         self._read_stacked_experts(model_type)
+        self._read_joined(model_type)
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -122,6 +125,7 @@ class ModelSource:
         """Leave the stored tensors `names` unread from now on (what the model's own loading ignores)."""
         for name in names:
             self.files.pop(name, None)
+            self._views.pop(name, None)
 
     def _read_quantized(self, quantization) -> None:
         """FP8 weights as views of their dequantized values; any other quantized checkpoint refused."""
@@ -160,6 +164,33 @@ class ModelSource:
         pattern = re.compile(rf"({re.escape(family.layers)}\.\d+\.{re.escape(family.experts)})\.gate_up_proj(_blocks)?")
         for prefix in sorted({m[1] for n in list(self.files) if (m := pattern.fullmatch(n))}):
             self._stacked_views(prefix, family.stacking)
+
+    def _read_joined(self, model_type) -> None:
+        """Each layer parameter the family stores in parts (Family.joined) as a view of the parts concatenated
+        along their first axis, which transformers does on load: whatever their sizes (a transformers 5.24 save
+        splits OLMo hybrid's convolution in three near-equal chunks, its releases as q, k and v), only the whole
+        is the module's parameter."""
+        from .architectures import family_for_type
+
+        family = family_for_type(model_type)
+        for target, parts in family.joined if family is not None else ():
+            pattern = re.compile(rf"({re.escape(family.layers)}\.\d+\.){re.escape(parts[0])}")
+            for prefix in sorted({m[1] for n in list(self.files) if (m := pattern.fullmatch(n))}):
+                names = tuple(prefix + part for part in parts)
+                missing = [n for n in names if n not in self.files]
+                if missing:
+                    raise SourceError(f"{self.dir} stores {names[0]} without {', '.join(missing)}; an incomplete "
+                                      "checkpoint")
+                shapes = [self.shape(n) for n in names]
+                if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+                    raise SourceError(f"{self.dir}: {', '.join(names)} are {', '.join(str(list(s)) for s in shapes)}, "
+                                      "which do not concatenate into one parameter")
+                shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+                self._views[prefix + target] = _View(self._paths[names[0]], shape, lambda ns=names: torch.cat(
+                    [self.tensor(n) for n in ns]))
+                for name in names:
+                    del self.files[name]
+                self.files[prefix + target] = self._paths[names[0]]
 
     def _stacked_views(self, prefix: str, stacking) -> None:
         from . import dequant
