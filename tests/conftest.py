@@ -192,6 +192,20 @@ def build_tiny_model(directory: Path, seed: int = 0, family: str = "llama") -> P
     return directory
 
 
+def full_forward_samples(model, first: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The windows calibration.sample_windows draws with these arguments, drawn again with a forward over
+    the whole prefix at every step (no cache): what sampling with a cache must reproduce."""
+    from claq_convert.quantize import calibration
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(nsamples, seqlen, dtype=torch.long)
+    tokens[:, 0] = first[torch.randint(0, first.numel(), (nsamples,), generator=gen)]
+    with torch.no_grad():
+        for t in range(1, seqlen):
+            tokens[:, t] = calibration.sample_tokens(model(tokens[:, :t], use_cache=False).logits[:, -1], gen)
+    return tokens
+
+
 def first_layer(model_dir: Path):
     """(calibration [4, 32], resolved architecture, layer 0 materialised, its input states and keyword
     arguments in two batches) of a tiny model, as the pipeline sees them (call under torch.no_grad)."""

@@ -141,7 +141,7 @@ def test_a_model_with_recurrent_layers_samples_with_a_cache_of_its_own(family, t
     the ones a full forward at every step would draw."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import build_tiny_model
+    from conftest import build_tiny_model, full_forward_samples
 
     directory = build_tiny_model(tmp_path / family, family=family)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
@@ -149,13 +149,7 @@ def test_a_model_with_recurrent_layers_samples_with_a_cache_of_its_own(family, t
     first = torch.arange(2, model.config.vocab_size)
     tokens = calibration.sample_windows(model, first, nsamples=3, seqlen=16, seed=0)
     assert tokens.shape == (3, 16) and 0 <= int(tokens.min()) and int(tokens.max()) < model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)  # the same draws, each step a forward over the whole prefix
-    again = torch.empty_like(tokens)
-    again[:, 0] = first[torch.randint(0, first.numel(), (3,), generator=gen)]
-    with torch.no_grad():
-        for t in range(1, 16):
-            again[:, t] = calibration.sample_tokens(model(again[:, :t], use_cache=False).logits[:, -1], gen)
-    assert torch.equal(tokens, again)
+    assert torch.equal(tokens, full_forward_samples(model, first, nsamples=3, seqlen=16, seed=0))
 
 
 def test_the_preallocated_kv_cache_refuses_more_than_it_holds():

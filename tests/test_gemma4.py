@@ -18,7 +18,7 @@ from claq_convert.quantize.pipeline import QuantConfig, quantize_model
 from claq_convert.runtime.load import load
 from claq_convert.runtime.modules import ClaqEmbedding
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, full_forward_samples
 from test_resume import interrupting
 
 SHARED_FAMILY = "gemma4_text-shared"  # 4 layers, the last two reading layer 0's and layer 1's keys and values
@@ -198,10 +198,4 @@ def test_self_sampling_counts_each_layers_cache_and_draws_what_full_forwards_dra
     assert calibration.cache_bytes_per_sequence(model.config, 16) == 2 * (2 * 16 + 2 * 32) * 2 * 4 * 16
     first = torch.arange(2, model.config.vocab_size)
     tokens = calibration.sample_windows(model, first, nsamples=3, seqlen=16, seed=0)
-    gen = torch.Generator().manual_seed(0)
-    again = torch.empty_like(tokens)
-    again[:, 0] = first[torch.randint(0, first.numel(), (3,), generator=gen)]
-    with torch.no_grad():
-        for t in range(1, 16):
-            again[:, t] = calibration.sample_tokens(model(again[:, :t], use_cache=False).logits[:, -1], gen)
-    assert torch.equal(tokens, again)
+    assert torch.equal(tokens, full_forward_samples(model, first, nsamples=3, seqlen=16, seed=0))
